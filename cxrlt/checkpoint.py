@@ -1,0 +1,56 @@
+"""Checkpoint reading and writing.
+
+Checkpoints are plain dicts of tensors, numbers, strings, lists and dicts, so that every read
+uses `torch.load(..., weights_only=True)`: a file that needs pickled code to load is refused
+(it could run arbitrary code) with a message that says so.
+
+Keys of a checkpoint written by train.py / retrain_head.py:
+  model        state_dict of cxrlt.models.CXRModel (EMA weights when EMA is on)
+  config       the resolved run config (dict, see cxrlt/config.py)
+  labels       label names in output order
+  epoch        last finished epoch (0-based)
+  best_map     best val mAP so far
+  logit_scale  factor applied to the model output before the sigmoid (LDAM's s, else 1)
+  (last.pt only) optimizer, scheduler, ema, rng, ... for exact resume
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+from .errors import InputError
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    import torch
+
+    if not os.path.exists(path):
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{path}: refused to load: the checkpoint needs pickled Python objects, which could run "
+            f"arbitrary code (weights_only=True). Re-save it as a plain state_dict. ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise InputError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def state_dict_of(ckpt: dict) -> dict:
+    """The model weights inside a checkpoint dict (ours: under 'model'; else assume a bare state_dict)."""
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, dict):
+        raise InputError("checkpoint has no state_dict under 'model'")
+    # strip wrappers added by DDP or torch.compile
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out

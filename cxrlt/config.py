@@ -1,0 +1,207 @@
+"""Run configuration: defaults, YAML files, CLI overrides, validation.
+
+A config is a flat dict (timm style): the defaults below, updated by each YAML file in turn,
+then by command-line flags (`--lr 3e-4`, `--ema true`). Every key is known and typed; an
+unknown key or a wrong type is a ConfigError naming the file and key. The resolved config
+is saved as `config.yaml` in the run folder so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+
+from .errors import ConfigError
+
+# key -> (default, type, help). `type` is bool, int, float or str.
+SCHEMA: dict[str, tuple[object, type, str]] = {
+    # --- model -----------------------------------------------------------------------
+    "model": ("convnext_large.fb_in22k_ft_in1k", str, "timm model name"),
+    "pretrained": (True, bool, "load timm's pretrained weights (hub, or pretrained_file)"),
+    "pretrained_file": ("", str, "local weights file for the timm model (no network needed)"),
+    "init_checkpoint": ("", str, "initialise from one of our own checkpoints (model.pt/best.pt)"),
+    "in_chans": (3, int, "3: replicate grayscale to RGB; 1: timm sums the first conv's weights"),
+    "head": ("linear", str, "linear | cosine | csra"),
+    "cosine_scale": (1.0, float, "cosine head output scale (keep 1 with LDAM, whose s scales)"),
+    "csra_lambda": (0.1, float, "CSRA: weight of the class-specific attention term"),
+    "csra_temperature": (1.0, float, "CSRA: softmax temperature of the spatial attention"),
+    "drop_path": (0.0, float, "stochastic depth rate"),
+    # --- loss --------------------------------------------------------------------------
+    "loss": ("bce", str, "bce | bce_pw | focal | asl | cb | ldam | db"),
+    "focal_gamma": (2.0, float, "focal loss gamma"),
+    "asl_gamma_neg": (4.0, float, "asymmetric loss gamma for negatives"),
+    "asl_gamma_pos": (1.0, float, "asymmetric loss gamma for positives"),
+    "asl_clip": (0.05, float, "asymmetric loss probability margin for negatives"),
+    "cb_beta": (0.9999, float, "class-balanced effective-number beta"),
+    "ldam_max_m": (0.5, float, "LDAM margin of the rarest label"),
+    "ldam_s": (30.0, float, "LDAM logit scale s (30 with a cosine head, ~1-5 with linear)"),
+    "drw_epoch": (-1, int, "deferred re-weighting from this epoch (0-based); -1 = off"),
+    "drw_beta": (0.9999, float, "DRW effective-number beta"),
+    "drw_lr_factor": (1.0, float, "multiply the LR by this from drw_epoch on"),
+    "db_alpha": (0.1, float, "DB loss: re-balancing weight floor"),
+    "db_beta": (10.0, float, "DB loss: re-balancing smoothing slope"),
+    "db_mu": (0.3, float, "DB loss: re-balancing smoothing centre"),
+    "db_neg_scale": (2.0, float, "DB loss: negative-tolerant lambda"),
+    "db_init_bias": (0.05, float, "DB loss: kappa (bias init scale)"),
+    "db_focal_gamma": (2.0, float, "DB loss: focal gamma (0 = off)"),
+    # --- sampling ----------------------------------------------------------------------
+    "sampler": ("instance", str, "instance | class_aware | repeat_factor"),
+    "rfs_threshold": (0.001, float, "repeat-factor sampling threshold t"),
+    # --- optimisation ------------------------------------------------------------------
+    "epochs": (15, int, "training epochs"),
+    "batch_size": (32, int, "batch size per process"),
+    "lr": (1e-4, float, "peak learning rate (backbone)"),
+    "head_lr": (0.0, float, "head learning rate (0 = same as lr)"),
+    "weight_decay": (1e-5, float, "AdamW weight decay"),
+    "warmup_epochs": (1.0, float, "linear warm-up length in epochs"),
+    "min_lr": (1e-6, float, "cosine schedule floor"),
+    "grad_clip": (0.0, float, "clip gradient norm (0 = off)"),
+    "accum_steps": (1, int, "gradient accumulation steps"),
+    "head_warmup_epochs": (0, int, "first epochs train the head only (backbone frozen)"),
+    "amp": (True, bool, "mixed precision (bf16) on GPU; always fp32 on CPU"),
+    "channels_last": (True, bool, "channels_last memory format on GPU"),
+    "compile": (False, bool, "torch.compile the model"),
+    "ema": (False, bool, "keep an EMA of the weights; evaluate and keep the EMA"),
+    "ema_decay": (0.9999, float, "EMA decay per optimizer step"),
+    "patience": (0, int, "early stopping: epochs without val mAP gain (0 = off)"),
+    # --- augmentation ------------------------------------------------------------------
+    "aug_hflip": (0.5, float, "probability of a horizontal flip"),
+    "aug_rotate": (5.0, float, "max rotation (degrees)"),
+    "aug_scale": (0.1, float, "max zoom in/out fraction"),
+    "aug_translate": (0.05, float, "max shift as a fraction of the image size"),
+    "aug_brightness": (0.1, float, "max brightness change (fraction of 255)"),
+    "aug_contrast": (0.1, float, "max contrast change (fraction)"),
+    # --- data / run --------------------------------------------------------------------
+    "val_fold": (0, int, "fold of the index held out for validation"),
+    "seed": (0, int, "random seed"),
+    "workers": (2, int, "data loader worker processes per GPU/process"),
+    "device": ("auto", str, "auto | cpu | cuda | cuda:N"),
+    "max_train_batches": (0, int, "debug: cap batches per epoch (0 = all)"),
+    # --- post-training (retrain_head.py / predict.py) --------------------------------------
+    "crt_epochs": (10, int, "cRT: head re-training epochs"),
+    "crt_lr": (1e-3, float, "cRT: learning rate"),
+    "crt_batch_size": (256, int, "cRT: batch size over cached features"),
+    "crt_reinit": (True, bool, "cRT: re-initialise the head (else fine-tune it)"),
+    "crt_sampler": ("class_aware", str, "cRT: sampler"),
+    "crt_loss": ("bce", str, "cRT: loss"),
+    "tta": ("flip", str, "none | flip | flip_scale | medium"),
+    "tta_merge": ("prob", str, "prob | logit: average probabilities or logits"),
+    "normal_gating_alpha": (0.0, float, "p_k *= (1 - p_Normal)^alpha for findings; 0 = off"),
+    "study_pool_weight": (0.0, float, "blend with the study mean (same PatientID+date); 0 = off"),
+}
+
+DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
+
+CHOICES = {
+    "head": {"linear", "cosine", "csra"},
+    "loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
+    "crt_loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
+    "sampler": {"instance", "class_aware", "repeat_factor"},
+    "crt_sampler": {"instance", "class_aware", "repeat_factor"},
+    "tta": {"none", "flip", "flip_scale", "medium"},
+    "tta_merge": {"prob", "logit"},
+    "in_chans": {1, 3},
+}
+
+
+def _coerce(key: str, value, source: str):
+    """Check/convert one value against the schema; ConfigError names source and key."""
+    if key not in SCHEMA:
+        near = difflib.get_close_matches(key, SCHEMA.keys(), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    _, typ, _ = SCHEMA[key]
+    ok = False
+    if typ is bool:
+        if isinstance(value, bool):
+            ok = True
+        elif isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            value, ok = value.lower() in {"true", "1", "yes"}, True
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        elif isinstance(value, str):
+            try:
+                value, ok = int(value), True
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value, ok = float(value), True
+        elif isinstance(value, str):
+            try:
+                value, ok = float(value), True
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            ok = True
+        elif value is None:
+            value, ok = "", True
+    if not ok:
+        raise ConfigError(
+            f"{source}: config key '{key}' must be {typ.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(
+            f"{source}: config key '{key}' = {value!r} is not one of {sorted(CHOICES[key], key=str)}"
+        )
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of key: value")
+    return {k: _coerce(k, v, str(path)) for k, v in data.items()}
+
+
+def resolve(config_files: list[str] | None = None, overrides: dict | None = None) -> dict:
+    """Defaults <- each YAML file in order <- overrides (e.g. from the CLI)."""
+    cfg = dict(DEFAULTS)
+    for f in config_files or []:
+        cfg.update(load_yaml(f))
+    for k, v in (overrides or {}).items():
+        cfg[k] = _coerce(k, v, "command line")
+    return cfg
+
+
+def add_config_flags(parser: argparse.ArgumentParser, keys: list[str] | None = None) -> None:
+    """Add one `--key value` flag per config key (values parsed and checked by resolve)."""
+    group = parser.add_argument_group("config overrides (any key of cxrlt/config.py)")
+    for key in keys or SCHEMA:
+        default, typ, help_ = SCHEMA[key]
+        group.add_argument(
+            f"--{key}", dest=f"cfg__{key}", default=None, metavar=typ.__name__.upper(),
+            help=f"{help_} [default: {default!r}]",
+        )
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    return {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+
+
+def save(cfg: dict, path) -> None:
+    import yaml
+
+    from .fileio import write_text
+
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+
+
+def check_dict(cfg: dict, source: str) -> dict:
+    """Validate a config dict read back from a checkpoint (older keys are tolerated)."""
+    out = dict(DEFAULTS)
+    for k, v in cfg.items():
+        if k in SCHEMA:
+            out[k] = _coerce(k, v, source)
+    return out
