@@ -7,7 +7,7 @@
 Reads <run>/model.pt; writes into --out (never into the run folder itself): features_{train,val}.npy
 (cached head inputs, float16), metrics.jsonl (one line per head epoch), summary.json and model.pt
 (the full model with the new head; the original head is kept when nothing beats it on val).
---no-feature-cache re-runs the frozen backbone every epoch instead (slower; for benchmarks).
+--no-feature-cache keeps the features in memory only (nothing written besides model.pt and logs).
 """
 
 import argparse

@@ -103,7 +103,7 @@ class CacheDataset(Dataset):
 
     def __getitem__(self, i: int):
         row = int(self.rows[i])
-        img = np.asarray(self.images[row])
+        img = np.array(self.images[row])  # copy out of the read-only memmap
         if self.aug is not None:
             rng = np.random.default_rng([self.seed, self.epoch, row])
             img = augment(img, self.aug, rng)

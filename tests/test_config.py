@@ -1,0 +1,63 @@
+import pytest
+
+from cxrlt import config
+from cxrlt.errors import ConfigError
+
+CONFIGS = ["paper_ldam_drw", "winner_db_cas", "bce", "asl", "demo"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_resolve(name):
+    cfg = config.resolve([f"configs/{name}.yaml"])
+    assert set(cfg) == set(config.SCHEMA)
+
+
+def test_paper_config_is_the_paper_recipe():
+    cfg = config.resolve(["configs/paper_ldam_drw.yaml"])
+    assert cfg["model"].startswith("convnext_large") and cfg["loss"] == "ldam"
+    assert cfg["lr"] == 1e-4 and cfg["weight_decay"] == 1e-5 and cfg["epochs"] == 15 and cfg["drw_epoch"] == 5
+    # LDAM's s=30 needs cosine logits
+    assert cfg["head"] == "cosine" and cfg["ldam_s"] == 30
+
+
+def test_winner_config():
+    cfg = config.resolve(["configs/winner_db_cas.yaml"])
+    assert (cfg["loss"], cfg["sampler"], cfg["head"], cfg["ema"]) == ("db", "class_aware", "csra", True)
+
+
+def test_later_files_and_cli_override(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("lr: 0.1\nepochs: 3\n")
+    b.write_text("lr: 0.2\n")
+    cfg = config.resolve([a, b], {"epochs": "7", "ema": "true"})
+    assert cfg["lr"] == 0.2 and cfg["epochs"] == 7 and cfg["ema"] is True
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*unknown config key 'learning_rat'"):
+        config.resolve([f])
+    f.write_text("epoch: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        config.resolve([f])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("epochs: three\n", "must be int"),
+    ("lr: [1, 2]\n", "must be float"),
+    ("ema: maybe\n", "must be bool"),
+    ("loss: hinge\n", "not one of"),
+    ("- a\n- b\n", "mapping"),
+    ("lr: [\n", "not valid YAML"),
+])
+def test_bad_values(tmp_path, text, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        config.resolve([f])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        config.resolve(["configs/nope.yaml"])
