@@ -1,0 +1,164 @@
+"""Multi-label metrics on (N images, C labels) arrays: y in {0, 1}, p probabilities in [0, 1].
+
+Conventions shared by every function here:
+- A label with no positive among the N images has no defined AP, recall or F1: its per-label
+  value is NaN and the macro means skip it (the callers list the skipped labels).
+- AUC additionally needs at least one negative; labels with a single class are NaN/skipped.
+- Predicted positive means p >= threshold (so ties at the threshold count as positive, the same
+  rule sklearn's precision_recall_curve uses).
+- AP is sklearn's average_precision_score (step-wise area under the PR curve, no interpolation);
+  tied scores form one operating point, so AP does not depend on the order of tied rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+# Long-tail groups by the fraction of training images that carry the label. On the CXR-LT 2026
+# profile (142,928 training images, max/min ratio ~1000:1) this gives 6 head, 17 medium and
+# 7 tail labels: head >= 5% (>= ~7,150 images), tail < 0.5% (< ~715 images).
+HEAD_MIN_FRACTION = 0.05
+TAIL_MAX_FRACTION = 0.005
+GROUPS = ("head", "medium", "tail")
+
+
+def _check_arrays(y, p) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y)
+    p = np.asarray(p, dtype=np.float64)
+    if y.ndim == 1:
+        y, p = y[:, None], p.reshape(-1, 1)
+    if y.shape != p.shape or y.ndim != 2:
+        raise ValueError(f"labels {y.shape} and predictions {p.shape} must both be (N, C)")
+    return (y > 0.5).astype(np.int8), p
+
+
+def _per_label(y, p, fn, need_negative: bool) -> np.ndarray:
+    """Apply fn(y_c, p_c) to every label that has a positive (and a negative if asked), else NaN."""
+    y, p = _check_arrays(y, p)
+    out = np.full(y.shape[1], np.nan)
+    for c in range(y.shape[1]):
+        pos = int(y[:, c].sum())
+        if pos == 0 or (need_negative and pos == len(y)):
+            continue
+        out[c] = fn(y[:, c], p[:, c])
+    return out
+
+
+def average_precision_per_label(y, p) -> np.ndarray:
+    """(C,) AP per label; NaN for labels with no positive."""
+    return _per_label(y, p, average_precision_score, need_negative=False)
+
+
+def auc_per_label(y, p) -> np.ndarray:
+    """(C,) ROC AUC per label; NaN for labels with only one class."""
+    return _per_label(y, p, roc_auc_score, need_negative=True)
+
+
+def _nanmean_skipped(values: np.ndarray, labels=None) -> tuple[float, list]:
+    """Mean over the finite entries and the skipped ones (names if labels given, else indices)."""
+    skipped_idx = [int(i) for i in np.flatnonzero(np.isnan(values))]
+    skipped = [labels[i] for i in skipped_idx] if labels is not None else skipped_idx
+    kept = values[~np.isnan(values)]
+    return (float(kept.mean()) if len(kept) else float("nan")), skipped
+
+
+def macro_map(y, p, labels=None) -> tuple[float, list]:
+    """Macro mean AP over labels with >= 1 positive, and the skipped labels (NaN if none left)."""
+    return _nanmean_skipped(average_precision_per_label(y, p), labels)
+
+
+def macro_auc(y, p, labels=None) -> tuple[float, list]:
+    """Macro mean ROC AUC over labels with both classes, and the skipped labels."""
+    return _nanmean_skipped(auc_per_label(y, p), labels)
+
+
+def f1_per_label(y, p, thr=0.5) -> np.ndarray:
+    """(C,) F1 of the decision p >= thr (thr: scalar or (C,)); NaN for labels with no positive."""
+    y, p = _check_arrays(y, p)
+    thr = np.broadcast_to(np.asarray(thr, dtype=np.float64), (y.shape[1],))
+    pred = p >= thr[None, :]
+    tp = (pred & (y == 1)).sum(0)
+    # F1 = 2TP / (2TP + FP + FN) = 2TP / (#predicted + #positive); no 0/0 once #positive > 0.
+    denom = pred.sum(0) + y.sum(0)
+    return np.where(y.sum(0) > 0, 2.0 * tp / np.maximum(denom, 1), np.nan)
+
+
+def f1_at(y, p, thr=0.5) -> float:
+    """Macro F1 at threshold(s) thr, over the labels with >= 1 positive (like macro_map)."""
+    return _nanmean_skipped(f1_per_label(y, p, thr))[0]
+
+
+def best_f1_threshold(y_c, p_c, default: float = 0.5) -> float:
+    """Threshold maximising the F1 of p_c >= thr for one label (default if it has no positive).
+
+    Candidates are the distinct scores. The chosen one is moved halfway down to the next lower
+    distinct score: the decisions on these images are unchanged, but the margin makes the
+    threshold less brittle on new images whose scores land just below a tuned score.
+    """
+    y_c = np.asarray(y_c) > 0.5
+    p_c = np.asarray(p_c, dtype=np.float64)
+    if not y_c.any():
+        return default
+    precision, recall, thresholds = precision_recall_curve(y_c, p_c)
+    # The last (precision=1, recall=0) point has no threshold.
+    precision, recall = precision[:-1], recall[:-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    best = thresholds[int(np.argmax(f1))]
+    lower = p_c[p_c < best]
+    return float((best + lower.max()) / 2) if len(lower) else float(best)
+
+
+def tune_thresholds(y, p, default: float = 0.5) -> np.ndarray:
+    """(C,) per-label thresholds maximising F1 on (y, p); `default` for labels with no positive."""
+    y, p = _check_arrays(y, p)
+    return np.array([best_f1_threshold(y[:, c], p[:, c], default) for c in range(y.shape[1])])
+
+
+def expected_calibration_error(y, p, n_bins: int = 15) -> float:
+    """ECE over all N*C (image, label) probabilities pooled together.
+
+    Equal-width bins on [0, 1]: bin b holds p in [b/n, (b+1)/n), the last bin also holds 1.0.
+    ECE = sum over bins of (n_b / N*C) * |mean(y in b) - mean(p in b)|.
+    """
+    y, p = _check_arrays(y, p)
+    y, p = y.ravel().astype(np.float64), p.ravel()
+    if len(p) == 0:
+        return float("nan")
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    sum_y = np.bincount(bins, weights=y, minlength=n_bins)
+    sum_p = np.bincount(bins, weights=p, minlength=n_bins)
+    # |sum_y - sum_p| / N equals (n_b/N) * |mean y - mean p| and is 0 for empty bins.
+    return float(np.abs(sum_y - sum_p).sum() / len(p))
+
+
+def frequency_groups(
+    train_counts,
+    n_train_images: int,
+    head_min: float = HEAD_MIN_FRACTION,
+    tail_max: float = TAIL_MAX_FRACTION,
+) -> list[str]:
+    """Group of each label by its training frequency f = count / n_train_images.
+
+    head: f >= head_min (5%); tail: f < tail_max (0.5%); medium: in between. Fractions rather
+    than counts keep the grouping the same on a subsample or a small demo set.
+    """
+    if n_train_images <= 0:
+        raise ValueError("n_train_images must be positive")
+    if not 0 < tail_max <= head_min:
+        raise ValueError("need 0 < tail_max <= head_min")
+    frac = np.asarray(train_counts, dtype=np.float64) / n_train_images
+    return ["head" if f >= head_min else "tail" if f < tail_max else "medium" for f in frac]
+
+
+def group_map(per_label_ap, groups) -> dict[str, float]:
+    """Mean AP of each group over its labels with a defined AP (NaN for an empty group)."""
+    ap = np.asarray(per_label_ap, dtype=np.float64)
+    groups = np.asarray(groups)
+    out = {}
+    for g in GROUPS:
+        vals = ap[(groups == g) & ~np.isnan(ap)]
+        out[g] = float(vals.mean()) if len(vals) else float("nan")
+    return out

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Combine model predictions into a submission, and validate submissions.
+
+    python ensemble.py combine --method mean|rank|weighted|greedy --test T1.csv [T2.csv ...]
+        [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5]
+        --test-list CXRLT_2026_TEST_ALL_TASK1.csv --out submissions/NAME.csv [--zip submissions/NAME.zip]
+    python ensemble.py check submissions/NAME.csv --test-list LIST.csv
+        [--labels-from TRAIN_OR_INDEX.csv | --labels-file labels.txt]
+
+combine: the --test (and --val) files must have the same ImageIDs and the same columns in the same
+order; --val files pair with --test files in order. weighted without --weights fits weights on
+the val fold; greedy needs --val. The submission (ImageID + the inputs' label columns, rows in
+test-list order) is validated like `check` before it is written; --zip adds code/ (git-tracked
+files of this repository). check: exits 2 with one line naming the first problem's row and column.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cxrlt.cli import main_wrapper
+from cxrlt.errors import InputError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from cxrlt.ensembling import METHODS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("combine", help="ensemble test predictions into a submission CSV")
+    c.add_argument("--method", choices=METHODS, default="mean")
+    c.add_argument("--test", nargs="+", required=True, help="test prediction CSVs (one per model)")
+    c.add_argument("--val", nargs="+", help="val-fold prediction CSVs, same models in the same order")
+    c.add_argument("--val-labels", help="labels of the val images: cache index.csv or labelled CSV")
+    c.add_argument("--weights", nargs="+", type=float, help="weights for --method weighted")
+    c.add_argument("--test-list", required=True, help="official test list (ImageID,...)")
+    c.add_argument("--out", required=True, help="submission CSV to write")
+    c.add_argument("--zip", help="also write a zip with the CSV and code/")
+    k = sub.add_parser("check", help="validate a submission CSV")
+    k.add_argument("submission")
+    k.add_argument("--test-list", required=True)
+    g = k.add_mutually_exclusive_group()
+    g.add_argument("--labels-from", help="take the label order from this training CSV / index header")
+    g.add_argument("--labels-file", help="one label a line, in the required order")
+    return ap.parse_args(argv)
+
+
+def _check_args(a) -> None:
+    if a.weights is not None and a.method != "weighted":
+        raise InputError("--weights only applies to --method weighted")
+    if a.val and not a.val_labels:
+        raise InputError("--val needs --val-labels")
+    if a.val and len(a.val) != len(a.test):
+        raise InputError(f"{len(a.val)} --val files for {len(a.test)} --test files (one per model, same order)")
+    if a.method == "greedy" and not a.val:
+        raise InputError("--method greedy needs --val and --val-labels")
+    if a.method == "weighted" and a.weights is None and not a.val:
+        raise InputError("--method weighted needs --weights or --val/--val-labels to fit them")
+    if a.weights is not None:
+        from cxrlt.ensembling import normalise_weights
+
+        try:
+            normalise_weights(a.weights, len(a.test))
+        except ValueError as e:
+            raise InputError(f"--weights: {e}") from None
+
+
+def read_aligned(paths: list[str]):
+    """Read prediction CSVs that must share one ID set and one column list; aligned to the first."""
+    from cxrlt.submission import read_predictions
+
+    first = read_predictions(paths[0])
+    frames = [first]
+    for p in paths[1:]:
+        df = read_predictions(p, expected_ids=first.index.tolist(), ids_source=paths[0])
+        if list(df.columns) != list(first.columns):
+            i = next((i for i, (a, b) in enumerate(zip(df.columns, first.columns)) if a != b),
+                     min(len(df.columns), len(first.columns)))
+            raise InputError(f"{p}: row 1, column {i + 2}: label columns differ from {paths[0]} "
+                             f"(all inputs need the same columns in the same order)")
+        frames.append(df.loc[first.index])
+    return first.index.tolist(), list(first.columns), [f.to_numpy() for f in frames]
+
+
+def combine(a) -> int:
+    from cxrlt import ensembling
+    from cxrlt.metrics import macro_map
+    from cxrlt.submission import read_id_list, read_label_table, write_submission, write_zip
+    import pandas as pd
+
+    _check_args(a)
+    test_list = read_id_list(a.test_list)
+    ids, labels, test = read_aligned(a.test)
+    if set(ids) != set(test_list):
+        missing = [i for i in test_list if i not in set(ids)]
+        raise InputError(f"{a.test[0]}: ImageIDs differ from {a.test_list} "
+                         f"({len(missing)} listed image(s) not predicted, e.g. {missing[:1]}; "
+                         f"{len(set(ids) - set(test_list))} predicted image(s) not listed)")
+    val, y_val = None, None
+    if a.val:
+        val_ids, val_labels, val = read_aligned(a.val)
+        if val_labels != labels:
+            raise InputError(f"{a.val[0]}: label columns differ from {a.test[0]}")
+        table = read_label_table(a.val_labels, ids=val_ids, ids_source=a.val[0])
+        if table.labels != labels:
+            if set(table.labels) != set(labels):
+                raise InputError(f"{a.val_labels}: label columns differ from {a.val[0]}")
+            table.y = table.y[:, [table.labels.index(x) for x in labels]]
+        y_val = table.y
+    ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights)
+    if weights is not None:
+        print("weights: " + ", ".join(f"{Path(p).name}={w:.3f}" for p, w in zip(a.test, weights)))
+    for h in info.get("greedy_history", []):
+        print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f}")
+    if val is not None:
+        for p, v in zip(a.val, val):
+            print(f"val mAP {macro_map(y_val, v)[0]:.4f}  {p}")
+        ens_val = ensembling.apply_same(a.method, val, weights)
+        print(f"val mAP {macro_map(y_val, ens_val)[0]:.4f}  ensemble ({a.method}, {len(val)} model(s))")
+    df = pd.DataFrame(ens, index=pd.Index(ids, name="ImageID"), columns=labels)
+    write_submission(df, a.out, a.test_list, labels)  # validated with the `check` rules first
+    print(f"wrote {a.out}: {len(test_list)} rows x {len(labels)} labels ({a.method} of {len(test)} model(s))")
+    if a.zip:
+        n = write_zip(a.out, a.zip, Path(__file__).resolve().parent)
+        print(f"wrote {a.zip}: {n} files (submission + code/)")
+    return 0
+
+
+def check(a) -> int:
+    from cxrlt.labels import CXRLT2026_LABELS, read_labels_file
+    from cxrlt.submission import labels_from_file, validate_submission
+
+    if a.labels_from:
+        labels = labels_from_file(a.labels_from)
+    elif a.labels_file:
+        labels = read_labels_file(a.labels_file)
+    else:
+        labels = list(CXRLT2026_LABELS)
+    df = validate_submission(a.submission, a.test_list, labels)
+    print(f"OK: {len(df)} rows x {len(labels)} labels")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    return combine(a) if a.command == "combine" else check(a)
+
+
+if __name__ == "__main__":
+    main_wrapper(main)

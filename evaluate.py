@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Score a prediction CSV: metrics, per-label table, Markdown report and plots.
+
+    python evaluate.py --pred runs/x/pred_val.csv --labels data/cache/x/index.csv --out runs/x/eval
+        [--index data/cache/x/index.csv] [--train-log runs/x/metrics.jsonl] [--thresholds THR.json]
+
+--labels is a cache index (scored on the rows whose ImageID is in --pred; training frequencies
+from its train rows) or a training-layout label CSV (every labelled image must be predicted;
+frequencies from --index if given, else from these labels). Outputs: see cxrlt/evaluation.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cxrlt.cli import main_wrapper
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pred", required=True, help="prediction CSV: ImageID,<labels> (probabilities)")
+    ap.add_argument("--labels", required=True, help="cache index.csv or training-layout label CSV")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--index", help="cache index.csv for training frequencies (when --labels is not one)")
+    ap.add_argument("--train-log", help="training metrics.jsonl: adds training_curves.png")
+    ap.add_argument("--thresholds", help="thresholds.json to apply instead of tuning on these labels")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cxrlt.evaluation import evaluate
+
+    evaluate(args.pred, args.labels, args.out, index_path=args.index, train_log=args.train_log,
+             thresholds_path=args.thresholds)
+    print(f"wrote {args.out}/metrics.json, per_label.csv, thresholds.json, report.md and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    main_wrapper(main)
