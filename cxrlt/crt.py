@@ -86,7 +86,8 @@ def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device
         for m in head.modules():
             if hasattr(m, "reset_parameters") and m is not head:
                 m.reset_parameters()
-    loss_fn = build_loss(cfg, counts, len(y_tr), name=cfg["crt_loss"]).to(device)
+    # the head's loss re-balances through the sampler; the backbone run's DRW schedule does not apply
+    loss_fn = build_loss({**cfg, "drw_epoch": -1}, counts, len(y_tr), name=cfg["crt_loss"]).to(device)
     # the head's output is turned into logits by the run's logit_scale, in training as at inference
     loss_scale = logit_scale / float(getattr(loss_fn, "logit_scale", 1.0))
     sampler = build_sampler(cfg["crt_sampler"], y_tr, cfg, seed=cfg["seed"])

@@ -121,7 +121,7 @@ def load_trained(path, device="cpu"):
             raise InputError(f"{path}: not a cxrlt checkpoint (no '{key}' entry)")
     cfg = check_dict(ck["config"], str(path))
     cfg.update(pretrained=False, pretrained_file="", init_checkpoint="")
-    model = build_model(cfg, len(ck["labels"]))
+    model = build_model(cfg, len(ck["labels"]), labels=list(ck["labels"]))
     try:
         model.load_state_dict(state_dict_of(ck))
     except RuntimeError as e:

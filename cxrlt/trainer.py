@@ -225,7 +225,7 @@ class Trainer:
 
         # ---- model, loss, optimisation ----
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-        self.model = build_model(cfg, len(self.labels)).to(self.device)
+        self.model = build_model(cfg, len(self.labels), labels=self.labels).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.class_counts, len(self.train_rows)).to(self.device)
