@@ -55,7 +55,7 @@ def test_lr_schedule_warmup_cosine_and_drw_drop():
     m = [lr_multiplier(s, cfg, 10) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(m[10:49], m[11:50]))  # cosine decreases
-    assert m[50] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 41 / 90)))
+    assert m[50] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 40 / 90)))
 
 
 def _kill_after_first_epoch(cmd, out):
