@@ -81,6 +81,8 @@ def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device
 
     counts = y_tr.sum(0)
     head = copy.deepcopy(model.head).to(device)
+    for p in head.parameters():
+        p.requires_grad_(True)
     if cfg["crt_reinit"]:
         torch.manual_seed(cfg["seed"])
         for m in head.modules():

@@ -1,0 +1,96 @@
+"""retrain_head.py (cRT, tau-norm) and predict.py (TTA) on a small trained demo run."""
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_script, tiny_cfg
+from cxrlt.cache import open_cache
+from cxrlt.checkpoint import load_checkpoint
+from cxrlt.data import CacheDataset, make_loader
+from cxrlt.inference import load_trained, predict_tta
+from cxrlt.trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "ldam"
+    train(tiny_cfg(epochs=3, loss="ldam", head="cosine", drw_epoch=2, crt_epochs=4), str(demo_cache), str(out))
+    return out
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_crt_writes_beside_the_run_and_never_loses_val_map(trained_run, demo_cache):
+    before = _digest(trained_run)
+    run_script("retrain_head.py", "--run", trained_run, "--cache", demo_cache, "--out", trained_run / "crt",
+               "--workers", "0", "--crt_epochs", "4")
+    assert _digest(trained_run) == before  # the backbone run's files are untouched
+    ck = load_checkpoint(trained_run / "crt" / "model.pt")
+    src = load_checkpoint(trained_run / "model.pt")
+    assert ck["crt"]["val_mAP"] >= src["best_map"] - 1e-9
+    assert (trained_run / "crt" / "features_train.npy").exists()
+    # backbone weights are the source run's, bit for bit
+    for k, v in src["model"].items():
+        if k.startswith("backbone."):
+            assert torch.equal(v, ck["model"][k]), k
+
+
+def test_crt_refuses_to_write_into_the_run(trained_run, demo_cache):
+    p = run_script("retrain_head.py", "--run", trained_run, "--cache", demo_cache, "--out", trained_run, check=False)
+    assert p.returncode == 2 and "never writes into the backbone run folder" in p.stderr
+
+
+def test_tau_normalisation_picks_tau_on_val(trained_run, demo_cache, tmp_path):
+    from cxrlt.crt import run
+
+    s = run(trained_run, demo_cache, tmp_path / "tau", {"workers": 0}, method="tau", device_name="cpu",
+            log=lambda *_: None)
+    assert s["best"]["val_mAP"] == max(g["val_mAP"] for g in s["grid"])
+    assert s["val_mAP"] == pytest.approx(s["best"]["val_mAP"], abs=1e-6)
+
+
+def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_dataset, tmp_path):
+    out = tmp_path / "pred_test.csv"
+    run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_cache, "--split", "test",
+               "--out", out, "--workers", "0", "--tta", "flip_scale")
+    df = pd.read_csv(out)
+    cache = open_cache(demo_cache)
+    assert list(df.columns) == ["ImageID", *cache.labels]
+    test_ids = pd.read_csv(demo_dataset / "CXRLT_2026_TEST_ALL_TASK1.csv", usecols=[0])["ImageID"]
+    assert sorted(df["ImageID"]) == sorted(test_ids)
+    vals = df[cache.labels].to_numpy()
+    assert np.isfinite(vals).all() and vals.min() >= 0 and vals.max() <= 1
+
+
+def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp_path):
+    import json
+
+    out = tmp_path / "pred_val.csv"
+    p = run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_cache, "--split", "val",
+                   "--out", out, "--workers", "0", "--tta", "none")
+    info = json.loads(open(str(out) + ".postproc.json").read())
+    assert info["best"]["val_mAP"] >= info["raw"]["val_mAP"]
+    assert "val mAP" in p.stdout
+    # the val mAP predict.py reports equals the trainer's val mAP for the same weights (no TTA)
+    assert info["raw"]["val_mAP"] == pytest.approx(load_checkpoint(trained_run / "model.pt")["best_map"], abs=1e-5)
+
+
+def test_flip_tta_is_invariant_to_flipping_the_input(trained_run, demo_cache, tmp_path):
+    model, ck = load_trained(trained_run / "model.pt")
+    imgs = np.load(demo_cache / "images.npy")[:12]
+    np.save(tmp_path / "a.npy", imgs)
+    np.save(tmp_path / "b.npy", np.ascontiguousarray(imgs[:, :, ::-1]))
+    res = []
+    for f in ("a.npy", "b.npy"):
+        loader = make_loader(CacheDataset(tmp_path / f, np.arange(12), num_classes=30), 6, workers=0)
+        res.append(predict_tta(model, loader, torch.device("cpu"), ck["logit_scale"], "flip", progress=False)[1])
+    assert np.allclose(res[0], res[1], atol=1e-5)
+    loader = make_loader(CacheDataset(tmp_path / "a.npy", np.arange(12), num_classes=30), 6, workers=0)
+    none = predict_tta(model, loader, torch.device("cpu"), ck["logit_scale"], "none", progress=False)[1]
+    assert not np.allclose(none, res[0], atol=1e-5)  # the flip view really contributes
