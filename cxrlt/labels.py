@@ -84,8 +84,12 @@ NORMAL_LABEL = "Normal"
 
 def read_labels_file(path: str) -> list[str]:
     """One label per line; blank lines ignored, order kept."""
+    import os
+
     from .errors import InputError
 
+    if not os.path.exists(path):
+        raise InputError(f"{path}: labels file not found")
     with open(path, encoding="utf-8-sig") as f:
         labels = [line.strip() for line in f if line.strip()]
     if not labels:
