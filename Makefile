@@ -75,7 +75,7 @@ demo: $(VENV)/.installed $(DEMO_DIR)/train.csv ## run the whole pipeline on the 
 	$(MAKE) --no-print-directory all $(DEMO_VARS)
 
 test: $(VENV)/.installed ## run the test suite
-	$(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 bench: $(VENV)/.installed ## run the benchmarks, print a table, write bench/results.md
 	$(PY) bench/run_all.py

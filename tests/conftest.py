@@ -19,6 +19,13 @@ sys.path.insert(0, str(ROOT))
 
 TINY_SIZE = 32
 
+# pytest-xdist runs one worker per core: each worker gets one torch thread, or the two
+# workers' OpenMP pools fight over the cores and everything runs 10x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def _shared_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
