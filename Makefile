@@ -24,6 +24,7 @@ NAME        ?= $(DATASET)#                           the submission's name: subm
 ENSEMBLE    ?= mean#                                 mean | rank | weighted | greedy
 TRAIN_ARGS  ?=#                                      extra flags for train.py (e.g. --epochs 3)
 PREDICT_ARGS ?=#                                     extra flags for predict.py (e.g. --tta flip_scale)
+POSTPROC    ?= off#                                  off | auto: apply the normal gating + study pooling chosen on val to the test predictions
 NPROC       ?= 1#                                    GPUs per node: >1 runs train.py under torchrun (DDP)
 PYTHON      ?= python3#                              interpreter used to create the virtualenv
 
@@ -45,7 +46,7 @@ DEMO_DIR := data/demo
 DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 	IMAGE_DIR=$(DEMO_DIR)/images TEST_CSV=$(DEMO_DIR)/CXRLT_2026_TEST_ALL_TASK1.csv \
 	REMOVAL_CSV=$(DEMO_DIR)/Removal.csv TEST_LABELS=$(DEMO_DIR)/test_labels.csv \
-	IMG_SIZE=64 CONFIGS="configs/demo.yaml" NAME=demo
+	IMG_SIZE=64 CONFIGS="configs/demo.yaml" NAME=demo POSTPROC=auto
 
 .PHONY: help all demo demo-data test bench preprocess train crt predict evaluate submission clean-demo venv
 
@@ -55,7 +56,7 @@ help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables (current value):"
-	@$(foreach v,DATASET TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV TEST_LABELS IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE NPROC,printf "  %-12s %s\n" "$(v)" "$($(v))";)
+	@$(foreach v,DATASET TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV TEST_LABELS IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE POSTPROC NPROC,printf "  %-12s %s\n" "$(v)" "$($(v))";)
 
 # ---- environment -----------------------------------------------------------------------------
 venv: $(VENV)/.installed ## create .venv and install requirements (automatic for every target)
@@ -102,8 +103,9 @@ $(RUNS)/$(1)/crt/model.pt: $(RUNS)/$(1)/model.pt
 $(RUNS)/$(1)/pred_val.csv: $(RUNS)/$(1)/crt/model.pt
 	$(PY) predict.py --checkpoint $$< --cache $(CACHE) --split val --out $$@ $(PREDICT_ARGS)
 
-$(RUNS)/$(1)/pred_test.csv: $(RUNS)/$(1)/crt/model.pt
-	$(PY) predict.py --checkpoint $$< --cache $(CACHE) --split test --out $$@ $(PREDICT_ARGS)
+$(RUNS)/$(1)/pred_test.csv: $(RUNS)/$(1)/crt/model.pt $(if $(filter auto,$(POSTPROC)),$(RUNS)/$(1)/pred_val.csv)
+	$(PY) predict.py --checkpoint $$< --cache $(CACHE) --split test --out $$@ $(PREDICT_ARGS) \
+		$(if $(filter auto,$(POSTPROC)),--postproc-from $(RUNS)/$(1)/pred_val.csv.postproc.json)
 
 $(RUNS)/$(1)/eval/metrics.json: $(RUNS)/$(1)/pred_val.csv
 	$(PY) evaluate.py --pred $$< --labels $(CACHE)/index.csv --out $(RUNS)/$(1)/eval \
