@@ -17,6 +17,8 @@ files of this repository). check: exits 2 with one line naming the first problem
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from cxrlt.cli import main_wrapper
@@ -86,7 +88,7 @@ def read_aligned(paths: list[str]):
 def combine(a) -> int:
     from cxrlt import ensembling
     from cxrlt.metrics import macro_map
-    from cxrlt.submission import read_id_list, read_label_table, write_submission, write_zip
+    from cxrlt.submission import read_id_list, read_label_table
     import pandas as pd
 
     _check_args(a)
@@ -119,12 +121,31 @@ def combine(a) -> int:
         ens_val = ensembling.apply_same(a.method, val, weights)
         print(f"val mAP {macro_map(y_val, ens_val)[0]:.4f}  ensemble ({a.method}, {len(val)} model(s))")
     df = pd.DataFrame(ens, index=pd.Index(ids, name="ImageID"), columns=labels)
-    write_submission(df, a.out, a.test_list, labels)  # validated with the `check` rules first
+    n = write_outputs(df, a, labels)
     print(f"wrote {a.out}: {len(test_list)} rows x {len(labels)} labels ({a.method} of {len(test)} model(s))")
     if a.zip:
-        n = write_zip(a.out, a.zip, Path(__file__).resolve().parent)
         print(f"wrote {a.zip}: {n} files (submission + code/)")
     return 0
+
+
+def write_outputs(df, a, labels) -> int:
+    """Write the submission CSV (validated with the `check` rules first) and the zip; -> files zipped.
+
+    The CSV is make's target, so it is renamed into place last: a run killed while zipping leaves
+    no CSV, and the next `make` redoes both instead of keeping a submission without its zip."""
+    from cxrlt.submission import write_submission, write_zip
+
+    if not a.zip:
+        write_submission(df, a.out, a.test_list, labels)
+        return 0
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as d:
+        staged = Path(d) / out.name  # the zip stores the CSV under its final name
+        write_submission(df, staged, a.test_list, labels)
+        n = write_zip(staged, a.zip, Path(__file__).resolve().parent)
+        os.replace(staged, out)
+    return n
 
 
 def check(a) -> int:

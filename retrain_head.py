@@ -5,7 +5,7 @@
         --out runs/cxrlt2026_512/paper_ldam_drw/crt [--method crt|tau] [--crt_epochs 10 --crt_lr 1e-3 ...]
 
 Reads <run>/model.pt; writes into --out (never into the run folder itself): features_{train,val}.npy
-(cached head inputs, float16), metrics.jsonl (one line per head epoch), summary.json and model.pt
+(cached head inputs, float32), metrics.jsonl (one line per head epoch), summary.json and model.pt
 (the full model with the new head; the original head is kept when nothing beats it on val).
 --no-feature-cache keeps the features in memory only (nothing written besides model.pt and logs).
 """

@@ -212,6 +212,8 @@ def build_cache(train_csv, image_dir, out_dir, size: int, test_csv=None, removal
     if finished is not None and finished.get("fingerprint") == fingerprint and not force:
         print(f"cache up to date: {out} ({finished['counts']['train']} train, "
               f"{finished['counts']['test']} test images, built {finished.get('created', '?')}); reusing it")
+        for name in ("done.npy", "plan.json"):  # left when a build was killed just after its rename
+            (out / name).unlink(missing_ok=True)
         return finished
     _check_replaceable(out)
     if finished is not None:
@@ -698,6 +700,9 @@ def _finalize(out: Path, partial: Path, plan: _Plan, failures: list[dict], info:
         "elapsed_s": round(elapsed, 3),
     }
     write_json(partial / "manifest.json", manifest)
+    for p in partial.iterdir():  # temp files of an attempt killed mid-write must not move into the cache
+        if p.name.startswith(".") and ".tmp" in p.name:
+            p.unlink(missing_ok=True)
     old = None
     if out.exists():
         old = out.with_name(f"{out.name}.old-{os.getpid()}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 
 from .errors import InputError
 
@@ -27,18 +28,34 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
     if not os.path.exists(path):
         raise InputError(f"{path}: checkpoint not found")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: not a readable checkpoint (the file is empty, 0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (legacy format: a pickle, protocol >= 2); anything else
+    # would reach the unpickler and fail with a confusing error
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise InputError(f"{path}: not a PyTorch checkpoint file (it starts with {head!r}, "
+                         f"neither a zip archive nor a pickle)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise InputError(
             f"{path}: refused to load: the checkpoint needs pickled Python objects, which could run "
-            f"arbitrary code (weights_only=True). Re-save it as a plain state_dict. ({str(e).splitlines()[0]})"
+            f"arbitrary code (weights_only=True). Re-save it as a plain state_dict. ({_first_line(e)})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise InputError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError, struct.error) as e:
+        # a truncated or corrupt file fails anywhere inside torch.load's readers
+        raise InputError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise InputError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message; its type when the message is empty (EOFError)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def state_dict_of(ckpt: dict) -> dict:

@@ -2,7 +2,7 @@
 
 cRT: freeze the trained backbone, re-initialise (or keep) the head and train only the head with
 class-balanced (class-aware) sampling. With augmentation off the backbone output never changes,
-so it is computed once per image and cached (`features_train.npy`, `features_val.npy`, float16),
+so it is computed once per image and cached (`features_train.npy`, `features_val.npy`, float32),
 and every head epoch is a few matrix products instead of a full backbone pass.
 
 tau-normalisation: training-free; w_j <- w_j / ||w_j||^tau for each class weight vector,
@@ -30,7 +30,11 @@ TAU_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 
 @torch.no_grad()
 def extract_features(model, images_path, rows, device, batch_size=64, workers=2, amp=True, desc="features"):
-    """Head inputs (model.head_input) for cache rows, as a float16 array (n, ...)."""
+    """Head inputs (model.head_input) for cache rows, as a float32 array (n, ...).
+
+    float32, not float16: the original head scored on these features must reproduce the
+    trained run's val mAP (fp16 rounding moved it by ~1e-3); 143K x 1536 floats is 0.9 GB.
+    """
     from .data import CacheDataset, make_loader
     from .trainer import autocast_ctx
 
@@ -42,7 +46,7 @@ def extract_features(model, images_path, rows, device, batch_size=64, workers=2,
         x = model.normalize(x.to(device, non_blocking=True))
         with autocast_ctx(device, amp):
             f = model.head_input(x)
-        out.append(f.float().cpu().numpy().astype(np.float16))
+        out.append(f.float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -118,7 +122,7 @@ def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss)
+            tot += float(loss.detach())
         v = score(y_val, head_probs(head, feats_val, logit_scale, device))
         rec = {"epoch": epoch, "train_loss": tot / steps_per_epoch, "val_mAP": v["mAP"], "val_mAUC": v["mAUC"],
                "time_s": time.perf_counter() - t0}

@@ -209,11 +209,12 @@ def check_model_name(name: str) -> None:
         if "." in name and name not in timm.list_pretrained(f"{base}.*"):
             # timm.is_model ignores the tag; an unknown tag only fails deep inside create_model
             tags = ", ".join(timm.list_pretrained(f"{base}.*")) or "none"
-            raise ConfigError(f"unknown model name '{name}': no such pretrained tag (available: {tags})")
+            raise ConfigError(f"config key 'model': unknown model name '{name}': no such pretrained tag "
+                              f"(available: {tags})")
         return
     near = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
     hint = f" (close matches: {', '.join(near)})" if near else " (see timm.list_models())"
-    raise ConfigError(f"unknown model name '{name}'{hint}")
+    raise ConfigError(f"config key 'model': unknown model name '{name}'{hint}")
 
 
 class _MissingKeyCatcher(logging.Handler):

@@ -241,6 +241,9 @@ class Trainer:
         self.start_epoch, self.step, self.best_map, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
         if resume and (self.out / "last.pt").exists():
             self._load_last()
+        elif self.dist.is_main and not (self.out / "model.pt").exists():
+            # a fresh start: lines left by a run killed before its first last.pt are stale
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
     # ---- run folder ---------------------------------------------------------------------
     def _check_run_folder(self, resume: bool) -> None:
