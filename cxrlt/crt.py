@@ -204,7 +204,8 @@ def run(run_dir: str, cache_dir: str, out_dir: str, cfg_overrides: dict, method:
     summary["val_mAUC"] = final["mAUC"]
     meta = {k: v for k, v in ck.items() if k not in ("model",)}
     meta.update(config=cfg, crt=summary, best_map=final["mAP"])
-    torch_save({**meta, "model": model.cpu().state_dict()}, out / "model.pt")
     write_json(out / "summary.json", summary)
+    # model.pt is make's target: written last, so that its presence means the stage is complete
+    torch_save({**meta, "model": model.cpu().state_dict()}, out / "model.pt")
     log(f"wrote {out / 'model.pt'}: val mAP {final['mAP']:.4f} (source run {summary['original_mAP']:.4f})")
     return summary
