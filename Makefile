@@ -127,7 +127,7 @@ $(SUB).csv: $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_test.csv $(RUNS)/$(s)/pred_va
 
 $(SUB).score.json: $(SUB).csv $(TEST_LABELS)
 	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(CACHE)/index.csv
-	cp $(SUB)_eval/metrics.json $@
+	cp $(SUB)_eval/metrics.json $@.tmp && mv $@.tmp $@
 
 submission: $(SUB).csv ## ensemble the configs' test predictions into submissions/$(NAME).csv (+ .zip)
 

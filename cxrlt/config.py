@@ -93,6 +93,10 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
 
 DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
 
+# common names from other trainers, for the "did you mean" hint of an unknown key
+ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "bs": "batch_size",
+           "num_workers": "workers", "arch": "model", "backbone": "model"}
+
 CHOICES = {
     "head": {"linear", "cosine", "csra"},
     "loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
@@ -108,7 +112,7 @@ CHOICES = {
 def _coerce(key: str, value, source: str):
     """Check/convert one value against the schema; ConfigError names source and key."""
     if key not in SCHEMA:
-        near = difflib.get_close_matches(key, SCHEMA.keys(), n=1)
+        near = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, SCHEMA.keys(), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
     _, typ, _ = SCHEMA[key]

@@ -19,6 +19,7 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside `final`; rename it to `final` if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
     os.close(fd)
     umask = os.umask(0)
@@ -32,6 +33,20 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Delete temp files a killed writer of `final` left behind (a big last.pt each time)."""
+    for p in final.parent.glob(f".{glob_escape(final.name)}.*.tmp*"):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                p.unlink()
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 def write_text(path, text: str) -> None:

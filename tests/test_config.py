@@ -61,3 +61,10 @@ def test_bad_values(tmp_path, text, match):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         config.resolve(["configs/nope.yaml"])
+
+
+def test_alias_hint_for_common_names(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        config.resolve([f])

@@ -51,3 +51,14 @@ def test_dataset_pickles_without_the_array(tmp_path):
     ds = CacheDataset(tmp_path / "images.npy", range(100), np.zeros((100, 2)))
     _ = ds[0]  # opens the memmap
     assert len(pickle.dumps(ds)) < 20000  # workers get a path, not 400 KB of pixels
+
+
+def test_atomic_write_cleans_temps_left_by_a_killed_writer(tmp_path):
+    from cxrlt.fileio import write_text
+
+    stale = tmp_path / ".last.pt.abc123.tmp.pt"
+    stale.write_bytes(b"x" * 100)
+    other = tmp_path / ".other.pt.abc123.tmp.pt"
+    other.write_bytes(b"y")
+    write_text(tmp_path / "last.pt", "new")
+    assert not stale.exists() and other.exists() and (tmp_path / "last.pt").read_text() == "new"
