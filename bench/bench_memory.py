@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Peak memory of train.py and predict.py on caches of N images: must not grow with N.
+
+    python bench/bench_memory.py [--sizes 2000 20000] [--size 256] [--json OUT.json] [--keep DIR]
+
+For each N a synthetic cache of N images at --size px is written (images.npy through a memmap, plus
+index/labels/manifest; see bench_train_step.write_synthetic_cache), then run as subprocesses:
+  train.py    1 epoch, --max_train_batches 2, batch 8, test_resnet, 1 loader worker, CPU
+  predict.py  --split test, --tta none, on that run's model.pt
+The work is the same for every N (2 training batches; val fold and test list are fixed at
+--val/--test images), so any growth comes from what scales with N: the index (pandas DataFrame,
+label matrix, row map) and anything that would read the whole image array.
+
+Measured per run:
+  maxrss_mb      ru_maxrss from os.wait4 on the child: the peak RSS of the process or of any of its
+                 reaped children (the DataLoader worker), whichever was larger
+  main_hwm_mb    VmHWM of the script's own process (polled from /proc/<pid>/status every 20 ms)
+  main_anon_mb   peak RssAnon of that process (heap: arrays, tensors, the index)
+  main_file_mb   peak RssFile (mapped files: shared libraries and touched pages of images.npy)
+  worker_rss_mb  peak VmRSS over its child processes (DataLoader workers)
+Each (script, N) runs twice: with MALLOC_MMAP_THRESHOLD_=65536 (glibc then returns every large
+block on free, so a peak is the live memory and repeats agree to the MB; the growth verdict uses
+these) and with the default allocator (what a user sees; its peaks vary by +-30 MB run to run).
+The allowance is the growth of the index in memory between the two N (open_cache's DataFrame
+deep size + the float32 label matrix + the row map).
+
+The caches are written and the index measured in a separate process: a child's ru_maxrss starts
+from the RSS of the process that spawned it (Linux carries the pre-exec high-water mark over), so
+this process stays small (its own peak is reported as parent_hwm_mb; a maxrss at that value
+would be the parent's, not the script's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring a child process
+# ----------------------------------------------------------------------------------------------
+def proc_status(pid: int) -> dict:
+    """VmRSS, VmHWM, RssAnon, RssFile of a process in bytes ({} if it is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024  # kB
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc/<pid>/task/*/children, recursively)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for t in tasks:
+            try:
+                kids = [int(k) for k in open(f"/proc/{p}/task/{t}/children").read().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+class Poller(threading.Thread):
+    """Samples the memory of a process and its descendants until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0, "RssFile": 0, "worker": 0}
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            st = proc_status(self.pid)
+            for k, v in st.items():
+                self.peak[k] = max(self.peak[k], v)
+            for child in descendants(self.pid):
+                self.peak["worker"] = max(self.peak["worker"], proc_status(child).get("VmRSS", 0))
+            self.stop.wait(self.interval)
+
+
+def measure(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
+    """Run `cmd` from the repository root, its output to `log_path` -> peak memory figures (MB)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT)
+        poller = Poller(p.pid)
+        poller.start()
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (and its reaped children's)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        poller.stop.set()
+        poller.join()
+    if p.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(map(str, cmd[:2]))} failed ({p.returncode}); log {log_path}:\n{tail}")
+    pk = poller.peak
+    return {"wall_s": time.perf_counter() - t0, "maxrss_mb": usage.ru_maxrss * 1024 / MB,
+            "main_hwm_mb": pk["VmHWM"] / MB, "main_anon_mb": pk["RssAnon"] / MB,
+            "main_file_mb": pk["RssFile"] / MB, "worker_rss_mb": pk["worker"] / MB}
+
+
+def index_bytes(cache_dir) -> int:
+    """What open_cache keeps in memory for the index: DataFrame (deep) + label matrix + row map."""
+    from cxrlt.cache import open_cache
+
+    c = open_cache(cache_dir)
+    return int(c.index.memory_usage(deep=True).sum() + c._y.nbytes + c._pos.nbytes)
+
+
+def prepare(cache, n: int, size: int, n_val: int, n_test: int) -> float:
+    """Write the cache (unless there) and measure its index, in a child process -> index MB."""
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from pathlib import Path; "
+            "from bench_train_step import write_synthetic_cache; from bench_memory import index_bytes; "
+            "c, n, s, v, t = Path(sys.argv[3]), *map(int, sys.argv[4:8]); "
+            "(c / 'manifest.json').exists() or write_synthetic_cache(c, n_train=n - v - t, size=s, n_val=v, n_test=t); "
+            "print(index_bytes(c))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(ROOT), str(cache),
+                          str(n), str(size), str(n_val), str(n_test)], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) / MB
+
+
+def own_hwm_mb() -> float:
+    return proc_status(os.getpid()).get("VmHWM", 0) / MB
+
+
+# ----------------------------------------------------------------------------------------------
+# glibc's malloc moves its mmap threshold up as large blocks are freed, after which big tensors come
+# from the heap and stay resident after free; when that happens varies from run to run (peaks differ
+# by +-30 MB between identical runs). A fixed threshold makes every large block an mmap returned on
+# free, so the peak is the live memory and identical runs give the same figure to the MB.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run(sizes=(2000, 20000), size: int = 256, n_val: int = 64, n_test: int = 64, batch: int = 8,
+        train_batches: int = 2, model: str = "test_resnet", workers: int = 1, keep=None, workdir=None,
+        default_malloc: bool = True) -> dict:
+    """Peak memory of train.py and predict.py for each cache size N -> per-N figures and growth.
+
+    Every (script, N) runs with a fixed malloc mmap threshold (reproducible; the growth and the
+    verdict use these) and, if default_malloc, again with the default allocator (what a user
+    sees; noisier; keys "<script>_default_malloc").
+    """
+    py = sys.executable
+    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench_memory_", dir=workdir))
+    runs = {}
+    try:
+        for n in sizes:
+            d = tmp / f"n{n}"
+            cache = d / "cache"
+            runs[str(n)] = {"index_mb": prepare(cache, n, size, n_val, n_test),
+                            "images_npy_mb": (cache / "images.npy").stat().st_size / MB}
+        for mode, env in (("fixed", FIXED_MALLOC), ("default", {}))[:2 if default_malloc else 1]:
+            for n in sizes:
+                d = tmp / f"n{n}"
+                cache = d / "cache"
+                shutil.rmtree(d / "run", ignore_errors=True)
+                train_cmd = [py, "train.py", "--cache", str(cache), "--out", str(d / "run"), "--model", model,
+                             "--pretrained", "false", "--head", "linear", "--loss", "bce", "--epochs", "1",
+                             "--max_train_batches", str(train_batches), "--batch_size", str(batch),
+                             "--workers", str(workers), "--device", "cpu"]
+                pred_cmd = [py, "predict.py", "--checkpoint", str(d / "run" / "model.pt"), "--cache", str(cache),
+                            "--split", "test", "--out", str(d / "run" / "pred_test.csv"), "--tta", "none",
+                            "--workers", str(workers), "--device", "cpu", "--batch-size", str(batch)]
+                suffix = "" if mode == "fixed" else "_default_malloc"
+                runs[str(n)]["train" + suffix] = measure(train_cmd, d / f"train{suffix}.log", env)
+                runs[str(n)]["predict" + suffix] = measure(pred_cmd, d / f"predict{suffix}.log", env)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    lo, hi = str(min(sizes)), str(max(sizes))
+    keys = ("maxrss_mb", "main_hwm_mb", "main_anon_mb", "main_file_mb", "worker_rss_mb")
+    growth = {s: {k: runs[hi][s][k] - runs[lo][s][k] for k in keys} for s in runs[lo] if s.startswith(("train", "pred"))}
+    return {"sizes": list(sizes), "size": size, "val_images": n_val, "test_images": n_test, "batch": batch,
+            "train_batches": train_batches, "model": model, "workers": workers, "fixed_malloc_env": FIXED_MALLOC,
+            "runs": runs, "growth_mb": growth, "index_allowance_mb": runs[hi]["index_mb"] - runs[lo]["index_mb"],
+            "parent_hwm_mb": own_hwm_mb(), "load_avg_1min": os.getloadavg()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], help="cache sizes N (images)")
+    ap.add_argument("--size", type=int, default=256, help="image side")
+    ap.add_argument("--val", type=int, default=64, help="val-fold images (fixed for every N)")
+    ap.add_argument("--test", type=int, default=64, help="test-list images (fixed for every N)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--train-batches", type=int, default=2)
+    ap.add_argument("--model", default="test_resnet")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--keep", default=None, help="write the caches here and keep them (reused next time)")
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    a = ap.parse_args()
+    r = run(a.sizes, a.size, a.val, a.test, a.batch, a.train_batches, a.model, a.workers, a.keep)
+    print(f"{'N':>7} {'script':23} {'maxrss':>7} {'main HWM':>9} {'anon':>6} {'file':>6} {'worker':>7}  (MB)")
+    for n, v in r["runs"].items():
+        for s in [k for k in v if k.startswith(("train", "pred"))]:
+            m = v[s]
+            print(f"{n:>7} {s:23} {m['maxrss_mb']:7.0f} {m['main_hwm_mb']:9.0f} {m['main_anon_mb']:6.0f} "
+                  f"{m['main_file_mb']:6.0f} {m['worker_rss_mb']:7.0f}")
+    for s, g in r["growth_mb"].items():
+        print(f"growth {s}: maxrss {g['maxrss_mb']:+.1f} MB, main anon {g['main_anon_mb']:+.1f} MB "
+              f"(index allowance {r['index_allowance_mb']:.1f} MB)")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+#!/usr/bin/env python
+"""Training step time: train.py's Trainer vs a bare PyTorch loop on the same model and batch.
+
+    python bench/bench_train_step.py [--model test_resnet] [--size 128] [--batch 32] [--steps 8]
+        [--repeats 2] [--workers 1] [--json OUT.json]
+    python bench/bench_train_step.py --gpu [--model convnext_large] [--size 512] ...   # GPU section
+
+Trainer: cxrlt.trainer.Trainer on a synthetic cache (uint8 images, augmentation on, DataLoader with
+--workers processes), timed through Trainer.train_epoch: an optimizer step post-hook stamps the time
+of every step, so the steady-state ms/step is the median gap between consecutive steps and the
+loader's per-epoch start-up (worker fork, first batch) is reported apart.
+Bare loop: the same architecture (cxrlt.models.build_model), the same loss module and batch size,
+AdamW, the batches pre-stacked in memory as float tensors already normalised; forward, backward,
+step and nothing else. Trainer and bare loop alternate, `--repeats` times each, so background load
+hits both alike. Target: Trainer / bare <= 1.10.
+
+GPU section (--gpu, or run_gpu()): images/s of Trainer.train_epoch at --size in bf16 for each
+(channels_last, torch.compile) setting, the model FLOP utilisation (FLOPs of one forward+backward
+counted by torch.utils.flop_counter.FlopCounterMode, divided by the card's dense bf16 peak) and the
+data wait fraction the Trainer logs to metrics.jsonl (`data_wait_frac`).
+
+This module also holds `write_synthetic_cache`, the cache writer the other bench scripts share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxrlt.labels import CXRLT2026_LABELS, ID_COLUMNS  # noqa: E402
+
+# Dense bf16 tensor-core peak (FLOP/s) by a substring of torch.cuda.get_device_name(); the first
+# match wins, so the more specific names come first. Sources: the vendors' data sheets.
+GPU_PEAK_BF16 = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("V100", 125e12),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic cache (shared by the bench scripts)
+# ----------------------------------------------------------------------------------------------
+def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: int = 0, num_labels: int = 30,
+                          seed: int = 0, chunk: int = 512) -> Path:
+    """Write a complete cache folder that cxrlt.cache.open_cache accepts, without any decoding.
+
+    Files (the layout of cxrlt/cache.py):
+      images.npy     uint8 (n_train + n_val + n_test, size, size), written through a memmap in
+                     chunks (so 20,000 x 256 px never sits in memory): a smooth chest-like blob
+                     plus per-image noise (no all-zero pages, which the OS could share)
+      index.csv      row, ImageID, StudyDate_DICOM, PatientID, split, fold, one 0/1 column per label.
+                     Rows 0..n_val-1: train split, fold 0 (the default val_fold); then n_train train
+                     rows in folds 1..4; then n_test test rows (fold -1, labels empty)
+      labels.txt     the first `num_labels` CXR-LT 2026 labels
+      manifest.json  labels, size, counts, "synthetic": true (written last)
+    Label prevalences fall off geometrically (a long tail); every label has a positive among
+    the training rows and among the val rows (when there are any).
+    """
+    import pandas as pd
+
+    from cxrlt.fileio import write_csv, write_json, write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = CXRLT2026_LABELS[:num_labels]
+    n = n_val + n_train + n_test
+    _write_images(out / "images.npy", n, size, rng, chunk)
+
+    split = ["train"] * (n_val + n_train) + ["test"] * n_test
+    fold = [0] * n_val + [1 + i % 4 for i in range(n_train)] + [-1] * n_test
+    index = pd.DataFrame({"row": np.arange(n), "ImageID": [f"syn{i:07d}.png" for i in range(n)],
+                          "StudyDate_DICOM": "20200101", "PatientID": [f"P{i:07d}" for i in range(n)],
+                          "split": split, "fold": fold})
+    y = _long_tail_labels(rng, n_val, n_train, len(labels))
+    for j, lab in enumerate(labels):
+        col = pd.array(np.concatenate([y[:, j], np.zeros(n_test, np.int8)]), dtype="Int8")
+        col[n_val + n_train:] = pd.NA  # test rows have no labels
+        index[lab] = col
+    assert list(index.columns[:6]) == ["row", *ID_COLUMNS, "split", "fold"]
+    write_csv(out / "index.csv", index)
+    write_text(out / "labels.txt", "".join(f"{lab}\n" for lab in labels))
+    write_json(out / "manifest.json", {
+        "format": "cxrlt image cache", "synthetic": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "array_rows": n, "dtype": "uint8", "size": int(size), "labels": labels,
+        "counts": {"train": n_val + n_train, "test": n_test, "val_fold0": n_val}})
+    return out
+
+
+def _write_images(path: Path, n: int, size: int, rng: np.random.Generator, chunk: int) -> None:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    blob = (180 * np.exp(-(xx**2 / 0.08 + yy**2 / 0.12))).astype(np.uint8)  # 0..180, + noise < 256
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+    for i in range(0, n, chunk):
+        k = min(chunk, n - i)
+        arr[i:i + k] = blob + rng.integers(0, 64, size=(k, size, size), dtype=np.uint8)
+    arr.flush()
+    del arr
+
+
+def _long_tail_labels(rng: np.random.Generator, n_val: int, n_train: int, c: int) -> np.ndarray:
+    prevalence = np.maximum(0.3 * 0.8 ** np.arange(c), 0.005)
+    y = (rng.random((n_val + n_train, c)) < prevalence).astype(np.int8)
+    for lo, hi in ((0, n_val), (n_val, n_val + n_train)):
+        if hi > lo:  # at least one positive per label in each part
+            y[lo + rng.integers(0, hi - lo, size=c), np.arange(c)] = 1
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer vs bare loop (CPU or GPU)
+# ----------------------------------------------------------------------------------------------
+def bench_cfg(model: str, size: int, batch: int, steps: int, workers: int, device: str, **kw) -> dict:
+    """A resolved config for timing: random init, BCE + linear head, augmentation on (the default)."""
+    from cxrlt import config
+
+    over = dict(model=model, pretrained=False, head="linear", loss="bce", batch_size=batch, workers=workers,
+                device=device, epochs=100, warmup_epochs=0.0, max_train_batches=steps, lr=1e-4)
+    over.update(kw)
+    return config.resolve([], over)
+
+
+class StepClock:
+    """Wall and process-CPU stamps taken right after each optimizer step (an optimizer post-hook)."""
+
+    def __init__(self, optimizer, device):
+        self.device = device
+        self.stamps: list[float] = []
+        self.cpu: list[float] = []
+        self.handle = optimizer.register_step_post_hook(self._hook)
+
+    def _hook(self, *_):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def gaps(self) -> list[float]:
+        return list(np.diff(self.stamps))
+
+    def cpu_gaps(self) -> list[float]:
+        return list(np.diff(self.cpu))
+
+
+def close_trainer_log() -> None:
+    """Close the handlers the Trainer attached (its train.log lives in a folder we delete)."""
+    import logging
+
+    log = logging.getLogger("cxrlt.train")
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trainer_epoch(trainer, epoch: int) -> dict:
+    """One Trainer.train_epoch -> per-step gaps (s) of the steady state, the epoch's wall time and
+    the Trainer's own stats (images_per_s, data_wait_frac)."""
+    clock = StepClock(trainer.optimizer, trainer.device)
+    c0, t0 = _children_cpu(), time.perf_counter()
+    stats = trainer.train_epoch(epoch)  # its loader's workers are joined when it returns
+    _sync(trainer.device)
+    wall = time.perf_counter() - t0
+    clock.handle.remove()
+    first = clock.stamps[0] - t0 if clock.stamps else wall  # loader start-up + first step
+    return {"gaps": clock.gaps(), "cpu_gaps": clock.cpu_gaps(), "wall_s": wall, "first_step_s": first,
+            "steps": len(clock.stamps), "worker_cpu_s": _children_cpu() - c0, **stats}
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the DataLoader workers, once joined)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def bare_batches(model, cache_dir: Path, rows, targets, batch: int, steps: int, device):
+    """The same images as the Trainer sees (no augmentation), as normalised float batches in memory."""
+    import torch
+
+    images = np.load(Path(cache_dir) / "images.npy", mmap_mode="r")
+    out = []
+    for s in range(steps):
+        r = rows[s * batch:(s + 1) * batch]
+        x = torch.from_numpy(np.ascontiguousarray(images[r]))[:, None].to(device)
+        y = torch.from_numpy(np.asarray(targets[s * batch:(s + 1) * batch], dtype=np.float32)).to(device)
+        with torch.no_grad():
+            out.append((model.normalize(x).contiguous(), y))
+    return out
+
+
+def bare_epoch(model, loss_fn, optimizer, batches, device) -> dict:
+    """forward, loss, backward, step over in-memory batches -> per-step gaps (s) and wall time."""
+    model.train()
+    clock = StepClock(optimizer, device)
+    t0 = time.perf_counter()
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    wall = time.perf_counter() - t0
+    clock.handle.remove()
+    return {"gaps": clock.gaps(), "cpu_gaps": clock.cpu_gaps(), "wall_s": wall, "steps": len(clock.stamps)}
+
+
+def _bare_setup(trainer, cfg: dict, steps: int):
+    """A second model of the same architecture with the same loss, AdamW and batches."""
+    import torch
+
+    from cxrlt.losses import build_loss
+    from cxrlt.models import build_model
+
+    dev = trainer.device
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, len(trainer.labels)).to(dev)
+    loss_fn = build_loss(cfg, trainer.class_counts, len(trainer.train_rows)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    y = trainer.cache.targets(trainer.train_rows)
+    batches = bare_batches(model, trainer.cache_dir, trainer.train_rows, y, cfg["batch_size"], steps, dev)
+    return model, loss_fn, opt, batches
+
+
+def run(model: str = "test_resnet", size: int = 128, batch: int = 32, steps: int = 6, repeats: int = 5,
+        workers: int = 1, device: str = "cpu", threads: int = 1, workdir=None) -> dict:
+    """Trainer vs bare loop, alternating, `repeats` epochs of `steps` steps each -> numbers (ms).
+
+    threads: torch intra-op threads for both (0 = torch's default). 1 by default on the CPU: on a
+    shared 2-core machine two OpenMP threads stall each other whenever another process takes a
+    core (steps 2-4x slower and wildly variable), and 1 compute thread + 1 loader worker is the
+    layout that fits 2 cores.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from cxrlt.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        cache = write_synthetic_cache(tmp / "cache", n_train=batch * steps, size=size, n_val=8)
+        cfg = bench_cfg(model, size, batch, steps, workers, device)
+        trainer = Trainer(cfg, str(cache), str(tmp / "run"))
+        bare = _bare_setup(trainer, cfg, steps)
+        tr, ba = [], []
+        bare_epoch(*bare, trainer.device)  # warm-up both (allocator, first-call dispatch)
+        trainer_epoch(trainer, 0)
+        for r in range(repeats):
+            ba.append(bare_epoch(*bare, trainer.device))
+            tr.append(trainer_epoch(trainer, r + 1))
+        close_trainer_log()
+    return _summarise(tr, ba, dict(model=model, size=size, batch=batch, steps=steps, repeats=repeats,
+                                   workers=workers, device=str(device), torch_threads=torch.get_num_threads(),
+                                   load_avg_1min=os.getloadavg()[0]))
+
+
+def _summarise(tr: list[dict], ba: list[dict], settings: dict) -> dict:
+    """Medians of the steady-state step gaps. The ratio is the median over repeats of the
+    per-repeat ratio: each trainer epoch is compared with the bare epoch run just before it, so
+    slow changes in the machine's load cancel out."""
+    med = lambda key, es: [float(np.median(e[key])) for e in es]  # noqa: E731
+    t_gap, b_gap = med("gaps", tr), med("gaps", ba)
+    ratios = [t / b for t, b in zip(t_gap, b_gap)]
+    # CPU per step: main process (steady state) + its loader worker's CPU spread over the epoch
+    t_cpu = [c + e["worker_cpu_s"] / e["steps"] for c, e in zip(med("cpu_gaps", tr), tr)]
+    b_cpu = med("cpu_gaps", ba)
+    cpu_ratios = [t / b for t, b in zip(t_cpu, b_cpu)]
+    t_epoch = [e["wall_s"] / e["steps"] for e in tr]
+    b_epoch = [e["wall_s"] / e["steps"] for e in ba]
+    m = lambda v: float(np.median(v))  # noqa: E731
+    return {**settings,
+            "trainer_ms_per_step": 1000 * m(t_gap), "bare_ms_per_step": 1000 * m(b_gap), "ratio": m(ratios),
+            "ratio_per_repeat": ratios,
+            "trainer_cpu_ms_per_step": 1000 * m(t_cpu), "bare_cpu_ms_per_step": 1000 * m(b_cpu),
+            "trainer_worker_cpu_ms_per_step": 1000 * m([e["worker_cpu_s"] / e["steps"] for e in tr]),
+            "cpu_ratio": m(cpu_ratios),
+            "trainer_epoch_ms_per_step": 1000 * m(t_epoch), "bare_epoch_ms_per_step": 1000 * m(b_epoch),
+            "epoch_ratio": m([t / b for t, b in zip(t_epoch, b_epoch)]),
+            "trainer_first_step_s": m([e["first_step_s"] for e in tr]),
+            "data_wait_frac": m([e["data_wait_frac"] for e in tr]),
+            "trainer_images_per_s": m([e["images_per_s"] for e in tr]),
+            "target_ratio": 1.10}
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU section
+# ----------------------------------------------------------------------------------------------
+def flops_per_image(model, size: int, in_chans: int, device, amp: bool, batch: int = 2) -> float:
+    """FLOPs of one forward + backward per image (FlopCounterMode counts matmuls/convs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cxrlt.trainer import autocast_ctx
+
+    model.train()
+    x = torch.randn(batch, in_chans, size, size, device=device)
+    with FlopCounterMode(display=False) as fc:
+        with autocast_ctx(device, amp):
+            out = model(x)
+        out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / batch
+
+
+def peak_flops(device) -> tuple[float | None, str]:
+    """(dense bf16 peak FLOP/s or None, device name)."""
+    import torch
+
+    if getattr(device, "type", "cpu") != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_BF16:
+        if key in name:
+            return peak, name
+    return None, name
+
+
+def run_gpu(model: str = "convnext_large", size: int = 512, batch: int = 16, steps: int = 20, workers: int = 0,
+            device: str = "cuda", variants=((False, False), (True, False), (False, True), (True, True)),
+            peak_tflops: float = 0.0, workdir=None) -> dict:
+    """Trainer images/s, MFU and data wait fraction for each (channels_last, compile) setting.
+
+    Each setting: a fresh Trainer, one warm-up epoch (compilation, cuDNN autotuning), one timed
+    epoch of `steps` steps. workers=0 picks min(8, CPU count).
+    """
+    import torch
+
+    from cxrlt.trainer import Trainer
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        cache = write_synthetic_cache(tmp / "cache", n_train=batch * steps, size=size, n_val=8)
+        fpi = None
+        for cl, comp in variants:
+            cfg = bench_cfg(model, size, batch, steps, workers, device, amp=True, channels_last=cl, compile=comp)
+            trainer = Trainer(cfg, str(cache), str(tmp / f"run_cl{int(cl)}_c{int(comp)}"))
+            if fpi is None:
+                fpi = flops_per_image(trainer.model, size, cfg["in_chans"], trainer.device, trainer.amp)
+            trainer_epoch(trainer, 0)
+            e = trainer_epoch(trainer, 1)
+            img_s = batch / float(np.median(e["gaps"])) if e["gaps"] else e["images_per_s"]
+            peak, name = peak_flops(trainer.device)
+            peak = peak_tflops * 1e12 if peak_tflops else peak
+            rows.append({"channels_last": cl, "compile": comp, "images_per_s": img_s,
+                         "epoch_images_per_s": e["images_per_s"], "data_wait_frac": e["data_wait_frac"],
+                         "mfu": (img_s * fpi / peak) if peak else None, "device_name": name,
+                         "peak_flops": peak,
+                         "max_mem_gb": (torch.cuda.max_memory_allocated(trainer.device) / 1e9
+                                        if trainer.device.type == "cuda" else None)})
+            del trainer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        close_trainer_log()
+    return {"model": model, "size": size, "batch": batch, "steps": steps, "workers": workers,
+            "flops_per_image": fpi, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="timm model (default test_resnet; --gpu: convnext_large)")
+    ap.add_argument("--size", type=int, default=None, help="image side (default 128; --gpu: 512)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 32; --gpu: 16)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default 6; --gpu: 20)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed epochs of each (CPU)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (0 = torch's default)")
+    ap.add_argument("--workers", type=int, default=None, help="loader processes (default 1; --gpu: min(8, cores))")
+    ap.add_argument("--device", default=None, help="cpu (default) | cuda")
+    ap.add_argument("--gpu", action="store_true", help="the GPU section (bf16, channels_last/compile on and off)")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="GPU dense bf16 peak if the card is not known")
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    a = ap.parse_args()
+    if a.gpu:
+        res = run_gpu(a.model or "convnext_large", a.size or 512, a.batch or 16, a.steps or 20, a.workers or 0,
+                      a.device or "cuda", peak_tflops=a.peak_tflops)
+        print(f"{res['model']} @ {res['size']} px, batch {res['batch']}, {res['flops_per_image'] / 1e9:.1f} "
+              f"GFLOP/image (fwd+bwd)")
+        for r in res["rows"]:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"  channels_last={r['channels_last']!s:5} compile={r['compile']!s:5} {r['images_per_s']:8.1f} "
+                  f"img/s  MFU {mfu:>6}  data wait {100 * r['data_wait_frac']:.1f}%")
+    else:
+        res = run(a.model or "test_resnet", a.size or 128, a.batch or 32, a.steps or 6, a.repeats,
+                  1 if a.workers is None else a.workers, a.device or "cpu", a.threads)
+        print(f"train step, {res['model']} @ {res['size']} px, batch {res['batch']}: Trainer "
+              f"{res['trainer_ms_per_step']:.0f} ms/step, bare loop {res['bare_ms_per_step']:.0f} ms/step -> "
+              f"{res['ratio']:.3f}x (target <= 1.10); CPU time {res['trainer_cpu_ms_per_step']:.0f} vs "
+              f"{res['bare_cpu_ms_per_step']:.0f} ms/step -> {res['cpu_ratio']:.3f}x; whole epoch incl. loader "
+              f"start-up {res['epoch_ratio']:.3f}x; data wait {100 * res['data_wait_frac']:.1f}%")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

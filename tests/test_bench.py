@@ -1,0 +1,210 @@
+"""Smoke tests of the benchmark scripts (bench/): each runs with tiny settings and returns numbers.
+
+No timing assertions: the numbers are checked for shape and internal consistency only (a ratio is
+the quotient of the figures beside it, counts match the work done, memory peaks see a known
+allocation), and bench/run_all.py's table is checked on known inputs.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_crt  # noqa: E402
+import bench_memory  # noqa: E402
+import bench_predict  # noqa: E402
+import bench_train_step  # noqa: E402
+import run_all  # noqa: E402
+
+
+def _positive(d, *keys):
+    for k in keys:
+        assert math.isfinite(d[k]) and d[k] > 0, (k, d[k])
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()  # the bench functions set 1 thread; give the other tests theirs back
+    yield
+    torch.set_num_threads(n)
+
+
+def test_synthetic_cache_is_a_valid_cache(tmp_path):
+    from cxrlt.cache import open_cache
+
+    out = bench_train_step.write_synthetic_cache(tmp_path / "c", n_train=20, size=16, n_val=6, n_test=5,
+                                                 num_labels=7, chunk=8)
+    c = open_cache(out)
+    assert c.images.shape == (31, 16, 16) and c.images.dtype == np.uint8
+    assert c.images.min() > 0 or c.images.max() > 0  # real content, not a sparse zero file
+    assert len(c.rows("train", fold=0)) == 6 and len(c.rows("train", exclude_fold=0)) == 20
+    assert len(c.rows("test")) == 5 and np.isnan(c.targets(c.rows("test"))).all()
+    for rows in (c.rows("train", fold=0), c.rows("train", exclude_fold=0)):
+        assert (c.targets(rows).sum(0) >= 1).all()  # every label has a positive in val and in train
+
+
+def test_train_step_bench_tiny(tmp_path):
+    r = bench_train_step.run(model="test_resnet", size=32, batch=4, steps=3, repeats=1, workers=1,
+                             workdir=tmp_path)
+    _positive(r, "trainer_ms_per_step", "bare_ms_per_step", "trainer_cpu_ms_per_step", "bare_cpu_ms_per_step",
+              "trainer_images_per_s")
+    assert r["ratio"] == pytest.approx(r["trainer_ms_per_step"] / r["bare_ms_per_step"])  # one repeat
+    assert r["cpu_ratio"] == pytest.approx(r["trainer_cpu_ms_per_step"] / r["bare_cpu_ms_per_step"])
+    assert 0.0 <= r["data_wait_frac"] <= 1.0 and r["torch_threads"] == 1
+    assert r["trainer_worker_cpu_ms_per_step"] > 0  # the loader worker's CPU was counted
+    assert list(tmp_path.iterdir()) == []  # the temporary cache and run folder are gone
+
+
+def test_flop_count_of_a_known_model():
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7), torch.nn.Linear(7, 5))
+    # forward 2*(12*7 + 7*5); backward: both weight grads again, plus the input grad of layer 2 only
+    expected = 2 * (12 * 7 + 7 * 5) + 2 * (12 * 7 + 7 * 5) + 2 * 7 * 5
+    assert bench_train_step.flops_per_image(m, 2, 3, torch.device("cpu"), amp=False) == expected
+
+
+def test_gpu_section_code_path_runs_on_cpu(tmp_path):
+    r = bench_train_step.run_gpu(model="test_resnet", size=32, batch=4, steps=2, workers=1, device="cpu",
+                                 variants=((False, False),), workdir=tmp_path)
+    assert r["flops_per_image"] > 0 and len(r["rows"]) == 1
+    g = r["rows"][0]
+    assert g["images_per_s"] > 0 and 0.0 <= g["data_wait_frac"] <= 1.0
+    assert g["mfu"] is None and g["device_name"] == "cpu"  # no known peak on a CPU
+    r2 = bench_train_step.run_gpu(model="test_resnet", size=32, batch=4, steps=2, workers=0, device="cpu",
+                                  variants=((False, False),), peak_tflops=1.0, workdir=tmp_path)
+    g2 = r2["rows"][0]
+    assert g2["mfu"] == pytest.approx(g2["images_per_s"] * r2["flops_per_image"] / 1e12)
+
+
+def test_predict_bench_tiny(tmp_path):
+    r = bench_predict.run(model="test_resnet", size=32, batch=4, batches=3, repeats=1, workers=1, workdir=tmp_path)
+    _positive(r, "bare_ms_per_image", "none_ms_per_view_image", "flip_scale_ms_per_view_image",
+              "none_cpu_ms_per_view_image", "flip_scale_cpu_ms_per_view_image")
+    assert r["images"] == 12
+    for k in ("none", "flip_scale"):
+        assert r[f"{k}_ratio"] == pytest.approx(r[f"{k}_ms_per_view_image"] / r["bare_ms_per_image"])
+
+
+def test_forward_clock_groups_views_into_batches():
+    clock = bench_predict.ForwardClock(torch.nn.Identity())
+    clock.handle.remove()
+    clock.stamps = [0.0, 0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 1.4, 2.0, 2.1, 2.2, 2.6]  # 3 batches x 4 views
+    assert clock.batch_gaps(4) == pytest.approx([1.1, 1.2])
+
+
+def test_crt_bench_tiny(tmp_path):
+    r = bench_crt.run(model="test_resnet", size=32, n_train=16, n_val=8, epochs=2, batch=8, workers=0,
+                      workdir=tmp_path)
+    _positive(r, "extract_s", "head_epochs_s", "backbone_every_epoch_s", "speedup_incl_extract",
+              "speedup_excl_scoring")
+    assert (r["train_images"], r["val_images"]) == (16, 8)
+    # cRT scores the original head and then every epoch; the uncached loop scores every epoch
+    assert r["val_scoring_calls_cached"] == 3 and r["val_scoring_calls_uncached"] == 2
+    assert r["speedup_incl_extract"] == pytest.approx(r["backbone_every_epoch_s"] / r["cached_total_s"])
+    import cxrlt.trainer
+
+    assert cxrlt.trainer.score.__name__ == "score"  # the timing wrapper was removed
+
+
+def test_memory_measure_sees_a_known_allocation(tmp_path):
+    # b"x" * n writes every byte (a zeroed bytearray could stay untouched, i.e. not resident)
+    code = ("import time, subprocess, sys; b = b'x' * (150 * 2**20); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; x = b\"x\" * (80 * 2**20); time.sleep(0.6)']); "
+            "time.sleep(0.6); c.wait()")
+    m = bench_memory.measure([sys.executable, "-c", code], tmp_path / "log.txt")
+    assert m["maxrss_mb"] >= 150 and m["main_hwm_mb"] >= 150 and m["main_anon_mb"] >= 150
+    assert 80 <= m["worker_rss_mb"] < 150  # the child, seen apart from its parent
+    with pytest.raises(RuntimeError, match="boom"):
+        bench_memory.measure([sys.executable, "-c", "raise SystemExit('boom')"], tmp_path / "log2.txt")
+
+
+def test_memory_bench_tiny(tmp_path):
+    r = bench_memory.run(sizes=(40,), size=16, n_val=4, n_test=4, batch=4, train_batches=1, workdir=tmp_path,
+                         default_malloc=False)
+    run = r["runs"]["40"]
+    for s in ("train", "predict"):
+        _positive(run[s], "maxrss_mb", "main_hwm_mb", "main_anon_mb", "main_file_mb")
+        assert run[s]["maxrss_mb"] >= run[s]["main_hwm_mb"] - 1  # wait4 sees at least the main process's peak
+    assert run["index_mb"] > 0 and r["growth_mb"]["train"]["maxrss_mb"] == 0  # one size: no growth
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- run_all: the table ----------------------------------------------------------------------
+def _stage(result, others=0.3):
+    return {"ok": True, "error": None, "result": result, "wall_s": 1.0, "others_cores": others,
+            "load_before": 0.5, "log": "bench/out/logs/x.log"}
+
+
+FAKE = {
+    "preprocess": {"n_images": 8, "size": 512, "bare_decode_img_s": 10.0, "cache_w1_img_s": 9.0, "cache_w2_img_s": 12.0,
+                   "w1_vs_decode": 0.9, "w2_vs_w1": 1.333, "w2_worker_start_s": 0.8, "w1_cores_busy": 1.0,
+                   "w2_cores_busy": 1.3},
+    "loader": {"size": 512, "cache_images_per_s": 400.0, "decode_resize_images_per_s": 5.0, "ratio": 80.0,
+               "target_ratio": 20.0},
+    "train_step": {"model": "m", "size": 128, "batch": 32, "workers": 1, "torch_threads": 1, "steps": 6, "repeats": 2,
+                   "trainer_ms_per_step": 120.0, "bare_ms_per_step": 100.0, "ratio": 1.2, "ratio_per_repeat": [1.2, 1.2],
+                   "trainer_cpu_ms_per_step": 105.0, "bare_cpu_ms_per_step": 100.0, "cpu_ratio": 1.05,
+                   "trainer_worker_cpu_ms_per_step": 5.0, "epoch_ratio": 1.3, "trainer_first_step_s": 0.5,
+                   "data_wait_frac": 0.02},
+}
+
+
+def test_table_rows_targets_and_failed_stage():
+    stages = {k: _stage(v) for k, v in FAKE.items()}
+    stages["crt"] = {"ok": False, "error": "timed out after 300 s", "result": None, "wall_s": 300.0,
+                     "others_cores": 0.1, "load_before": 0.2, "log": "bench/out/logs/crt.log"}
+    rows = run_all.build_rows(stages)
+    by_key = {r.key: r for r in rows}
+    assert [r.key for r in rows] == ["1a", "1b", "2", "3a", "3b", "5"]
+    assert by_key["1a"].met == "yes" and by_key["1b"].met == "no"  # 0.90 >= 0.8; 1.33 < 1.8
+    assert by_key["3a"].met == "no" and by_key["3b"].met == "yes"  # 1.20 > 1.10; 1.05 <= 1.10
+    assert by_key["3a"].ratio == "1.20x" and "120 ms/step" in by_key["3a"].ours
+    assert by_key["5"].met == "failed" and "timed out" in by_key["5"].what
+    md = run_all.table_markdown(rows, stages)
+    assert md.count("\n") == len(rows) + 2 and "| 0.3 cores |" in md
+
+
+def test_memory_rows_use_the_index_allowance():
+    def runs(train_mb, pred_mb):
+        m = lambda v: {"maxrss_mb": v, "main_hwm_mb": v, "main_anon_mb": v / 2, "main_file_mb": v / 2,  # noqa: E731
+                       "worker_rss_mb": 10.0}
+        return {"index_mb": 1.0, "images_npy_mb": 100.0, "train": m(train_mb), "predict": m(pred_mb)}
+
+    r = {"sizes": [20, 200], "size": 256, "runs": {"20": runs(1000, 900), "200": runs(1010, 1200)},
+         "index_allowance_mb": 8.0, "train_batches": 2, "batch": 8, "val_images": 64, "test_images": 64,
+         "growth_mb": {"train": {"maxrss_mb": 10.0}, "predict": {"maxrss_mb": 300.0}}}
+    rows = run_all.rows_memory(r)
+    assert [(x.key, x.met) for x in rows] == [("6a", "yes"), ("6b", "no")]  # 10 <= 8 + 5; 300 > 13
+    notes = run_all.notes_markdown({"memory": _stage(r)})
+    assert "1.0 -> 1.0 MB" in notes and "; default allocator" not in notes  # those runs were not made
+
+
+def test_render_has_machine_versions_and_gpu_line():
+    stages = {k: _stage(v) for k, v in FAKE.items()}
+    meta = run_all.machine_info()
+    meta.update(date="2026-01-01 00:00:00", quick=False, load_start=1.0, load_end=2.0, total_s=700.0)
+    md = run_all.render(run_all.build_rows(stages), stages, meta, run_all.gpu_markdown(None, False))
+    assert f"torch {torch.__version__}" in md and f"{meta['cores']} cores" in md
+    assert "OVER the 600 s budget" in md and "no GPU here: GPU rows skipped" in md
+    assert "| 3a |" in md and "## Notes" in md
+
+
+def test_run_all_cli_writes_results(tmp_path):
+    out = tmp_path / "results.md"
+    p = subprocess.run([sys.executable, "bench/run_all.py", "--quick", "--only", "loader", "--out", str(out),
+                        "--workdir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| 2 |" in p.stdout and out.read_text().count("| 2 |") == 1
+    raw = json.loads((tmp_path / "work" / "results.json").read_text())
+    loader = raw["stages"]["loader"]
+    assert loader["ok"] and loader["result"]["size"] == 64 and (tmp_path / "work" / "logs" / "loader.log").exists()
+    bad = subprocess.run([sys.executable, "bench/run_all.py", "--only", "nosuch", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown stage" in bad.stderr
