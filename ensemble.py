@@ -112,7 +112,7 @@ def combine(a) -> int:
         y_val = table.y
     ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights)
     if weights is not None:
-        print("weights: " + ", ".join(f"{Path(p).name}={w:.3f}" for p, w in zip(a.test, weights)))
+        print("weights: " + ", ".join(f"{p}={w:.3f}" for p, w in zip(a.test, weights)))
     for h in info.get("greedy_history", []):
         print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f}")
     if val is not None:
