@@ -162,12 +162,14 @@ def predict_rows(model, loader, device, amp: bool, logit_scale: float, channels_
 
 
 def score(y: np.ndarray, p: np.ndarray) -> dict:
-    from .metrics import average_precision_per_label, macro_auc, macro_map
+    """Macro mAP (labels with a positive), macro AUC and per-label AP of probabilities p for labels y."""
+    from .metrics import average_precision_per_label, macro_auc
 
-    m_ap, skipped = macro_map(y, p)
-    auc = macro_auc(y, p)
-    auc = auc[0] if isinstance(auc, tuple) else auc
-    return {"mAP": float(m_ap), "mAUC": float(auc), "ap": average_precision_per_label(y, p), "skipped": skipped}
+    ap = average_precision_per_label(y, p)  # NaN for labels without a positive
+    kept = ~np.isnan(ap)
+    m_ap = float(ap[kept].mean()) if kept.any() else float("nan")
+    auc, _ = macro_auc(y, p)
+    return {"mAP": m_ap, "mAUC": float(auc), "ap": ap, "skipped": np.flatnonzero(~kept).tolist()}
 
 
 # --------------------------------------------------------------------------------------------
