@@ -226,16 +226,12 @@ def read_predictions(
 
 
 def read_id_list(path) -> list[str]:
-    """ImageIDs of a test list (`ImageID,...`, trailing empty columns allowed), in file order."""
-    header = read_header(path)
-    if ID not in header:
-        raise InputError(f"{path}: row 1: no {ID!r} column")
-    ids = read_str_csv(path).iloc[:, header.index(ID)]
-    for p in _id_problems(ids, None, None):
-        raise InputError(p.format(path))
-    if ids.empty:
-        raise InputError(f"{path}: no data rows after the header")
-    return ids.tolist()
+    """ImageIDs of a test list (`ImageID,...`, trailing empty columns allowed), in file order.
+
+    The same reader and checks as the cache build (cxrlt.csvio.read_id_list)."""
+    from .csvio import read_id_list as read_ids
+
+    return read_ids(path)[ID].tolist()
 
 
 def validate_submission(path, test_list, labels: list[str]) -> pd.DataFrame:
