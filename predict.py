@@ -50,9 +50,7 @@ def main() -> int:
     t0 = time.time()
     device = pick_device(args.cfg__device or "auto")
     model, ck = load_trained(args.checkpoint, device)
-    cfg = dict(ck["config"])
-    for k, v in config.overrides_from_args(args).items():
-        cfg[k] = config._coerce(k, v, "command line")
+    cfg = config.apply_overrides(ck["config"], config.overrides_from_args(args))
     if args.postproc_from:
         chosen = json.load(open(args.postproc_from))["best"]
         cfg["normal_gating_alpha"], cfg["study_pool_weight"] = chosen["normal_gating_alpha"], chosen["study_pool_weight"]

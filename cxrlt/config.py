@@ -109,7 +109,7 @@ CHOICES = {
 }
 
 
-def _coerce(key: str, value, source: str):
+def coerce(key: str, value, source: str):
     """Check/convert one value against the schema; ConfigError names source and key."""
     if key not in SCHEMA:
         near = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, SCHEMA.keys(), n=1)
@@ -166,7 +166,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of key: value")
-    return {k: _coerce(k, v, str(path)) for k, v in data.items()}
+    return {k: coerce(k, v, str(path)) for k, v in data.items()}
 
 
 def resolve(config_files: list[str] | None = None, overrides: dict | None = None) -> dict:
@@ -174,9 +174,12 @@ def resolve(config_files: list[str] | None = None, overrides: dict | None = None
     cfg = dict(DEFAULTS)
     for f in config_files or []:
         cfg.update(load_yaml(f))
-    for k, v in (overrides or {}).items():
-        cfg[k] = _coerce(k, v, "command line")
-    return cfg
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: dict, overrides: dict, source: str = "command line") -> dict:
+    """A copy of cfg with each override checked against the schema and applied."""
+    return {**cfg, **{k: coerce(k, v, source) for k, v in overrides.items()}}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, keys: list[str] | None = None) -> None:
@@ -207,5 +210,5 @@ def check_dict(cfg: dict, source: str) -> dict:
     out = dict(DEFAULTS)
     for k, v in cfg.items():
         if k in SCHEMA:
-            out[k] = _coerce(k, v, source)
+            out[k] = coerce(k, v, source)
     return out

@@ -137,7 +137,7 @@ def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device
 def run(run_dir: str, cache_dir: str, out_dir: str, cfg_overrides: dict, method: str = "crt",
         device_name: str = "auto", feature_cache: bool = True, log=print) -> dict:
     from .cache import open_cache
-    from .config import _coerce
+    from .config import apply_overrides
     from .distributed import pick_device
     from .errors import InputError
     from .inference import load_trained
@@ -150,9 +150,7 @@ def run(run_dir: str, cache_dir: str, out_dir: str, cfg_overrides: dict, method:
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a re-run starts the head log afresh
     device = pick_device(device_name)
     model, ck = load_trained(run_dir / "model.pt", device)
-    cfg = dict(ck["config"])
-    for k, v in cfg_overrides.items():
-        cfg[k] = _coerce(k, v, "command line")
+    cfg = apply_overrides(ck["config"], cfg_overrides)
     logit_scale = float(ck.get("logit_scale", 1.0))
     cache = open_cache(cache_dir)
     if list(cache.labels) != list(ck["labels"]):
