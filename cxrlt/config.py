@@ -93,6 +93,38 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
 
 DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
 
+# Every key belongs to one group, by what a change of its value affects:
+#   post  read after training (cRT, predict, selection): editing one re-runs only those stages,
+#         which read it from the current config, never from the checkpoint's copy;
+#   run   how a run executes, not what it computes (a change never invalidates a run);
+#   train everything else: the trained weights depend on it.
+# A new key is `train` unless it is listed here.
+POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
+    "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight"}
+RUN_KEYS = {"workers", "device", "compile"}
+# train keys that may be raised after a run finished: the run is then extended, not redone
+EXTENDABLE_KEYS = {"epochs", "patience"}
+
+
+def group(key: str) -> str:
+    """'post', 'run' or 'train' (see POST_KEYS / RUN_KEYS)."""
+    return "post" if key in POST_KEYS else "run" if key in RUN_KEYS else "train"
+
+
+def train_part(cfg: dict) -> dict:
+    """The keys of cfg that the trained weights depend on (group 'train'), sorted."""
+    return {k: cfg[k] for k in sorted(cfg) if group(k) == "train"}
+
+
+def train_key(cfg: dict, exclude=EXTENDABLE_KEYS) -> str:
+    """Fingerprint (16 hex) of the train keys, `exclude`d keys left out: equal keys <=> a run
+    trained with one config can continue under the other."""
+    import hashlib
+    import json
+
+    part = {k: v for k, v in train_part(cfg).items() if k not in exclude}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
 # common names from other trainers, for the "did you mean" hint of an unknown key
 ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "bs": "batch_size",
            "num_workers": "workers", "arch": "model", "backbone": "model"}

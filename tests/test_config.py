@@ -68,3 +68,19 @@ def test_alias_hint_for_common_names(tmp_path):
     f.write_text("learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         config.resolve([f])
+
+
+def test_config_groups_split_train_post_and_run_keys():
+    from cxrlt import config
+
+    cfg = config.resolve(["configs/paper_ldam_drw.yaml"])
+    key = config.train_key(cfg)
+    # post-training and run keys never change the training fingerprint
+    for k, v in [("tta", "none"), ("crt_lr", 0.5), ("normal_gating_alpha", 2.0), ("workers", 0),
+                 ("device", "cpu"), ("compile", True), ("epochs", 99), ("patience", 3)]:
+        assert config.train_key({**cfg, k: v}) == key, k
+    # a training key does
+    for k, v in [("lr", 3e-4), ("loss", "bce"), ("model", "test_resnet"), ("seed", 1)]:
+        assert config.train_key({**cfg, k: v}) != key, k
+    assert config.train_key({**cfg, "epochs": 99}, exclude=()) != config.train_key(cfg, exclude=())
+    assert {config.group(k) for k in config.SCHEMA} == {"train", "post", "run"}
