@@ -150,14 +150,18 @@ C_$(1) := $(CACHE_ROOT)/$(DATASET)_$(SIZE_$(1))
 S_$(1) := $(STATE)/$(DATASET)_$(SIZE_$(1))/$(1)
 endef
 
-# $(1) = config stem. INIT_<stem> names the run a resolution-ladder config starts from.
-define RUN_RULES
+# $(1) = config stem. INIT_<stem> names the run a resolution-ladder config starts from; a config
+# whose BASE_<stem> is another stem (same training, other post-training keys) trains nothing and
+# re-trains its head on that stem's backbone.
+define TRAIN_RULE
 $(R_$(1))/model.pt: $(S_$(1))/train.stamp $(C_$(1))/train/manifest.json $(if $(INIT_$(1)),$(R_$(INIT_$(1)))/model.pt) | $(VENV)/.installed
 	$$(TRAIN_CMD) --config $(CFG_$(1)) --cache $(C_$(1))/train --out $(R_$(1)) --resume $(TRAIN_ARGS) \
 		$(if $(INIT_$(1)),--init_checkpoint $(R_$(INIT_$(1)))/model.pt)
+endef
 
-$(R_$(1))/crt/model.pt: $(S_$(1))/crt.stamp $(R_$(1))/model.pt
-	$$(PY) retrain_head.py --run $(R_$(1)) --cache $(C_$(1))/train --out $(R_$(1))/crt --config $(CFG_$(1)) $(TRAIN_ARGS)
+define RUN_RULES
+$(R_$(1))/crt/model.pt: $(S_$(1))/crt.stamp $(R_$(BASE_$(1)))/model.pt
+	$$(PY) retrain_head.py --run $(R_$(BASE_$(1))) --cache $(C_$(1))/train --out $(R_$(1))/crt --config $(CFG_$(1)) $(TRAIN_ARGS)
 
 $(R_$(1))/pred_val.csv: $(S_$(1))/predict-val.stamp $(R_$(1))/crt/model.pt
 	$$(PY) predict.py --checkpoint $(R_$(1))/crt/model.pt --cache $(C_$(1))/train --split val --out $$@ \
@@ -171,7 +175,7 @@ $(R_$(1))/pred_test.csv: $(S_$(1))/predict-test.stamp $(R_$(1))/crt/model.pt $(C
 
 $(R_$(1))/eval/metrics.json: $(R_$(1))/pred_val.csv
 	$$(PY) evaluate.py --pred $$< --labels $(C_$(1))/train/index.csv --out $(R_$(1))/eval \
-		--train-log $(R_$(1))/metrics.jsonl
+		--train-log $(R_$(BASE_$(1)))/metrics.jsonl
 endef
 
 STEMS ?=
@@ -181,12 +185,13 @@ FIRST ?=
 ifneq ($(STEMS),)
 $(foreach s,$(SIZES),$(eval $(call CACHE_RULES,$(s))))
 $(foreach s,$(STEMS),$(eval $(call RUN_VARS,$(s))))
+$(foreach s,$(STEMS),$(if $(filter $(s),$(BASE_$(s))),$(eval $(call TRAIN_RULE,$(s)))))
 $(foreach s,$(STEMS),$(eval $(call RUN_RULES,$(s))))
 FIRST := $(firstword $(STEMS))
 endif
 
 runs_of = $(foreach s,$(STEMS),$(R_$(s))/$(1))
-train: $(call runs_of,model.pt) ## train one backbone per config in CONFIGS
+train: $(foreach s,$(STEMS),$(R_$(BASE_$(s)))/model.pt) ## train one backbone per config in CONFIGS (configs that differ only in post-training keys share one)
 crt: $(call runs_of,crt/model.pt) ## classifier re-training on each trained run
 predict: $(call runs_of,pred_val.csv) $(call runs_of,pred_test.csv) ## TTA predictions (val fold + test list)
 evaluate: $(call runs_of,eval/metrics.json) ## metrics, report and plots on the val fold

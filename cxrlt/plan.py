@@ -6,7 +6,9 @@ input CSVs, and writes:
 
   .make/vars.mk    TEST_KEY (which test cache the test list maps to), STEMS, and per config
                    stem: SIZE_<stem> (its image size), INIT_<stem> (the stem whose model.pt it
-                   starts from, resolution ladder), CFG_<stem> (its file). A broken config or
+                   starts from, resolution ladder), CFG_<stem> (its file), BASE_<stem> (the stem
+                   whose run trains this config's backbone: configs that differ only in
+                   post-training keys share one trained backbone). A broken config or
                    variable is a one-line error and exit status 2: make stops there.
   .make/<dataset>_<size>/cache-train.stamp    what the train cache is built from
   .make/<dataset>_<size>/cache-test.stamp     what the test cache is built from
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import InputError
+from .fingerprints import json_key
 
 STATE = Path(".make")
 
@@ -148,7 +151,7 @@ def plan(a: argparse.Namespace) -> list[str]:
         stems.append(stem)
     mk.append(f"STEMS := {' '.join(stems)}")
 
-    sizes = {}
+    sizes, bases, owner = {}, {}, {}
     for stem, cfg in cfgs.items():
         size = int(cfg.get("img_size", 0) or 0) or int(a.img_size)
         sizes[stem] = size
@@ -156,7 +159,11 @@ def plan(a: argparse.Namespace) -> list[str]:
         if init and init not in cfgs:
             raise InputError(f"{files[stem]}: init_from '{init}' is not one of CONFIGS ({' '.join(stems)}): "
                              f"add its config to CONFIGS so that its run is trained first")
-        mk += [f"CFG_{stem} := {files[stem]}", f"SIZE_{stem} := {size}", f"INIT_{stem} := {init}"]
+        # the first config with exactly this training owns the run; later ones reuse its backbone
+        training = json_key({"train": config_mod.train_part(cfg), "size": size, "init": init})
+        bases[stem] = owner.setdefault(training, stem)
+        mk += [f"CFG_{stem} := {files[stem]}", f"SIZE_{stem} := {size}", f"INIT_{stem} := {init}",
+               f"BASE_{stem} := {bases[stem]}"]
     mk.append("SIZES := " + " ".join(str(s) for s in sorted(set(sizes.values()) | {int(a.img_size)})))
 
     preprocess = significant_args(a.preprocess_args, {"--workers": 1})

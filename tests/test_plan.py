@@ -105,3 +105,12 @@ def test_bad_variables_and_configs_are_one_line_errors(setup):
     shutil.copy(d / "demo.yaml", d / "x" / "demo.yaml")
     with pytest.raises(InputError, match="same name"):
         run_plan(d, configs=f"{d / 'demo.yaml'} {d / 'x' / 'demo.yaml'}")
+
+
+def test_configs_differing_only_in_post_training_keys_share_one_backbone(setup):
+    d = setup
+    (d / "tta.yaml").write_text((d / "demo.yaml").read_text() + "tta: flip\ncrt_lr: 0.5\n")
+    (d / "other.yaml").write_text((d / "demo.yaml").read_text() + "lr: 0.5\n")
+    run_plan(d, configs=f"{d / 'demo.yaml'} {d / 'tta.yaml'} {d / 'other.yaml'}")
+    mk = (d / ".make" / "vars.mk").read_text().splitlines()
+    assert {"BASE_demo := demo", "BASE_tta := demo", "BASE_other := other"} <= set(mk)
