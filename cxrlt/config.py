@@ -79,6 +79,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "device": ("auto", str, "auto | cpu | cuda | cuda:N"),
     "max_train_batches": (0, int, "debug: cap batches per epoch (0 = all)"),
     # --- post-training (retrain_head.py / predict.py) --------------------------------------
+    "crt_method": ("crt", str, "post-training of the head: crt (re-train it on the frozen backbone) | tau "
+                               "(tau-normalise it) | none (keep the trained head)"),
     "crt_epochs": (10, int, "cRT: head re-training epochs"),
     "crt_lr": (1e-3, float, "cRT: learning rate"),
     "crt_batch_size": (256, int, "cRT: batch size over cached features"),
@@ -132,6 +134,7 @@ ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", 
 CHOICES = {
     "head": {"linear", "cosine", "csra"},
     "loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
+    "crt_method": {"crt", "tau", "none"},
     "crt_loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
     "sampler": {"instance", "class_aware", "repeat_factor"},
     "crt_sampler": {"instance", "class_aware", "repeat_factor"},
