@@ -114,7 +114,7 @@ clean-demo: ## delete the demo dataset, its caches, runs and submission
 	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(STATE)/demo_*
 
 # ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
-NO_PLAN_GOALS := help venv demo demo-data test test-fast bench clean-demo
+NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo
 ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
 include $(STATE)/vars.mk
 endif
@@ -125,7 +125,7 @@ $(STATE)/vars.mk: FORCE | $(VENV)/.installed
 		--removal-csv '$(REMOVAL_CSV)' --meta-csv '$(META_CSV)' --labels-file '$(LABELS_FILE)' \
 		--test-labels '$(TEST_LABELS)' --img-size '$(IMG_SIZE)' --folds '$(FOLDS)' --configs '$(CONFIGS)' \
 		--name '$(NAME)' --ensemble '$(ENSEMBLE)' --postproc '$(POSTPROC)' --train-args='$(TRAIN_ARGS)' \
-		--predict-args='$(PREDICT_ARGS)' --preprocess-args='$(PREPROCESS_ARGS)'
+		--predict-args='$(PREDICT_ARGS)' --preprocess-args='$(PREPROCESS_ARGS)' --study='$(STUDY_PLAN)'
 
 FORCE:
 
@@ -214,3 +214,38 @@ submission: $(SUB).csv ## ensemble the configs' test predictions into $(SUB_DIR)
 all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: caches, train, cRT, predict, evaluate, ensemble, submission
 	@echo "submission: $(SUB).csv  (zip: $(SUB).zip)"
 	$(if $(TEST_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB).score.json')); print(f\"test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TEST_LABELS))\")")
+
+# ==== studies (issue 12) ======================================================================
+# make study STUDY=studies/<name>.yaml: cxrlt/plan.py expands the study file into one generated
+# config per variant (x seed x fold) under $(STATE)/studies/<name>/ and adds them to STEMS, so
+# every variant goes through the stage rules above (shared caches; a finished run is not redone;
+# variants differing only in post-training keys share one backbone via BASE_). The report then
+# compares the variants' val predictions: reports/<name>/table.md, table.csv and plots.
+STUDY       ?=#                                      a study file (studies/*.yaml) for `make study`
+REPORTS_DIR ?= reports#                              study reports: $(REPORTS_DIR)/<study name>/
+VARIABLES   += STUDY REPORTS_DIR
+STUDY_PLAN  := $(if $(filter study,$(MAKECMDGOALS)),$(STUDY))
+STUDY_NAME ?=
+STUDY_STEMS ?=
+STUDY_MANIFEST ?=
+.PHONY: study demo-study
+
+ifneq ($(filter study,$(MAKECMDGOALS)),)
+ifeq ($(STUDY),)
+$(error make study needs STUDY=studies/<name>.yaml (e.g. make study STUDY=studies/losses.yaml))
+endif
+endif
+
+ifneq ($(STUDY_NAME),)
+$(REPORTS_DIR)/$(STUDY_NAME)/table.md: $(STUDY_MANIFEST) $(foreach s,$(STUDY_STEMS),$(R_$(s))/eval/metrics.json) \
+		| $(VENV)/.installed
+	$(PY) study.py report --manifest $(STUDY_MANIFEST) --out $(@D) \
+		$(foreach s,$(STUDY_STEMS),--run $(s) $(R_$(s)) $(C_$(s))/train)
+endif
+
+study: $(if $(STUDY_NAME),$(REPORTS_DIR)/$(STUDY_NAME)/table.md) ## train, evaluate and compare the variants of STUDY=studies/<name>.yaml -> reports/<name>/
+	@echo "study report: $(REPORTS_DIR)/$(STUDY_NAME)/table.md (table.csv, per_label.csv, map.png, groups.png, per_label_ap.png)"
+
+demo-study: $(VENV)/.installed $(DEMO_DIR)/train.csv ## a small loss study on the demo dataset (CPU, minutes) -> reports/demo_losses/
+	$(MAKE) --no-print-directory study $(DEMO_VARS) STUDY=studies/demo_losses.yaml
+# ==== end of studies ============================================================================

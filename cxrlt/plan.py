@@ -14,6 +14,10 @@ input CSVs, and writes:
   .make/<dataset>_<size>/cache-test.stamp     what the test cache is built from
   .make/<dataset>_<size>/<stem>/{train,crt,predict-val,predict-test}.stamp
   .make/submissions/<NAME>.stamp              the variables the submission depends on
+  .make/studies/<study>/                       with --study (make study): the study's generated
+                   configs (one per variant, seed and fold; they join CONFIGS' configs in STEMS)
+                   and study.json; vars.mk then also sets STUDY_NAME, STUDY_STEMS, STUDY_MANIFEST
+                   (cxrlt/study.py). The submission stamp only ever depends on CONFIGS.
 
 A stamp holds, as JSON, exactly what its stage reads besides upstream stage outputs: content
 hashes of input files (not their times), the config keys of the stage's group (cxrlt/config.py:
@@ -140,8 +144,13 @@ def plan(a: argparse.Namespace) -> list[str]:
     mk.append(f"TEST_KEY := {test_key}")
 
     overrides = config_overrides(a.train_args, "TRAIN_ARGS")
+    study = None
+    if a.study:  # `make study`: the study's generated configs join CONFIGS (cxrlt/study.py)
+        from .study import expand, study_dir
+
+        study = expand(a.study, state)
     stems, cfgs, files = [], {}, {}
-    for f in a.configs.split():
+    for f in a.configs.split() + [r["config"] for r in (study.runs if study else [])]:
         stem = Path(f).stem
         if stem in cfgs:
             raise InputError(f"CONFIGS: {files[stem]} and {f} have the same name '{stem}' (run folders are named "
@@ -150,6 +159,9 @@ def plan(a: argparse.Namespace) -> list[str]:
         files[stem] = f
         stems.append(stem)
     mk.append(f"STEMS := {' '.join(stems)}")
+    mk += [f"STUDY_NAME := {study.name if study else ''}",
+           f"STUDY_STEMS := {' '.join(r['stem'] for r in study.runs) if study else ''}",
+           f"STUDY_MANIFEST := {study_dir(state, study.name) / 'study.json' if study else ''}"]
 
     sizes, bases, owner = {}, {}, {}
     for stem, cfg in cfgs.items():
@@ -192,9 +204,10 @@ def plan(a: argparse.Namespace) -> list[str]:
         write_if_changed(d / "predict-val.stamp", stamp_text(common))
         write_if_changed(d / "predict-test.stamp", stamp_text({**common, "test_key": test_key}))
 
+    ensembled = stems[:len(a.configs.split())]  # CONFIGS' stems; a study's runs are never ensembled
     write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
-        "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in stems],
-        "sizes": sizes, "ensemble": a.ensemble, "postproc": a.postproc, "predict_args": predict_args,
+        "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
+        "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc, "predict_args": predict_args,
         "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"}, "test_key": test_key, "test_labels": hashes.sha(a.test_labels)}))
     hashes.save()
     return mk
@@ -205,7 +218,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--state", default=str(STATE))
     p.add_argument("--mk", required=True, help="the vars.mk to write")
     for name in ("dataset", "train-csv", "image-dir", "test-csv", "removal-csv", "meta-csv", "labels-file",
-                 "test-labels", "img-size", "folds", "configs", "name", "ensemble", "postproc"):
+                 "test-labels", "img-size", "folds", "configs", "name", "ensemble", "postproc", "study"):
         p.add_argument(f"--{name}", default="")
     for name in ("train-args", "predict-args", "preprocess-args"):
         p.add_argument(f"--{name}", default="")
