@@ -4,48 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import IndexCache
 from cxrlt import validation as V
 
 LABELS = ["Normal", "effusion", "nodule"]
-
-
-class IndexCache:
-    """The Cache API's key methods over a hand-made index table (row == position)."""
-
-    def __init__(self, index: pd.DataFrame, labels=LABELS):
-        self.index, self.labels = index.reset_index(drop=True), list(labels)
-
-    @property
-    def has_projection(self) -> bool:
-        return bool((self.index["projection"] != "").any())
-
-    def rows(self, split, fold=None):
-        keep = self.index["split"] == split
-        if fold is not None:
-            keep &= self.index["fold"] == fold
-        return np.flatnonzero(keep.to_numpy())
-
-    def _col(self, name, rows):
-        return self.index[name].to_numpy()[np.asarray(rows)]
-
-    def ids(self, rows):
-        return self._col("ImageID", rows)
-
-    def study_keys(self, rows):
-        return self._col("study", rows)
-
-    def patient_keys(self, rows):
-        return self._col("patient", rows)
-
-    def projections(self, rows):
-        return self._col("projection", rows)
-
-    def frontal(self, rows):
-        proj = self.projections(rows)
-        return np.isin(proj, ["PA", "AP", "AP_horizontal"]) | (not self.has_projection)
-
-    def targets(self, rows):
-        return self.index[self.labels].to_numpy(np.float32)[np.asarray(rows)]
 
 
 def hand_index(projection=True) -> pd.DataFrame:
@@ -73,7 +35,7 @@ def ids_of(keys, idx):
 
 
 def test_proxy_is_frontal_one_image_per_study():
-    cache = IndexCache(hand_index())
+    cache = IndexCache(hand_index(), LABELS)
     rows = cache.rows("train", fold=0)
     keys = V.val_keys(cache, rows)
     assert list(keys.study[8:]) == ["f_pa", "g_pa"]  # blank study -> own ImageID
@@ -91,26 +53,26 @@ def test_proxy_choice_does_not_depend_on_row_order_and_changes_with_seed():
     many = pd.concat([df.assign(ImageID=df["ImageID"] + f"_{k}", study=df["study"] + f"_{k}") for k in range(30)])
     picks = {}
     for order in ("asc", "desc"):
-        cache = IndexCache(many if order == "asc" else many.iloc[::-1])
+        cache = IndexCache(many if order == "asc" else many.iloc[::-1], LABELS)
         keys = V.val_keys(cache, cache.rows("train"))
         picks[order] = set(ids_of(keys, V.proxy_subset(keys, LABELS)))
     assert picks["asc"] == picks["desc"]
     e1 = {i for i in picks["asc"] if i.startswith("e_pa1")}
     assert 5 < len(e1) < 25  # the study's two PA images are each chosen about half the time
-    keys = V.val_keys(IndexCache(many), np.arange(len(many)))
+    keys = V.val_keys(IndexCache(many, LABELS), np.arange(len(many)))
     assert set(ids_of(keys, V.proxy_subset(keys, LABELS, seed=1))) != picks["asc"]
 
 
 def test_without_projection_proxy_keeps_laterals_and_selection_is_full():
-    cache = IndexCache(hand_index(projection=False))
+    cache = IndexCache(hand_index(projection=False), LABELS)
     rows = cache.rows("train")
     sets = V.val_sets(cache, rows, {"select_on": "auto"})
     keys = V.val_keys(cache, rows)
     assert keys.frontal is None and not sets["has_projection"]
     assert len(sets["proxy"]) == 7  # one image per study, laterals allowed (d_l's study counts)
     assert sets["select_on"] == "full" and sets["selection"].tolist() == list(range(10))
-    assert V.val_sets(IndexCache(hand_index()), rows, {"select_on": "auto"})["select_on"] == "proxy"
-    assert V.val_sets(IndexCache(hand_index()), rows, {"select_on": "full"})["select_on"] == "full"
+    assert V.val_sets(IndexCache(hand_index(), LABELS), rows, {"select_on": "auto"})["select_on"] == "proxy"
+    assert V.val_sets(IndexCache(hand_index(), LABELS), rows, {"select_on": "full"})["select_on"] == "full"
 
 
 def test_halves_are_patient_disjoint_balanced_and_cover_the_selection():
@@ -167,7 +129,7 @@ def test_choose_ties_go_to_the_first_candidate_and_nan_loses():
 
 
 def test_rows_of_ids_maps_image_ids_to_cache_rows():
-    cache = IndexCache(hand_index())
+    cache = IndexCache(hand_index(), LABELS)
     assert V.rows_of_ids(cache, ["c_ap", "a_pa"]).tolist() == [4, 0]
     with pytest.raises(KeyError, match="zz"):
         V.rows_of_ids(cache, ["a_pa", "zz"])
