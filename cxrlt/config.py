@@ -90,7 +90,11 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "tta": ("flip", str, "none | flip | flip_scale | medium"),
     "tta_merge": ("prob", str, "prob | logit: average probabilities or logits"),
     "normal_gating_alpha": (0.0, float, "p_k *= (1 - p_Normal)^alpha for findings; 0 = off"),
-    "study_pool_weight": (0.0, float, "blend with the study mean (same PatientID+date); 0 = off"),
+    "study_pool_weight": (0.0, float, "blend with the mean over the same study (exact study key); 0 = off"),
+    "patient_context_weight": (0.0, float, "blend with the training labels of the patient's other studies; 0 = off"),
+    # --- selection on the val fold (cxrlt/validation.py) ------------------------------------
+    "select_on": ("auto", str, "val subset choices are made on: auto (proxy when projection known) | proxy | full"),
+    "proxy_require_finding": (False, bool, "proxy subset: only images with a positive label other than Normal"),
 }
 
 DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
@@ -102,7 +106,8 @@ DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
 #   train everything else: the trained weights depend on it.
 # A new key is `train` unless it is listed here.
 POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
-    "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight"}
+    "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "patient_context_weight", "select_on",
+    "proxy_require_finding"}
 RUN_KEYS = {"workers", "device", "compile"}
 # train keys that may be raised after a run finished: the run is then extended, not redone
 EXTENDABLE_KEYS = {"epochs", "patience"}
@@ -141,6 +146,14 @@ CHOICES = {
     "tta": {"none", "flip", "flip_scale", "medium"},
     "tta_merge": {"prob", "logit"},
     "in_chans": {1, 3},
+    "select_on": {"auto", "proxy", "full"},
+}
+
+# inclusive [low, high] of numeric keys whose values outside a range make no sense
+RANGES = {
+    "normal_gating_alpha": (-8.0, 8.0),
+    "study_pool_weight": (0.0, 1.0),
+    "patient_context_weight": (0.0, 1.0),
 }
 
 
@@ -186,6 +199,8 @@ def coerce(key: str, value, source: str):
         raise ConfigError(
             f"{source}: config key '{key}' = {value!r} is not one of {sorted(CHOICES[key], key=str)}"
         )
+    if key in RANGES and not RANGES[key][0] <= value <= RANGES[key][1]:  # NaN fails this too
+        raise ConfigError(f"{source}: config key '{key}' = {value!r} is outside [{RANGES[key][0]}, {RANGES[key][1]}]")
     return value
 
 

@@ -155,10 +155,144 @@ def frequency_groups(
 
 def group_map(per_label_ap, groups) -> dict[str, float]:
     """Mean AP of each group over its labels with a defined AP (NaN for an empty group)."""
-    ap = np.asarray(per_label_ap, dtype=np.float64)
-    groups = np.asarray(groups)
+    means = _summaries(np.asarray(per_label_ap, dtype=np.float64)[None, :], groups)
+    return {g: float(means[g][0]) for g in GROUPS}
+
+
+# ---- bootstrap intervals ------------------------------------------------------------------------------
+# A bootstrap resample draws the evaluation's STUDIES with replacement (images of one study share
+# their labels and look alike, so they are not independent draws; resampling images would make the
+# interval too narrow). A resample is represented by integer weights: w[b, i] = how many times the
+# study of image i was drawn in resample b. AP with integer sample weights equals AP on the
+# duplicated rows, so each label is sorted ONCE and every resample is a weighted cumulative sum
+# over that fixed order (vectorised over resamples).
+N_BOOT = 1000
+BOOT_SEED = 0
+_CHUNK_ELEMENTS = 4_000_000  # resamples x images per chunk: bounds memory on a large val fold
+
+
+def group_codes(groups) -> np.ndarray:
+    """(N,) int codes 0..G-1 of the distinct group keys (compared as strings)."""
+    _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return codes.ravel()
+
+
+def resample_weights(groups, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> np.ndarray:
+    """(n_boot, N) int32 weights: each resample draws the G distinct groups (studies) G times with
+    replacement, and every image gets the count of its group."""
+    codes = group_codes(groups)
+    g = int(codes.max()) + 1 if len(codes) else 1
+    counts = np.random.default_rng(seed).multinomial(g, np.full(g, 1.0 / g), size=n_boot)
+    return counts.astype(np.int32)[:, codes]
+
+
+def weighted_ap(y_c, p_c, w) -> np.ndarray:
+    """(B,) AP of one label under each row of weights w (B, N); NaN where the weighted positives are 0.
+
+    With w all ones this is sklearn's average_precision_score (tied scores form one operating
+    point: only the last row of a tie run in the sorted order is a threshold)."""
+    y_c = np.asarray(y_c) > 0.5
+    p_c = np.asarray(p_c, dtype=np.float64)
+    order = np.argsort(-p_c, kind="stable")
+    ps, ys = p_c[order], y_c[order]
+    ends = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])
+    w = np.asarray(w)[:, order].astype(np.float64)
+    tp = np.cumsum(w * ys, axis=1)[:, ends]
+    seen = np.cumsum(w, axis=1)[:, ends]
+    pos = tp[:, -1] if len(ends) else np.zeros(len(w))
+    gain = np.diff(tp, axis=1, prepend=0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(seen > 0, tp / seen, 0.0)
+        return np.where(pos > 0, (gain * precision).sum(1) / pos, np.nan)
+
+
+def resampled_ap(y, p, weights) -> np.ndarray:
+    """(B, C) per-label AP of (y, p) under each resample's weights (NaN: no positive drawn)."""
+    y, p = _check_arrays(y, p)
+    weights = np.asarray(weights)
+    b, n = weights.shape
+    out = np.full((b, y.shape[1]), np.nan)
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for c in range(y.shape[1]):
+        if not y[:, c].any():
+            continue
+        for s in range(0, b, step):
+            out[s:s + step, c] = weighted_ap(y[:, c], p[:, c], weights[s:s + step])
+    return out
+
+
+def _summaries(ap: np.ndarray, label_groups) -> dict[str, np.ndarray]:
+    """Macro mAP and the mean AP of each label group, per resample (rows of ap)."""
+    def mean(cols):
+        sub = ap[:, cols]
+        n = (~np.isnan(sub)).sum(1)
+        return np.where(n > 0, np.nansum(sub, 1) / np.maximum(n, 1), np.nan)
+
+    out = {"mAP": mean(np.ones(ap.shape[1], bool))}
+    if label_groups is not None:
+        lg = np.asarray(label_groups)
+        for g in GROUPS:
+            out[g] = mean(lg == g)
+    return out
+
+
+def _units(groups, n: int) -> tuple[str, np.ndarray]:
+    """("studies", groups) or, with no groups, ("images", one group per image)."""
+    if groups is None:
+        return "images", np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group keys for {n} images")
+    return "studies", np.asarray(groups)
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def bootstrap_map(y, p, groups=None, label_groups=None, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
+                  level: float = 0.95) -> dict:
+    """Percentile bootstrap interval of macro mAP (and of head/medium/tail mAP with label_groups).
+
+    groups: (N,) study key per image (resampled together); None resamples images.
+    Returns {name: {"value", "low", "high"}} for mAP (+ each group) and "n_boot", "seed", "level",
+    "unit" ("studies" | "images"), "n_units". value is the statistic on the data as given.
+    """
+    y, p = _check_arrays(y, p)
+    unit, groups = _units(groups, len(y))
+    w = resample_weights(groups, n_boot, seed)
+    point = _summaries(resampled_ap(y, p, np.ones((1, len(y)), np.int32)), label_groups)
+    boot = _summaries(resampled_ap(y, p, w), label_groups)
+    out = {k: {"value": float(point[k][0]), **dict(zip(("low", "high"), _interval(boot[k], level)))}
+           for k in boot}
+    out.update(n_boot=n_boot, seed=seed, level=level, unit=unit, n_units=int(group_codes(groups).max(initial=-1)) + 1)
+    return out
+
+
+def paired_bootstrap(y, p_a, p_b, groups=None, label_groups=None, n_boot: int = N_BOOT,
+                     seed: int = BOOT_SEED, level: float = 0.95) -> dict:
+    """Paired bootstrap of mAP(p_a) - mAP(p_b) on the same images: both are scored on the same
+    resamples, so the interval is that of the difference (much narrower than the two intervals
+    suggest when the predictions are correlated). Per statistic: {"diff", "low", "high",
+    "frac_positive"} (frac_positive: share of resamples where a beats b), plus n_boot/seed/level/unit."""
+    y, p_a = _check_arrays(y, p_a)
+    _, p_b = _check_arrays(y, p_b)
+    if p_a.shape != p_b.shape:
+        raise ValueError(f"prediction sets differ in shape: {p_a.shape} vs {p_b.shape}")
+    unit, groups = _units(groups, len(y))
+    w = resample_weights(groups, n_boot, seed)
+    ones = np.ones((1, len(y)), np.int32)
+    point_a, point_b = (_summaries(resampled_ap(y, q, ones), label_groups) for q in (p_a, p_b))
+    boot_a, boot_b = (_summaries(resampled_ap(y, q, w), label_groups) for q in (p_a, p_b))
     out = {}
-    for g in GROUPS:
-        vals = ap[(groups == g) & ~np.isnan(ap)]
-        out[g] = float(vals.mean()) if len(vals) else float("nan")
+    for k in boot_a:
+        d = boot_a[k] - boot_b[k]
+        lo, hi = _interval(d, level)
+        fin = d[np.isfinite(d)]
+        out[k] = {"diff": float(point_a[k][0] - point_b[k][0]), "low": lo, "high": hi,
+                  "frac_positive": float((fin > 0).mean()) if len(fin) else float("nan")}
+    out.update(n_boot=n_boot, seed=seed, level=level, unit=unit)
     return out

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from filelock import FileLock
 
@@ -62,6 +63,47 @@ def demo_cache(demo_dataset, tmp_path_factory) -> Path:
                 removal_csv=demo_dataset / "Removal.csv", folds=4, seed=0, workers=1,
             )
     return out
+
+
+class IndexCache:
+    """The Cache API (rows, targets, ids, study/patient keys, projections, frontal) over a hand-made
+    index DataFrame (row == position; columns split, fold, ImageID, study, patient, projection and
+    the labels), for tests of code that reads keys without building a cache."""
+
+    def __init__(self, index, labels):
+        self.index, self.labels = index.reset_index(drop=True), list(labels)
+
+    @property
+    def has_projection(self) -> bool:
+        return bool((self.index["projection"] != "").any())
+
+    def rows(self, split, fold=None):
+        keep = self.index["split"] == split
+        if fold is not None:
+            keep &= self.index["fold"] == fold
+        return np.flatnonzero(keep.to_numpy())
+
+    def _col(self, name, rows):
+        return self.index[name].to_numpy()[np.asarray(rows)]
+
+    def ids(self, rows):
+        return self._col("ImageID", rows)
+
+    def study_keys(self, rows):
+        return self._col("study", rows)
+
+    def patient_keys(self, rows):
+        return self._col("patient", rows)
+
+    def projections(self, rows):
+        return self._col("projection", rows)
+
+    def frontal(self, rows):
+        proj = self.projections(rows)
+        return np.isin(proj, ["PA", "AP", "AP_horizontal"]) | (not self.has_projection)
+
+    def targets(self, rows):
+        return self.index[self.labels].to_numpy(np.float32)[np.asarray(rows)]
 
 
 def tiny_cfg(**kw) -> dict:

@@ -84,3 +84,21 @@ def test_config_groups_split_train_post_and_run_keys():
         assert config.train_key({**cfg, k: v}) != key, k
     assert config.train_key({**cfg, "epochs": 99}, exclude=()) != config.train_key(cfg, exclude=())
     assert {config.group(k) for k in config.SCHEMA} == {"train", "post", "run"}
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("select_on", "test", "not one of"), ("patient_context_weight", 1.5, "outside"),
+    ("study_pool_weight", -0.1, "outside"), ("normal_gating_alpha", float("nan"), "outside"),
+    ("proxy_require_finding", "maybe", "must be bool")])
+def test_selection_keys_are_checked(key, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        config.resolve([], {key: value})
+
+
+def test_selection_and_postprocessing_keys_are_post_keys():
+    cfg = config.resolve([], {"select_on": "full", "proxy_require_finding": True, "normal_gating_alpha": -1,
+                              "patient_context_weight": 0.3})
+    assert cfg["select_on"] == "full" and cfg["proxy_require_finding"] is True
+    for k in ("select_on", "proxy_require_finding", "patient_context_weight", "study_pool_weight"):
+        assert config.group(k) == "post"
+    assert config.train_key(cfg) == config.train_key(config.DEFAULTS)

@@ -1,0 +1,186 @@
+"""Validation subsets that look like the leaderboard, and honest (cross-fitted) selection.
+
+The Task-1 evaluation images are frontal (PA/AP), one image per study, each with at least one
+finding; a val fold holds PA + lateral pairs of every study, and normal images. Choices made on
+the val fold (best epoch, cRT head, post-processing, ensemble weights) are therefore made on a
+test-like subset, and the number reported for a choice is never measured on the images it was
+chosen on.
+
+Subsets of the val rows (`val_sets`; indices into the rows given):
+  full       every val row.
+  proxy      the test-like subset: frontal images only (when the projection is known), at most
+             one image per study (a seeded, order-independent choice: the image whose
+             hash(seed, ImageID) is smallest), and with `proxy_require_finding` only images with
+             a positive label other than Normal.
+  selection  the subset choices are made on: config `select_on` = proxy | full | auto (auto =
+             proxy when the projection is known, else full). An empty proxy falls back to full.
+  halves     two patient-disjoint halves (A, B) of the selection set: patients in
+             hash(seed, patient key) order, each to the half with fewer images so far.
+
+Honest number (`cross_fit` / `choose`): choose on A and report on B, choose on B and report on
+A; the honest value is the mean of the two reports. The final choice is made on the whole
+selection set (its score there is optimistic; the honest value is the one to quote).
+
+API for the stages (all indices are positions in the `rows` they were built from):
+    keys = val_keys(cache, rows)                       # ids, study, patient, frontal, y
+    sets = val_sets(cache, rows, cfg)                  # or val_sets_from_keys(keys, labels, cfg)
+    sel = cross_fit(n_candidates, score, sets)         # score(i, idx) -> float, higher is better
+    sel = choose(table, sets["select_on"])             # same, from a precomputed score table
+    sel["choice"], sel["honest"], sel["table"][i]["full" | "proxy" | "half_a" | "half_b"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .labels import NORMAL_LABEL
+
+SELECT_ON = ("auto", "proxy", "full")
+SPLIT_SEED = 0  # fixed: every stage must see the same proxy and halves, whatever the training seed
+SUBSETS = ("full", "proxy", "half_a", "half_b")
+
+
+@dataclass
+class ValKeys:
+    """Per-row keys of a set of labelled images (arrays aligned with the rows)."""
+
+    ids: np.ndarray  # str ImageID
+    study: np.ndarray  # str exact study key (never blank: a blank key becomes the ImageID)
+    patient: np.ndarray  # str patient key (never blank)
+    frontal: np.ndarray | None  # bool, None when the projection is unknown
+    y: np.ndarray  # (N, C) labels
+
+
+def make_keys(ids, y, study=None, patient=None, frontal=None) -> ValKeys:
+    """ValKeys with blank or missing study/patient keys replaced by the ImageID (own group)."""
+    ids = np.asarray(ids, dtype=str)
+
+    def fill(keys):
+        if keys is None:
+            return ids.copy()
+        keys = np.asarray(keys, dtype=str)
+        return np.where(np.char.strip(keys) == "", ids, keys)
+
+    return ValKeys(ids, fill(study), fill(patient), None if frontal is None else np.asarray(frontal, bool),
+                   np.asarray(y))
+
+
+def val_keys(cache, rows) -> ValKeys:
+    """The keys of cache rows, through the Cache API."""
+    return make_keys(cache.ids(rows), cache.targets(rows), cache.study_keys(rows), cache.patient_keys(rows),
+                     cache.frontal(rows) if cache.has_projection else None)
+
+
+def rows_of_ids(cache, ids) -> np.ndarray:
+    """Cache rows of the given ImageIDs (KeyError naming the first one the cache lacks)."""
+    rows = np.concatenate([cache.rows("train"), cache.rows("test")])
+    where = dict(zip(cache.ids(rows), rows))
+    missing = [i for i in ids if i not in where]
+    if missing:
+        raise KeyError(f"{len(missing)} ImageID(s) not in the cache, e.g. {missing[0]}")
+    return np.array([where[i] for i in ids], dtype=np.int64)
+
+
+def _hash(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+
+
+def has_finding(y, labels) -> np.ndarray:
+    """(N,) True where an image has a positive label other than Normal."""
+    y = np.asarray(y) > 0.5
+    keep = [j for j, x in enumerate(labels) if x != NORMAL_LABEL]
+    return y[:, keep].any(1)
+
+
+def proxy_subset(keys: ValKeys, labels, require_finding: bool = False, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Sorted indices of the test-like subset (see the module docstring)."""
+    ok = np.ones(len(keys.ids), bool) if keys.frontal is None else keys.frontal.copy()
+    if require_finding:
+        ok &= has_finding(keys.y, labels)
+    best: dict[str, tuple[int, int]] = {}
+    for i in np.flatnonzero(ok):
+        h = (_hash(seed, keys.ids[i]), i)
+        if keys.study[i] not in best or h < best[keys.study[i]]:
+            best[keys.study[i]] = h
+    return np.array(sorted(i for _, i in best.values()), dtype=np.int64)
+
+
+def patient_halves(keys: ValKeys, idx, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Two patient-disjoint halves of idx with image counts as equal as the patients allow."""
+    idx = np.asarray(idx, dtype=np.int64)
+    by_patient: dict[str, list[int]] = {}
+    for i in idx:
+        by_patient.setdefault(keys.patient[i], []).append(int(i))
+    halves: tuple[list[int], list[int]] = ([], [])
+    for p in sorted(by_patient, key=lambda k: _hash(seed, k)):
+        halves[len(halves[1]) < len(halves[0])].extend(by_patient[p])
+    return np.array(sorted(halves[0]), dtype=np.int64), np.array(sorted(halves[1]), dtype=np.int64)
+
+
+def resolve_select_on(select_on: str, has_projection: bool) -> str:
+    if select_on not in SELECT_ON:
+        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
+    return ("proxy" if has_projection else "full") if select_on == "auto" else select_on
+
+
+def val_sets_from_keys(keys: ValKeys, labels, cfg: dict, seed: int = SPLIT_SEED) -> dict:
+    """{"full", "proxy", "selection", "halves": (A, B)} index arrays, "select_on" ("proxy"|"full"),
+    "has_projection" and a one-line "describe" of the sizes."""
+    full = np.arange(len(keys.ids), dtype=np.int64)
+    proxy = proxy_subset(keys, labels, cfg.get("proxy_require_finding", False), seed)
+    select_on = resolve_select_on(cfg.get("select_on", "auto"), keys.frontal is not None)
+    if select_on == "proxy" and not len(proxy):
+        select_on = "full"  # nothing test-like to select on
+    selection = proxy if select_on == "proxy" else full
+    halves = patient_halves(keys, selection, seed)
+    describe = (f"val {len(full)} images, proxy {len(proxy)} ({'frontal, ' if keys.frontal is not None else ''}"
+                f"one per study{', with a finding' if cfg.get('proxy_require_finding') else ''}); "
+                f"selection on {select_on}, halves {len(halves[0])}/{len(halves[1])} images")
+    return {"full": full, "proxy": proxy, "selection": selection, "halves": halves, "select_on": select_on,
+            "has_projection": keys.frontal is not None, "describe": describe}
+
+
+def val_sets(cache, rows, cfg: dict, seed: int = SPLIT_SEED) -> dict:
+    """val_sets_from_keys on the keys of cache rows (indices are positions in rows)."""
+    return val_sets_from_keys(val_keys(cache, rows), cache.labels, cfg, seed)
+
+
+# ---- honest selection ------------------------------------------------------------------------------
+def _argmax(values) -> int:
+    """Index of the largest value; NaN counts as -inf; ties -> the first (list the default first)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = np.where(np.isnan(v), -np.inf, v)
+    return int(np.argmax(v))
+
+
+def choose(table: list[dict], select_on: str) -> dict:
+    """Choice and honest number from a score table: table[i][s] = score of candidate i on subset s
+    (s in full, proxy, half_a, half_b; higher is better).
+
+    Returns {"choice": i chosen on `select_on`, "select_on", "honest": mean of (score on B of the
+    choice made on A, score on A of the choice made on B), "half_choices": [on A, on B],
+    "half_reports": [its score on B, its score on A], "chosen": table[choice], "table": table}."""
+    if not table:
+        raise ValueError("no candidates to choose from")
+    col = {s: [t[s] for t in table] for s in SUBSETS}
+    on_a, on_b = _argmax(col["half_a"]), _argmax(col["half_b"])
+    reports = [float(col["half_b"][on_a]), float(col["half_a"][on_b])]
+    choice = _argmax(col[select_on])
+    return {"choice": choice, "select_on": select_on, "honest": float(np.mean(reports)),
+            "half_choices": [on_a, on_b], "half_reports": reports, "chosen": table[choice], "table": table}
+
+
+def score_table(n_candidates: int, score, sets: dict) -> list[dict]:
+    """table[i] = {subset: score(i, indices of the subset)} for every candidate and subset."""
+    subsets = {"full": sets["full"], "proxy": sets["proxy"], "half_a": sets["halves"][0],
+               "half_b": sets["halves"][1]}
+    return [{s: float(score(i, idx)) if len(idx) else float("nan") for s, idx in subsets.items()}
+            for i in range(n_candidates)]
+
+
+def cross_fit(n_candidates: int, score, sets: dict) -> dict:
+    """choose() over the table score(i, idx) gives for candidates 0..n-1 on sets' subsets."""
+    return choose(score_table(n_candidates, score, sets), sets["select_on"])
