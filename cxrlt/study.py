@@ -33,7 +33,8 @@ run's pred_val.csv and its train cache and writes reports/<name>/:
   table.csv       one row per variant (study order): variant, baseline (1 for the baseline), runs,
                   mAP, mAP_sd, mAP_low, mAP_high, mAUC, mAUC_sd, mF1_tuned, mF1_tuned_sd,
                   head_mAP, head_sd, head_low, head_high (same for medium, tail), diff_mAP, diff_sd,
-                  diff_low, diff_high, p_better, n_images, n_studies, stems (';'-joined run names).
+                  diff_low, diff_high, p_better, n_images, unit (bootstrap unit: studies, or
+                  images when the cache has no study keys), n_units, stems (';'-joined run names).
                   *_sd: sample sd over the variant's runs (seeds x folds), empty with one run;
                   diff_*: the variant minus the baseline (empty on the baseline's row); p_better:
                   share of bootstrap resamples in which the variant's mAP beats the baseline's.
@@ -260,40 +261,24 @@ class RunResult:
     labels: list[str]
     y: np.ndarray
     p: np.ndarray
-    studies: np.ndarray  # (N,) study key per image (bootstrap unit)
+    studies: np.ndarray | None  # (N,) study key per image (the bootstrap unit); None: images are the units
+
+    @property
+    def units(self) -> np.ndarray:
+        return self.studies if self.studies is not None else np.arange(len(self.ids))
     summary: dict  # compute_metrics' summary
     per_label: object  # compute_metrics' per-label DataFrame
-
-
-def study_keys(cache_dir, ids: list[str]) -> np.ndarray:
-    """The study key of each ImageID (the cache's `study` keys: images of one study are resampled together)."""
-    from .cache import open_cache
-
-    cache = open_cache(cache_dir)
-    rows = cache.rows("train")
-    if hasattr(cache, "study_keys"):
-        all_ids, keys = cache.ids(rows), cache.study_keys(rows)
-    else:  # TODO(cache branch): remove once Cache.ids / Cache.study_keys are on main
-        idx = cache.index.set_index("row").loc[rows]
-        all_ids, keys = idx["ImageID"], idx["PatientID"].astype(str) + "|" + idx["StudyDate_DICOM"].astype(str)
-    where = dict(zip(all_ids, range(len(rows))))
-    missing = [i for i in ids if i not in where]
-    if missing:
-        raise InputError(f"{cache_dir}: {len(missing)} predicted images are not training images of this cache "
-                         f"(first: {missing[0]})")
-    return np.asarray(keys).astype(str)[[where[i] for i in ids]]
 
 
 def load_run(stem: str, run: dict, run_dir, cache_dir) -> RunResult:
     """A run's val predictions scored as evaluate.py scores them."""
     from .evaluation import compute_metrics, load_eval_data
 
-    pred = Path(run_dir) / "pred_val.csv"
-    index = Path(cache_dir) / "index.csv"
-    data = load_eval_data(pred, index)
+    data = load_eval_data(Path(run_dir) / "pred_val.csv", Path(cache_dir) / "index.csv")
     summary, per_label = compute_metrics(data)
+    studies = data.keys.study if data.keys is not None else None  # as evaluate.py's interval does
     return RunResult(stem, run["variant"], int(run["seed"]), int(run["fold"]), list(data.ids), list(data.labels),
-                     data.y, data.p, study_keys(cache_dir, list(data.ids)), summary, per_label)
+                     data.y, data.p, studies, summary, per_label)
 
 
 # ---- statistics -----------------------------------------------------------------------------------------
@@ -343,7 +328,7 @@ class Resamples:
 
         if r.stem not in self._stats:
             if r.fold not in self._weights:
-                self._weights[r.fold] = M.resample_weights(r.studies, self.n_boot, _boot_seed(r.fold))
+                self._weights[r.fold] = M.resample_weights(r.units, self.n_boot, _boot_seed(r.fold))
             self._stats[r.stem] = _row_means(M.resampled_ap(r.y, r.p, self._weights[r.fold]), _label_groups(r))
         return self._stats[r.stem]
 
@@ -406,7 +391,8 @@ def variant_row(variant: str, runs: list[RunResult], baseline_runs: list[RunResu
     else:
         row.update(diff_mAP=diff[0], diff_sd=diff_sd, diff_low=diff[1], diff_high=diff[2], p_better=diff[3])
     row["n_images"] = int(np.mean([len(r.ids) for r in runs]))
-    row["n_studies"] = int(np.mean([len(set(r.studies)) for r in runs]))
+    row["unit"] = "studies" if runs[0].studies is not None else "images"
+    row["n_units"] = int(np.mean([len(set(r.units)) for r in runs]))
     row["stems"] = ";".join(r.stem for r in runs)
     return row
 
@@ -465,8 +451,8 @@ def markdown_table(manifest: dict, table, n_boot: int) -> str:
         f"- study file: `{manifest.get('file', '')}`; baseline: `{manifest['baseline']}`",
         f"- runs per variant: {int(table['runs'].max())} (seeds {seeds if seeds else 'as configured'}, "
         f"val folds {folds if folds else 'as configured'})",
-        f"- val images: {first['n_images']} in {first['n_studies']} studies",
-        f"- intervals: 95% percentile bootstrap over val studies ({n_boot} resamples); Δ: paired "
+        f"- val images: {first['n_images']}" + (f" in {first['n_units']} studies" if first["unit"] == "studies" else ""),
+        f"- intervals: 95% percentile bootstrap over val {first['unit']} ({n_boot} resamples); Δ: paired "
         f"(variant and baseline scored on the same resamples); * = the Δ interval excludes 0",
         "- mF1: macro F1 at per-label thresholds tuned on the same val fold (optimistic)",
     ]

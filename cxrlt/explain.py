@@ -1,0 +1,258 @@
+"""Class activation maps: where in an image a trained model finds each label (explain.py).
+
+Methods (`method`):
+  gradcam    Grad-CAM (Selvaraju et al., ICCV 2017) for any head: on the feature map A (B, K, h, w)
+             that the head reads (CXRModel.features; or the output of backbone module `layer`),
+             alpha_ck = mean over locations of d logit_c / d A_k and map_c = ReLU(sum_k alpha_ck A_k).
+             For the linear head this is the class activation map w_c . A up to a positive factor;
+             for the cosine head the gradient also carries the feature normalisation.
+  attention  the CSRA head's class-specific spatial attention: softmax over locations of T * s_c,
+             s = the head's per-location class scores (its 1x1 conv), T = csra_temperature. With
+             T >= CSRA_MAX_TEMPERATURE (max pooling) the attention is one-hot, so the class score
+             map ReLU(s_c) is shown instead.
+  auto       attention for a csra head, gradcam for the others.
+The maps are computed at the feature map's resolution and upsampled (bilinear) to the input size;
+`peak` is the argmax in input pixels. Nothing here writes into the run.
+
+explain.py's outputs (in --out):
+  <image>.png    one panel per image: the image, then the map over the image for each chosen label
+                 (top-k predicted, or the --labels given), titled with the label and its probability
+                 (and "labelled +" / "labelled -" when the cache has the image's labels); + marks the peak
+  explain.csv    ImageID, label, prob, labelled (1/0, empty when unknown), peak_x, peak_y (input
+                 pixels, the cache's square images), method, layer
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+METHODS = ("auto", "gradcam", "attention")
+
+
+def extra_logit_scale(model, ck: dict) -> float:
+    """The factor that turns the model's output into logits: 1 when the head holds the scale
+    (models.py Head.logit_scale), else the checkpoint's `logit_scale` entry (older runs)."""
+    return 1.0 if hasattr(model.head, "logit_scale") else float(ck.get("logit_scale", 1.0))
+
+
+def resolve_method(model, method: str) -> str:
+    from .models import CSRAHead
+
+    if method not in METHODS:
+        raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    csra = isinstance(model.head, CSRAHead)
+    if method == "auto":
+        return "attention" if csra else "gradcam"
+    if method == "attention" and not csra:
+        raise InputError(f"--method attention needs a CSRA head (this model's head is {type(model.head).__name__}); "
+                         f"use gradcam")
+    return method
+
+
+def _layer_module(model, layer: str):
+    modules = dict(model.backbone.named_modules())
+    if layer not in modules or not layer:
+        names = [n for n, m in model.backbone.named_children()]
+        raise InputError(f"--layer {layer!r}: no such module in the backbone (top-level ones: {', '.join(names)})")
+    return modules[layer]
+
+
+def _forward_with_activation(model, x: torch.Tensor, layer: str | None):
+    """-> (activation A (B, K, h, w), logits (B, C) computed from it).
+
+    A is made a leaf that requires grad (the rest of the forward pass is computed from it), so the
+    maps need no gradient through the layers below it and work with frozen weights too."""
+    if not layer:
+        feat = model.features(x).detach().requires_grad_()
+        return feat, model.head.classify(model.head.pool(feat))
+    store = {}
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            output = output.detach().requires_grad_()
+        store["a"] = output
+        return output
+
+    handle = _layer_module(model, layer).register_forward_hook(hook)
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    a = store["a"]
+    if not isinstance(a, torch.Tensor) or a.dim() != 4:
+        raise InputError(f"--layer {layer}: its output is not a (B, C, H, W) feature map")
+    return a, logits
+
+
+def gradcam(model, x: torch.Tensor, classes: list[int], layer: str | None = None):
+    """Grad-CAM maps (B, len(classes), h, w) at the activation's resolution, and the logits (B, C)."""
+    with torch.enable_grad():
+        act, logits = _forward_with_activation(model, x, layer)
+        maps = []
+        for i, c in enumerate(classes):
+            # the logits of different images do not interact (eval mode), so one backward serves the batch
+            (g,) = torch.autograd.grad(logits[:, c].sum(), act, retain_graph=i < len(classes) - 1)
+            alpha = g.float().mean(dim=(2, 3), keepdim=True)
+            maps.append(F.relu((alpha * act.float()).sum(dim=1)))
+    return torch.stack(maps, dim=1).detach(), logits.detach().float()
+
+
+@torch.no_grad()
+def csra_attention(model, x: torch.Tensor, classes: list[int]):
+    """CSRA's class-specific attention maps (B, len(classes), h, w) and the logits (B, C)."""
+    from .models import CSRA_MAX_TEMPERATURE
+
+    head = model.head
+    feat = model.features(x)
+    s = head.conv(feat).float()  # (B, C, h, w) per-location class scores
+    b, c, h, w = s.shape
+    if head.temperature >= CSRA_MAX_TEMPERATURE:
+        att = F.relu(s)
+    else:
+        att = torch.softmax(head.temperature * s.flatten(2), dim=2).view(b, c, h, w)
+    return att[:, classes], head.classify(head.pool(feat)).float()
+
+
+def class_maps(model, images: torch.Tensor, classes: list[int], method: str = "auto", layer: str | None = None,
+               logit_scale: float = 1.0):
+    """Maps for `classes` of uint8 images (B, 1, H, W) -> (probs (B, C), maps (B, K, H, W) float32 >= 0).
+
+    `logit_scale`: see extra_logit_scale (only the probabilities depend on it)."""
+    model.eval()
+    method = resolve_method(model, method)
+    x = model.normalize(images)
+    if method == "attention":
+        if layer:
+            raise InputError("--layer applies to gradcam only (CSRA's attention lives on the head's feature map)")
+        maps, logits = csra_attention(model, x, classes)
+    else:
+        maps, logits = gradcam(model, x, classes, layer)
+    up = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    probs = torch.sigmoid(logits * logit_scale)
+    return probs.cpu().numpy(), up.clamp_min(0).cpu().numpy().astype(np.float32)
+
+
+def peak(m: np.ndarray) -> tuple[int, int]:
+    """(x, y) of a map's maximum (the first one when tied)."""
+    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+    return int(x), int(y)
+
+
+def for_display(m: np.ndarray) -> np.ndarray:
+    """A map scaled to [0, 1] (all zeros stays zeros)."""
+    top = float(m.max())
+    return m / top if top > 0 else m
+
+
+def render_panel(image: np.ndarray, maps: np.ndarray, titles: list[str], path, suptitle: str = "") -> None:
+    """The image and one overlay per map (K, H, W) with its peak marked, as one PNG."""
+    from .evaluation import _pyplot, _save
+
+    plt = _pyplot()
+    k = len(maps)
+    fig, axes = plt.subplots(1, k + 1, figsize=(2.6 * (k + 1), 2.9), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("image", fontsize=8)
+    for ax, m, title in zip(axes[1:], maps, titles):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(for_display(m), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        px, py = peak(m)
+        ax.plot([px], [py], marker="+", color="white", ms=9, mew=1.5)
+        ax.set_title(title, fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    _save(fig, path)
+
+
+# ---- explain.py ---------------------------------------------------------------------------------------------
+def _choose_classes(probs_row: np.ndarray, labels: list[str], wanted: list[str] | None, top: int) -> list[int]:
+    if wanted:
+        return [labels.index(x) for x in wanted]
+    return [int(i) for i in np.argsort(-probs_row, kind="stable")[:top]]
+
+
+def check_labels(wanted: list[str] | None, labels: list[str], source) -> None:
+    bad = [x for x in wanted or [] if x not in labels]
+    if bad:
+        raise InputError(f"--labels: {bad[0]!r} is not a label of {source} (labels: {', '.join(labels)})")
+
+
+def panel_name(image_id: str) -> str:
+    """A file name for an ImageID's panel (its stem; path separators replaced)."""
+    return Path(str(image_id).replace("/", "_").replace("\\", "_")).stem + ".png"
+
+
+def explain_images(model, ck: dict, images: np.ndarray, ids: list[str], truth: np.ndarray | None, out_dir,
+                   wanted: list[str] | None = None, top: int = 3, method: str = "auto", layer: str | None = None,
+                   device="cpu", batch_size: int = 16) -> list[dict]:
+    """Panels + explain.csv for uint8 images (N, H, W); truth (N, C) 0/1 or NaN (unknown), or None.
+    -> the explain.csv rows."""
+    from .fileio import write_csv
+
+    import pandas as pd
+
+    labels = list(ck["labels"])
+    check_labels(wanted, labels, "the checkpoint")
+    method_used = resolve_method(model, method)
+    scale = extra_logit_scale(model, ck)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size]))[:, None].to(device)
+        with torch.no_grad():
+            p_all = torch.sigmoid(model(model.normalize(x)).float() * scale).cpu().numpy()
+        for j in range(len(x)):
+            i = s + j
+            classes = _choose_classes(p_all[j], labels, wanted, top)
+            probs, maps = class_maps(model, x[j:j + 1], classes, method_used, layer, scale)
+            titles = []
+            for k, c in enumerate(classes):
+                t = None if truth is None or not np.isfinite(truth[i, c]) else int(truth[i, c] > 0.5)
+                px, py = peak(maps[0, k])
+                rows.append({"ImageID": ids[i], "label": labels[c], "prob": float(probs[0, c]),
+                             "labelled": "" if t is None else t, "peak_x": px, "peak_y": py,
+                             "method": method_used, "layer": layer or ""})
+                titles.append(f"{labels[c]}\np = {probs[0, c]:.2f}" + ("" if t is None else f"  labelled {'+' if t else '-'}"))
+            render_panel(images[i], maps[0], titles, out / panel_name(ids[i]), suptitle=str(ids[i]))
+    write_csv(out / "explain.csv", pd.DataFrame(rows, columns=["ImageID", "label", "prob", "labelled", "peak_x",
+                                                               "peak_y", "method", "layer"]), index=False)
+    return rows
+
+
+def images_from_cache(cache_dir, ids: list[str] | None, n: int, val_fold: int):
+    """(images (N, S, S) uint8, ImageIDs, labels (N, C) float with NaN for unlabelled rows) from a cache:
+    the given ImageIDs, or the first n val-fold images with at least one positive label."""
+    from .cache import open_cache
+    from .validation import rows_of_ids
+
+    cache = open_cache(cache_dir)
+    if ids:
+        try:
+            rows = rows_of_ids(cache, ids)
+        except KeyError as e:
+            raise InputError(f"{cache_dir}: {e.args[0]}") from None
+    else:
+        rows = cache.rows("train", fold=val_fold)
+        y = cache.targets(rows)
+        rows = rows[np.nansum(y, axis=1) > 0][:n]
+        if not len(rows):
+            raise InputError(f"{cache_dir}: no labelled val-fold (fold {val_fold}) image to explain; pass --images")
+    pixels = np.load(Path(cache_dir) / "images.npy", mmap_mode="r")
+    return np.asarray(pixels[rows]), list(cache.ids(rows)), cache.targets(rows), list(cache.labels)
+
+
+def images_from_files(files: list[str], size: int):
+    """Image files decoded and resized exactly as the cache does (imaging.load_for_cache)."""
+    from .imaging import load_for_cache
+
+    return np.stack([load_for_cache(f, size) for f in files]), [Path(f).name for f in files]
