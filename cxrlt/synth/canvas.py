@@ -1,5 +1,9 @@
 """The drawing surface: an attenuation map addressed in chest coordinates, with the primitive
-shapes (ellipse, ring, curve) every pattern and the anatomy are drawn from."""
+shapes (ellipse, ring, curve) every pattern and the anatomy are drawn from.
+
+Every local change goes through Canvas.add, which also grows the bounding box of the cells
+it changed while a recording is open (Canvas.record): that box is where a finding was drawn.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,30 @@ class Canvas:
         v = (np.arange(h, dtype=np.float32) + 0.5) / h
         self.p = (u - cx) / sx + 0.5  # chest p of every column (increasing)
         self.q = (v - 0.5 - cy) / sy + 0.5  # chest q of every row (increasing)
+        self.box: list[int] | None = None  # [y0, x0, y1, x1] of the cells changed (recording)
+
+    def record(self) -> None:
+        """Start recording the box of the cells the next drawing changes (see `recorded`)."""
+        self.box = [self.a.shape[0], self.a.shape[1], 0, 0]
+
+    def recorded(self) -> tuple[int, int, int, int] | None:
+        """Stop recording; (y0, x0, y1, x1) grid box (end-exclusive) of what changed, or None."""
+        box, self.box = self.box, None
+        return None if box is None or box[2] <= box[0] else tuple(box)
+
+    def add(self, sl: tuple[slice, slice], delta: np.ndarray) -> None:
+        """a[sl] += delta, recording the rows/columns where delta is not zero."""
+        self.a[sl] += delta
+        if self.box is None:
+            return
+        nz = np.abs(np.broadcast_to(delta, self.a[sl].shape)) > 1e-6
+        rows, cols = np.flatnonzero(nz.any(axis=1)), np.flatnonzero(nz.any(axis=0))
+        if len(rows):
+            b = self.box
+            b[0] = min(b[0], sl[0].start + rows[0])
+            b[1] = min(b[1], sl[1].start + cols[0])
+            b[2] = max(b[2], sl[0].start + rows[-1] + 1)
+            b[3] = max(b[3], sl[1].start + cols[-1] + 1)
 
     def window(self, pc, qc, rp, rq):
         """Slices of the grid covering [pc +- rp] x [qc +- rq], and the offsets from the centre
@@ -35,10 +63,25 @@ class Canvas:
         """Add (or with fill=True blend towards) `amp` inside a rotated ellipse (a superellipse
         for power > 2). profile 'flat': plateau with a soft rim of relative width `edge`;
         'bump': smooth dome."""
+        win = self.ellipse_window(pc, qc, a, b, angle, profile, edge, power)
+        if win is not None:
+            sl, m = win
+            self.add(sl, (amp - self.a[sl]) * m if fill else amp * m)
+
+    def ellipse_mask(self, *args, **kw) -> np.ndarray:
+        """The 0..1 mask of `ellipse` (same arguments less amp/fill) over the whole grid."""
+        out = np.zeros_like(self.a)
+        win = self.ellipse_window(*args, **kw)
+        if win is not None:
+            out[win[0]] = win[1]
+        return out
+
+    def ellipse_window(self, pc, qc, a, b, angle=0.0, profile="flat", edge=0.3, power=2.0):
+        """(slices, 0..1 mask on them) of an ellipse (see `ellipse`); None if off the grid."""
         rad = max(a, b)
         win = self.window(pc, qc, rad, rad)
         if win is None:
-            return
+            return None
         sl, dp, dq = win
         if angle:
             c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
@@ -51,10 +94,7 @@ class Canvas:
             m = np.clip(1.0 - r2, 0.0, None) ** 2
         else:
             m = np.clip((1.0 - np.sqrt(r2)) / edge, 0.0, 1.0)
-        if fill:
-            self.a[sl] += (amp - self.a[sl]) * m
-        else:
-            self.a[sl] += amp * m
+        return sl, m
 
     def ring(self, pc, qc, r, w, amp, aspect=1.0, upper_only=False):
         """A ring of radius r (vertical radius r * aspect) and half-width w; upper_only keeps
@@ -67,7 +107,7 @@ class Canvas:
         m = np.clip(1.0 - d / w, 0.0, 1.0)
         if upper_only:
             m = m * np.clip(-dq / (r * aspect * 0.3), 0.0, 1.0)
-        self.a[sl] += amp * m
+        self.add(sl, amp * m)
 
     def curve(self, pts, width, amp):
         """A line of `width` (half-width at zero) through `pts` (a smooth quadratic B-spline
@@ -85,7 +125,7 @@ class Canvas:
             ex, ey = x1 - x0, y1 - y0
             t = np.clip(((px - x0) * ex + (py - y0) * ey) / max(ex * ex + ey * ey, 1e-9), 0, 1)
             dmin = np.minimum(dmin, (px - x0 - t * ex) ** 2 + (py - y0 - t * ey) ** 2)
-        self.a[sl] += amp * np.clip(1.0 - np.sqrt(dmin) / width, 0.0, 1.0)
+        self.add(sl, amp * np.clip(1.0 - np.sqrt(dmin) / width, 0.0, 1.0))
 
 
 def smooth_polyline(pts: np.ndarray, n: int = 12) -> np.ndarray:

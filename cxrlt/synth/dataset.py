@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..labels import CXRLT2026_LABELS, ID_COLUMNS, read_labels_file
-from .cohort import IdMaker, Study, make_split, mark_removal
-from .files import (MARKER_NAME, load_existing, summary_of, swap_into_place, write_csvs)
+from .cohort import IdMaker, Study, make_cohort, mark_removal
+from .files import MARKER_NAME, load_existing, summary_of, swap_into_place, write_csvs
 from .labelling import add_distractors, enforce_minimums, sample_labels
 from .patterns import DISTRACTORS, patterns_for
 from .render import worker_init, write_image
@@ -46,19 +46,24 @@ def _export_window(rng) -> tuple[int, tuple[float, float]]:
     return bits, (float(lo), float(hi))
 
 
-def _image_jobs(rng, studies: list[Study], labels: list[str], image_dir: Path, seed: int,
-                min_side: int, max_side: int) -> list[dict]:
+def image_jobs(rng, studies: list[Study], labels: list[str], image_dir: Path, seed: int,
+               min_side: int, max_side: int) -> list[dict]:
+    """One render job per image (see cxrlt.synth.render), in study order. Every image of a
+    study shows the study's findings (each drawn independently: place, size, contrast)."""
     specs = patterns_for(labels)
     jobs = []
     for st in studies:
-        pats = [specs[lab] for lab in labels if lab in st.labels and lab in specs]
+        findings = [(k, lab, specs[lab]) for k, lab in enumerate(labels)
+                    if lab in st.labels and lab in specs]
         if st.distractor >= 0:
-            pats.append(DISTRACTORS[st.distractor])
-        for iid in st.image_ids:
+            findings.append((len(labels) + st.distractor, None, DISTRACTORS[st.distractor]))
+        for im in st.images:
             bits, window = _export_window(rng)
             jobs.append(dict(
-                path=str(image_dir / iid), image_id=iid, shape=_image_size(rng, min_side, max_side),
-                seed=[seed, 7, len(jobs)], patterns=pats, bits=bits, window=window,
+                path=str(image_dir / im.image_id), image_id=im.image_id,
+                shape=_image_size(rng, min_side, max_side), seed=[seed, 7, len(jobs)],
+                view="frontal" if im.frontal else "lateral", projection=im.projection,
+                findings=findings, bits=bits, window=window,
                 gamma=float(rng.uniform(0.8, 1.25)), noise=float(rng.uniform(0.002, 0.006)),
                 inverted=False))
     n_inv = max(1, round(INVERTED_FRACTION * len(jobs)))
@@ -125,8 +130,7 @@ def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
 
     rng = np.random.default_rng([seed, 1])
     ids = IdMaker(rng, random.Random(seed * 1_000_003 + 17))
-    studies = make_split(ids, rng, "test", n_test, 0)
-    studies += make_split(ids, rng, "train", n_train, max(s.patient for s in studies) + 1)
+    studies = make_cohort(ids, rng, n_train, n_test)
     mark_removal(rng, studies, n_train)
     sample_labels(rng, studies, labels)
     enforce_minimums(rng, studies, labels)
@@ -136,10 +140,10 @@ def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "images").mkdir()
-        jobs = _image_jobs(rng, studies, labels, tmp / "images", seed, min_side, max_side)
-        _render_all(jobs, workers or _default_workers(), progress)
-        write_csvs(tmp, studies, labels)
-        summary = summary_of(studies, labels, jobs, seed, min_side, max_side)
+        jobs = image_jobs(rng, studies, labels, tmp / "images", seed, min_side, max_side)
+        boxes = _render_all(jobs, workers or _default_workers(), progress)
+        write_csvs(tmp, studies, labels, boxes)
+        summary = summary_of(studies, labels, jobs, boxes, seed, min_side, max_side)
         (tmp / MARKER_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         swap_into_place(tmp, out)
     except BaseException:
@@ -149,18 +153,22 @@ def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
     return summary
 
 
-def _render_all(jobs: list[dict], workers: int, progress: bool) -> None:
+def _render_all(jobs: list[dict], workers: int, progress: bool) -> list[tuple]:
+    """Write every image; -> all their boxes, in job order (whatever `workers` is)."""
     bar = tqdm(total=len(jobs), desc="demo images", unit="img", disable=not progress)
+    boxes: list[tuple] = []
     if workers <= 1:
         for job in jobs:
-            write_image(job)
+            boxes += write_image(job)
             bar.update()
     else:
         ctx = multiprocessing.get_context("spawn")  # safe even if the caller holds threads
         with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init) as ex:
-            for _ in ex.map(write_image, jobs, chunksize=16):
+            for rows in ex.map(write_image, jobs, chunksize=16):
+                boxes += rows
                 bar.update()
     bar.close()
+    return boxes
 
 
 def main(argv=None) -> int:
@@ -186,9 +194,9 @@ def main(argv=None) -> int:
     s = generate(args.out, args.n_train, args.n_test, args.seed, args.min_side, args.max_side,
                  labels, force=args.force, workers=args.workers)
     if not s["skipped"]:
-        print(f"{args.out}: {s['n_train']} train images ({s['n_removal_extra']} also in "
-              f"Removal.csv), {s['n_test']} test images, {len(s['labels'])} labels, "
-              f"{s['n_patients']} patients / {s['n_patient_ids']} PatientIDs, "
-              f"{s['seconds']:.1f} s")
+        print(f"{args.out}: {s['n_train']} train images ({s['n_lateral_train']} lateral, "
+              f"{s['n_removal_extra']} also in Removal.csv), {s['n_test']} test images, "
+              f"{len(s['labels'])} labels, {s['n_patients']} patients / {s['n_patient_ids']} "
+              f"PatientIDs, {s['n_boxes']} boxes, {s['seconds']:.1f} s")
     return 0
 

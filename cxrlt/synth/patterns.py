@@ -8,7 +8,7 @@ DISTRACTORS are findings outside the label set. The routines draw on a canvas.Ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -19,16 +19,22 @@ from .labelling import is_normal_label, norm_name
 
 @dataclass(frozen=True)
 class PatternSpec:
-    """How one label is drawn. Coordinates are chest coordinates (p: 0 = image left .. 1 =
-    image right; q: 0 = lung apices .. ~1 = below the diaphragm); sizes in the same units.
+    """How one label is drawn. Coordinates are chest coordinates: on a frontal image p: 0 =
+    image left .. 1 = image right; on a lateral image p: 0 = anterior (image left) .. 1 =
+    posterior; q: 0 = lung apices .. ~1 = below the diaphragm in both. Sizes in the same units.
 
-    kind: the drawing routine (see _PATTERN_DRAWERS); params: its arguments; probe: (p, q, radius,
-    sign): a region whose mean windowed intensity is higher (sign +1) or lower (-1) in
-    positives than in negatives, used by the tests and handy for eyeballing.
+    kind: the drawing routine (see _PATTERN_DRAWERS; 'anatomy' changes the anatomy instead,
+    'none' draws nothing); params: its arguments; probe: (p, q, radius, sign): a region whose
+    mean windowed intensity is higher (sign +1) or lower (-1) in positive frontal images than
+    in negatives, used by the tests and handy for eyeballing; gain: contrast factor;
+    lateral: how the same finding projects on a lateral image (weaker, elsewhere, or not at
+    all), None on lateral specs themselves.
     """
     kind: str
     params: dict = field(default_factory=dict)
     probe: tuple = (0.5, 0.5, 0.05, 1)
+    gain: float = 1.0
+    lateral: PatternSpec | None = None
 
 
 PATTERNS: dict[str, PatternSpec] = {
@@ -83,15 +89,66 @@ PATTERNS: dict[str, PatternSpec] = {
                                                     r=0.022, amp=0.7), (0.25, 0.57, 0.05, 1)),
 }
 
+def _lat(kind: str, gain: float = 0.7, **params) -> PatternSpec:
+    return PatternSpec(kind, params, gain=gain)
+
+
+# How each finding projects on a lateral image (p = depth, anterior at 0): superimposed on
+# both lungs, most are fainter; a few show better (kyphosis, a retrocardiac hernia), the
+# azygos fissure not at all.
+LATERAL: dict[str, PatternSpec] = {
+    "aortic elongation": _lat("blob", c=(0.50, 0.24), ab=(0.07, 0.06), amp=0.24),
+    "cardiomegaly": _lat("anatomy", heart=1.32),
+    "pleural effusion": _lat("anatomy", fluid=0.15),
+    "Nodule": _lat("blob", c=(0.45, 0.33), ab=(0.036, 0.036), amp=0.30, jit=0.04),
+    "atelectasis": _lat("blob", c=(0.42, 0.57), ab=(0.12, 0.025), amp=0.28, angle=28,
+                        profile="flat"),
+    "pleural thickening": _lat("blob", c=(0.84, 0.34), ab=(0.025, 0.13), amp=0.26, angle=-6,
+                               profile="flat", edge=0.5),
+    "aortic atheromatosis": _lat("ring", c=(0.60, 0.20), r=0.04, w=0.016, amp=0.40),
+    "Support Devices": _lat("devices", spots=((0.09, 0.14), (0.10, 0.74), (0.88, 0.10))),
+    "alveolar pattern": _lat("patchy", c=(0.46, 0.50), ab=(0.11, 0.09), amp=0.30),
+    "fracture": _lat("fracture", gain=0.5, c=(0.22, 0.48)),
+    "Hernia": _lat("blob", gain=1.0, c=(0.58, 0.70), ab=(0.07, 0.055), amp=-0.30,
+                   profile="flat"),
+    "Emphysema": _lat("emphysema", c=(0.45, 0.18)),
+    "azygos lobe": _lat("none"),
+    "Hydropneumothorax": _lat("hydro", c=(0.62, 0.60), ab=(0.12, 0.12)),
+    "Kyphosis": _lat("curve", gain=1.1, pts=((0.76, 0.12), (0.90, 0.45), (0.80, 0.86)),
+                     width=0.04, amp=0.28),
+    "Mass": _lat("blob", c=(0.55, 0.40), ab=(0.085, 0.08), amp=0.34, jit=0.03),
+    "Pneumothorax": _lat("blob", gain=0.6, c=(0.55, 0.12), ab=(0.16, 0.07), amp=-0.16,
+                         profile="flat", edge=0.1),
+    "Subcutaneous Emphysema": _lat("streaks", c=(0.06, 0.55)),
+    "pneumoperitoneo": _lat("crescent", c=(0.33, 0.0), dome=0.9),
+    "vascular hilar enlargement": _lat("blob", c=(0.52, 0.42), ab=(0.07, 0.06), amp=0.30),
+    "vertebral degenerative changes": _lat("spurs", c=(0.73, 0.80), w=0.03),
+    "hyperinflated lung": _lat("anatomy", lungs=1.25),
+    "interstitial pattern": _lat("reticular", c=(0.55, 0.62), ab=(0.12, 0.09)),
+    "central venous catheter": _lat("curve", pts=((0.34, 0.0), (0.40, 0.20), (0.44, 0.46)),
+                                    width=0.018, amp=0.65),
+    "hypoexpansion": _lat("anatomy", lungs=0.8),
+    "bronchiectasis": _lat("rings", c=(0.55, 0.56)),
+    "hemidiaphragm elevation": _lat("anatomy", elevate=0.7),
+    "sternotomy": _lat("sternotomy", gain=0.9, c=(0.11, 0.36)),
+    "calcified densities": _lat("dots", c=(0.45, 0.55), spread=0.035, n=(5, 9), r=0.022, amp=0.7),
+}
+PATTERNS = {k: replace(v, lateral=LATERAL[k]) for k, v in PATTERNS.items()}
+
+
 # Findings outside the label set (scoliosis, a thickened minor fissure, a skin fold): drawn in
 # most unlabelled studies and some abnormal ones, never in Normal ones, so that `Normal`
 # means "no pattern at all" rather than "no pattern of a listed label".
 DISTRACTORS = [
     PatternSpec("curve", dict(pts=((0.5, 0.15), (0.45, 0.35), (0.55, 0.6), (0.5, 0.8)),
-                              width=0.03, amp=0.2)),
-    PatternSpec("blob", dict(c=(0.30, 0.47), ab=(0.12, 0.01), amp=0.3, profile="flat", edge=0.5)),
+                              width=0.03, amp=0.2), lateral=_lat("none")),
+    PatternSpec("blob", dict(c=(0.30, 0.47), ab=(0.12, 0.01), amp=0.3, profile="flat", edge=0.5),
+                lateral=_lat("blob", c=(0.42, 0.47), ab=(0.16, 0.01), amp=0.3, angle=8,
+                             profile="flat", edge=0.5)),
     PatternSpec("curve", dict(pts=((0.88, 0.25), (0.80, 0.5), (0.86, 0.75)), width=0.012,
-                              amp=-0.22)),
+                              amp=-0.22),
+                lateral=_lat("curve", pts=((0.06, 0.25), (0.11, 0.5), (0.07, 0.75)), width=0.012,
+                             amp=-0.22)),
 ]
 
 # Name aliases so common label sets (e.g. NIH ChestX-ray14) reuse the matching pattern.
@@ -131,7 +188,8 @@ def _generic_pattern(i: int) -> PatternSpec:
     ab = (float(r.uniform(0.03, 0.07)), float(r.uniform(0.03, 0.07)))
     amp = float(r.choice([-1, 1]) * r.uniform(0.22, 0.32))
     spec = dict(c=c, ab=ab, amp=amp, angle=float(r.uniform(-60, 60)), profile="flat")
-    return PatternSpec("blob", spec, (c[0], c[1], 0.03, int(np.sign(amp))))
+    lateral = _lat("blob", **dict(spec, c=(float(r.uniform(0.25, 0.75)), c[1])))
+    return PatternSpec("blob", spec, (c[0], c[1], 0.03, int(np.sign(amp))), lateral=lateral)
 
 
 def _jit(rng, c, s=0.025):
@@ -189,7 +247,7 @@ def _pat_patchy(cv, pr, rng, an, gain, size):
     env = np.clip(1 - (dp / a) ** 2 - (dq / b) ** 2, 0, None) ** 2
     blot = cv2.resize(rng.uniform(0.3, 1.0, (6, 6)).astype(np.float32),
                       (env.shape[1], env.shape[0]), interpolation=cv2.INTER_CUBIC)
-    cv.a[sl] += pr["amp"] * gain * 1.4 * env * np.clip(blot, 0, 1.2)
+    cv.add(sl, pr["amp"] * gain * 1.4 * env * np.clip(blot, 0, 1.2))
 
 
 def _pat_reticular(cv, pr, rng, an, gain, size):
@@ -203,7 +261,7 @@ def _pat_reticular(cv, pr, rng, an, gain, size):
     env = np.clip(1 - (dp / a) ** 2 - (dq / b) ** 2, 0, None)
     f = 2 * np.pi * rng.uniform(16, 20)
     net = np.maximum(np.cos(f * dp) ** 8, np.cos(f * dq + rng.uniform(0, 6)) ** 8)
-    cv.a[sl] += 0.30 * gain * env * (0.45 + net)
+    cv.add(sl, 0.30 * gain * env * (0.45 + net))
 
 
 def _pat_fracture(cv, pr, rng, an, gain, size):
@@ -219,7 +277,7 @@ def _pat_fracture(cv, pr, rng, an, gain, size):
 
 def _pat_emphysema(cv, pr, rng, an, gain, size):
     """Apical bulla with a bright wall (dark on dark lung alone would be clipped by the
-    window), a smaller one opposite; render_image also darkens both lungs."""
+    window), a smaller one opposite."""
     p, q = _jit(rng, pr["c"], 0.025)
     cv.ellipse(p, q, 0.075 * size, 0.065 * size, -0.15 * gain, profile="bump")
     cv.ring(p, q, 0.07 * size, 0.018, 0.40 * gain, aspect=0.9)
@@ -243,7 +301,7 @@ def _pat_hydro(cv, pr, rng, an, gain, size):
     sl, dp, dq = win
     inside = np.clip((1 - np.sqrt((dp / a) ** 2 + (dq / b) ** 2)) / 0.2, 0, 1)
     level = rng.uniform(-0.02, 0.03)
-    cv.a[sl] += inside * np.where(dq > level, 0.34, -0.14).astype(np.float32) * gain
+    cv.add(sl, inside * np.where(dq > level, 0.34, -0.14).astype(np.float32) * gain)
 
 
 def _pat_curve(cv, pr, rng, an, gain, size):
@@ -264,7 +322,7 @@ def _pat_streaks(cv, pr, rng, an, gain, size):
 
 def _pat_crescent(cv, pr, rng, an, gain, size):
     """Pneumoperitoneum: dark crescent of free air just under the right hemidiaphragm."""
-    q_dome = 0.44 + 0.32 * an["lung_r"]  # follows an elevated/lowered diaphragm
+    q_dome = 0.44 + 0.32 * an["lung_r"] * pr.get("dome", 1.0)  # follows the diaphragm
     p = pr["c"][0] + rng.uniform(-0.02, 0.02)
     cv.ring(p, q_dome + 0.065, 0.09 * size, 0.022, -0.40 * gain, aspect=0.5, upper_only=True)
 
@@ -273,7 +331,7 @@ def _pat_spurs(cv, pr, rng, an, gain, size):
     """Vertebral osteophytes: bright horizontal spurs along the lower spine."""
     p, q = _jit(rng, pr["c"], 0.015)
     for dq in (-0.06, 0.0, 0.06):
-        cv.ellipse(p, q + dq, 0.065 * size, 0.014, 0.36 * gain, edge=0.5)
+        cv.ellipse(p, q + dq, pr.get("w", 0.065) * size, 0.014, 0.36 * gain, edge=0.5)
 
 
 def _pat_sternotomy(cv, pr, rng, an, gain, size):
@@ -284,8 +342,8 @@ def _pat_sternotomy(cv, pr, rng, an, gain, size):
 
 
 def _pat_devices(cv, pr, rng, an, gain, size):
-    """ECG electrodes (bright discs; the upper-left one always) with their leads."""
-    spots = [(0.14, 0.08), (0.86, 0.08), (0.80, 0.86)]
+    """ECG electrodes (bright discs; the first one always) with their leads."""
+    spots = pr.get("spots", ((0.14, 0.08), (0.86, 0.08), (0.80, 0.86)))
     placed = []
     for i, c in enumerate(spots):
         if i == 0 or rng.random() < 0.7:
@@ -296,8 +354,8 @@ def _pat_devices(cv, pr, rng, an, gain, size):
         cv.curve(((p, q), (0.5 + rng.normal(0, 0.1), 0.55), (0.5, 1.1)), 0.007, 0.35 * gain)
 
 
-def _pat_anatomy(cv, pr, rng, an, gain, size):
-    """Nothing to draw: applied to the anatomy before it is drawn (see _anatomy)."""
+def _pat_nothing(cv, pr, rng, an, gain, size):
+    """'anatomy' (applied to the anatomy before it is drawn, see render) and 'none'."""
 
 
 _PATTERN_DRAWERS = {
@@ -306,13 +364,13 @@ _PATTERN_DRAWERS = {
     "fracture": _pat_fracture, "emphysema": _pat_emphysema, "azygos": _pat_azygos,
     "hydro": _pat_hydro, "curve": _pat_curve, "streaks": _pat_streaks,
     "crescent": _pat_crescent, "spurs": _pat_spurs, "sternotomy": _pat_sternotomy,
-    "devices": _pat_devices, "anatomy": _pat_anatomy,
+    "devices": _pat_devices, "anatomy": _pat_nothing, "none": _pat_nothing,
 }
 
 
 def draw_pattern(cv: Canvas, spec: PatternSpec, rng: np.random.Generator, an: dict) -> None:
     """Draw one finding with random jitter of position (~+-0.025), size and contrast (faint
     ones too, so the task is not trivial)."""
-    gain = rng.uniform(0.45, 1.15)
+    gain = rng.uniform(0.45, 1.15) * spec.gain
     size = rng.uniform(0.85, 1.2)
     _PATTERN_DRAWERS[spec.kind](cv, spec.params, rng, an, gain, size)
