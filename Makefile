@@ -96,7 +96,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo-data: $(DEMO_DIR)/train.csv ## write the synthetic demo dataset to data/demo/
 
 $(DEMO_DIR)/train.csv: | $(VENV)/.installed
-	$(VENV)/bin/python -m cxrlt.demo_data --out $(DEMO_DIR)
+	$(PY) -m cxrlt.synth --out $(DEMO_DIR)
 
 demo: $(VENV)/.installed $(DEMO_DIR)/train.csv ## run the whole pipeline on the demo dataset (CPU, minutes)
 	$(MAKE) --no-print-directory all $(DEMO_VARS)

@@ -38,7 +38,7 @@ def _shared_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
     """A small demo dataset in the CXR-LT 2026 layout (200 train / 40 test images)."""
-    from cxrlt.demo_data import generate
+    from cxrlt.synth import generate
 
     base = _shared_dir(tmp_path_factory)
     out = base / "demo_small"

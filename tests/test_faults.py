@@ -549,7 +549,7 @@ def run_script_inprocess(script: str, *args) -> None:
 def fx(tmp_path_factory):
     """Tiny dataset, shim + client, config, the fork server and the reference cache (built by an
     uninterrupted preprocess.py)."""
-    from cxrlt.demo_data import generate
+    from cxrlt.synth import generate
 
     base = tmp_path_factory.mktemp("faults")
     data = base / "data"

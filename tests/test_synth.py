@@ -1,4 +1,4 @@
-"""Tests of the synthetic demo dataset generator (cxrlt.demo_data).
+"""Tests of the synthetic demo dataset generator (cxrlt.synth).
 
 One small dataset (120 train / 30 test images, sides 64-128 px) is generated once per module
 and checked against the CXR-LT 2026 file layout, the label constraints and the image format.
@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlt import demo_data
+from cxrlt import synth
+from cxrlt.synth import cohort, labelling, patterns
 from cxrlt.errors import InputError
 from cxrlt.labels import (CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES,
                           ID_COLUMNS)
@@ -39,7 +40,7 @@ def _gen(out, **kw):
     args = dict(n_train=N_TRAIN, n_test=N_TEST, seed=0, min_side=MIN_SIDE, max_side=MAX_SIDE,
                 workers=1, progress=False)
     args.update(kw)
-    return demo_data.generate(out, **args)
+    return synth.generate(out, **args)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +178,8 @@ def test_minimum_positives_after_removal(ds):
     removal = set(_csv(root, "Removal.csv").ImageID)
     train = _csv(root, "train.csv")
     kept = train[~train.ImageID.isin(removal)]
-    assert (kept[CXRLT2026_LABELS].sum() >= demo_data.MIN_POS_TRAIN).all()
-    assert (_csv(root, "test_labels.csv")[CXRLT2026_LABELS].sum() >= demo_data.MIN_POS_TEST).all()
+    assert (kept[CXRLT2026_LABELS].sum() >= labelling.MIN_POS_TRAIN).all()
+    assert (_csv(root, "test_labels.csv")[CXRLT2026_LABELS].sum() >= labelling.MIN_POS_TEST).all()
     # study images share labels
     per_study = train.groupby(train.ImageID.map(_study))[CXRLT2026_LABELS].nunique()
     assert (per_study.max(axis=1) == 1).all()
@@ -188,8 +189,8 @@ def test_label_profile_long_tail_and_correlations():
     """Label sampling on many studies (no images): marginals follow the CXR-LT profile and
     the configured pairs co-occur more than chance."""
     rng = np.random.default_rng(0)
-    studies = [demo_data.Study("train", "1.00E+38", i, "20100101", ["x"]) for i in range(20000)]
-    demo_data._sample_labels(rng, studies, CXRLT2026_LABELS)
+    studies = [cohort.Study("train", "1.00E+38", i, "20100101", ["x"]) for i in range(20000)]
+    labelling.sample_labels(rng, studies, CXRLT2026_LABELS)
     y = pd.DataFrame([[lab in st.labels for lab in CXRLT2026_LABELS] for st in studies],
                      columns=CXRLT2026_LABELS)
     target = pd.Series(CXRLT2026_APPROX_COUNTS) / CXRLT2026_TOTAL_IMAGES
@@ -255,7 +256,7 @@ def test_label_patterns_visible_after_windowing_at_64px(ds):
     imgs = np.stack([_windowed64(root / "images" / i) for i in df.ImageID])
     p10, p90 = np.percentile(imgs, [10, 90], axis=(1, 2), keepdims=True)
     imgs = (imgs - p10) / (p90 - p10)
-    specs = demo_data.patterns_for(CXRLT2026_LABELS)
+    specs = patterns.patterns_for(CXRLT2026_LABELS)
     weak = []
     for lab, spec in specs.items():
         p, q, r, sign = spec.probe
@@ -314,7 +315,7 @@ def test_labels_file_with_14_labels(tmp_path):
     lf = tmp_path / "nih.txt"
     lf.write_text("\n".join(nih) + "\n")
     out = tmp_path / "nih"
-    rc = demo_data.main(["--out", str(out), "--n-train", "60", "--n-test", "12", "--min-side",
+    rc = synth.main(["--out", str(out), "--n-train", "60", "--n-test", "12", "--min-side",
                          "64", "--max-side", "96", "--labels-file", str(lf), "--workers", "1"])
     assert rc == 0
     train = _csv(out, "train.csv")
@@ -325,14 +326,14 @@ def test_labels_file_with_14_labels(tmp_path):
                or line.endswith("E+36" + "," * 14) for line in raw[1:])
     removal = set(_csv(out, "Removal.csv").ImageID)
     kept = train[~train.ImageID.isin(removal)]
-    assert (kept[nih].sum() >= demo_data.MIN_POS_TRAIN).all()
-    assert (_csv(out, "test_labels.csv")[nih].sum() >= demo_data.MIN_POS_TEST).all()
+    assert (kept[nih].sum() >= labelling.MIN_POS_TRAIN).all()
+    assert (_csv(out, "test_labels.csv")[nih].sum() >= labelling.MIN_POS_TEST).all()
     counts = kept[nih].sum()
     assert counts.iloc[:3].mean() > counts.iloc[-3:].mean()  # generic long tail, file order
-    specs = demo_data.patterns_for(nih)
+    specs = patterns.patterns_for(nih)
     assert len({id(s) for s in specs.values()}) == 14  # one distinct pattern per label
-    assert specs["Mass"] is demo_data.PATTERNS["Mass"]
-    assert specs["Effusion"] is demo_data.PATTERNS["pleural effusion"]
+    assert specs["Mass"] is patterns.PATTERNS["Mass"]
+    assert specs["Effusion"] is patterns.PATTERNS["pleural effusion"]
 
 
 def test_bad_input_raises_input_error(tmp_path):
@@ -346,12 +347,12 @@ def test_bad_input_raises_input_error(tmp_path):
         (["--labels-file", str(tmp_path / "missing.txt")], "missing.txt"),
     ):
         with pytest.raises(InputError, match=re.escape(needle)):
-            demo_data.main(["--out", str(tmp_path / "x"), *args])
+            synth.main(["--out", str(tmp_path / "x"), *args])
     assert not (tmp_path / "x").exists()
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cxrlt.demo_data", "--out", str(tmp_path / "x"),
+    r = subprocess.run([sys.executable, "-m", "cxrlt.synth", "--out", str(tmp_path / "x"),
                         "--n-test", "3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("error:") and "--n-test" in r.stderr
