@@ -223,3 +223,38 @@ def test_report_cli_names_a_missing_run(tmp_path, demo_cache):
     man, runs = fake_runs(tmp_path, demo_cache, {"miss.a": p, "miss.b": p}, f)
     r = run_script("study.py", "report", "--manifest", man, "--out", tmp_path / "r", "--run", *runs[0], check=False)
     assert r.returncode == 2 and "no --run given for miss.b" in r.stderr
+
+
+def test_make_study_dry_run_trains_each_distinct_backbone_once_then_reports(tmp_path):
+    import subprocess
+
+    for p in ROOT.iterdir():
+        if p.name not in {"data", "runs", "submissions", "reports", ".git", ".make", ".pytest_cache"}:
+            (tmp_path / p.name).symlink_to(p)
+    f = write_study(tmp_path, """
+        name: dry
+        baseline: ldam
+        variants:
+          ldam: {}
+          ldam_tau: {crt_method: tau}
+          bce: {loss: bce, head: linear, drw_epoch: -1}
+          bce_flip: {loss: bce, head: linear, drw_epoch: -1, tta: flip}
+        """)
+    (tmp_path / "t.csv").write_text("ImageID\n")
+    args = ["make", "--no-print-directory", "--dry-run", "study", f"STUDY={f.name}", "DATASET=dry", "IMG_SIZE=32",
+            "TRAIN_CSV=t.csv", "IMAGE_DIR=.", "TEST_CSV=t.csv", "CONFIGS=configs/bce.yaml"]
+    p = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = p.stdout.replace("\\\n", " ").splitlines()  # recipes continue lines with a backslash
+    trained = sorted(x.split("--out ")[1].split()[0] for x in lines if "train.py" in x)
+    # ldam = configs/demo.yaml's training; the tau/flip variants only change post-training keys
+    assert trained == ["runs/dry_32/dry.bce", "runs/dry_32/dry.ldam"], trained
+    heads = sorted(x.split("--out ")[1].split()[0] for x in lines if "retrain_head.py" in x)
+    assert heads == [f"runs/dry_32/dry.{v}/crt" for v in ("bce", "bce_flip", "ldam", "ldam_tau")]
+    assert "runs/dry_32/dry.ldam " in next(x for x in lines if "retrain_head.py" in x and "ldam_tau" in x)
+    report = [x for x in lines if "study.py report" in x]
+    assert len(report) == 1 and report[0].count("--run ") == 4 and "--out reports/dry" in report[0]
+    assert not any("ensemble.py" in x for x in lines)
+    q = subprocess.run(["make", "--no-print-directory", "study", "DATASET=dry"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert q.returncode != 0 and "make study needs STUDY=" in q.stderr
