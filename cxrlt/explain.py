@@ -11,15 +11,16 @@ Methods (`method`):
              T >= CSRA_MAX_TEMPERATURE (max pooling) the attention is one-hot, so the class score
              map ReLU(s_c) is shown instead.
   auto       attention for a csra head, gradcam for the others.
-The maps are computed at the feature map's resolution and upsampled (bilinear) to the input size;
-`peak` is the argmax in input pixels. Nothing here writes into the run.
+The maps are computed at the feature map's resolution (upsampled, bilinear, only for display);
+`peak` is the centre of the highest cell, in input pixels. Nothing here writes into the run.
 
 explain.py's outputs (in --out):
   <image>.png    one panel per image: the image, then the map over the image for each chosen label
                  (top-k predicted, or the --labels given), titled with the label and its probability
                  (and "labelled +" / "labelled -" when the cache has the image's labels); + marks the peak
-  explain.csv    ImageID, label, prob, labelled (1/0, empty when unknown), peak_x, peak_y (input
-                 pixels, the cache's square images), method, layer
+  explain.csv    ImageID, label, prob, labelled (1/0, empty when unknown), peak_x, peak_y (the map's
+                 peak in input pixels of the cache's square image, x right, y down; 0 = the image's
+                 edge, a pixel's centre is at +0.5), map_h, map_w (the map's resolution), method, layer
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def csra_attention(model, x: torch.Tensor, classes: list[int]):
 
 def class_maps(model, images: torch.Tensor, classes: list[int], method: str = "auto", layer: str | None = None,
                logit_scale: float = 1.0):
-    """Maps for `classes` of uint8 images (B, 1, H, W) -> (probs (B, C), maps (B, K, H, W) float32 >= 0).
+    """Maps for `classes` of uint8 images (B, 1, H, W) -> (probs (B, C), maps (B, K, h, w) float32 >= 0 at
+    the feature map's resolution; `upsample` them for display, `peak` locates them in input pixels).
 
     `logit_scale`: see extra_logit_scale (only the probabilities depend on it)."""
     model.eval()
@@ -133,15 +135,26 @@ def class_maps(model, images: torch.Tensor, classes: list[int], method: str = "a
         maps, logits = csra_attention(model, x, classes)
     else:
         maps, logits = gradcam(model, x, classes, layer)
-    up = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
     probs = torch.sigmoid(logits * logit_scale)
-    return probs.cpu().numpy(), up.clamp_min(0).cpu().numpy().astype(np.float32)
+    return probs.cpu().numpy(), maps.clamp_min(0).cpu().numpy().astype(np.float32)
 
 
-def peak(m: np.ndarray) -> tuple[int, int]:
-    """(x, y) of a map's maximum (the first one when tied)."""
-    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
-    return int(x), int(y)
+def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Maps (..., h, w) -> (..., H, W), bilinear (for display over the image)."""
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    lead = t.shape[:-2]
+    t = F.interpolate(t.reshape(-1, 1, *t.shape[-2:]), size=size, mode="bilinear", align_corners=False)
+    return t.reshape(*lead, *size).numpy()
+
+
+def peak(m: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
+    """(x, y) in input pixels (image of `size` (H, W)) of the centre of a map's (h, w) highest cell.
+
+    The cell centre, not the argmax of the upsampled map: bilinear upsampling of a coarse map is flat
+    beyond the outer cell centres, so its argmax would sit at an image corner."""
+    h, w = m.shape
+    i, j = np.unravel_index(int(np.argmax(m)), m.shape)
+    return (j + 0.5) * size[1] / w, (i + 0.5) * size[0] / h
 
 
 def for_display(m: np.ndarray) -> np.ndarray:
@@ -151,7 +164,7 @@ def for_display(m: np.ndarray) -> np.ndarray:
 
 
 def render_panel(image: np.ndarray, maps: np.ndarray, titles: list[str], path, suptitle: str = "") -> None:
-    """The image and one overlay per map (K, H, W) with its peak marked, as one PNG."""
+    """The image and one overlay per map (K, h, w; upsampled to the image) with its peak marked, as one PNG."""
     from .evaluation import _pyplot, _save
 
     plt = _pyplot()
@@ -162,9 +175,9 @@ def render_panel(image: np.ndarray, maps: np.ndarray, titles: list[str], path, s
     axes[0].set_title("image", fontsize=8)
     for ax, m, title in zip(axes[1:], maps, titles):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        ax.imshow(for_display(m), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        px, py = peak(m)
-        ax.plot([px], [py], marker="+", color="white", ms=9, mew=1.5)
+        ax.imshow(for_display(upsample(m, image.shape)), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        px, py = peak(m, image.shape)
+        ax.plot([px - 0.5], [py - 0.5], marker="+", color="white", ms=9, mew=1.5)  # pixel centres at integers
         ax.set_title(title, fontsize=8)
     for ax in axes:
         ax.axis("off")
@@ -218,14 +231,14 @@ def explain_images(model, ck: dict, images: np.ndarray, ids: list[str], truth: n
             titles = []
             for k, c in enumerate(classes):
                 t = None if truth is None or not np.isfinite(truth[i, c]) else int(truth[i, c] > 0.5)
-                px, py = peak(maps[0, k])
+                px, py = peak(maps[0, k], images[i].shape)
                 rows.append({"ImageID": ids[i], "label": labels[c], "prob": float(probs[0, c]),
                              "labelled": "" if t is None else t, "peak_x": px, "peak_y": py,
-                             "method": method_used, "layer": layer or ""})
+                             "map_h": maps.shape[2], "map_w": maps.shape[3], "method": method_used, "layer": layer or ""})
                 titles.append(f"{labels[c]}\np = {probs[0, c]:.2f}" + ("" if t is None else f"  labelled {'+' if t else '-'}"))
             render_panel(images[i], maps[0], titles, out / panel_name(ids[i]), suptitle=str(ids[i]))
     write_csv(out / "explain.csv", pd.DataFrame(rows, columns=["ImageID", "label", "prob", "labelled", "peak_x",
-                                                               "peak_y", "method", "layer"]), index=False)
+                                                               "peak_y", "map_h", "map_w", "method", "layer"]), index=False)
     return rows
 
 
