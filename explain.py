@@ -5,6 +5,11 @@
         [--images ID ...] [--n 8] [--labels L ...] [--top 3] [--method auto|gradcam|attention]
         [--layer NAME] [--device auto]
     python explain.py --checkpoint runs/x/model.pt --files my.png other.png --out explain/ [--size 512]
+    python explain.py ... --cache C/train --boxes data/demo/boxes.csv --image-dir data/demo/images
+
+With --boxes (ImageID,label,x0,y0,x1,y1 in pixels of the original files in --image-dir) it also plays
+the pointing game over the run's whole val fold: how often the map's peak of a correctly detected
+finding falls inside its box, against a random point (pointing.json).
 
 Images: the given ImageIDs of the cache (train or test rows), else the first --n labelled images of
 the run's val fold; or image files (--files), decoded like the cache at --size (default: the
@@ -31,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top", type=int, default=3, help="without --labels: this many top-predicted labels per image")
     ap.add_argument("--method", default="auto", help="auto | gradcam | attention (CSRA heads)")
     ap.add_argument("--layer", help="Grad-CAM on this backbone module's output (e.g. layer3, stages.2)")
+    ap.add_argument("--boxes", help="boxes of the findings (ImageID,label,x0,y0,x1,y1): pointing game on the val fold")
+    ap.add_argument("--image-dir", help="--boxes: the original images (their sizes map the boxes onto the cache)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--out", required=True, help="output folder for the panels and explain.csv")
     return ap.parse_args(argv)
@@ -64,7 +71,33 @@ def main(argv=None) -> int:
             raise InputError(f"{a.cache}: cache labels differ from the checkpoint's ({a.checkpoint})")
     rows = explain_images(model, ck, images, ids, truth, a.out, a.labels, a.top, a.method, a.layer, device)
     print(f"wrote {len(ids)} panel(s) and explain.csv ({len(rows)} maps) to {a.out}")
+    if a.boxes:
+        pointing(a, model, ck, device)
     return 0
+
+
+def pointing(a, model, ck, device) -> None:
+    from pathlib import Path
+
+    from cxrlt.errors import InputError
+    from cxrlt.explain import image_size, images_from_cache, pointing_game, read_boxes
+    from cxrlt.fileio import write_json
+
+    if not a.cache or not a.image_dir:
+        raise InputError("--boxes needs --cache (the run's train cache) and --image-dir (the original images)")
+    boxes = read_boxes(a.boxes, list(ck["labels"]))
+    images, ids, y, _ = images_from_cache(a.cache, None, None, ck["config"]["val_fold"])
+    wanted = set(boxes["ImageID"]) & set(ids)
+    sizes = {}
+    for i in sorted(wanted):
+        f = Path(a.image_dir) / i
+        if not f.is_file():
+            raise InputError(f"{f}: not found (--image-dir must hold the images the boxes refer to)")
+        sizes[i] = image_size(f)
+    res = pointing_game(model, ck, images, ids, y, boxes, sizes, a.method, a.layer, device)
+    write_json(Path(a.out) / "pointing.json", res)
+    print(f"pointing game on {res['n']} correctly detected findings with a box: peak inside the box "
+          f"{res['hit_rate']:.1%}, a random point {res['random_rate']:.1%} -> {a.out}/pointing.json")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@ Methods (`method`):
 The maps are computed at the feature map's resolution (upsampled, bilinear, only for display);
 `peak` is the centre of the highest cell, in input pixels. Nothing here writes into the run.
 
+Pointing game (`pointing_game`, explain.py --boxes): with boxes of where findings are (the demo
+generator's boxes.csv, PadChest-style localisations: ImageID,label,x0,y0,x1,y1 in pixels of the
+original image file, x1/y1 exclusive), every correctly detected positive finding (labelled
+positive, probability >= the label's F1-best threshold on the same images) scores a hit when its
+map's peak falls inside its box (mapped onto the cache's square image). The reference is a random
+point: it falls inside a box with probability box area / image area.
+
 explain.py's outputs (in --out):
   <image>.png    one panel per image: the image, then the map over the image for each chosen label
                  (top-k predicted, or the --labels given), titled with the label and its probability
@@ -21,6 +28,8 @@ explain.py's outputs (in --out):
   explain.csv    ImageID, label, prob, labelled (1/0, empty when unknown), peak_x, peak_y (the map's
                  peak in input pixels of the cache's square image, x right, y down; 0 = the image's
                  edge, a pixel's centre is at +0.5), map_h, map_w (the map's resolution), method, layer
+  pointing.json  with --boxes: {"n", "hits", "hit_rate", "random_rate", "boxes", "not_detected",
+                 "per_label": {label: {"n", "hit_rate", "random_rate"}}, "method", "layer"}
 """
 
 from __future__ import annotations
@@ -242,9 +251,10 @@ def explain_images(model, ck: dict, images: np.ndarray, ids: list[str], truth: n
     return rows
 
 
-def images_from_cache(cache_dir, ids: list[str] | None, n: int, val_fold: int):
-    """(images (N, S, S) uint8, ImageIDs, labels (N, C) float with NaN for unlabelled rows) from a cache:
-    the given ImageIDs, or the first n val-fold images with at least one positive label."""
+def images_from_cache(cache_dir, ids: list[str] | None, n: int | None, val_fold: int):
+    """(images (N, S, S) uint8, ImageIDs, labels (N, C) float with NaN for unlabelled rows, label names)
+    from a cache: the given ImageIDs, else the first n val-fold images with at least one positive
+    label, else (n None) every val-fold image."""
     from .cache import open_cache
     from .validation import rows_of_ids
 
@@ -256,8 +266,8 @@ def images_from_cache(cache_dir, ids: list[str] | None, n: int, val_fold: int):
             raise InputError(f"{cache_dir}: {e.args[0]}") from None
     else:
         rows = cache.rows("train", fold=val_fold)
-        y = cache.targets(rows)
-        rows = rows[np.nansum(y, axis=1) > 0][:n]
+        if n is not None:
+            rows = rows[np.nansum(cache.targets(rows), axis=1) > 0][:n]
         if not len(rows):
             raise InputError(f"{cache_dir}: no labelled val-fold (fold {val_fold}) image to explain; pass --images")
     pixels = np.load(Path(cache_dir) / "images.npy", mmap_mode="r")
@@ -269,3 +279,96 @@ def images_from_files(files: list[str], size: int):
     from .imaging import load_for_cache
 
     return np.stack([load_for_cache(f, size) for f in files]), [Path(f).name for f in files]
+
+
+# ---- the pointing game ---------------------------------------------------------------------------------------
+BOX_COLUMNS = ["ImageID", "label", "x0", "y0", "x1", "y1"]
+
+
+def read_boxes(path, labels: list[str]):
+    """boxes.csv (BOX_COLUMNS) -> DataFrame; InputError naming the file, row and column."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype={"ImageID": str, "label": str})
+    except FileNotFoundError:
+        raise InputError(f"{path}: boxes file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in BOX_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing} (expected {','.join(BOX_COLUMNS)})")
+    for c in ("x0", "y0", "x1", "y1"):
+        bad = ~pd.to_numeric(df[c], errors="coerce").notna()
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{path}: row {r + 2}, column {c}: not a number ({df[c].iloc[r]!r})")
+        df[c] = pd.to_numeric(df[c])
+    bad = (df["x1"] <= df["x0"]) | (df["y1"] <= df["y0"])
+    if bad.any():
+        raise InputError(f"{path}: row {int(np.flatnonzero(bad)[0]) + 2}: empty box (need x0 < x1 and y0 < y1)")
+    unknown = sorted(set(df["label"]) - set(labels))
+    if unknown:
+        raise InputError(f"{path}: column label: {unknown[0]!r} is not a label of the model")
+    return df[BOX_COLUMNS]
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of an image file: from a PNG's header when it is one, else by decoding it."""
+    import cv2
+
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(f"{path}: cannot read the image (needed for its size)")
+    return img.shape[:2]
+
+
+def pointing_game(model, ck: dict, images: np.ndarray, ids: list[str], y: np.ndarray, boxes, sizes: dict,
+                  method: str = "auto", layer: str | None = None, device="cpu", batch_size: int = 64) -> dict:
+    """Hit rate of the maps' peaks in the boxes of correctly detected findings vs a random point's.
+
+    images (N, S, S) uint8 as the model sees them; y (N, C) their labels; boxes: read_boxes' frame;
+    sizes: ImageID -> (height, width) of the original file the boxes' pixels refer to."""
+    from .metrics import tune_thresholds
+
+    labels = list(ck["labels"])
+    scale = extra_logit_scale(model, ck)
+    method = resolve_method(model, method)
+    probs = []
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size]))[:, None].to(device)
+        with torch.no_grad():
+            probs.append(torch.sigmoid(model(model.normalize(x)).float() * scale).cpu().numpy())
+    p = np.concatenate(probs)
+    thr = tune_thresholds(y, p)
+    where = {i: k for k, i in enumerate(ids)}
+    side = images.shape[1:]
+    per_label: dict[str, list] = {}
+    n = hits = not_detected = 0
+    rnd = 0.0
+    considered = boxes[boxes["ImageID"].isin(where)]
+    for b in considered.itertuples(index=False):
+        i, c = where[b.ImageID], labels.index(b.label)
+        if y[i, c] < 0.5 or p[i, c] < thr[c]:
+            not_detected += int(y[i, c] >= 0.5)
+            continue
+        h, w = sizes[b.ImageID]
+        # the cache squashes the image to S x S, so box coordinates scale per axis
+        x0, x1 = b.x0 * side[1] / w, b.x1 * side[1] / w
+        y0, y1 = b.y0 * side[0] / h, b.y1 * side[0] / h
+        x = torch.from_numpy(np.ascontiguousarray(images[i]))[None, None].to(device)
+        _, m = class_maps(model, x, [c], method, layer, scale)
+        px, py = peak(m[0, 0], side)
+        hit = bool(x0 <= px < x1 and y0 <= py < y1)
+        area = (min(x1, side[1]) - max(x0, 0)) * (min(y1, side[0]) - max(y0, 0)) / (side[0] * side[1])
+        n, hits, rnd = n + 1, hits + hit, rnd + area
+        per_label.setdefault(b.label, []).append((hit, area))
+    return {"n": n, "hits": hits, "hit_rate": hits / n if n else float("nan"),
+            "random_rate": rnd / n if n else float("nan"), "boxes": int(len(considered)),
+            "not_detected": not_detected, "method": method, "layer": layer or "",
+            "per_label": {k: {"n": len(v), "hit_rate": float(np.mean([h for h, _ in v])),
+                              "random_rate": float(np.mean([a for _, a in v]))} for k, v in sorted(per_label.items())}}

@@ -133,3 +133,38 @@ def test_explain_cli_writes_a_panel_per_image_for_every_head(tmp_path, head):
     with pytest.raises(X.InputError, match="'nodule' is not a label"):
         script.main(["--checkpoint", str(tmp_path / "m.pt"), "--files", files[0], "--labels", "nodule",
                      "--out", str(tmp_path / "o3")])
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_pointing_game_scores_peaks_inside_boxes_given_in_original_pixels(head):
+    model = spot_model(head)
+    ck = {"labels": LABELS}
+    rng = np.random.default_rng(0)
+    spots = [(int(rng.integers(0, 52)), int(rng.integers(0, 52))) for _ in range(12)]
+    images = np.stack([spot_image(x0, y0) for x0, y0 in spots] + [spot_image(0, 0, w=0)] * 6)
+    ids = [f"im{i}.png" for i in range(len(images))]
+    y = np.zeros((len(images), 3), np.float32)
+    y[:12, 0] = 1
+    sizes = {i: (96, 128) for i in ids}  # the original files: 128 wide, 96 high; the cache squashed them to 64
+    rows = [{"ImageID": ids[k], "label": "spot", "x0": x0 * 2, "y0": y0 * 1.5, "x1": (x0 + 12) * 2,
+             "y1": (y0 + 12) * 1.5} for k, (x0, y0) in enumerate(spots)]
+    res = X.pointing_game(model, ck, images, ids, y, pd.DataFrame(rows), sizes)
+    assert (res["n"], res["hits"], res["boxes"]) == (12, 12, 12)
+    assert res["random_rate"] == pytest.approx(144 / 64 ** 2)
+    # the same boxes mirrored to the other side of the image: no hit
+    mirrored = pd.DataFrame([{**r, "x0": 128 - r["x1"], "x1": 128 - r["x0"], "y0": 96 - r["y1"], "y1": 96 - r["y0"]}
+                             for r, (x0, y0) in zip(rows, spots) if abs(x0 - 26) > 10 or abs(y0 - 26) > 10])
+    res = X.pointing_game(model, ck, images, ids, y, mirrored, sizes)
+    assert res["n"] == len(mirrored) > 0 and res["hits"] == 0
+
+
+def test_a_wrong_boxes_file_is_a_one_line_error(tmp_path):
+    f = tmp_path / "boxes.csv"
+    for text, message in [("ImageID,label,x0,y0,x1\n", "missing column(s) ['y1']"),
+                          ("ImageID,label,x0,y0,x1,y1\na.png,spot,1,2,x,4\n", "row 2, column x1: not a number"),
+                          ("ImageID,label,x0,y0,x1,y1\na.png,spot,5,2,5,4\n", "row 2: empty box"),
+                          ("ImageID,label,x0,y0,x1,y1\na.png,nodule,1,2,3,4\n", "'nodule' is not a label")]:
+        f.write_text(text)
+        with pytest.raises(X.InputError) as e:
+            X.read_boxes(f, LABELS)
+        assert message in str(e.value) and str(f) in str(e.value)
