@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cache import build_cache
+from cxrlt.cache_build import build_cache
 from cxrlt.cli import main_wrapper
 
 

@@ -50,7 +50,7 @@ def demo_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_cache(demo_dataset, tmp_path_factory) -> Path:
     """The demo dataset's cache at 32 px, 4 folds."""
-    from cxrlt.cache import build_cache
+    from cxrlt.cache_build import build_cache
 
     base = _shared_dir(tmp_path_factory)
     out = base / f"cache_demo_{TINY_SIZE}"

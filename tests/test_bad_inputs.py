@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from cxrlt.cache import build_cache, open_cache
+from cxrlt.cache import open_cache
+from cxrlt.cache_build import build_cache
 from cxrlt.checkpoint import load_checkpoint
 from cxrlt.csvio import read_training_csv
 from cxrlt.errors import InputError

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from cxrlt import config
-from cxrlt.cache import build_cache, open_cache
+from cxrlt.cache import open_cache
+from cxrlt.cache_build import build_cache
 from cxrlt.crt import run as run_crt
 from cxrlt.data import CacheDataset, make_loader
 from cxrlt.demo_data import generate

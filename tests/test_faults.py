@@ -609,7 +609,7 @@ def train_stage(fx, out: Path) -> Stage:
 
 PREPROCESS_FAULTS = {  # point -> (fault, what the re-run says)
     # early: the partial folder exists but its plan.json (written last when setting up) does not
-    "setup": ({"mode": "pause", "target": "cxrlt.cache:write_json", "match": "plan.json"},
+    "setup": ({"mode": "pause", "target": "cxrlt.cache_build:write_json", "match": "plan.json"},
               "incomplete set-up from an earlier run; starting over"),
     # mid-write: index.csv half written inside the partial folder, every image decoded
     "index_midwrite": ({"mode": "midwrite", "target": "pandas:DataFrame.to_csv", "match": "index.csv"},
@@ -644,7 +644,7 @@ def test_preprocess_ctrl_c_exits_130_with_hint_and_resumes(fx, tmp_path):
     out = tmp_path / "cache"
     stage = preprocess_stage(fx, out)
     # Ctrl-C while the 20th image decodes (the first chunk of 16 is finished)
-    p = stage.interrupt({"mode": "pause", "target": "cxrlt.cache:load_for_cache", "nth": 20}, sig=signal.SIGINT)
+    p = stage.interrupt({"mode": "pause", "target": "cxrlt._decode:load_for_cache", "nth": 20}, sig=signal.SIGINT)
     assert p.returncode == 130, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last == "interrupted: re-run the same command to continue where it stopped"

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cxrlt.cache as cache_mod
-from cxrlt.cache import build_cache, open_cache
+import cxrlt._decode as decode_mod
+from cxrlt.cache import open_cache
+from cxrlt.cache_build import build_cache
 from cxrlt.errors import InputError
 from cxrlt.imaging import (ImageReadError, apply_window, load_for_cache, read_image, resize_square,
                            window_limits, window_to_uint8)
@@ -241,7 +242,7 @@ def test_finished_cache_is_reused_and_rebuilt_when_inputs_change(ds, tmp_path, m
         raise AssertionError("should not decode")
 
     with monkeypatch.context() as m:
-        m.setattr(cache_mod, "load_for_cache", fail)
+        m.setattr(decode_mod, "load_for_cache", fail)
         again = build(ds, out)
     assert again["fingerprint"] == first["fingerprint"] and "up to date" in capsys.readouterr().out
     text = ds["train_csv"].read_text().replace(",1.90E+38,", ",7.77E+38,", 1)
@@ -256,13 +257,13 @@ def _run_slow_build_and_kill(ds, out: Path, min_done: int) -> int:
     script = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-import cxrlt.cache as c
+import cxrlt.cache_build as c, cxrlt._decode as d
 c.FLUSH_SECONDS = 0
-orig = c.load_for_cache
+orig = d.load_for_cache
 def slow(*a, **k):
     time.sleep(0.15)
     return orig(*a, **k)
-c.load_for_cache = slow
+d.load_for_cache = slow
 c.build_cache({str(ds['train_csv'])!r}, {str(ds['image_dir'])!r}, {str(out)!r}, size={SIZE},
               test_csv={str(ds['test_csv'])!r}, removal_csv={str(ds['removal_csv'])!r}, folds=3, workers=1)
 """
@@ -293,8 +294,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_build(ds, tmp_path, monke
     assert not out.exists()  # nothing at the final path until complete
 
     calls = []
-    orig = cache_mod.load_for_cache
-    monkeypatch.setattr(cache_mod, "load_for_cache", lambda p, *a, **k: calls.append(p) or orig(p, *a, **k))
+    orig = decode_mod.load_for_cache
+    monkeypatch.setattr(decode_mod, "load_for_cache", lambda p, *a, **k: calls.append(p) or orig(p, *a, **k))
     m = build(ds, out)
     assert len(calls) == 13 - n_done  # finished rows were not redone
     assert m["reused_rows"] == n_done
