@@ -16,6 +16,7 @@ TRAIN_CSV   ?= $(DATA_DIR)/train.csv#                training CSV (ImageID,Study
 IMAGE_DIR   ?= $(DATA_DIR)/images#                   folder of the PNGs named by ImageID
 TEST_CSV    ?= $(DATA_DIR)/CXRLT_2026_TEST_ALL_TASK1.csv#  the list of images to predict
 REMOVAL_CSV ?= $(DATA_DIR)/Removal.csv#              optional: images excluded from training
+META_CSV    ?=#                                      optional: PadChest metadata CSV (exact patient, study, projection)
 TEST_LABELS ?=#                                      optional: labels for TEST_CSV; then `make all` scores the submission
 IMG_SIZE    ?= 512#                                  square side of the cached images
 FOLDS       ?= 5#                                    patient-grouped folds in the index
@@ -31,7 +32,11 @@ PYTHON      ?= python3#                              interpreter used to create 
 # ---- derived paths ---------------------------------------------------------------------------
 VENV   := .venv
 PY     := $(VENV)/bin/python
-CACHE  := data/cache/$(DATASET)_$(IMG_SIZE)
+CACHE  := data/cache/$(DATASET)_$(IMG_SIZE)#  the cache root: train/ and one test-<key>/ per test list
+TRAIN_CACHE := $(CACHE)/train
+TEST_KEY := $(shell $(PYTHON) -m cxrlt.keys $(TEST_CSV) $(META_CSV) 2>/dev/null || echo missing)
+TEST_CACHE := $(CACHE)/test-$(TEST_KEY)
+META_ARG := $(if $(META_CSV),--meta-csv $(META_CSV),)
 RUNS   := runs/$(DATASET)_$(IMG_SIZE)
 STEMS  := $(foreach c,$(CONFIGS),$(basename $(notdir $(c))))
 SUB    := submissions/$(NAME)
@@ -56,7 +61,7 @@ help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables (current value):"
-	@$(foreach v,DATASET TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV TEST_LABELS IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE POSTPROC NPROC,printf "  %-12s %s\n" "$(v)" "$($(v))";)
+	@$(foreach v,DATASET TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV META_CSV TEST_LABELS IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE POSTPROC NPROC,printf "  %-12s %s\n" "$(v)" "$($(v))";)
 
 # ---- environment -----------------------------------------------------------------------------
 venv: $(VENV)/.installed ## create .venv and install requirements (automatic for every target)
@@ -85,30 +90,35 @@ clean-demo: ## delete the demo dataset, its cache, runs and submission
 	rm -rf $(DEMO_DIR) data/cache/demo_* runs/demo_* submissions/demo.*
 
 # ---- stage 1: image cache --------------------------------------------------------------------
-preprocess: $(CACHE)/manifest.json ## build the image cache for TRAIN_CSV + TEST_CSV
+preprocess: $(TRAIN_CACHE)/manifest.json $(TEST_CACHE)/manifest.json ## build the train cache and TEST_CSV's test cache
 
-$(CACHE)/manifest.json: $(TRAIN_CSV) $(TEST_CSV) | $(VENV)/.installed
-	$(PY) preprocess.py --train-csv $(TRAIN_CSV) --image-dir $(IMAGE_DIR) --test-csv $(TEST_CSV) \
-		$(REMOVAL_ARG) --size $(IMG_SIZE) --folds $(FOLDS) --out $(CACHE)
+$(TRAIN_CACHE)/manifest.json: $(TRAIN_CSV) $(wildcard $(REMOVAL_CSV)) $(META_CSV) | $(VENV)/.installed
+	$(PY) preprocess.py train --train-csv $(TRAIN_CSV) --image-dir $(IMAGE_DIR) $(REMOVAL_ARG) $(META_ARG) \
+		--size $(IMG_SIZE) --folds $(FOLDS) --out $(TRAIN_CACHE)
+
+# after the train cache (order only): a test image that is also a training image is refused
+$(TEST_CACHE)/manifest.json: $(TEST_CSV) $(META_CSV) | $(VENV)/.installed $(TRAIN_CACHE)/manifest.json
+	$(PY) preprocess.py test --test-csv $(TEST_CSV) --image-dir $(IMAGE_DIR) $(META_ARG) --size $(IMG_SIZE) \
+		--out $(TEST_CACHE)
 
 # ---- stages 2-5, once per config -------------------------------------------------------------
 # $(1) = config stem, $(2) = config file
 define RUN_RULES
-$(RUNS)/$(1)/model.pt: $(2) $(CACHE)/manifest.json | $(VENV)/.installed
-	$(TRAIN_CMD) --config $(2) --cache $(CACHE) --out $(RUNS)/$(1) --resume $(TRAIN_ARGS)
+$(RUNS)/$(1)/model.pt: $(2) $(TRAIN_CACHE)/manifest.json | $(VENV)/.installed
+	$(TRAIN_CMD) --config $(2) --cache $(TRAIN_CACHE) --out $(RUNS)/$(1) --resume $(TRAIN_ARGS)
 
 $(RUNS)/$(1)/crt/model.pt: $(RUNS)/$(1)/model.pt
-	$(PY) retrain_head.py --run $(RUNS)/$(1) --cache $(CACHE) --out $(RUNS)/$(1)/crt
+	$(PY) retrain_head.py --run $(RUNS)/$(1) --cache $(TRAIN_CACHE) --out $(RUNS)/$(1)/crt
 
 $(RUNS)/$(1)/pred_val.csv: $(RUNS)/$(1)/crt/model.pt
-	$(PY) predict.py --checkpoint $$< --cache $(CACHE) --split val --out $$@ $(PREDICT_ARGS)
+	$(PY) predict.py --checkpoint $$< --cache $(TRAIN_CACHE) --split val --out $$@ $(PREDICT_ARGS)
 
-$(RUNS)/$(1)/pred_test.csv: $(RUNS)/$(1)/crt/model.pt $(if $(filter auto,$(POSTPROC)),$(RUNS)/$(1)/pred_val.csv)
-	$(PY) predict.py --checkpoint $$< --cache $(CACHE) --split test --out $$@ $(PREDICT_ARGS) \
+$(RUNS)/$(1)/pred_test.csv: $(RUNS)/$(1)/crt/model.pt $(TEST_CACHE)/manifest.json $(if $(filter auto,$(POSTPROC)),$(RUNS)/$(1)/pred_val.csv)
+	$(PY) predict.py --checkpoint $$< --cache $(TEST_CACHE) --split test --out $$@ $(PREDICT_ARGS) \
 		$(if $(filter auto,$(POSTPROC)),--postproc-from $(RUNS)/$(1)/pred_val.csv.postproc.json)
 
 $(RUNS)/$(1)/eval/metrics.json: $(RUNS)/$(1)/pred_val.csv
-	$(PY) evaluate.py --pred $$< --labels $(CACHE)/index.csv --out $(RUNS)/$(1)/eval \
+	$(PY) evaluate.py --pred $$< --labels $(TRAIN_CACHE)/index.csv --out $(RUNS)/$(1)/eval \
 		--train-log $(RUNS)/$(1)/metrics.jsonl
 endef
 $(foreach c,$(CONFIGS),$(eval $(call RUN_RULES,$(basename $(notdir $(c))),$(c))))
@@ -122,11 +132,11 @@ evaluate: $(foreach s,$(STEMS),$(RUNS)/$(s)/eval/metrics.json) ## metrics, repor
 $(SUB).csv: $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_test.csv $(RUNS)/$(s)/pred_val.csv $(RUNS)/$(s)/eval/metrics.json)
 	$(PY) ensemble.py combine --method $(ENSEMBLE) \
 		--test $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_test.csv) \
-		--val $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_val.csv) --val-labels $(CACHE)/index.csv \
+		--val $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_val.csv) --val-labels $(TRAIN_CACHE)/index.csv \
 		--test-list $(TEST_CSV) --out $@ --zip $(SUB).zip
 
 $(SUB).score.json: $(SUB).csv $(TEST_LABELS)
-	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(CACHE)/index.csv
+	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(TRAIN_CACHE)/index.csv
 	cp $(SUB)_eval/metrics.json $@.tmp && mv $@.tmp $@
 
 submission: $(SUB).csv ## ensemble the configs' test predictions into submissions/$(NAME).csv (+ .zip)

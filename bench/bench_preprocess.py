@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrlt.cache_build import build_cache  # noqa: E402
+from cxrlt.cache_build import build_train_cache  # noqa: E402
 
 
 def synthetic_xray(rng: np.random.Generator, h: int = 2500, w: int = 2000) -> np.ndarray:
@@ -76,14 +76,14 @@ def bare_decode_rate(paths: list[Path], repeats: int = 2) -> float:
 
 
 def build_seconds(root: Path, csv: str, size: int, workers: int, repeats: int) -> tuple[float, float]:
-    """-> (wall, CPU) seconds of the fastest of `repeats` builds from scratch (the CPU time is
-    this process's plus its worker processes')."""
+    """-> (wall, CPU) seconds of the fastest of `repeats` builds from scratch, each in a cache
+    root of its own (nothing to reuse); the CPU time is this process's plus its workers'."""
     best = (float("inf"), float("inf"))
     for _ in range(repeats):
         out = Path(tempfile.mkdtemp(prefix="cache_", dir=root))
         try:
             c0, t0 = _cpu_seconds(), time.perf_counter()
-            build_cache(root / csv, root / "images", out / "c", size, folds=2, workers=workers)
+            build_train_cache(root / csv, root / "images", out / "train", size, folds=2, workers=workers)
             best = min(best, (time.perf_counter() - t0, _cpu_seconds() - c0))
         finally:
             shutil.rmtree(out, ignore_errors=True)

@@ -1,33 +1,38 @@
 """The image cache READER: every image decoded, windowed and resized once, stored as uint8.
 
-`open_cache(path) -> Cache` is the only way the stages read a cache; the builder is
-cxrlt/cache_build.py (preprocess.py).
+`open_cache(path) -> Cache` is the only way the stages read a cache. The builder is
+cxrlt/cache_build.py (preprocess.py); it keeps the caches of one dataset and image size in a
+"cache root", each an ordinary cache folder:
 
-Layout of a finished cache directory (the interface the training/inference stages read):
+  data/cache/<DATASET>_<SIZE>/   the root: every cache in it has the same size and windowing
+    train/                       the train cache: the training CSV's rows minus Removal.csv
+    test-<key>/                  one test cache per test list (key: cxrlt.keys.test_cache_key)
+
+Files of a cache folder:
 
   images.npy     uint8 array (N, size, size) in .npy format; open with
-                 np.load(path, mmap_mode="r"). Row r holds the image of index.csv's `row` == r.
-  index.csv      one line per usable image, columns:
+                 np.load(path, mmap_mode="r"). Always address it through index.csv's `row`:
+                 rows are not 0..n-1 in general (a cache re-indexed after a Removal or label edit
+                 keeps the array it had, and rows of images that failed stay zero-filled).
+  index.csv      one line per image, in the order of its CSV, columns:
                    row              int, the image's row in images.npy
                    ImageID          str, as in the CSVs
                    StudyDate_DICOM  str, as in the CSVs ("" if the list lacks it)
                    PatientID        str, as in the CSVs (Excel float form "1.90E+38" kept verbatim)
+                   study            str, the study key (cxrlt.keys: PadChest StudyID when known)
+                   patient          str, the patient key (exact when a metadata CSV was given)
+                   projection       str, PA | AP | AP_horizontal | L | COSTAL ... ("" unknown)
                    split            "train" | "test"
                    fold             0..K-1 for train rows, -1 for test rows
-                   <labels...>      one column per label, training-CSV order: 0/1 for train
-                                    rows, empty for test rows
-                 Lines are in this order: the training CSV's rows (minus those listed in
-                 Removal.csv), then the test list's rows (all kept, even if in Removal.csv).
-  labels.txt     the label names, one a line, in order.
-  manifest.json  written last: its presence marks a complete cache. Holds the sources (path,
-                 bytes, mtime, sha256), image_dir, size, windowing parameters, labels, folds, seed,
-                 counts (train, test, removed, failed, per-label positives and fold sizes of the
-                 train rows), failures (ImageID, file, reason, split, csv, csv_row), workers,
-                 decoded_this_run / reused_rows (resume), elapsed_s and an input fingerprint.
-
-Images that failed to decode (preprocess.py --skip-bad) are left out of index.csv. The array is
-NOT compacted: a failed image's row stays zero-filled and no index line points at it, so
-always address images through the `row` column (rows are not guaranteed to be 0..n-1).
+                   <labels...>      train cache: one 0/1 column per label, training-CSV order;
+                                    a test cache has no label columns
+  labels.txt     the label names, one a line, in order (empty for a test cache).
+  sources.csv    for the builder only: row, ImageID, file, bytes, mtime_ns of each array row
+                 holding pixels (how other caches of the root reuse them).
+  manifest.json  written last: its presence marks a complete cache. Holds `key` (the content
+                 fingerprint, Cache.key), `pixels` (version, size, windowing), labels, counts,
+                 failures (images left out with --skip-bad: ImageID, file, reason, csv, csv_row),
+                 the CSVs it was built from, and what the build did (decoded, copied, resumed).
 """
 
 from __future__ import annotations
@@ -40,27 +45,29 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError
+from .keys import FRONTAL
 from .labels import ID_COLUMNS
 
-# pandas is imported inside the functions that need it: a stage that only wants the array
-# (the loaders' worker processes) starts faster without it.
+# pandas is imported inside the functions that need it: a process that only wants the array
+# (a loader's worker) starts faster without it.
 if TYPE_CHECKING:
     import pandas as pd
 
-CACHE_VERSION = 1  # bump when the pixels or the layout produced for the same inputs change
-INDEX_FIXED_COLUMNS = ["row", *ID_COLUMNS, "split", "fold"]
-
-
-# ---- reading a cache -------------------------------------------------------------------------------
+CACHE_VERSION = 2  # bump when the pixels or the layout produced for the same inputs change
+KEY_COLUMNS = ["study", "patient", "projection"]
+INDEX_FIXED_COLUMNS = ["row", *ID_COLUMNS, *KEY_COLUMNS, "split", "fold"]
+_STR_COLUMNS = [*ID_COLUMNS, *KEY_COLUMNS, "split"]
 
 
 @dataclass
 class Cache:
-    """A finished cache opened for reading (see the module docstring for the files)."""
+    """A finished cache opened for reading (see the module docstring for the files).
+
+    Methods taking `rows` take array rows (as returned by rows()) and answer in their order."""
 
     path: Path
     images: np.ndarray  # read-only memmap (N, size, size) uint8
-    index: pd.DataFrame  # index.csv; ID columns and split are str, labels nullable Int8
+    index: pd.DataFrame  # index.csv; ID/key columns and split are str, labels nullable Int8
     labels: list[str]
     manifest: dict
     _pos: np.ndarray = field(default=None, repr=False)  # array row -> index line (-1: none)
@@ -70,12 +77,28 @@ class Cache:
     def size(self) -> int:
         return int(self.images.shape[1])
 
-    def rows(self, split: str, fold: int | None = None, exclude_fold: int | None = None) -> np.ndarray:
-        """Array rows (int64, index order) of `split` ("train" | "test"), optionally only
-        `fold` or all but `exclude_fold`."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        keep = (self.index["split"] == split).to_numpy()
+    @property
+    def images_path(self) -> Path:
+        return self.path / "images.npy"
+
+    @property
+    def key(self) -> str:
+        """Content fingerprint: rows, labels, folds, keys, pixel sources, size, windowing."""
+        return self.manifest["key"]
+
+    @property
+    def has_projection(self) -> bool:
+        """Whether the projection of the images is known (a metadata CSV was given)."""
+        return bool((self.index["projection"] != "").any())
+
+    def rows(self, split: str | None = None, fold: int | None = None, exclude_fold: int | None = None) -> np.ndarray:
+        """Array rows (int64, index order): all, or those of `split` ("train" | "test"),
+        optionally only `fold` or all but `exclude_fold`."""
+        if split not in (None, "train", "test"):
+            raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
+        keep = np.ones(len(self.index), dtype=bool)
+        if split is not None:
+            keep &= (self.index["split"] == split).to_numpy()
         folds = self.index["fold"].to_numpy()
         if fold is not None:
             keep &= folds == fold
@@ -84,14 +107,39 @@ class Cache:
         return self.index["row"].to_numpy(dtype=np.int64)[keep]
 
     def targets(self, rows) -> np.ndarray:
-        """float32 (len(rows), C) labels of the given array rows (NaN for test rows)."""
+        """float32 (len(rows), C) labels (NaN for test rows)."""
+        return self._y[self._lines(rows)]
+
+    def ids(self, rows) -> np.ndarray:
+        return self._column("ImageID", rows)
+
+    def study_keys(self, rows) -> np.ndarray:
+        return self._column("study", rows)
+
+    def patient_keys(self, rows) -> np.ndarray:
+        return self._column("patient", rows)
+
+    def projections(self, rows) -> np.ndarray:
+        return self._column("projection", rows)
+
+    def frontal(self, rows) -> np.ndarray:
+        """bool per row: a frontal projection; all True when the projection is unknown
+        (has_projection False), so that "frontal only" then means "every image"."""
+        if not self.has_projection:
+            return np.ones(len(np.asarray(rows)), dtype=bool)
+        return np.isin(self.projections(rows), FRONTAL)
+
+    def _column(self, name: str, rows) -> np.ndarray:
+        return self.index[name].to_numpy(dtype=object)[self._lines(rows)]
+
+    def _lines(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self._pos)):
             raise ValueError(f"row out of range 0..{len(self._pos) - 1}")
         pos = self._pos[rows]
         if (pos < 0).any():
             raise ValueError(f"rows not in the index: {rows[pos < 0][:5].tolist()}")
-        return self._y[pos]
+        return pos
 
 
 def open_cache(cache_dir) -> Cache:
@@ -108,6 +156,9 @@ def open_cache(cache_dir) -> Cache:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{manifest_path}: unreadable manifest ({e}); re-run preprocess.py") from None
+    if manifest.get("version") != CACHE_VERSION or "key" not in manifest:
+        raise InputError(f"{cache_dir}: built by another version of preprocess.py (cache layout "
+                         f"{manifest.get('version')}, this one reads {CACHE_VERSION}); re-run preprocess.py")
     labels = _read_labels_txt(cache_dir / "labels.txt")
     if labels != manifest.get("labels"):
         raise InputError(f"{cache_dir}/labels.txt does not match manifest.json; re-run preprocess.py")
@@ -116,7 +167,7 @@ def open_cache(cache_dir) -> Cache:
         images = np.load(cache_dir / "images.npy", mmap_mode="r")
     except (OSError, ValueError) as e:
         raise InputError(f"{cache_dir}/images.npy: cannot open ({e}); re-run preprocess.py") from None
-    size = manifest.get("size")
+    size = manifest.get("pixels", {}).get("size")
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size):
         raise InputError(f"{cache_dir}/images.npy: shape {images.shape} {images.dtype} does not match "
                          f"the manifest (N, {size}, {size}) uint8; re-run preprocess.py")
@@ -136,7 +187,7 @@ def read_index(path, labels: list[str]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: missing; re-run preprocess.py")
-    dtypes = {"row": np.int64, "fold": np.int64, "split": str, **{c: str for c in ID_COLUMNS}}
+    dtypes = {"row": np.int64, "fold": np.int64, **{c: str for c in _STR_COLUMNS}}
     dtypes.update({lab: "Int8" for lab in labels})
     try:
         index = pd.read_csv(path, dtype=dtypes, keep_default_na=False,
@@ -154,7 +205,6 @@ def _read_labels_txt(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"{path}: missing; re-run preprocess.py")
     return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
 
 
 def partial_dir(out: Path) -> Path:

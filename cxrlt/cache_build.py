@@ -1,23 +1,33 @@
-"""The image cache BUILDER (preprocess.py): decode every image once into a cache folder.
+"""The image cache BUILDER (preprocess.py): a train cache and one test cache per test list.
 
-The layout of a finished cache is documented in cxrlt/cache.py (the reader). Building:
+The layout of the cache root and of a cache folder is documented in cxrlt/cache.py (the reader).
 
-Images that fail to decode stop the build with an error naming the ImageID, CSV row and file,
-unless skip_bad: then they are left out of index.csv and listed in the manifest (their array
-row stays zero-filled).
+Reuse. Building a cache reuses the pixels of every image already decoded in itself or in a
+sibling cache of the same root with the same size and windowing (`manifest.json` "pixels"),
+matched by ImageID when the source file is the same (`sources.csv`: bytes + mtime_ns); only the
+rest is decoded. So a label, fold, Removal.csv or metadata edit decodes nothing, a new test list
+decodes only its new images, and a changed IMAGE_DIR decodes only the files that differ. When
+every image comes from the cache's own array, nothing is copied either: the new index points
+into the same images.npy (hard-linked into the new folder).
 
-Building is resumable and atomic. Work happens in `<out_dir>.partial/`:
-  images.npy (the memmap being filled, its disk blocks allocated up front so that a full disk
-  is reported before any work and never hits a worker mid-write), done.npy (uint8 (N,),
-  1 = row written; rewritten atomically every FLUSH_SECONDS after an fsync of images.npy, so a
-  row marked done is on disk), plan.json (written last when the folder is set up: the row
-  order and a key of the inputs that determine the pixels). A re-run with the same key skips
-  rows already done; otherwise it starts over. When every row is done, index.csv, labels.txt
-  and manifest.json are written and the folder is renamed to `out_dir` (an old cache there is
-  replaced only then).
-A finished cache whose fingerprint (CSV contents, labels file, image_dir, size, windowing,
-folds, seed) matches is reused as is. Image files are assumed not to change in place: use
-force=True (preprocess.py --force) to rebuild after editing images.
+Failures. An image that cannot be used stops the build with a one-line error naming the file,
+the ImageID and its CSV row, unless skip_bad (--skip-bad): then a TRAIN image is left out and
+listed in the manifest (a test image is never optional: every one needs a prediction). The
+manifest remembers each failed file's bytes + mtime_ns: a later build with --skip-bad does not
+retry an unchanged file, one without --skip-bad always does, and a fixed file is decoded.
+ImageIDs must name files inside the image folder: an absolute path, a `..` component or a
+control character (a line break inside a quoted CSV cell) is refused.
+
+Building is resumable, atomic and exclusive. It holds cxrlt.fileio.output_lock(out) and works
+in `<out>.partial/`: images.npy (its disk blocks allocated up front, so that a full disk is
+reported before any work, with the sizes, and never hits a process mid-write), done.npy (uint8
+(N,), 1 = row written; rewritten atomically every FLUSH_SECONDS after an fsync of images.npy, so a
+row marked done is on disk), plan.json (written last when the folder is set up: a key of what
+determines the pixels of every row). A re-run with the same plan skips the rows done; otherwise
+it starts over. When every row is done, index.csv, labels.txt, sources.csv and manifest.json
+(last) are written and the folder is renamed to `out` (an old cache there is replaced only then).
+A finished cache whose inputs (the CSVs' rows, labels, folds and keys; each image's bytes and
+mtime_ns; size and windowing) are unchanged is left as it is (its manifest is touched, for Make).
 
 Decoding runs in `workers` processes: this one and workers - 1 worker processes
 (cxrlt/_decode.py, started with a plain interpreter so that they import nothing heavy). Tasks
@@ -27,6 +37,8 @@ the last image whatever the images' sizes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -42,94 +54,179 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import _decode
+from . import _decode, keys
 from .cache import CACHE_VERSION, INDEX_FIXED_COLUMNS, partial_dir
-from .csvio import read_id_list, read_training_csv
+from .csvio import read_id_list, read_meta_csv, read_training_csv
 from .errors import InputError
-from .fileio import write_csv, write_json, write_text
+from .fileio import output_lock, write_json, write_text
+from .fingerprints import file_sha256, json_key
 from .splits import assign_folds
 
 WINDOW_STRIDE = _decode.WINDOW_STRIDE
 FLUSH_SECONDS = 10.0  # how often the done mask is persisted (work lost on a kill: at most this)
-_OWN_FILES = {"images.npy", "index.csv", "labels.txt", "manifest.json", "done.npy", "plan.json"}
+COPY_BLOCK = 256  # rows copied from another cache at a time
+_OWN_FILES = {"images.npy", "index.csv", "labels.txt", "sources.csv", "manifest.json", "done.npy", "plan.json"}
 _MAX_REPORTED = 20  # failures printed in the --skip-bad report (all are in the manifest)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-# ---- building a cache --------------------------------------------------------------------------------
+# ---- the two kinds of cache -------------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    """What the cache will hold, before any image is decoded."""
-
-    table: pd.DataFrame  # INDEX_FIXED_COLUMNS + labels, one line per array row (row == position)
-    labels: list[str]
-    csv_file: np.ndarray  # per row: the CSV the row comes from
-    csv_row: np.ndarray  # per row: its spreadsheet row number in that CSV
-    removed: int
-
-
-def build_cache(train_csv, image_dir, out_dir, size: int, test_csv=None, removal_csv=None,
-                folds: int = 5, seed: int = 0, workers: int | None = None, skip_bad: bool = False,
-                labels_file=None, low: float = 0.5, high: float = 99.5, force: bool = False) -> dict:
-    """Build (or resume, or reuse) the cache in `out_dir`; returns the manifest dict."""
-    t0 = time.time()
-    _check_params(image_dir, size, folds, low, high)
-    out = Path(out_dir)
-    workers = _default_workers() if not workers else int(workers)
-    sources = {"train_csv": train_csv, "test_csv": test_csv, "removal_csv": removal_csv,
-               "labels_file": labels_file}
-    fingerprint, inputs = _fingerprint(sources, image_dir, size, low, high, folds, seed)
-    finished = _read_manifest(out)
-    if finished is not None and finished.get("fingerprint") == fingerprint and not force:
-        print(f"cache up to date: {out} ({finished['counts']['train']} train, "
-              f"{finished['counts']['test']} test images, built {finished.get('created', '?')}); reusing it")
-        for name in ("done.npy", "plan.json"):  # left when a build was killed just after its rename
-            (out / name).unlink(missing_ok=True)
-        return finished
-    _check_replaceable(out)
-    if finished is not None:
-        why = "--force" if force else "inputs or parameters changed since it was built"
-        print(f"{out}: {why}; rebuilding (the old cache stays in place until the new one is complete)")
-
-    plan = _make_plan(train_csv, test_csv, removal_csv, labels_file, folds, seed)
-    partial = partial_dir(out)
-    image_key = _image_key(plan, image_dir, size, low, high)
-    done = _open_partial(partial, plan, size, image_key, fresh=force)
-    todo = np.flatnonzero(done == 0)
-    paths = _resolve_paths(image_dir, plan.table["ImageID"].to_numpy()[todo])
-    failures = _missing_failures(plan, todo, paths, image_dir, skip_bad)
-    tasks = [(int(r), p) for r, p in zip(todo, paths) if p is not None]
-    reused = int(done.sum())
-    if reused:
-        print(f"resuming {partial}: {reused} of {len(done)} images already done")
-
-    failures += _decode_all(partial, tasks, done, plan, size, low, high, workers, skip_bad)
-    row_of = dict(zip(plan.table["ImageID"], plan.table["row"]))
-    failures.sort(key=lambda f: row_of[f["ImageID"]])  # workers finish in any order
-
-    manifest = _finalize(out, partial, plan, failures, dict(
-        fingerprint=fingerprint, inputs=inputs, sources=_describe_sources(sources, inputs),
-        image_dir=os.path.abspath(image_dir), size=int(size), folds=int(folds), seed=int(seed),
-        windowing={"low_pct": low, "high_pct": high, "stride": WINDOW_STRIDE,
-                   "method": "16-bit: percentile window of a strided subsample, linear to 0..255; "
-                             "8-bit: unchanged"},
-        resize="squash to size x size (aspect ratio not kept), area averaging",
-        workers=workers, decoded_this_run=len(tasks), reused_rows=reused,
-    ), t0)
-    _print_summary(out, manifest)
-    return manifest
+def build_train_cache(train_csv, image_dir, out, size: int, *, removal_csv=None, meta_csv=None, labels_file=None,
+                      folds: int = 5, seed: int = 0, workers: int | None = None, skip_bad: bool = False,
+                      low: float = 0.5, high: float = 99.5, force: bool = False) -> dict:
+    """Build (or resume, or reuse) the train cache in `out` (normally <root>/train) -> manifest."""
+    _check_params(image_dir, size, low, high)
+    if int(folds) < 2:
+        raise InputError(f"--folds {folds}: need at least 2")
+    table = _train_table(train_csv, removal_csv, meta_csv, labels_file, int(folds), int(seed))
+    return _build(table, image_dir, Path(out), _pixels(size, low, high), workers, skip_bad, force)
 
 
-def _check_params(image_dir, size, folds, low, high) -> None:
+def build_test_cache(test_csv, image_dir, out, size: int, *, meta_csv=None, workers: int | None = None,
+                     skip_bad: bool = False, low: float = 0.5, high: float = 99.5, force: bool = False) -> dict:
+    """Build (or reuse) the test cache of a test list in `out` (normally
+    <root>/test-<test_cache_key(test_csv, meta_csv)>) -> manifest. skip_bad does not apply to
+    test images: a bad one stops the build."""
+    _check_params(image_dir, size, low, high)
+    out = Path(out)
+    table = _test_table(test_csv, meta_csv)
+    _check_not_in_train(table, test_csv, out.parent / "train")
+    return _build(table, image_dir, out, _pixels(size, low, high), workers, skip_bad, force)
+
+
+def _check_params(image_dir, size, low, high) -> None:
     if not os.path.isdir(image_dir):
         raise InputError(f"{image_dir}: image directory not found (--image-dir)")
     if not 8 <= int(size) <= 8192:
         raise InputError(f"--size {size}: expected 8..8192")
-    if int(folds) < 2:
-        raise InputError(f"--folds {folds}: need at least 2")
     if not 0 <= low < high <= 100:
         raise InputError(f"--window-low {low} / --window-high {high}: need 0 <= low < high <= 100")
+
+
+def _pixels(size, low, high) -> dict:
+    """What determines the pixels of an image besides its file: caches reuse each other's
+    pixels only when these are equal."""
+    return {"version": CACHE_VERSION, "size": int(size), "low_pct": float(low), "high_pct": float(high),
+            "stride": WINDOW_STRIDE}
+
+
+# ---- tables: what a cache holds, before any image is decoded ----------------------------------------
+
+
+@dataclass
+class _Table:
+    """One line per image, in CSV order."""
+
+    kind: str  # "train" | "test"
+    index: pd.DataFrame  # INDEX_FIXED_COLUMNS but "row", then the labels
+    labels: list[str]
+    csv_file: np.ndarray  # per line: the CSV it comes from (for messages)
+    csv_row: np.ndarray  # per line: its spreadsheet row there
+    sources: dict  # name -> the CSV file read (or None), recorded in the manifest
+    info: dict  # folds, seed, removed: recorded in the manifest
+
+
+def _train_table(train_csv, removal_csv, meta_csv, labels_file, folds: int, seed: int) -> _Table:
+    train, labels = read_training_csv(train_csv, labels_file=labels_file)
+    clash = [lab for lab in labels if lab in INDEX_FIXED_COLUMNS]
+    if clash:
+        raise InputError(f"{train_csv}: label column name(s) {clash} clash with the cache index's own columns")
+    removed = 0
+    if removal_csv is not None:
+        removal = read_id_list(removal_csv, allow_empty=True)
+        drop = train["ImageID"].isin(set(removal["ImageID"])).to_numpy()
+        removed = int(drop.sum())
+        train = train[~drop]
+    if len(train) == 0:
+        raise InputError(f"{train_csv}: no training rows left after removing the {removed} listed in {removal_csv}")
+    df = _with_keys(train, meta_csv)
+    # Folds group on the CSV's PatientID: coarser than the exact patient (never a leak) and the
+    # same with or without a metadata CSV; the patient key only where the CSV has no PatientID.
+    df["group"] = df["PatientID"].where(df["PatientID"].str.strip() != "", df["patient"])
+    df["split"] = "train"
+    df["fold"] = assign_folds(df, labels, k=folds, seed=seed, group_col="group")
+    index = df[INDEX_FIXED_COLUMNS[1:] + labels].reset_index(drop=True)
+    return _Table("train", index, labels, np.full(len(index), os.fspath(train_csv), dtype=object),
+                  train.index.to_numpy(), {"train_csv": train_csv, "removal_csv": removal_csv, "meta_csv": meta_csv,
+                                           "labels_file": labels_file},
+                  {"folds": folds, "seed": seed, "removed": removed})
+
+
+def _test_table(test_csv, meta_csv) -> _Table:
+    test = read_id_list(test_csv)
+    df = _with_keys(test, meta_csv)
+    df["split"], df["fold"] = "test", -1
+    index = df[INDEX_FIXED_COLUMNS[1:]].reset_index(drop=True)
+    return _Table("test", index, [], np.full(len(index), os.fspath(test_csv), dtype=object), test.index.to_numpy(),
+                  {"test_csv": test_csv, "meta_csv": meta_csv}, {})
+
+
+def _with_keys(df: pd.DataFrame, meta_csv) -> pd.DataFrame:
+    """df plus the study, patient and projection columns (rules: cxrlt/keys.py)."""
+    df = df.copy()
+    ids = df["ImageID"].tolist()
+    n = len(ids)
+    meta_patient, meta_date, meta_projection = [""] * n, [""] * n, [""] * n
+    if meta_csv is not None:
+        meta = read_meta_csv(meta_csv, ids=ids).set_index("ImageID")
+        meta_patient = df["ImageID"].map(meta["PatientID"]).fillna("").tolist()
+        meta_date = df["ImageID"].map(meta["StudyDate_DICOM"]).fillna("").tolist()
+        meta_projection = df["ImageID"].map(meta["Projection"]).fillna("").tolist()
+    csv_patient, csv_date = df["PatientID"].tolist(), df["StudyDate_DICOM"].tolist()
+    df["patient"] = [keys.patient_key(i, p, m) for i, p, m in zip(ids, csv_patient, meta_patient)]
+    df["study"] = [keys.study_key(i, m.strip() or p.strip(), d.strip() or md)
+                   for i, p, m, d, md in zip(ids, csv_patient, meta_patient, csv_date, meta_date)]
+    df["projection"] = [keys.projection(p) for p in meta_projection]
+    return df
+
+
+def _check_not_in_train(table: _Table, test_csv, train_dir: Path) -> None:
+    """An image in both caches would be trained on and scored on. Checked against the train
+    cache of the same root when it exists."""
+    index = train_dir / "index.csv"
+    if not (train_dir / "manifest.json").is_file() or not index.is_file():
+        return
+    train_ids = set(pd.read_csv(index, usecols=["ImageID"], dtype=str, keep_default_na=False)["ImageID"])
+    both = np.flatnonzero(table.index["ImageID"].isin(train_ids).to_numpy())
+    if len(both):
+        iid = table.index["ImageID"].iloc[both[0]]
+        raise InputError(f"{test_csv}: row {table.csv_row[both[0]]}: ImageID '{iid}' is also a training image "
+                         f"(in {train_dir}); {len(both)} test images are in the training CSV. Pass the official "
+                         f"Removal.csv to the train cache (--removal-csv) or remove them from the training CSV")
+
+
+# ---- the build --------------------------------------------------------------------------------------
+
+
+def _build(table: _Table, image_dir, out: Path, pixels: dict, workers, skip_bad: bool, force: bool) -> dict:
+    t0 = time.time()
+    workers = _default_workers() if not workers else int(workers)
+    if workers < 1:
+        raise InputError(f"--workers {workers}: need at least 1")
+    skip = skip_bad and table.kind == "train"  # a test image is never optional
+    _check_replaceable(out)
+    with output_lock(out):
+        files = _locate(table, image_dir)
+        inputs_key = _inputs_key(table, files, pixels)
+        old = _read_manifest(out)
+        if not force and old is not None and old.get("inputs_key") == inputs_key and (skip or not old["failures"]):
+            return _up_to_date(out, old)
+        if old is not None:
+            why = "--force" if force else "its inputs changed"
+            print(f"{out}: {why}; rebuilding (the old cache stays in place until the new one is complete)")
+        failures = _missing(table, files, image_dir, skip) + (_known_failures(old, table, files) if skip and not force
+                                                               else [])
+        failed = {f["line"] for f in failures}
+        need = np.array([i for i in range(len(files)) if i not in failed], dtype=np.int64)
+        stores = [] if force else _stores(out, pixels)
+        src_store, src_row = _pixel_sources(stores, files, need)
+        own = stores[0] if stores and stores[0].path == out else None
+        if own is not None and len(need) and (src_store[need] == 0).all():
+            return _relink(out, table, files, src_row, failures, pixels, inputs_key, image_dir, workers, t0)
+        return _full_build(out, table, files, need, stores, src_store, src_row, failures, pixels, inputs_key,
+                           image_dir, workers, skip, force, t0)
 
 
 def _default_workers() -> int:
@@ -141,8 +238,9 @@ def _default_workers() -> int:
 
 def _read_manifest(out: Path) -> dict | None:
     try:
-        return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        return m if m.get("version") == CACHE_VERSION else None
+    except (OSError, json.JSONDecodeError, AttributeError):
         return None
 
 
@@ -158,164 +256,66 @@ def _check_replaceable(d: Path) -> None:
                          f"({', '.join(sorted(foreign)[:3])}...); choose another --out or remove it")
 
 
-# -- plan ---------------------------------------------------------------------------------------------
+def _up_to_date(out: Path, m: dict) -> dict:
+    for name in ("done.npy", "plan.json"):  # left when a build was killed just after its rename
+        (out / name).unlink(missing_ok=True)
+    os.utime(out / "manifest.json")  # newer than its prerequisites: Make settles
+    print(f"cache up to date: {out} ({m['counts']['images']} {m['kind']} images, built "
+          f"{m.get('created', '?')}); reusing it")
+    return m
 
 
-def _make_plan(train_csv, test_csv, removal_csv, labels_file, folds, seed) -> _Plan:
-    train, labels = read_training_csv(train_csv, labels_file=labels_file)
-    clash = [lab for lab in labels if lab in INDEX_FIXED_COLUMNS]
-    if clash:
-        raise InputError(f"{train_csv}: label column name(s) {clash} clash with the cache index's own columns")
-    train_rows = train.index.to_numpy()
-    removed = 0
-    if removal_csv is not None:
-        removal = read_id_list(removal_csv, allow_empty=True)
-        drop = train["ImageID"].isin(set(removal["ImageID"])).to_numpy()
-        removed = int(drop.sum())
-        train, train_rows = train[~drop], train_rows[~drop]
-    if len(train) == 0:
-        raise InputError(f"{train_csv}: no training rows left after removing the {removed} listed in {removal_csv}")
-    train.insert(0, "row", 0)
-    train.insert(4, "split", "train")
-    train.insert(5, "fold", assign_folds(train, labels, k=folds, seed=seed))
-    parts, files, rows = [train], [np.full(len(train), os.fspath(train_csv), dtype=object)], [train_rows]
-    if test_csv is not None:
-        test = read_id_list(test_csv)
-        _check_no_overlap(train, train_rows, train_csv, test, test_csv)
-        test_rows = test.index.to_numpy()
-        test.insert(0, "row", 0)
-        test["split"], test["fold"] = "test", -1
-        parts.append(test)
-        files.append(np.full(len(test), os.fspath(test_csv), dtype=object))
-        rows.append(test_rows)
-    table = pd.concat(parts, ignore_index=True)
-    table["row"] = np.arange(len(table), dtype=np.int64)
-    table["fold"] = table["fold"].astype(np.int64)
-    for lab in labels:
-        table[lab] = table[lab].astype("Int8")  # NA for test rows -> written as empty cells
-    table = table[INDEX_FIXED_COLUMNS + labels]
-    return _Plan(table, labels, np.concatenate(files), np.concatenate(rows), removed)
+# ---- image files ------------------------------------------------------------------------------------
 
 
-def _check_no_overlap(train, train_rows, train_csv, test, test_csv) -> None:
-    """An image in both lists would be trained on and scored on, and its ImageID would be
-    ambiguous in the index."""
-    both = np.flatnonzero(test["ImageID"].isin(set(train["ImageID"])).to_numpy())
-    if len(both):
-        iid = test["ImageID"].iloc[both[0]]
-        r_train = train_rows[np.flatnonzero((train["ImageID"] == iid).to_numpy())[0]]
-        r_test = test.index[both[0]]
-        raise InputError(f"{test_csv}: row {r_test}: ImageID '{iid}' is also in {train_csv} (row {r_train}); "
-                         f"{len(both)} test images are in the training CSV. Pass the official Removal.csv "
-                         f"(--removal-csv) or remove them from the training CSV")
+@dataclass
+class _Files:
+    """The source file of each table line: path ("" when not found), bytes and mtime_ns (-1)."""
+
+    ids: np.ndarray
+    paths: list[str]
+    size: np.ndarray
+    mtime_ns: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
-# -- fingerprints -------------------------------------------------------------------------------------
+def _locate(table: _Table, image_dir) -> _Files:
+    ids = table.index["ImageID"].to_numpy(dtype=object)
+    _check_safe_ids(table, image_dir)
+    paths = _resolve_paths(image_dir, ids)
+    size = np.full(len(ids), -1, dtype=np.int64)
+    mtime = np.full(len(ids), -1, dtype=np.int64)
+    for i, p in enumerate(paths):
+        if p is not None:
+            try:
+                st = os.stat(p)
+                size[i], mtime[i] = st.st_size, st.st_mtime_ns
+            except OSError:
+                paths[i] = None
+    return _Files(ids, [p or "" for p in paths], size, mtime)
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _check_safe_ids(table: _Table, image_dir) -> None:
+    """ImageIDs name files inside image_dir: refuse a line break (a quoted CSV cell), an
+    absolute path or a `..` component, which would read a file from anywhere."""
+    for i, iid in enumerate(table.index["ImageID"]):
+        why = _unsafe(iid)
+        if why:
+            raise InputError(f"{table.csv_file[i]}: row {table.csv_row[i]}, column 'ImageID': {iid!r} {why}; an "
+                             f"ImageID names a file inside the image folder {image_dir}")
 
 
-def _fingerprint(sources: dict, image_dir, size, low, high, folds, seed) -> tuple[str, dict]:
-    """Everything that determines a finished cache's content -> (hex digest, the inputs)."""
-    for name, path in sources.items():
-        if path is not None and not os.path.isfile(path):
-            raise InputError(f"{path}: file not found (--{name.replace('_', '-')})")
-    inputs = {
-        "version": CACHE_VERSION,
-        **{name: (_sha256(p) if p is not None else None) for name, p in sources.items()},
-        "image_dir": os.path.abspath(image_dir), "size": int(size), "low": float(low), "high": float(high),
-        "stride": WINDOW_STRIDE, "folds": int(folds), "seed": int(seed),
-    }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
-
-
-def _image_key(plan: _Plan, image_dir, size, low, high) -> str:
-    """What determines the pixels of every array row (labels and folds do not)."""
-    h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, os.path.abspath(image_dir), int(size), float(low), float(high),
-                         WINDOW_STRIDE]).encode())
-    for iid in plan.table["ImageID"]:
-        h.update(iid.encode() + b"\0")
-    return h.hexdigest()
-
-
-def _describe_sources(sources: dict, inputs: dict) -> dict:
-    """Path, size, mtime and sha256 (already computed for the fingerprint) of each source file."""
-    out = {}
-    for name, path in sources.items():
-        if path is None:
-            out[name] = None
-            continue
-        st = os.stat(path)
-        out[name] = {"path": os.path.abspath(path), "bytes": st.st_size,
-                     "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st.st_mtime)),
-                     "sha256": inputs[name]}
-    return out
-
-
-# -- the partial folder -------------------------------------------------------------------------------
-
-
-def _open_partial(partial: Path, plan: _Plan, size: int, image_key: str, fresh: bool) -> np.ndarray:
-    """Reuse a matching partial build (-> its done mask) or set up a new one (-> zeros)."""
-    n = len(plan.table)
-    plan_path = partial / "plan.json"
-    if partial.exists() and not fresh:
-        try:
-            old = json.loads(plan_path.read_text(encoding="utf-8"))
-            done = np.load(partial / "done.npy")
-            images = np.load(partial / "images.npy", mmap_mode="r")
-            if (old.get("image_key") == image_key and done.shape == (n,)
-                    and images.shape == (n, size, size)):
-                return done.astype(np.uint8)
-            print(f"{partial}: left by a build with other inputs; starting over")
-        except (OSError, ValueError, json.JSONDecodeError):
-            print(f"{partial}: incomplete set-up from an earlier run; starting over")
-    if partial.exists():
-        _check_replaceable(partial)
-        shutil.rmtree(partial)
-    _check_disk_space(partial.parent, n * size * size)
-    partial.mkdir(parents=True)
-    np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size)).flush()
-    done = np.zeros(n, dtype=np.uint8)
-    _save_done(partial, done)
-    # plan.json last: its presence means the folder is completely set up
-    write_json(plan_path, {"image_key": image_key, "rows": n, "size": int(size),
-                           "image_ids": plan.table["ImageID"].tolist()})
-    return done
-
-
-def _check_disk_space(where: Path, need: int) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(where).free
-    if free < need:
-        raise InputError(f"{where}: the cache needs {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB are free "
-                         f"(use a smaller --size or another --out)")
-
-
-def _save_done(partial: Path, done: np.ndarray) -> None:
-    """Persist the done mask atomically; fsync images.npy first so that every row marked done
-    is on disk (workers write through shared mappings, i.e. the same page cache)."""
-    fd = os.open(partial / "images.npy", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp = partial / ".done.npy.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, done)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, partial / "done.npy")
-
-
-# -- image paths --------------------------------------------------------------------------------------
+def _unsafe(iid: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in iid):
+        return "holds a control character (a line break inside a quoted cell?)"
+    parts = iid.replace("\\", "/").split("/")
+    if os.path.isabs(iid) or parts[0] == "" or (len(parts[0]) == 2 and parts[0][1] == ":"):
+        return "is an absolute path"
+    if ".." in parts:
+        return "leads out of the image folder ('..')"
+    return ""
 
 
 def _resolve_paths(image_dir, image_ids) -> list[str | None]:
@@ -351,47 +351,310 @@ def _walk_names(image_dir: str, wanted: set[str]) -> dict[str, str]:
     return found
 
 
-def _missing_failures(plan: _Plan, todo, paths, image_dir, skip_bad) -> list[dict]:
-    missing = [i for i, p in enumerate(paths) if p is None]
+def _missing(table: _Table, files: _Files, image_dir, skip: bool) -> list[dict]:
+    missing = [i for i, p in enumerate(files.paths) if not p]
     if not missing:
         return []
-    if len(missing) == len(paths) and len(paths) == len(plan.table):
-        iid = plan.table["ImageID"].iloc[int(todo[0])]
-        raise InputError(f"{image_dir}: none of the {len(paths)} images was found (e.g. '{iid}' from "
-                         f"{plan.csv_file[todo[0]]} row {plan.csv_row[todo[0]]}); is --image-dir right?")
-    failures = [_failure(plan, int(todo[i]), os.path.join(image_dir, plan.table['ImageID'].iloc[int(todo[i])]),
-                         "image file not found") for i in missing]
-    if not skip_bad:
+    if len(missing) == len(files):
+        raise InputError(f"{image_dir}: none of the {len(files)} images was found (e.g. '{files.ids[0]}' from "
+                         f"{table.csv_file[0]} row {table.csv_row[0]}); is --image-dir right?")
+    failures = [_failure(table, i, os.path.join(image_dir, files.ids[i]), "image file not found") for i in missing]
+    if not skip:
         listed = "; ".join(_describe_failure(f) for f in failures[:3])
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
         raise InputError(f"{len(failures)} image file(s) not found in {image_dir}: {listed}{more}. "
-                         f"Fix --image-dir or the files, or re-run with --skip-bad to leave them out")
+                         + _fix_hint(table.kind, "them"))
     return failures
 
 
-def _failure(plan: _Plan, row: int, path, reason: str) -> dict:
-    return {"ImageID": plan.table["ImageID"].iloc[row], "file": os.fspath(path), "reason": reason,
-            "split": plan.table["split"].iloc[row], "csv": plan.csv_file[row], "csv_row": int(plan.csv_row[row])}
+def _known_failures(old: dict | None, table: _Table, files: _Files) -> list[dict]:
+    """Images that failed in the last build and whose file has not changed since: with
+    --skip-bad they are left out again without another try."""
+    if old is None:
+        return []
+    line_of = {iid: i for i, iid in enumerate(files.ids)}
+    out = []
+    for f in old.get("failures", []):
+        i = line_of.get(f["ImageID"])
+        if i is not None and files.paths[i] and (files.size[i], files.mtime_ns[i]) == (f.get("bytes"), f.get("mtime_ns")):
+            out.append(_failure(table, i, files.paths[i], f["reason"], files))
+    return out
+
+
+def _failure(table: _Table, line: int, path, reason: str, files: _Files | None = None) -> dict:
+    f = {"line": int(line), "ImageID": table.index["ImageID"].iloc[line], "file": os.fspath(path), "reason": reason,
+         "csv": table.csv_file[line], "csv_row": int(table.csv_row[line])}
+    if files is not None and files.paths[line]:
+        f.update(bytes=int(files.size[line]), mtime_ns=int(files.mtime_ns[line]))
+    return f
 
 
 def _describe_failure(f: dict) -> str:
     return f"{f['file']}: {f['reason']} (ImageID '{f['ImageID']}', row {f['csv_row']} of {f['csv']})"
 
 
-# -- decoding -----------------------------------------------------------------------------------------
+def _fix_hint(kind: str, what: str) -> str:
+    if kind == "test":
+        return (f"Fix or replace {what}: a test image cannot be left out (every one needs a prediction), "
+                f"so --skip-bad does not apply")
+    return f"Fix --image-dir or the files, or re-run with --skip-bad to leave {what} out"
+
+
+# ---- fingerprints -----------------------------------------------------------------------------------
+
+
+def _index_text(index: pd.DataFrame) -> str:
+    return index.to_csv(index=False, lineterminator="\n")
+
+
+def _inputs_key(table: _Table, files: _Files, pixels: dict) -> str:
+    """Everything a finished cache depends on, read before any decoding: its rows with their
+    labels, folds and keys, and each image file's bytes and mtime_ns (a changed file is
+    decoded again), size and windowing."""
+    h = hashlib.sha256(_index_text(table.index).encode())
+    h.update(json.dumps([table.labels, files.size.tolist(), files.mtime_ns.tolist()]).encode())
+    return json_key({"pixels": pixels, "table": h.hexdigest()})
+
+
+def _content_key(index: pd.DataFrame, labels: list[str], size_of_line: np.ndarray, pixels: dict,
+                 failures: list[dict]) -> str:
+    """Cache.key: the rows (with labels, folds and keys), the size of each image's source file,
+    size, windowing and the images left out. No paths or times: the same inputs give the same
+    key on every machine."""
+    h = hashlib.sha256(_index_text(index.drop(columns="row")).encode())
+    h.update(json.dumps([labels, size_of_line.tolist(), sorted(f["ImageID"] for f in failures)]).encode())
+    return json_key({"pixels": pixels, "content": h.hexdigest()})
+
+
+# ---- reusing pixels ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Store:
+    """A finished cache of the root whose pixels can be reused: its array (opened) and sources."""
+
+    path: Path
+    images: np.ndarray  # read-only memmap
+    sources: pd.DataFrame  # row, ImageID, bytes, mtime_ns
+
+
+def _stores(out: Path, pixels: dict) -> list[_Store]:
+    """`out` itself first, then its siblings (name order) with the same pixels parameters."""
+    root = out.parent
+    siblings = sorted(d for d in root.iterdir() if d.is_dir() and d != out) if root.is_dir() else []
+    found = []
+    for d in [out, *siblings]:
+        if d.name.endswith(".partial") or ".old-" in d.name:
+            continue
+        store = _open_store(d, pixels)
+        if store is not None:
+            found.append(store)
+    return found
+
+
+def _open_store(d: Path, pixels: dict) -> _Store | None:
+    """A cache's array and sources.csv, or None when it is not a usable cache. The array file
+    must be the same before and after sources.csv is read: a cache being replaced at that
+    moment by another build is skipped rather than mixed with its successor."""
+    m = _read_manifest(d)
+    if m is None or m.get("pixels") != pixels:
+        return None
+    try:
+        before = os.stat(d / "images.npy").st_ino
+        sources = pd.read_csv(d / "sources.csv", dtype={"row": np.int64, "ImageID": str, "file": str,
+                                                         "bytes": np.int64, "mtime_ns": np.int64},
+                              keep_default_na=False)
+        images = np.load(d / "images.npy", mmap_mode="r")
+        if os.stat(d / "images.npy").st_ino != before:
+            return None
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    if sources.empty:
+        return None
+    return _Store(d, images, sources[["row", "ImageID", "bytes", "mtime_ns"]])
+
+
+def _pixel_sources(stores: list[_Store], files: _Files, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (store number per line, -1 = decode; its row in that store's array)."""
+    src_store = np.full(len(files), -1, dtype=np.int64)
+    src_row = np.full(len(files), -1, dtype=np.int64)
+    for k, store in enumerate(stores):
+        open_lines = need[src_store[need] < 0]
+        if not len(open_lines):
+            break
+        want = pd.DataFrame({"line": open_lines, "ImageID": files.ids[open_lines],
+                             "bytes": files.size[open_lines], "mtime_ns": files.mtime_ns[open_lines]})
+        hit = want.merge(store.sources, on=["ImageID", "bytes", "mtime_ns"])
+        hit = hit[hit["row"] < len(store.images)]
+        src_store[hit["line"].to_numpy()] = k
+        src_row[hit["line"].to_numpy()] = hit["row"].to_numpy()
+    return src_store, src_row
+
+
+def _copy_pixels(partial: Path, done: np.ndarray, stores: list[_Store], src_store, src_row) -> int:
+    """Copy every not-done line that has a source in another cache -> lines copied."""
+    lines = np.flatnonzero((src_store >= 0) & (done == 0))
+    if not len(lines):
+        return 0
+    images = np.load(partial / "images.npy", mmap_mode="r+")
+    with tqdm(total=len(lines), unit="img", desc="reuse", dynamic_ncols=True) as bar:
+        for k, store in enumerate(stores):
+            mine = lines[src_store[lines] == k]
+            mine = mine[np.argsort(src_row[mine], kind="stable")]  # read the source in order
+            for b in range(0, len(mine), COPY_BLOCK):
+                block = mine[b:b + COPY_BLOCK]
+                images[block] = store.images[src_row[block]]
+                done[block] = 1
+                bar.update(len(block))
+    del images
+    _save_done(partial, done)
+    return len(lines)
+
+
+# ---- the partial folder -----------------------------------------------------------------------------
+
+
+def _full_build(out: Path, table: _Table, files: _Files, need, stores, src_store, src_row, failures, pixels,
+                inputs_key, image_dir, workers, skip, force, t0) -> dict:
+    """A new array with one row per table line: pixels copied from other caches where they
+    exist, the rest decoded."""
+    partial = partial_dir(out)
+    plan_key = json_key({"pixels": pixels, "files": hashlib.sha256(
+        json.dumps([files.ids.tolist(), files.size.tolist(), files.mtime_ns.tolist()]).encode()).hexdigest()})
+    done = _open_partial(partial, len(files), pixels["size"], plan_key, fresh=force)
+    resumed = int(done.sum())
+    if resumed:
+        print(f"resuming {partial}: {resumed} of {len(done)} images already done")
+    copied = _copy_pixels(partial, done, stores, src_store, src_row)
+    is_failed = np.zeros(len(files), dtype=bool)
+    is_failed[[f["line"] for f in failures]] = True
+    tasks = [(int(i), files.paths[i]) for i in need if not done[i] and not is_failed[i]]
+    failures = failures + _decode_all(partial, tasks, done, table, files, pixels, workers, skip)
+    failures.sort(key=lambda f: f["line"])  # workers finish in any order
+    kept = np.flatnonzero(done == 1)
+    sources = pd.DataFrame({"row": kept, "ImageID": files.ids[kept], "file": [files.paths[i] for i in kept],
+                            "bytes": files.size[kept], "mtime_ns": files.mtime_ns[kept]})
+    rows = np.arange(len(files), dtype=np.int64)
+    return _finalize(out, partial, table, files, rows, sources, failures, pixels, inputs_key, image_dir, t0, {
+        "workers": workers, "decoded_this_run": len(tasks), "copied_rows": copied, "resumed_rows": resumed,
+        "linked": False})
+
+
+def _open_partial(partial: Path, n: int, size: int, plan_key: str, fresh: bool) -> np.ndarray:
+    """Reuse a matching partial build (-> its done mask) or set up a new one (-> zeros)."""
+    plan_path = partial / "plan.json"
+    if partial.exists() and not fresh:
+        try:
+            old = json.loads(plan_path.read_text(encoding="utf-8"))
+            done = np.load(partial / "done.npy")
+            images = np.load(partial / "images.npy", mmap_mode="r")
+            if old.get("plan_key") == plan_key and done.shape == (n,) and images.shape == (n, size, size):
+                return done.astype(np.uint8)
+            print(f"{partial}: left by a build with other inputs; starting over")
+        except (OSError, ValueError, json.JSONDecodeError):
+            print(f"{partial}: incomplete set-up from an earlier run; starting over")
+    _fresh_dir(partial)
+    _allocate(partial / "images.npy", n, size)
+    done = np.zeros(n, dtype=np.uint8)
+    _save_done(partial, done)
+    with _disk_guard(plan_path, 256):  # plan.json last: its presence means the folder is completely set up
+        write_json(plan_path, {"plan_key": plan_key, "rows": n, "size": int(size)})
+    return done
+
+
+def _fresh_dir(d: Path) -> None:
+    if d.exists():
+        _check_replaceable(d)
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+
+
+def _allocate(path: Path, n: int, size: int) -> None:
+    """Create the (n, size, size) uint8 array file with all its disk blocks allocated: a full
+    disk is reported now, with the sizes, instead of killing a process that writes into a
+    sparse memory-mapped file later (SIGBUS)."""
+    need = n * size * size + 128
+    with _disk_guard(path, need):
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size)).flush()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            os.close(fd)
+            fd = -1
+            path.unlink()
+            raise InputError(_no_space_message(path, need)) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise  # EOPNOTSUPP & co: the filesystem cannot reserve blocks; the writes still work
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _save_done(partial: Path, done: np.ndarray) -> None:
+    """Persist the done mask atomically; fsync images.npy first so that every row marked done
+    is on disk (workers write through shared mappings, i.e. the same page cache)."""
+    fd = os.open(partial / "images.npy", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp = partial / ".done.npy.tmp"
+    with _disk_guard(partial / "done.npy", done.nbytes + 128):
+        with open(tmp, "wb") as f:
+            np.save(f, done)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, partial / "done.npy")
+
+
+@contextlib.contextmanager
+def _disk_guard(path: Path, need: int):
+    """A full disk while writing `path` -> one InputError line with the sizes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise InputError(_no_space_message(path, need)) from None
+        raise
+
+
+def _no_space_message(path: Path, need: int) -> str:
+    where = Path(path).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    return (f"{path}: no space left on the device: {_human_bytes(need)} needed, {_human_bytes(free)} free; "
+            f"free some space, or use a smaller --size or another --out")
+
+
+def _human_bytes(n: float) -> str:
+    """3 significant digits and a unit: never rounds a small amount down to "0.0 GB"."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        n /= 1000
+        if n < 999.5 or unit == "PB":
+            return f"{n:.3g} {unit}"
+    raise AssertionError("unreachable")
+
+
+# ---- decoding -----------------------------------------------------------------------------------------
 
 AHEAD = 3  # tasks queued per worker process: it never waits for the next one, a stop waits for few
 
 
-def _decode_all(partial: Path, tasks, done, plan: _Plan, size, low, high, workers, skip_bad) -> list[dict]:
+def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels: dict, workers: int,
+                skip: bool) -> list[dict]:
     """Decode every (row, path) task into partial/images.npy, marking `done` and persisting it
-    every FLUSH_SECONDS and at the end (also on errors and Ctrl-C). -> failures."""
+    every FLUSH_SECONDS and at the end (also on errors and Ctrl-C). -> failures (skip only:
+    otherwise the first one stops the build)."""
     failures: list[dict] = []
     if not tasks:
         return failures
-    path_of = dict(tasks)
     last_flush = time.time()
-    pool = _DecodePool(partial / "images.npy", size, low, high, tasks, workers)
+    pool = _DecodePool(partial / "images.npy", pixels, tasks, workers)
     stream = pool.results()
     finished = False
     with tqdm(total=len(tasks), unit="img", desc="preprocess", dynamic_ncols=True) as bar:
@@ -400,9 +663,9 @@ def _decode_all(partial: Path, tasks, done, plan: _Plan, size, low, high, worker
                 if reason is None:
                     done[row] = 1
                 else:
-                    failures.append(_failure(plan, row, path_of[row], reason))
+                    failures.append(_failure(table, row, files.paths[row], reason, files))
                 bar.update(1)
-                if failures and not skip_bad:
+                if failures and not skip:
                     break
                 if time.time() - last_flush >= FLUSH_SECONDS:
                     _save_done(partial, done)
@@ -418,10 +681,10 @@ def _decode_all(partial: Path, tasks, done, plan: _Plan, size, low, high, worker
                     _save_done(partial, done)
                 except OSError:
                     pass
-    if failures and not skip_bad:
-        f = failures[0]
-        raise InputError(f"{_describe_failure(f)}. Fix or remove the file, or re-run with --skip-bad to "
-                         f"leave such images out; the {int(done.sum())} images done so far are kept for the re-run")
+    if failures and not skip:
+        hint = _fix_hint(table.kind, "such images").replace("Fix --image-dir or the files", "Fix or remove the file")
+        raise InputError(f"{_describe_failure(failures[0])}. {hint}; the {int(done.sum())} images done so far "
+                         f"are kept for the re-run")
     return failures
 
 
@@ -434,8 +697,9 @@ class _DecodePool:
     (killed by the OS when out of memory) stops the build with the file it was decoding.
     """
 
-    def __init__(self, images_path: Path, size: int, low: float, high: float, tasks, workers: int):
-        self.params = {"images": os.fspath(images_path), "size": int(size), "low": float(low), "high": float(high)}
+    def __init__(self, images_path: Path, pixels: dict, tasks, workers: int):
+        self.params = {"images": os.fspath(images_path), "size": pixels["size"], "low": pixels["low_pct"],
+                       "high": pixels["high_pct"]}
         self.tasks = tasks
         self.next = 0
         self.procs: list[subprocess.Popen] = []
@@ -532,34 +796,53 @@ class _DecodePool:
         self.procs = []
 
 
-# -- finishing ----------------------------------------------------------------------------------------
+# ---- finishing --------------------------------------------------------------------------------------
 
 
-def _finalize(out: Path, partial: Path, plan: _Plan, failures: list[dict], info: dict, t0: float) -> dict:
-    """Write index.csv, labels.txt, manifest.json (last) into the partial folder, then rename it
-    to `out` (replacing an old cache only now)."""
-    failed_rows = {int(r) for r in plan.table.index[plan.table["ImageID"].isin({f["ImageID"] for f in failures})]}
-    keep = ~plan.table["row"].isin(failed_rows).to_numpy()
-    index = plan.table[keep]
-    train = index[index["split"] == "train"]
-    write_csv(partial / "index.csv", index)
-    write_text(partial / "labels.txt", "".join(f"{lab}\n" for lab in plan.labels))
-    elapsed = time.time() - t0
+def _relink(out: Path, table: _Table, files: _Files, src_row, failures, pixels, inputs_key, image_dir, workers,
+            t0) -> dict:
+    """Every image is already in out's own array: a new index into the same images.npy (and
+    sources.csv), hard-linked into a fresh folder that replaces `out` like any build."""
+    partial = partial_dir(out)
+    _fresh_dir(partial)
+    for name in ("images.npy", "sources.csv"):
+        try:
+            os.link(out / name, partial / name)
+        except OSError:  # a filesystem without hard links: a copy, same content
+            with _disk_guard(partial / name, (out / name).stat().st_size):
+                shutil.copyfile(out / name, partial / name)
+    print(f"{out}: every image is already in the cache; only its index changes (nothing decoded or copied)")
+    return _finalize(out, partial, table, files, src_row, None, failures, pixels, inputs_key, image_dir, t0, {
+        "workers": workers, "decoded_this_run": 0, "copied_rows": 0, "resumed_rows": 0, "linked": True})
+
+
+def _finalize(out: Path, partial: Path, table: _Table, files: _Files, rows: np.ndarray, sources, failures,
+              pixels: dict, inputs_key: str, image_dir, t0: float, work: dict) -> dict:
+    """Write index.csv, labels.txt, sources.csv (unless linked), manifest.json (last) into the
+    partial folder, then rename it to `out` (replacing an old cache only now)."""
+    keep = np.ones(len(files), dtype=bool)
+    keep[[f["line"] for f in failures]] = False
+    index = table.index[keep].copy()
+    index.insert(0, "row", rows[keep])
+    _write(partial / "index.csv", _index_text(index))
+    _write(partial / "labels.txt", "".join(f"{lab}\n" for lab in table.labels))
+    if sources is not None:
+        _write(partial / "sources.csv", sources.to_csv(index=False, lineterminator="\n"))
     manifest = {
-        "format": "cxrlt image cache", "version": CACHE_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "array_rows": len(plan.table), "dtype": "uint8", "labels": plan.labels,
-        "counts": {
-            "train": int(len(train)), "test": int((index["split"] == "test").sum()),
-            "removed": plan.removed, "failed": len(failures),
-            "positives": {lab: int(train[lab].sum()) for lab in plan.labels},
-            "fold_sizes": np.bincount(train["fold"].to_numpy(), minlength=info["folds"]).tolist(),
-        },
-        "failures": failures,
-        **info,
-        "elapsed_s": round(elapsed, 3),
+        "format": "cxrlt image cache", "version": CACHE_VERSION, "kind": table.kind,
+        "key": _content_key(index, table.labels, files.size[keep], pixels, failures),
+        "inputs_key": inputs_key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "pixels": pixels, "labels": table.labels, "array_rows": int(np.load(partial / "images.npy",
+                                                                            mmap_mode="r").shape[0]),
+        "counts": _counts(table, index, failures),
+        "failures": [{k: v for k, v in f.items() if k != "line"} for f in failures],
+        "windowing": "16-bit: percentile window (low_pct, high_pct) of a subsample (every stride-th pixel), "
+                     "linear to 0..255; 8-bit: unchanged",
+        "resize": "squash to size x size (aspect ratio not kept), area averaging",
+        "sources": _describe_sources(table.sources), "image_dir": os.path.abspath(image_dir), **table.info,
+        **work, "elapsed_s": round(time.time() - t0, 3),
     }
-    write_json(partial / "manifest.json", manifest)
+    _write(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     for p in partial.iterdir():  # temp files of an attempt killed mid-write must not move into the cache
         if p.name.startswith(".") and ".tmp" in p.name:
             p.unlink(missing_ok=True)
@@ -572,14 +855,45 @@ def _finalize(out: Path, partial: Path, plan: _Plan, failures: list[dict], info:
         (out / name).unlink(missing_ok=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    _print_summary(out, manifest)
     return manifest
+
+
+def _write(path: Path, text: str) -> None:
+    with _disk_guard(path, len(text.encode())):
+        write_text(path, text)
+
+
+def _counts(table: _Table, index: pd.DataFrame, failures: list[dict]) -> dict:
+    counts = {"images": int(len(index)), "failed": len(failures)}
+    if table.kind == "train":
+        counts.update(removed=table.info["removed"],
+                      positives={lab: int(index[lab].sum()) for lab in table.labels},
+                      fold_sizes=np.bincount(index["fold"].to_numpy(), minlength=table.info["folds"]).tolist())
+    return counts
+
+
+def _describe_sources(sources: dict) -> dict:
+    """Path, size and sha256 of each CSV the cache was built from (None: not given)."""
+    out = {}
+    for name, path in sources.items():
+        if path is None:
+            out[name] = None
+            continue
+        out[name] = {"path": os.path.abspath(path), "bytes": os.path.getsize(path),
+                     "sha256": file_sha256(path)}
+    return out
 
 
 def _print_summary(out: Path, m: dict) -> None:
     c = m["counts"]
-    rate = f", {m['decoded_this_run']} images decoded with {m['workers']} workers" if m["decoded_this_run"] else ""
-    print(f"cache written: {out} ({c['train']} train, {c['test']} test images; {c['removed']} removed by "
-          f"the removal list; {c['failed']} failed) in {m['elapsed_s']:.1f} s{rate}")
+    removed = f"; {c['removed']} removed by the removal list" if "removed" in c else ""
+    procs = f"{m['workers']} process{'es' if m['workers'] > 1 else ''}"
+    work = (f"{m['decoded_this_run']} decoded ({procs}), {m['copied_rows']} copied from this root's caches, "
+            f"{m['resumed_rows']} kept from an interrupted build" if not m["linked"]
+            else "nothing decoded: a new index into the same array")
+    print(f"cache written: {out} ({c['images']} {m['kind']} images{removed}; {c['failed']} failed) in "
+          f"{m['elapsed_s']:.1f} s; {work}")
     if m["failures"]:
         print(f"warning: {len(m['failures'])} image(s) could not be used and were left out "
               f"(all listed in {out / 'manifest.json'}):", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 
 from conftest import ROOT, run_script
 from cxrlt.cache import open_cache
-from cxrlt.cache_build import build_cache
+from cxrlt.cache_build import build_test_cache, build_train_cache
 from cxrlt.checkpoint import load_checkpoint
 from cxrlt.csvio import read_training_csv
 from cxrlt.errors import InputError
@@ -91,10 +91,11 @@ def write_dataset(root: Path, n=12, seed=0, images=None) -> dict:
     return {"train_csv": root / "train.csv", "image_dir": img_dir, "test_csv": root / "test.csv", "ids": ids}
 
 
-def build(ds, out, **kw):
-    args = dict(size=SIZE, test_csv=ds["test_csv"], folds=2, seed=0, workers=1)
-    args.update(kw)
-    return build_cache(ds["train_csv"], ds["image_dir"], out, **args)
+def build(ds, root, **kw):
+    """The train cache (root/train) and the test cache (root/test) -> their manifests."""
+    common = dict(workers=1, **kw)
+    return (build_train_cache(ds["train_csv"], ds["image_dir"], root / "train", SIZE, folds=2, seed=0, **common),
+            build_test_cache(ds["test_csv"], ds["image_dir"], root / "test", SIZE, **common))
 
 
 @pytest.fixture
@@ -135,7 +136,7 @@ def test_renamed_label_column_is_named_with_the_close_match(tmp_path):
 def test_preprocess_missing_label_column_exits_2(ds, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("Normal\nMass\nHernia\nPneumothorax\n")
-    line = script_fails("preprocess.py", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
+    line = script_fails("preprocess.py", "train", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
                         "--labels-file", labels, "--size", SIZE, "--out", tmp_path / "cache")
     assert line.startswith(f"error: {ds['train_csv']}: row 1 (header): missing label column 'Pneumothorax'")
     assert not (tmp_path / "cache").exists()
@@ -148,9 +149,9 @@ def test_bom_and_crlf_csvs_give_the_same_cache(ds, tmp_path):
         text = ds[key].read_text()
         ds[key].write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     build(ds, tmp_path / "windows")
-    for name in ("index.csv", "labels.txt", "images.npy"):
+    for name in ("train/index.csv", "train/labels.txt", "train/images.npy", "test/index.csv", "test/images.npy"):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "windows" / name).read_bytes(), name
-    assert open_cache(tmp_path / "windows").index.columns[1] == "ImageID"  # not '\ufeffImageID'
+    assert open_cache(tmp_path / "windows/train").index.columns[1] == "ImageID"  # not '\ufeffImageID'
 
 
 # ---- images -----------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def test_bom_and_crlf_csvs_give_the_same_cache(ds, tmp_path):
 def test_preprocess_truncated_png_exits_2_naming_image_row_and_file(ds, tmp_path):
     bad = ds["image_dir"] / ds["ids"][4]
     bad.write_bytes(bad.read_bytes()[:300])
-    line = script_fails("preprocess.py", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
+    line = script_fails("preprocess.py", "train", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
                         "--size", SIZE, "--folds", 2, "--out", tmp_path / "cache", "--workers", 1)
     assert f"error: {bad}: " in line and "truncated" in line
     assert f"ImageID '{ds['ids'][4]}', row 6 of {ds['train_csv']}" in line and "--skip-bad" in line
@@ -193,12 +194,13 @@ def test_mixed_bit_depths_and_channels_work(tmp_path):
         if kind.startswith("rgb"):
             img = np.dstack([g, g, g] + ([np.full_like(g, 3)] if kind.startswith("rgba") else []))
         cv2.imwrite(str(ds["image_dir"] / iid), img)
-    m = build(ds, tmp_path / "cache")
-    assert m["counts"]["failed"] == 0 and m["counts"]["train"] == 12 and m["counts"]["test"] == 3
-    cache = open_cache(tmp_path / "cache")
-    for row, iid in zip(cache.index["row"], cache.index["ImageID"]):
-        expected = load_for_cache(ref_dir / iid, SIZE).astype(int)
-        assert np.abs(cache.images[row].astype(int) - expected).max() <= 1, iid
+    m_train, m_test = build(ds, tmp_path / "cache")
+    assert m_train["counts"]["failed"] == 0 and m_train["counts"]["images"] == 12 and m_test["counts"]["images"] == 3
+    for kind in ("train", "test"):
+        cache = open_cache(tmp_path / "cache" / kind)
+        for row, iid in zip(cache.index["row"], cache.index["ImageID"]):
+            expected = load_for_cache(ref_dir / iid, SIZE).astype(int)
+            assert np.abs(cache.images[row].astype(int) - expected).max() <= 1, iid
 
 
 # ---- test list vs predictions -----------------------------------------------------------------------
@@ -344,8 +346,8 @@ def test_train_missing_cache_says_run_preprocess(tmp_path, capsys):
 
 def test_predict_incomplete_cache_says_run_preprocess(ds, tmp_path, capsys):
     """A cache whose build was interrupted: the folder holds arrays but no manifest.json."""
-    cache = tmp_path / "cache"
-    build(ds, cache)
+    build(ds, tmp_path)
+    cache = tmp_path / "test"
     (cache / "manifest.json").unlink()
     capsys.readouterr()  # the build's progress bar
     ck = cxrlt_checkpoint(tmp_path / "model.pt")
