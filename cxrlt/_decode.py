@@ -21,9 +21,7 @@ terminal reaches only the builder, which then stops its workers (keeping the row
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 
 import cv2
 import numpy as np
@@ -31,13 +29,6 @@ import numpy as np
 from .imaging import ImageReadError, load_for_cache
 
 WINDOW_STRIDE = 4  # the 16-bit window's subsample stride (cxrlt.imaging.window_limits)
-
-# libjpeg reports a damaged entropy-coded segment (e.g. a file cut short with an end marker
-# appended) only as a warning on stderr ("Corrupt JPEG data: premature end of data segment",
-# "... bad Huffman code", "Premature end of JPEG file"), and OpenCV then returns an image whose
-# missing part is flat grey. Such an image is refused. Two "Corrupt JPEG data" warnings leave
-# the pixels intact and are tolerated: junk bytes between segments and a bad ICC profile.
-_JPEG_HARMLESS = ("extraneous bytes", "icc")
 
 
 def quiet_opencv() -> None:
@@ -49,69 +40,12 @@ def quiet_opencv() -> None:
 def decode_into(images: np.ndarray, row: int, path: str, size: int, low: float, high: float) -> str | None:
     """Decode `path` into images[row] -> None, or the reason the file cannot be used."""
     try:
-        with _jpeg_warnings(path) as warnings:
-            img = load_for_cache(path, size, low, high, WINDOW_STRIDE)
-        damage = _jpeg_damage(warnings())
-        if damage:
-            return f"damaged JPEG data ({damage})"
-        images[row] = img
+        images[row] = load_for_cache(path, size, low, high, WINDOW_STRIDE)
         return None
     except ImageReadError as e:
         return e.reason
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported per image
         return f"{type(e).__name__}: {e}".strip()
-
-
-class _jpeg_warnings:
-    """Capture what the C libraries write to file descriptor 2 while a JPEG decodes.
-
-    Only JPEG files are watched (by their magic bytes): a PNG cut short already fails to decode.
-    The capture is a file, not a pipe, so a long message can never block the decoder.
-    """
-
-    _sink = None
-
-    def __init__(self, path: str):
-        self.active = _is_jpeg(path)
-        self.text = ""
-
-    def __enter__(self):
-        if self.active:
-            if _jpeg_warnings._sink is None:
-                _jpeg_warnings._sink = tempfile.TemporaryFile()
-            sink = _jpeg_warnings._sink
-            sink.seek(0)
-            sink.truncate()
-            sys.stderr.flush()
-            self.saved = os.dup(2)
-            os.dup2(sink.fileno(), 2)
-        return lambda: self.text
-
-    def __exit__(self, *exc):
-        if self.active:
-            os.dup2(self.saved, 2)
-            os.close(self.saved)
-            sink = _jpeg_warnings._sink
-            sink.seek(0)
-            self.text = sink.read(4096).decode("utf-8", "replace")
-        return False
-
-
-def _is_jpeg(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(3) == b"\xff\xd8\xff"
-    except OSError:
-        return False  # the decoder reports it
-
-
-def _jpeg_damage(text: str) -> str:
-    for line in text.splitlines():
-        low = line.lower()
-        if ("corrupt jpeg data" in low and not any(k in low for k in _JPEG_HARMLESS)) \
-                or "premature end of jpeg file" in low:
-            return line.strip()
-    return ""
 
 
 def serve() -> None:

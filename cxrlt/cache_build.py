@@ -574,6 +574,8 @@ def _allocate(path: Path, n: int, size: int) -> None:
     disk is reported now, with the sizes, instead of killing a process that writes into a
     sparse memory-mapped file later (SIGBUS)."""
     need = n * size * size + 128
+    if shutil.disk_usage(path.parent).free < need:  # also where the filesystem cannot reserve blocks
+        raise InputError(_no_space_message(path, need))
     with _disk_guard(path, need):
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size)).flush()
     fd = os.open(path, os.O_RDWR)
@@ -674,13 +676,12 @@ def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels
         finally:
             stream.close()
             pool.stop()
-            if finished:
+            try:
                 _save_done(partial, done)
-            else:  # an error is on its way out: saving progress must not replace it with another
-                try:
-                    _save_done(partial, done)
-                except OSError:
-                    pass
+            except (OSError, InputError):
+                if finished:
+                    raise
+                # an error is already on its way out: that one is reported, not this one
     if failures and not skip:
         hint = _fix_hint(table.kind, "such images").replace("Fix --image-dir or the files", "Fix or remove the file")
         raise InputError(f"{_describe_failure(failures[0])}. {hint}; the {int(done.sum())} images done so far "

@@ -74,12 +74,14 @@ def output_lock(folder):
             raise InputError(f"{folder}: in use by {holder}; wait for it to finish (or stop it) and "
                              f"run again") from None
         command = " ".join(sys.argv).replace("\n", " ")[:300]
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only unnamed
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the flock
 

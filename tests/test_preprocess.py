@@ -190,8 +190,10 @@ def _bad_files(tmp_path) -> dict:
     cv2.imwrite(str(tmp_path / "ok.jpg"), (good // 256).astype(np.uint8))
     jpg = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(jpg[:-40])
+    (tmp_path / "cut_marked.jpg").write_bytes(jpg[: len(jpg) // 2] + b"\xff\xd9")  # cut, end marker appended
     return {"missing.png": "not found", "empty.png": "empty", "trunc.png": "not a readable image",
-            "text.png": "not a readable image", "tiny.png": "only 4x4", "trunc.jpg": "truncated JPEG"}
+            "text.png": "not a readable image", "tiny.png": "only 4x4", "trunc.jpg": "truncated JPEG",
+            "cut_marked.jpg": "damaged JPEG data"}
 
 
 def test_bad_image_files_raise_input_errors(tmp_path):
