@@ -28,7 +28,9 @@ POOL_GRID = [0.0, 0.25, 0.5, 0.75]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="model.pt of a run (or of its crt/ folder)")
-    ap.add_argument("--cache", required=True, help="cache folder written by preprocess.py")
+    ap.add_argument("--cache", required=True,
+                    help="cache folder written by preprocess.py: the train cache for --split val, "
+                         "the test list's cache (ROOT/test-<key>) for --split test")
     ap.add_argument("--split", choices=["val", "test"], required=True)
     ap.add_argument("--out", required=True, help="predictions CSV to write")
     ap.add_argument("--postproc-from", default=None, help="postproc.json from a val run: apply its best values")
@@ -56,11 +58,13 @@ def main() -> int:
         cfg["normal_gating_alpha"], cfg["study_pool_weight"] = chosen["normal_gating_alpha"], chosen["study_pool_weight"]
     labels = list(ck["labels"])
     cache = open_cache(args.cache)
-    if list(cache.labels) != labels:
+    if cache.labels and list(cache.labels) != labels:  # a test cache has no labels
         raise InputError(f"{args.cache}: cache labels differ from the checkpoint's ({args.checkpoint})")
     rows = cache.rows("train", fold=cfg["val_fold"]) if args.split == "val" else cache.rows("test")
     if len(rows) == 0:
-        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'")
+        what = "a test list's cache (ROOT/test-<key>)" if args.split == "test" else "the train cache (ROOT/train)"
+        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'; --split {args.split} "
+                         f"reads {what}")
     ds = CacheDataset(f"{args.cache}/images.npy", rows, num_classes=len(labels))
     loader = make_loader(ds, args.batch_size, workers=cfg["workers"], pin_memory=device.type == "cuda")
     amp = cfg["amp"] and device.type == "cuda"

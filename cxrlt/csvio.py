@@ -9,6 +9,10 @@ Formats (column names are case- and space-sensitive):
   optionally `StudyDate_DICOM` and `PatientID`. Any other column is ignored, including the 30
   unnamed, empty trailing columns of the official test list.
 * Labelled CSV (evaluation): `ImageID` plus the given label columns; other columns are kept.
+* Metadata CSV (META_CSV, plain or .gz; PadChest's `PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`
+  layout): `ImageID, StudyID, PatientID, StudyDate_DICOM, Projection, ViewPosition_DICOM, ...`.
+  Only META_COLUMNS are read (ImageID, PatientID and Projection required): never its `Labels`
+  or `Report` columns, which hold the labels of the evaluation images.
 
 Every reader keeps ImageID, StudyDate_DICOM and PatientID as strings: the official PatientID is
 written in Excel float form (`1.90E+38`) and must not be parsed as a number. A UTF-8 BOM and CRLF
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import csv
 import difflib
+import gzip
 import os
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -30,6 +36,8 @@ from .labels import ID_COLUMNS, read_labels_file
 
 # How many offending cells/IDs an error message lists before "... and N more".
 _MAX_LISTED = 3
+META_COLUMNS = ["ImageID", "StudyID", "PatientID", "StudyDate_DICOM", "Projection", "ViewPosition_DICOM"]
+META_REQUIRED = ["ImageID", "PatientID", "Projection"]
 
 
 def read_training_csv(path, labels_file=None) -> tuple[pd.DataFrame, list[str]]:
@@ -89,6 +97,48 @@ def read_id_list(path, allow_empty: bool = False) -> pd.DataFrame:
     out = out.astype(str)
     _check_image_ids(path, out)
     return _reset_with_rows(out)
+
+
+def read_meta_csv(path, ids=None) -> pd.DataFrame:
+    """Read the metadata CSV -> DataFrame[META_COLUMNS] of str ("" for blank or absent columns),
+    only the rows whose ImageID is in `ids` when given. Index: spreadsheet row numbers."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found (the metadata CSV)")
+    header = list(_read_pandas(path, nrows=0).columns)
+    for col in META_REQUIRED:
+        _require_column(path, header, col)
+    present = [c for c in META_COLUMNS if c in header]
+    df = _read_pandas(path, usecols=present, dtype=str, keep_default_na=False)
+    for col in META_COLUMNS:
+        df[col] = df[col].str.strip() if col in present else ""
+    df = df[META_COLUMNS]
+    df.index = df.index + 2  # spreadsheet rows (header = 1; a newline inside a quoted cell is not a row)
+    if ids is not None:
+        df = df[df["ImageID"].isin(set(ids))]
+    blank = df["ImageID"] == ""
+    if blank.any():
+        raise InputError(f"{path}: row {df.index[blank.to_numpy()][0]}, column 'ImageID': blank ImageID")
+    dup = df["ImageID"].duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = df["ImageID"][dup].iloc[0]
+        rows = df.index[(df["ImageID"] == first).to_numpy()].tolist()
+        raise InputError(f"{path}: ImageID '{first}' appears on rows {', '.join(map(str, rows[:5]))} "
+                         f"({int(dup.sum())} rows share an ImageID)")
+    df.index.name = "csv_row"
+    return df
+
+
+def _read_pandas(path, **kw) -> pd.DataFrame:
+    """pandas.read_csv (compression from the file name) with every failure as one InputError line."""
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig", **kw)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, EOFError, OSError, zlib.error,
+            gzip.BadGzipFile) as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable CSV ({msg})") from None
 
 
 # ---- shared steps --------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ File formats (rows are numbered as in a text editor: the header is row 1):
 - Test list: `ImageID,StudyDate_DICOM,PatientID`, optionally followed by empty columns (the
   official CXRLT_2026_TEST_ALL_TASK1.csv has 30 trailing empty fields). Only ImageID is used.
 - Label table, either layout:
-  * cache index `index.csv`: `row,ImageID,StudyDate_DICOM,PatientID,split,fold,<labels>`
-    with 0/1 labels on train rows and empty labels on test rows;
+  * cache index `index.csv`: `row,ImageID,StudyDate_DICOM,PatientID,study,patient,projection,split,fold,<labels>`
+    with 0/1 labels (a train cache's);
   * training layout: `ImageID,StudyDate_DICOM,PatientID,<labels>` with 0/1 labels.
   The label columns are every column that is not one of those ID/bookkeeping columns.
 """
@@ -29,7 +29,8 @@ from .fileio import atomic_path
 
 ID = "ImageID"
 # Columns of the index / training CSV that are not labels.
-NON_LABEL_COLUMNS = ("row", "ImageID", "StudyDate_DICOM", "PatientID", "split", "fold")
+NON_LABEL_COLUMNS = ("row", "ImageID", "StudyDate_DICOM", "PatientID", "study", "patient", "projection", "split",
+                     "fold")
 
 
 # ---- low-level reading ---------------------------------------------------------------------
