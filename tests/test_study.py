@@ -5,6 +5,7 @@ import os
 import textwrap
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -114,6 +115,31 @@ def test_plan_adds_the_study_to_stems_and_post_only_variants_share_one_backbone(
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
+LABELS4 = ["effusion", "nodule", "mass", "Normal"]
+
+
+@pytest.fixture(scope="module")
+def label_cache(tmp_path_factory) -> Path:
+    """A train cache of 240 tiny images in 160 studies (1-2 images each) with 4 common labels: every
+    label has many positives in every fold, so that the intervals are about the predictions and not
+    about tail labels that a resample may lack (predictions are made up by the tests, not trained)."""
+    from cxrlt.cache_build import build_train_cache
+
+    d = tmp_path_factory.mktemp("label_cache")
+    (d / "images").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(160):
+        y = (rng.random(4) < [0.4, 0.3, 0.25, 0.3]).astype(int)
+        for k in range(1 + (s % 3 == 0)):
+            image_id = f"img{s:03d}_{k}.png"
+            cv2.imwrite(str(d / "images" / image_id), rng.integers(0, 255, (16, 16), dtype=np.uint8))
+            rows.append([image_id, f"2015{s % 12 + 1:02d}01", f"P{s}", *y])
+    pd.DataFrame(rows, columns=["ImageID", "StudyDate_DICOM", "PatientID", *LABELS4]).to_csv(d / "train.csv", index=False)
+    build_train_cache(d / "train.csv", d / "images", d / "cache", 8, folds=2, seed=0, workers=1)
+    return d / "cache"
+
+
 def fake_runs(tmp_path, cache_dir, preds: dict[str, np.ndarray], study_file) -> tuple[Path, list]:
     """Expand the study, write each run's pred_val.csv (val fold 0 of the cache); -> (manifest, --run triples)."""
     from cxrlt.cache import open_cache
@@ -145,12 +171,12 @@ def noisy(y, noise, seed):
     return np.clip(0.25 + 0.5 * y + noise * rng.standard_normal(y.shape), 0, 1)
 
 
-def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estimates(tmp_path, demo_cache):
+def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estimates(tmp_path, label_cache):
     from cxrlt.evaluation import compute_metrics, load_eval_data
 
     f = write_study(tmp_path, "name: two\nbaseline: good\nvariants: {good: {}, weak: {loss: bce, head: linear}}\n")
-    y = val_targets(demo_cache)
-    man, runs = fake_runs(tmp_path, demo_cache, {"two.good": noisy(y, 0.3, 1), "two.weak": noisy(y, 0.9, 2)}, f)
+    y = val_targets(label_cache)
+    man, runs = fake_runs(tmp_path, label_cache, {"two.good": noisy(y, 0.3, 1), "two.weak": noisy(y, 0.9, 2)}, f)
     out = tmp_path / "report"
     study.report(man, runs, out, n_boot=N_BOOT)
     t = pd.read_csv(out / "table.csv")
@@ -162,11 +188,11 @@ def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estima
                 assert r[f"{g}_low"] <= r[f"{g}_mAP"] <= r[f"{g}_high"]
     weak = t.iloc[1]
     assert weak["diff_low"] <= weak["diff_mAP"] <= weak["diff_high"]
-    assert weak["diff_mAP"] == pytest.approx(weak["mAP"] - t.iloc[0]["mAP"], abs=1e-9)
+    assert weak["diff_mAP"] == pytest.approx(weak["mAP"] - t.iloc[0]["mAP"], abs=2e-6)  # table.csv: 6 digits
     assert weak["diff_high"] < 0 and weak["p_better"] < 0.05  # far noisier predictions: clearly worse
     assert np.isnan(t.iloc[0]["diff_mAP"])
     # the numbers are evaluate.py's numbers for the same file
-    ref, _ = compute_metrics(load_eval_data(Path(runs[1][1]) / "pred_val.csv", Path(demo_cache) / "index.csv"))
+    ref, _ = compute_metrics(load_eval_data(Path(runs[1][1]) / "pred_val.csv", Path(label_cache) / "index.csv"))
     assert weak["mAP"] == pytest.approx(ref["mAP"]) and weak["mF1_tuned"] == pytest.approx(ref["mF1_tuned"])
     md = (out / "table.md").read_text()
     assert "| **good** (baseline) |" in md and "| weak |" in md
@@ -183,21 +209,21 @@ def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estima
     assert (out / "table.csv").read_text() != text
 
 
-def test_the_paired_difference_of_a_run_with_itself_is_zero_with_a_zero_width_interval(tmp_path, demo_cache):
+def test_the_paired_difference_of_a_run_with_itself_is_zero_with_a_zero_width_interval(tmp_path, label_cache):
     f = write_study(tmp_path, "name: same\nvariants: {a: {}, b: {tta: flip}}\n")
-    p = noisy(val_targets(demo_cache), 0.5, 3)
-    man, runs = fake_runs(tmp_path, demo_cache, {"same.a": p, "same.b": p.copy()}, f)
+    p = noisy(val_targets(label_cache), 0.5, 3)
+    man, runs = fake_runs(tmp_path, label_cache, {"same.a": p, "same.b": p.copy()}, f)
     study.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
     b = pd.read_csv(tmp_path / "r" / "table.csv").iloc[1]
     assert (b["diff_mAP"], b["diff_low"], b["diff_high"], b["p_better"]) == (0, 0, 0, 0)
 
 
-def test_several_seeds_report_mean_and_sd_and_the_interval_of_the_mean(tmp_path, demo_cache):
+def test_several_seeds_report_mean_and_sd_and_the_interval_of_the_mean(tmp_path, label_cache):
     f = write_study(tmp_path, "name: seeds\nseeds: [0, 1]\nvariants: {a: {}, b: {loss: bce, head: linear}}\n")
-    y = val_targets(demo_cache)
+    y = val_targets(label_cache)
     pa, pb0, pb1 = noisy(y, 0.4, 4), noisy(y, 0.6, 5), noisy(y, 0.6, 6)
     preds = {"seeds.a": pa, "seeds.a.s1": pa.copy(), "seeds.b": pb0, "seeds.b.s1": pb1}
-    man, runs = fake_runs(tmp_path, demo_cache, preds, f)
+    man, runs = fake_runs(tmp_path, label_cache, preds, f)
     study.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
     t = pd.read_csv(tmp_path / "r" / "table.csv")
     a, b = t.iloc[0], t.iloc[1]
@@ -205,7 +231,7 @@ def test_several_seeds_report_mean_and_sd_and_the_interval_of_the_mean(tmp_path,
     # two identical runs: the mean's interval is exactly metrics.bootstrap_map's for one run
     from cxrlt.evaluation import load_eval_data
 
-    data = load_eval_data(Path(runs[0][1]) / "pred_val.csv", Path(demo_cache) / "index.csv")
+    data = load_eval_data(Path(runs[0][1]) / "pred_val.csv", Path(label_cache) / "index.csv")
     keys = data.keys.study if data.keys is not None else None  # the units evaluate.py resamples
     ci = M.bootstrap_map(y, pa, keys, None, N_BOOT, M.BOOT_SEED)["mAP"]
     assert (a["mAP_low"], a["mAP"], a["mAP_high"]) == pytest.approx((ci["low"], ci["value"], ci["high"]), abs=2e-6)
@@ -214,13 +240,18 @@ def test_several_seeds_report_mean_and_sd_and_the_interval_of_the_mean(tmp_path,
     d1 = M.paired_bootstrap(y, pb1, pa, keys, None, N_BOOT)["mAP"]["diff"]
     assert b["diff_mAP"] == pytest.approx((d0 + d1) / 2, abs=2e-6) and b["diff_sd"] > 0
     assert b["diff_low"] <= b["diff_mAP"] <= b["diff_high"]
+    # b's interval is that of the mean of its two runs' mAP on each resample of the val studies
+    w = M.resample_weights(keys if keys is not None else np.arange(len(y)), N_BOOT, M.BOOT_SEED)
+    per_resample = [np.nanmean(M.resampled_ap(y, q, w), axis=1) for q in (pb0, pb1)]
+    lo, hi = np.percentile((per_resample[0] + per_resample[1]) / 2, [2.5, 97.5])
+    assert (b["mAP_low"], b["mAP_high"]) == pytest.approx((lo, hi), abs=2e-6)
     assert "± " in (tmp_path / "r" / "table.md").read_text()
 
 
-def test_report_cli_names_a_missing_run(tmp_path, demo_cache):
+def test_report_cli_names_a_missing_run(tmp_path, label_cache):
     f = write_study(tmp_path, "name: miss\nvariants: {a: {}, b: {tta: flip}}\n")
-    p = noisy(val_targets(demo_cache), 0.5, 3)
-    man, runs = fake_runs(tmp_path, demo_cache, {"miss.a": p, "miss.b": p}, f)
+    p = noisy(val_targets(label_cache), 0.5, 3)
+    man, runs = fake_runs(tmp_path, label_cache, {"miss.a": p, "miss.b": p}, f)
     r = run_script("study.py", "report", "--manifest", man, "--out", tmp_path / "r", "--run", *runs[0], check=False)
     assert r.returncode == 2 and "no --run given for miss.b" in r.stderr
 
