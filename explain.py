@@ -97,7 +97,8 @@ def pointing(a, model, ck, device) -> None:
     res = pointing_game(model, ck, images, ids, y, boxes, sizes, a.method, a.layer, device)
     write_json(Path(a.out) / "pointing.json", res)
     print(f"pointing game on {res['n']} correctly detected findings with a box: peak inside the box "
-          f"{res['hit_rate']:.1%}, a random point {res['random_rate']:.1%} -> {a.out}/pointing.json")
+          f"{res['hit_rate']:.1%}, a random point {res['random_rate']:.1%} (best possible at the map's "
+          f"{res['map_size']} cells: {res['ceiling']:.1%}) -> {a.out}/pointing.json")
 
 
 if __name__ == "__main__":

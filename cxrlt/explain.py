@@ -19,7 +19,9 @@ generator's boxes.csv, PadChest-style localisations: ImageID,label,x0,y0,x1,y1 i
 original image file, x1/y1 exclusive), every correctly detected positive finding (labelled
 positive, probability >= the label's F1-best threshold on the same images) scores a hit when its
 map's peak falls inside its box (mapped onto the cache's square image). The reference is a random
-point: it falls inside a box with probability box area / image area.
+point: it falls inside a box with probability box area / image area. The ceiling is the share of
+these boxes that hold a cell centre of the map's grid at all: a coarse map (2 x 2 for a stride-32
+backbone at 64 px) cannot point into a small box that lies between its cell centres.
 
 explain.py's outputs (in --out):
   <image>.png    one panel per image: the image, then the map over the image for each chosen label
@@ -28,7 +30,7 @@ explain.py's outputs (in --out):
   explain.csv    ImageID, label, prob, labelled (1/0, empty when unknown), peak_x, peak_y (the map's
                  peak in input pixels of the cache's square image, x right, y down; 0 = the image's
                  edge, a pixel's centre is at +0.5), map_h, map_w (the map's resolution), method, layer
-  pointing.json  with --boxes: {"n", "hits", "hit_rate", "random_rate", "boxes", "not_detected",
+  pointing.json  with --boxes: {"n", "hits", "hit_rate", "random_rate", "ceiling", "map_size", "boxes", "not_detected",
                  "per_label": {label: {"n", "hit_rate", "random_rate"}}, "method", "layer"}
 """
 
@@ -348,8 +350,9 @@ def pointing_game(model, ck: dict, images: np.ndarray, ids: list[str], y: np.nda
     where = {i: k for k, i in enumerate(ids)}
     side = images.shape[1:]
     per_label: dict[str, list] = {}
-    n = hits = not_detected = 0
+    n = hits = not_detected = ceiling = 0
     rnd = 0.0
+    grid = None
     considered = boxes[boxes["ImageID"].isin(where)]
     for b in considered.itertuples(index=False):
         i, c = where[b.ImageID], labels.index(b.label)
@@ -365,10 +368,15 @@ def pointing_game(model, ck: dict, images: np.ndarray, ids: list[str], y: np.nda
         px, py = peak(m[0, 0], side)
         hit = bool(x0 <= px < x1 and y0 <= py < y1)
         area = (min(x1, side[1]) - max(x0, 0)) * (min(y1, side[0]) - max(y0, 0)) / (side[0] * side[1])
-        n, hits, rnd = n + 1, hits + hit, rnd + area
+        # the best any map of this resolution can do: some cell centre lies inside the box
+        cx, cy = (np.arange(m.shape[3]) + 0.5) * side[1] / m.shape[3], (np.arange(m.shape[2]) + 0.5) * side[0] / m.shape[2]
+        reachable = bool(((cx >= x0) & (cx < x1)).any() and ((cy >= y0) & (cy < y1)).any())
+        n, hits, rnd, ceiling = n + 1, hits + hit, rnd + area, ceiling + reachable
         per_label.setdefault(b.label, []).append((hit, area))
+        grid = list(m.shape[2:])
     return {"n": n, "hits": hits, "hit_rate": hits / n if n else float("nan"),
-            "random_rate": rnd / n if n else float("nan"), "boxes": int(len(considered)),
+            "random_rate": rnd / n if n else float("nan"), "ceiling": ceiling / n if n else float("nan"),
+            "map_size": grid, "boxes": int(len(considered)),
             "not_detected": not_detected, "method": method, "layer": layer or "",
             "per_label": {k: {"n": len(v), "hit_rate": float(np.mean([h for h, _ in v])),
                               "random_rate": float(np.mean([a for _, a in v]))} for k, v in sorted(per_label.items())}}
