@@ -272,8 +272,22 @@ def images_from_cache(cache_dir, ids: list[str] | None, n: int | None, val_fold:
             rows = rows[np.nansum(cache.targets(rows), axis=1) > 0][:n]
         if not len(rows):
             raise InputError(f"{cache_dir}: no labelled val-fold (fold {val_fold}) image to explain; pass --images")
-    pixels = np.load(Path(cache_dir) / "images.npy", mmap_mode="r")
-    return np.asarray(pixels[rows]), list(cache.ids(rows)), cache.targets(rows), list(cache.labels)
+    return RowImages(np.load(cache.images_path, mmap_mode="r"), rows), list(cache.ids(rows)), cache.targets(rows), \
+        list(cache.labels)
+
+
+class RowImages:
+    """Cache images of some rows, read when indexed (a whole val fold at 512 px does not fit in memory)."""
+
+    def __init__(self, pixels: np.ndarray, rows: np.ndarray):
+        self.pixels, self.rows = pixels, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *pixels.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return np.array(self.pixels[self.rows[i]])  # a copy: torch wants writable arrays
 
 
 def images_from_files(files: list[str], size: int):

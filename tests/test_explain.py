@@ -198,3 +198,32 @@ def test_maps_of_a_demo_run_point_inside_the_generators_boxes(tmp_path):
     assert res["n"] >= 40 and res["method"] == "attention"
     assert res["hit_rate"] >= 1.8 * res["random_rate"]
     assert res["hit_rate"] >= 0.6 * res["ceiling"]
+
+
+def test_explain_cli_on_cache_images_with_labels_and_the_pointing_game(tmp_path, demo_cache, demo_dataset):
+    import json
+
+    import explain as script
+    from cxrlt.cache import open_cache
+    from cxrlt.fileio import torch_save
+
+    cache = open_cache(demo_cache)
+    cfg = tiny_cfg(model="test_resnet", head="csra")
+    model = build_model(cfg, num_classes=len(cache.labels))
+    torch_save({"config": cfg, "labels": cache.labels, "model": model.state_dict()}, tmp_path / "m.pt")
+    out = tmp_path / "out"
+    assert script.main(["--checkpoint", str(tmp_path / "m.pt"), "--cache", str(demo_cache), "--n", "3", "--top", "1",
+                        "--boxes", str(demo_dataset / "boxes.csv"), "--image-dir", str(demo_dataset / "images"),
+                        "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "explain.csv")
+    val = cache.rows("train", fold=cfg["val_fold"])
+    labelled = val[np.nansum(cache.targets(val), axis=1) > 0][:3]
+    assert list(rows["ImageID"]) == list(cache.ids(labelled))  # the first labelled val-fold images
+    truth = cache.targets(labelled)
+    for r, t in zip(rows.itertuples(), truth):
+        assert r.labelled == int(t[cache.labels.index(r.label)])
+    res = json.loads((out / "pointing.json").read_text())
+    assert {"n", "hit_rate", "random_rate", "ceiling", "per_label"} <= set(res) and res["boxes"] > 0
+    with pytest.raises(X.InputError, match="not in the cache"):
+        script.main(["--checkpoint", str(tmp_path / "m.pt"), "--cache", str(demo_cache), "--images", "nope.png",
+                     "--out", str(out)])
