@@ -480,29 +480,38 @@ def markdown_table(manifest: dict, table, n_boot: int) -> str:
     return "\n".join(lines)
 
 
+def _interval_bars(ax, pos, low, high, vertical: bool = False) -> None:
+    """Intervals drawn from low to high (not as +- errors: a percentile interval need not hold its estimate)."""
+    ok = np.isfinite(low) & np.isfinite(high)
+    lines = ax.vlines if vertical else ax.hlines
+    lines(pos[ok], low[ok], high[ok], color="grey", lw=1.5)
+    cap = "_" if vertical else "|"
+    for end in (low, high):
+        ax.plot(*((pos[ok], end[ok]) if vertical else (end[ok], pos[ok])), cap, color="grey", ms=8)
+
+
 def plot_map(table, path) -> None:
     """Left: mAP with its interval per variant; right: the paired difference to the baseline."""
+    from matplotlib.ticker import MaxNLocator
+
     from .evaluation import _pyplot, _save
 
     plt = _pyplot()
     n = len(table)
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * n + 1.6), sharey=True)
-    y = np.arange(n)[::-1]
-    colours = ["tab:red" if b else "tab:blue" for b in table["baseline"]]
-    m = table["mAP"].to_numpy(float)
-    err = np.vstack([m - table["mAP_low"].to_numpy(float), table["mAP_high"].to_numpy(float) - m])
-    axes[0].errorbar(m, y, xerr=np.abs(err), fmt="none", ecolor="grey", capsize=3)
-    axes[0].scatter(m, y, c=colours, zorder=3)
+    y = np.arange(n)[::-1].astype(float)
+    col = lambda k: table[k].to_numpy(float)  # noqa: E731
+    _interval_bars(axes[0], y, col("mAP_low"), col("mAP_high"))
+    axes[0].scatter(col("mAP"), y, c=["tab:red" if b else "tab:blue" for b in table["baseline"]], zorder=3)
     axes[0].set_yticks(y, table["variant"])
     axes[0].set_xlabel("val mAP (95% bootstrap interval)")
-    d = table["diff_mAP"].to_numpy(float)
-    derr = np.vstack([d - table["diff_low"].to_numpy(float), table["diff_high"].to_numpy(float) - d])
-    ok = np.isfinite(d)
     axes[1].axvline(0, color="tab:red", lw=1)
-    axes[1].errorbar(d[ok], y[ok], xerr=np.abs(derr[:, ok]), fmt="o", color="tab:blue", ecolor="grey", capsize=3)
+    _interval_bars(axes[1], y, col("diff_low"), col("diff_high"))
+    axes[1].scatter(col("diff_mAP"), y, c="tab:blue", zorder=3)
     axes[1].set_xlabel("Δ mAP vs baseline (paired 95% interval)")
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(6))
     fig.suptitle("mAP per variant (red: baseline)")
     _save(fig, path)
 
@@ -518,9 +527,9 @@ def plot_groups(table, path) -> None:
     width = 0.8 / len(M.GROUPS)
     for i, g in enumerate(M.GROUPS):
         v = table[f"{g}_mAP"].to_numpy(float)
-        err = np.abs(np.vstack([v - table[f"{g}_low"].to_numpy(float), table[f"{g}_high"].to_numpy(float) - v]))
-        ax.bar(x + (i - 1) * width, np.nan_to_num(v), width, yerr=np.nan_to_num(err), capsize=2,
-               color=GROUP_COLOURS[g], label=g)
+        ax.bar(x + (i - 1) * width, np.nan_to_num(v), width, color=GROUP_COLOURS[g], label=g)
+        _interval_bars(ax, x + (i - 1) * width, table[f"{g}_low"].to_numpy(float),
+                       table[f"{g}_high"].to_numpy(float), vertical=True)
     ax.set_xticks(x, table["variant"], rotation=30, ha="right")
     ax.set_ylabel("val mAP of the group (95% interval)")
     ax.set_ylim(0, 1)
@@ -543,6 +552,8 @@ def plot_heatmap(per_label, variants: list[str], path) -> None:
             if np.isfinite(data[i, j]):
                 ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if data[i, j] < 0.5 else "black")
+            else:
+                ax.text(j, i, "no val positive", ha="center", va="center", fontsize=5, color="grey")
     fig.colorbar(im, ax=ax, label="val AP")
     ax.set_title("Per-label AP (rows: most frequent label first; (group, training count))")
     _save(fig, path)
