@@ -116,6 +116,16 @@ def tiny_cfg(**kw) -> dict:
     return config.resolve([], over)
 
 
+def load_script(name: str):
+    """Import a top-level script (e.g. "predict.py") as a module, to call its main(argv) in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_script(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
     """Run a top-level script with the test interpreter; capture output."""
     e = dict(os.environ)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_script, tiny_cfg
+from conftest import load_script, run_script, tiny_cfg
 from cxrlt.cache import open_cache
 from cxrlt.checkpoint import load_checkpoint
 from cxrlt.data import CacheDataset, make_loader
@@ -68,17 +68,41 @@ def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_dataset
     assert np.isfinite(vals).all() and vals.min() >= 0 and vals.max() <= 1
 
 
-def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp_path):
+def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp_path, capsys):
     import json
 
     out = tmp_path / "pred_val.csv"
-    p = run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_cache, "--split", "val",
-                   "--out", out, "--workers", "0", "--tta", "none")
+    load_script("predict.py").main([str(a) for a in ["--checkpoint", trained_run / "model.pt", "--cache", demo_cache,
+                                                      "--split", "val", "--out", out, "--workers", "0", "--tta", "none"]])
     info = json.loads(open(str(out) + ".postproc.json").read())
-    assert info["best"]["val_mAP"] >= info["raw"]["val_mAP"]
-    assert "val mAP" in p.stdout
-    # the val mAP predict.py reports equals the trainer's val mAP for the same weights (no TTA)
-    assert info["raw"]["val_mAP"] == pytest.approx(load_checkpoint(trained_run / "model.pt")["best_map"], abs=1e-5)
+    sel = info["select_on"]
+    assert info["chosen"][sel] >= info["raw"][sel]  # chosen on the selection set
+    assert {"full", "proxy", "half_a", "half_b"} <= set(info["grid"][0]) and len(info["grid"]) >= 24
+    assert info["sets"]["half_a"] + info["sets"]["half_b"] == info["sets"][sel]
+    assert "honest (cross-fitted)" in capsys.readouterr().out
+    # the full-fold mAP predict.py reports equals the trainer's val mAP for the same weights (no TTA)
+    assert info["raw"]["full"] == pytest.approx(load_checkpoint(trained_run / "model.pt")["best_map"], abs=1e-5)
+
+
+def test_postproc_from_applies_the_val_choice_to_test_predictions(trained_run, demo_cache, tmp_path):
+    import json
+
+    from cxrlt.postproc import normal_gating
+
+    raw, gated = tmp_path / "raw.csv", tmp_path / "gated.csv"
+    choice = tmp_path / "pred_val.csv.postproc.json"
+    choice.write_text(json.dumps({"choice": {"normal_gating_alpha": 2.0, "study_pool_weight": 0.0,
+                                             "patient_context_weight": 0.0}}))
+    common = ["--checkpoint", trained_run / "model.pt", "--cache", demo_cache, "--split", "test", "--workers", "0",
+              "--tta", "none"]
+    predict = load_script("predict.py")  # in-process: two interpreter start-ups would cost ~20 s
+    predict.main([str(a) for a in [*common, "--out", raw]])
+    predict.main([str(a) for a in [*common, "--out", gated, "--postproc-from", choice]])
+    a, b = pd.read_csv(raw), pd.read_csv(gated)
+    labels = list(a.columns[1:])
+    expected = normal_gating(a[labels].to_numpy(), labels, 2.0)
+    assert not np.allclose(a[labels].to_numpy(), b[labels].to_numpy(), atol=1e-4)
+    assert np.allclose(b[labels].to_numpy(), expected, atol=2e-6)
 
 
 def test_flip_tta_is_invariant_to_flipping_the_input(trained_run, demo_cache, tmp_path):
