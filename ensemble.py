@@ -2,14 +2,18 @@
 """Combine model predictions into a submission, and validate submissions.
 
     python ensemble.py combine --method mean|rank|weighted|greedy --test T1.csv [T2.csv ...]
-        [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5]
+        [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5] [--select_on auto|proxy|full]
+        [--proxy_require_finding false]
         --test-list CXRLT_2026_TEST_ALL_TASK1.csv --out submissions/NAME.csv [--zip submissions/NAME.zip]
     python ensemble.py check submissions/NAME.csv --test-list LIST.csv
         [--labels-from TRAIN_OR_INDEX.csv | --labels-file labels.txt]
 
 combine: the --test (and --val) files must have the same ImageIDs and the same columns in the same
 order; --val files pair with --test files in order. weighted without --weights fits weights on
-the val fold; greedy needs --val. The submission (ImageID + the inputs' label columns, rows in
+the val fold's selection set (cxrlt/validation.py: the test-like proxy subset when the cache at
+--val-labels knows the projections, else the full fold); greedy needs --val. With --val, the val
+mAP of each model and of the ensemble is printed on the full fold, the proxy subset, and
+cross-fitted (fit on one patient half, scored on the other: the honest number). The submission (ImageID + the inputs' label columns, rows in
 test-list order) is validated like `check` before it is written; --zip adds code/ (git-tracked
 files of this repository). check: exits 2 with one line naming the first problem's row and column.
 """
@@ -21,6 +25,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from cxrlt import config
 from cxrlt.cli import main_wrapper
 from cxrlt.errors import InputError
 
@@ -36,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--val", nargs="+", help="val-fold prediction CSVs, same models in the same order")
     c.add_argument("--val-labels", help="labels of the val images: cache index.csv or labelled CSV")
     c.add_argument("--weights", nargs="+", type=float, help="weights for --method weighted")
+    config.add_config_flags(c, ["select_on", "proxy_require_finding"])
     c.add_argument("--test-list", required=True, help="official test list (ImageID,...)")
     c.add_argument("--out", required=True, help="submission CSV to write")
     c.add_argument("--zip", help="also write a zip with the CSV and code/")
@@ -86,10 +92,10 @@ def read_aligned(paths: list[str]):
 
 
 def combine(a) -> int:
-    from cxrlt import ensembling
-    from cxrlt.metrics import macro_map
-    from cxrlt.submission import read_id_list, read_label_table
     import pandas as pd
+
+    from cxrlt import ensembling
+    from cxrlt.submission import read_id_list
 
     _check_args(a)
     test_list = read_id_list(a.test_list)
@@ -99,33 +105,58 @@ def combine(a) -> int:
         raise InputError(f"{a.test[0]}: ImageIDs differ from {a.test_list} "
                          f"({len(missing)} listed image(s) not predicted, e.g. {missing[:1]}; "
                          f"{len(set(ids) - set(test_list))} predicted image(s) not listed)")
-    val, y_val = None, None
+    val, y_val, sets = None, None, None
     if a.val:
-        val_ids, val_labels, val = read_aligned(a.val)
-        if val_labels != labels:
-            raise InputError(f"{a.val[0]}: label columns differ from {a.test[0]}")
-        table = read_label_table(a.val_labels, ids=val_ids, ids_source=a.val[0])
-        if table.labels != labels:
-            if set(table.labels) != set(labels):
-                raise InputError(f"{a.val_labels}: label columns differ from {a.val[0]}")
-            table.y = table.y[:, [table.labels.index(x) for x in labels]]
-        y_val = table.y
-    ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights)
+        val, y_val, sets = read_val(a, labels)
+        print(sets["describe"])
+    select = sets["selection"] if sets else None
+    ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights, select=select)
     if weights is not None:
         print("weights: " + ", ".join(f"{p}={w:.3f}" for p, w in zip(a.test, weights)))
     for h in info.get("greedy_history", []):
-        print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f}")
+        print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f} ({sets['select_on']})")
     if val is not None:
-        for p, v in zip(a.val, val):
-            print(f"val mAP {macro_map(y_val, v)[0]:.4f}  {p}")
-        ens_val = ensembling.apply_same(a.method, val, weights)
-        print(f"val mAP {macro_map(y_val, ens_val)[0]:.4f}  ensemble ({a.method}, {len(val)} model(s))")
+        for p, v in zip(a.val, val):  # a single model involves no choice: honest = mean over the halves
+            print(val_line(y_val, sets, v, ensembling.cross_fitted("mean", [v], y_val, sets["halves"]), p))
+        honest = ensembling.cross_fitted(a.method, val, y_val, sets["halves"], a.weights)
+        print(val_line(y_val, sets, ensembling.apply_same(a.method, val, weights), honest,
+                       f"ensemble ({a.method}, {len(val)} model(s))"))
     df = pd.DataFrame(ens, index=pd.Index(ids, name="ImageID"), columns=labels)
     n = write_outputs(df, a, labels)
     print(f"wrote {a.out}: {len(test_list)} rows x {len(labels)} labels ({a.method} of {len(test)} model(s))")
     if a.zip:
         print(f"wrote {a.zip}: {n} files (submission + code/)")
     return 0
+
+
+def read_val(a, labels):
+    """Val predictions aligned with their labels, and the val subsets (cxrlt.validation.val_sets)."""
+    from cxrlt.submission import read_label_table
+    from cxrlt.validation import keys_from_index, make_keys, val_sets_from_keys
+
+    val_ids, val_labels, val = read_aligned(a.val)
+    if val_labels != labels:
+        raise InputError(f"{a.val[0]}: label columns differ from {a.test[0]}")
+    table = read_label_table(a.val_labels, ids=val_ids, ids_source=a.val[0])
+    if table.labels != labels:
+        if set(table.labels) != set(labels):
+            raise InputError(f"{a.val_labels}: label columns differ from {a.val[0]}")
+        table.y = table.y[:, [table.labels.index(x) for x in labels]]
+    keys, why = keys_from_index(a.val_labels if table.is_index else None, val_ids, table.y)
+    if keys is None:
+        print(f"note: no study/patient keys for the val images ({why}): each image is its own study and patient")
+        keys = make_keys(val_ids, table.y)
+    cfg = config.apply_overrides(config.DEFAULTS, config.overrides_from_args(a))
+    return val, table.y, val_sets_from_keys(keys, labels, cfg)
+
+
+def val_line(y, sets, ens_val, honest: dict, name: str) -> str:
+    """'val mAP full X  proxy Y  honest Z  name' for one model or the ensemble."""
+    from cxrlt.metrics import macro_map
+
+    full = macro_map(y, ens_val)[0]
+    proxy = macro_map(y[sets["proxy"]], ens_val[sets["proxy"]])[0] if len(sets["proxy"]) else float("nan")
+    return f"val mAP full {full:.4f}  proxy {proxy:.4f}  honest {honest['honest']:.4f}  {name}"
 
 
 def write_outputs(df, a, labels) -> int:

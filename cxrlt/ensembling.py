@@ -10,6 +10,8 @@ Methods:
   coordinate ascent on val mAP (fit_weights).
 - greedy: Caruana et al. (2004) forward selection with replacement on the validation fold; the
   selection counts are the weights of a weighted mean.
+Fitting uses the selection set of the val fold (cxrlt/validation.py: the test-like proxy by
+default); `cross_fitted` gives the honest number (fit on one patient half, score on the other).
 With a single model every method returns that model's predictions unchanged.
 """
 
@@ -134,30 +136,55 @@ def greedy_selection(val_preds, y_val, max_steps: int = 25) -> tuple[np.ndarray,
     return counts / counts.sum(), history
 
 
-def combine(method: str, test_preds, val_preds=None, y_val=None, weights=None):
-    """Combine test predictions; returns (test ensemble, weights or None, info dict).
-
-    weights (weighted only): given explicitly, else fitted on (val_preds, y_val).
-    The same weights/method applied to val_preds give the ensemble's val score (info).
-    """
+def fit(method: str, val_preds, y_val) -> tuple[np.ndarray | None, dict]:
+    """Weights of `method` fitted on the validation predictions and labels (None for mean/rank,
+    which need no fitting), and an info dict (greedy_history for greedy)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    info: dict = {}
     if method in ("mean", "rank"):
-        fn = mean_ensemble if method == "mean" else rank_ensemble
-        return fn(test_preds), None, info
-    if method == "weighted" and weights is not None:
-        w = normalise_weights(weights, len(test_preds))
-    elif val_preds is None or y_val is None:
+        return None, {}
+    if val_preds is None or y_val is None:
         raise ValueError(f"--method {method} needs validation predictions and labels"
                          + (" (or --weights)" if method == "weighted" else ""))
-    elif len(val_preds) != len(test_preds):
+    if method == "weighted":
+        return fit_weights(val_preds, y_val), {}
+    w, history = greedy_selection(val_preds, y_val)
+    return w, {"greedy_history": history}
+
+
+def _fit_or_given(method, val_preds, y_val, weights, n_models: int):
+    if method == "weighted" and weights is not None:
+        return normalise_weights(weights, n_models), {}
+    return fit(method, val_preds, y_val)
+
+
+def combine(method: str, test_preds, val_preds=None, y_val=None, weights=None, select=None):
+    """Combine test predictions; returns (test ensemble, weights or None, info dict).
+
+    weights (weighted only): given explicitly, else fitted on (val_preds, y_val) restricted to the
+    val rows `select` (the selection set of cxrlt/validation.py; None = all rows).
+    """
+    if val_preds is not None and len(val_preds) != len(test_preds):
         raise ValueError(f"{len(val_preds)} validation files for {len(test_preds)} test files")
-    elif method == "weighted":
-        w = fit_weights(val_preds, y_val)
-    else:
-        w, info["greedy_history"] = greedy_selection(val_preds, y_val)
-    return weighted_mean(test_preds, w), w, info
+    if val_preds is not None and select is not None:
+        val_preds, y_val = [np.asarray(v)[select] for v in val_preds], np.asarray(y_val)[select]
+    w, info = _fit_or_given(method, val_preds, y_val, weights, len(test_preds))
+    return apply_same(method, test_preds, w), w, info
+
+
+def cross_fitted(method: str, val_preds, y_val, halves, weights=None) -> dict:
+    """The honest val mAP of `method`: fit on half A and score on half B, fit on B and score on A;
+    {"honest": mean of the two scores, "half_reports": [on B, on A], "half_weights": [fit on A, on B]}.
+    With nothing to fit (mean, rank, given weights) it is the mean of the halves' scores."""
+    y_val = np.asarray(y_val)
+    stack = [np.asarray(v) for v in val_preds]
+    reports, fitted = [], []
+    for fit_on, score_on in (halves, halves[::-1]):
+        w, _ = _fit_or_given(method, [v[fit_on] for v in stack], y_val[fit_on], weights, len(stack))
+        ens = apply_same(method, [v[score_on] for v in stack], w)
+        reports.append(float(macro_map(y_val[score_on], ens)[0]))
+        fitted.append(None if w is None else w.tolist())
+    return {"honest": float(np.mean(reports)), "half_reports": reports, "half_weights": fitted}
 
 
 def apply_same(method: str, preds, weights) -> np.ndarray:

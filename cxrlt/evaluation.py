@@ -39,7 +39,7 @@ from . import metrics as M
 from .errors import InputError
 from .fileio import atomic_path, read_jsonl, write_csv, write_json, write_text
 from .submission import LabelTable, labels_from_file, read_header, read_label_table, read_predictions
-from .validation import ValKeys
+from .validation import ValKeys, keys_from_index
 
 N_RAREST_PR = 6
 ECE_BINS = 15
@@ -72,28 +72,9 @@ def load_eval_data(pred_path, labels_path, index_path=None) -> EvalData:
     pred = read_predictions(pred_path, labels)
     table = read_label_table(labels_path, ids=pred.index.tolist(), ids_source=str(pred_path))
     counts, n_train, source = _train_frequencies(table, labels_path, index_path, labels)
-    keys, keys_source = _cache_keys(table.ids, table.y, [labels_path] if table.is_index else [index_path])
+    keys, keys_source = keys_from_index(labels_path if table.is_index else index_path, table.ids, table.y)
     return EvalData(table.ids, labels, table.y, pred.loc[table.ids].to_numpy(), counts, n_train, source,
                     keys, keys_source)
-
-
-def _cache_keys(ids, y, index_paths) -> tuple[ValKeys | None, str]:
-    """Study/patient/projection keys of the images from the cache whose index.csv is given, if that
-    cache opens and holds every image; else (None, why not)."""
-    from .cache import open_cache
-    from .validation import make_keys, rows_of_ids
-
-    why = "no cache index given"
-    for path in [p for p in index_paths if p]:
-        try:
-            cache = open_cache(Path(path).parent)
-            rows = rows_of_ids(cache, ids)
-        except (InputError, KeyError) as e:
-            why = f"{path}: {e}"
-            continue
-        frontal = cache.frontal(rows) if cache.has_projection else None
-        return make_keys(ids, y, cache.study_keys(rows), cache.patient_keys(rows), frontal), f"cache of {path}"
-    return None, why
 
 
 def _train_frequencies(table: LabelTable, labels_path, index_path, labels):

@@ -84,6 +84,26 @@ def rows_of_ids(cache, ids) -> np.ndarray:
     return np.array([where[i] for i in ids], dtype=np.int64)
 
 
+def keys_from_index(index_path, ids, y) -> tuple[ValKeys | None, str]:
+    """Keys of the images `ids` (labels y, aligned) from the cache whose index.csv is index_path,
+    if that cache opens and holds every image; else (None, why not). For the stages that get a
+    cache only as a label file (evaluate.py --labels, ensemble.py --val-labels)."""
+    from pathlib import Path
+
+    from .cache import open_cache
+    from .errors import InputError
+
+    if not index_path:
+        return None, "no cache index given"
+    try:
+        cache = open_cache(Path(index_path).parent)
+        rows = rows_of_ids(cache, ids)
+    except (InputError, KeyError) as e:
+        return None, f"{index_path}: {e}"
+    frontal = cache.frontal(rows) if cache.has_projection else None
+    return make_keys(ids, y, cache.study_keys(rows), cache.patient_keys(rows), frontal), f"cache of {index_path}"
+
+
 def _hash(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
 
