@@ -116,9 +116,9 @@ def combine(a) -> int:
     for h in info.get("greedy_history", []):
         print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f} ({sets['select_on']})")
     if val is not None:
-        for p, v in zip(a.val, val):  # a single model involves no choice: honest = mean over the halves
-            print(val_line(y_val, sets, v, ensembling.cross_fitted("mean", [v], y_val, sets["halves"]), p))
-        honest = ensembling.cross_fitted(a.method, val, y_val, sets["halves"], a.weights)
+        for p, v in zip(a.val, val):  # a single model involves no choice: honest = its selection-set mAP
+            print(val_line(y_val, sets, v, ensembling.cross_fitted("mean", [v], y_val, sets), p))
+        honest = ensembling.cross_fitted(a.method, val, y_val, sets, a.weights)
         print(val_line(y_val, sets, ensembling.apply_same(a.method, val, weights), honest,
                        f"ensemble ({a.method}, {len(val)} model(s))"))
     df = pd.DataFrame(ens, index=pd.Index(ids, name="ImageID"), columns=labels)

@@ -172,19 +172,27 @@ def combine(method: str, test_preds, val_preds=None, y_val=None, weights=None, s
     return apply_same(method, test_preds, w), w, info
 
 
-def cross_fitted(method: str, val_preds, y_val, halves, weights=None) -> dict:
-    """The honest val mAP of `method`: fit on half A and score on half B, fit on B and score on A;
-    {"honest": mean of the two scores, "half_reports": [on B, on A], "half_weights": [fit on A, on B]}.
-    With nothing to fit (mean, rank, given weights) it is the mean of the halves' scores."""
+def cross_fitted(method: str, val_preds, y_val, sets: dict, weights=None) -> dict:
+    """The honest val mAP of `method` on the selection set: the ensemble of half B with the weights
+    fitted on half A, and of half A with those fitted on B, scored together (validation.out_of_half).
+    {"honest", "half_weights": [fitted on A, on B] (None: nothing fitted)}. With nothing to fit
+    (mean, rank, given weights) it is the ensemble's mAP on the selection set."""
+    from .validation import out_of_half
+
     y_val = np.asarray(y_val)
     stack = [np.asarray(v) for v in val_preds]
-    reports, fitted = [], []
-    for fit_on, score_on in (halves, halves[::-1]):
+    if method in ("mean", "rank") or (method == "weighted" and weights is not None):
+        sel = sets["selection"]
+        w, _ = _fit_or_given(method, None, None, weights, len(stack))
+        return {"honest": macro_map(y_val[sel], apply_same(method, [v[sel] for v in stack], w))[0],
+                "half_weights": [None, None]}
+    a, b = sets["halves"]
+    preds, fitted = [], []
+    for fit_on, score_on in ((a, b), (b, a)):
         w, _ = _fit_or_given(method, [v[fit_on] for v in stack], y_val[fit_on], weights, len(stack))
-        ens = apply_same(method, [v[score_on] for v in stack], w)
-        reports.append(float(macro_map(y_val[score_on], ens)[0]))
+        preds.append(apply_same(method, [v[score_on] for v in stack], w))
         fitted.append(None if w is None else w.tolist())
-    return {"honest": float(np.mean(reports)), "half_reports": reports, "half_weights": fitted}
+    return {"honest": out_of_half(y_val, sets, preds[0], preds[1]), "half_weights": fitted}
 
 
 def apply_same(method: str, preds, weights) -> np.ndarray:

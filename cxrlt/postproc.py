@@ -28,8 +28,8 @@ whole prediction set, so pooling sees only the subset's images, like the test li
   {"choice": {normal_gating_alpha, study_pool_weight, patient_context_weight},
    "chosen": {full, proxy, half_a, half_b}  (val mAP of the choice on each subset),
    "raw": the same for no post-processing, "honest": cross-fitted mAP of the whole choice
-   procedure (choose on half A report on B and vice versa, mean), "raw_honest": mean of raw's mAP
-   on the two halves (the same images, no choice), "select_on", "sets" {subset: n images},
+   procedure on the selection set (half B post-processed with the choice made on half A and vice
+   versa; compare it with raw[select_on]), "select_on", "sets" {subset: n images},
    "describe", "half_choices", "grid": [{the 3 parameters, full, proxy, half_a, half_b}], "tta"}.
 """
 
@@ -172,7 +172,6 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
     """Score the grid on every val subset and choose on the selection set (see the docstring).
 
     p: (N, C) val probabilities; keys: ValKeys of the same rows (y = labels); sets: val_sets()."""
-    from .metrics import macro_map
     from .validation import cross_fit
 
     ctx_mean, has_ctx = context_of(context, keys)
@@ -180,16 +179,13 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
     if not has_ctx.any():  # nothing to blend with: the context weights would all tie
         points = [g for g in points if g.patient_context_weight == 0]
 
-    def score(i, idx):
-        q = postprocess(p[idx], labels, keys.study[idx], ctx_mean[idx], has_ctx[idx], points[i])
-        return macro_map(keys.y[idx], q)[0]
+    def predict(i, idx):
+        return postprocess(p[idx], labels, keys.study[idx], ctx_mean[idx], has_ctx[idx], points[i])
 
-    sel = cross_fit(len(points), score, sets)
+    sel = cross_fit(len(points), predict, keys.y, sets)
     table = [{**g.as_dict(), **row} for g, row in zip(points, sel["table"])]
-    raw = table[0]
     return {"choice": points[sel["choice"]].as_dict(), "chosen": _scores(table[sel["choice"]]),
-            "raw": _scores(raw), "honest": sel["honest"], "raw_honest": float(np.mean([raw["half_a"], raw["half_b"]])),
-            "select_on": sets["select_on"], "describe": sets["describe"],
+            "raw": _scores(table[0]), "honest": sel["honest"], "select_on": sets["select_on"], "describe": sets["describe"],
             "sets": {"full": len(sets["full"]), "proxy": len(sets["proxy"]), "half_a": len(sets["halves"][0]),
                      "half_b": len(sets["halves"][1])},
             "half_choices": [points[i].as_dict() for i in sel["half_choices"]],
@@ -207,8 +203,8 @@ def summary_line(res: dict) -> str:
     ch = (f"gating alpha {ch['normal_gating_alpha']:g}, study pooling {ch['study_pool_weight']:g}, "
           f"patient context {ch['patient_context_weight']:g}")
     return (f"post-processing chosen on {res['select_on']}: {ch} | val mAP full {r['full']:.4f} -> {c['full']:.4f}, "
-            f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted) {res['raw_honest']:.4f} -> "
-            f"{res['honest']:.4f}")
+            f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted, on {res['select_on']}) "
+            f"{r[res['select_on']]:.4f} -> {res['honest']:.4f}")
 
 
 def load_choice(path) -> PostParams:

@@ -17,16 +17,22 @@ Subsets of the val rows (`val_sets`; indices into the rows given):
   halves     two patient-disjoint halves (A, B) of the selection set: patients in
              hash(seed, patient key) order, each to the half with fewer images so far.
 
-Honest number (`cross_fit` / `choose`): choose on A and report on B, choose on B and report on
-A; the honest value is the mean of the two reports. The final choice is made on the whole
-selection set (its score there is optimistic; the honest value is the one to quote).
+Honest number (`cross_fit`, `out_of_half`): choose on A and predict B with that choice, choose
+on B and predict A; the honest value is the mAP of these out-of-half predictions over the whole
+selection set, so it is comparable with the selection set's other numbers (same images, same
+labels with a positive; a mean of the two halves' own mAPs would not be: each half skips the
+labels it has no positive of). The final choice is made on the whole selection set (its score
+there is optimistic; the honest value is the one to quote).
 
 API for the stages (all indices are positions in the `rows` they were built from):
     keys = val_keys(cache, rows)                       # ids, study, patient, frontal, y
     sets = val_sets(cache, rows, cfg)                  # or val_sets_from_keys(keys, labels, cfg)
-    sel = cross_fit(n_candidates, score, sets)         # score(i, idx) -> float, higher is better
-    sel = choose(table, sets["select_on"])             # same, from a precomputed score table
-    sel["choice"], sel["honest"], sel["table"][i]["full" | "proxy" | "half_a" | "half_b"]
+    sel = cross_fit(n, predict, keys.y, sets)          # predict(i, idx) -> (len(idx), C) probabilities
+    sel["choice"], sel["honest"], sel["half_choices"], sel["table"][i]["full"|"proxy"|"half_a"|"half_b"]
+  or, for a stage that scores candidates one at a time (the trainer's epochs, cRT's heads):
+    table.append({s: mAP on idx for s, idx in subsets_of(sets).items()})   # per candidate
+    sel = choose(table, sets["select_on"])             # choice and half choices so far
+    honest = out_of_half(keys.y, sets, preds[sel["half_choices"][0]][B], preds[sel["half_choices"][1]][A])
 """
 
 from __future__ import annotations
@@ -176,31 +182,57 @@ def _argmax(values) -> int:
     return int(np.argmax(v))
 
 
-def choose(table: list[dict], select_on: str) -> dict:
-    """Choice and honest number from a score table: table[i][s] = score of candidate i on subset s
-    (s in full, proxy, half_a, half_b; higher is better).
+def _macro_map(y, p) -> float:
+    from .metrics import macro_map
 
-    Returns {"choice": i chosen on `select_on`, "select_on", "honest": mean of (score on B of the
-    choice made on A, score on A of the choice made on B), "half_choices": [on A, on B],
-    "half_reports": [its score on B, its score on A], "chosen": table[choice], "table": table}."""
+    return macro_map(y, p)[0]
+
+
+def subsets_of(sets: dict) -> dict[str, np.ndarray]:
+    """{"full", "proxy", "half_a", "half_b"} index arrays of a val_sets() result."""
+    return {"full": sets["full"], "proxy": sets["proxy"], "half_a": sets["halves"][0], "half_b": sets["halves"][1]}
+
+
+def score_table(n_candidates: int, predict, y, sets: dict, metric=_macro_map) -> list[dict]:
+    """table[i][subset] = metric(y[idx], predict(i, idx)) for every candidate i and subset (NaN if empty).
+
+    predict(i, idx) -> (len(idx), C) predictions of candidate i for the val rows idx, made as if
+    those rows were the whole prediction set (what post-processing that pools rows needs)."""
+    y = np.asarray(y)
+    return [{s: float(metric(y[idx], predict(i, idx))) if len(idx) else float("nan")
+             for s, idx in subsets_of(sets).items()} for i in range(n_candidates)]
+
+
+def choose(table: list[dict], select_on: str) -> dict:
+    """The choices a score table gives: table[i][s] = score of candidate i on subset s (s in full,
+    proxy, half_a, half_b; higher is better).
+
+    Returns {"choice": i chosen on `select_on`, "select_on", "half_choices": [chosen on A, chosen on
+    B], "chosen": table[choice], "table": table}. The honest number needs predictions: out_of_half()."""
     if not table:
         raise ValueError("no candidates to choose from")
-    col = {s: [t[s] for t in table] for s in SUBSETS}
-    on_a, on_b = _argmax(col["half_a"]), _argmax(col["half_b"])
-    reports = [float(col["half_b"][on_a]), float(col["half_a"][on_b])]
-    choice = _argmax(col[select_on])
-    return {"choice": choice, "select_on": select_on, "honest": float(np.mean(reports)),
-            "half_choices": [on_a, on_b], "half_reports": reports, "chosen": table[choice], "table": table}
+    choice = _argmax([t[select_on] for t in table])
+    return {"choice": choice, "select_on": select_on,
+            "half_choices": [_argmax([t["half_a"] for t in table]), _argmax([t["half_b"] for t in table])],
+            "chosen": table[choice], "table": table}
 
 
-def score_table(n_candidates: int, score, sets: dict) -> list[dict]:
-    """table[i] = {subset: score(i, indices of the subset)} for every candidate and subset."""
-    subsets = {"full": sets["full"], "proxy": sets["proxy"], "half_a": sets["halves"][0],
-               "half_b": sets["halves"][1]}
-    return [{s: float(score(i, idx)) if len(idx) else float("nan") for s, idx in subsets.items()}
-            for i in range(n_candidates)]
+def out_of_half(y, sets: dict, pred_b, pred_a, metric=_macro_map) -> float:
+    """The honest score: metric over the whole selection set of out-of-half predictions, i.e.
+    pred_b (half B's predictions made with what was chosen/fitted on A) and pred_a (half A's, with
+    what was chosen on B). Comparable with any other score on the selection set: same images,
+    same labels."""
+    a, b = sets["halves"]
+    if not len(a) or not len(b):
+        return float("nan")
+    y = np.asarray(y)
+    return float(metric(np.concatenate([y[a], y[b]]), np.concatenate([np.asarray(pred_a), np.asarray(pred_b)])))
 
 
-def cross_fit(n_candidates: int, score, sets: dict) -> dict:
-    """choose() over the table score(i, idx) gives for candidates 0..n-1 on sets' subsets."""
-    return choose(score_table(n_candidates, score, sets), sets["select_on"])
+def cross_fit(n_candidates: int, predict, y, sets: dict, metric=_macro_map) -> dict:
+    """score_table + choose + the honest number (out_of_half of the two half choices)."""
+    sel = choose(score_table(n_candidates, predict, y, sets, metric), sets["select_on"])
+    on_a, on_b = sel["half_choices"]
+    a, b = sets["halves"]
+    sel["honest"] = out_of_half(y, sets, predict(on_a, b), predict(on_b, a), metric)
+    return sel

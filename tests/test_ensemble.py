@@ -213,16 +213,16 @@ def test_weights_are_fitted_on_the_selection_set_with_an_honest_number(setup, ca
 
 def test_cross_fitted_weights_never_see_the_half_they_are_scored_on():
     y, models = toy_models(n=80)
-    halves = (np.arange(0, 40), np.arange(40, 80))
-    res = E.cross_fitted("weighted", models, y, halves)
-    w_a = E.fit_weights([m[:40] for m in models], y[:40])
-    w_b = E.fit_weights([m[40:] for m in models], y[40:])
+    a, b = np.arange(0, 40), np.arange(40, 80)
+    sets = {"halves": (a, b), "selection": np.arange(80)}
+    res = E.cross_fitted("weighted", models, y, sets)
+    w_a = E.fit_weights([m[a] for m in models], y[a])
+    w_b = E.fit_weights([m[b] for m in models], y[b])
     assert res["half_weights"] == [w_a.tolist(), w_b.tolist()]
-    expected = [macro_map(y[40:], E.weighted_mean([m[40:] for m in models], w_a))[0],
-                macro_map(y[:40], E.weighted_mean([m[:40] for m in models], w_b))[0]]
-    assert res["half_reports"] == pytest.approx(expected) and res["honest"] == pytest.approx(np.mean(expected))
-    mean = E.cross_fitted("mean", models, y, halves)
-    assert mean["half_weights"] == [None, None]
+    out_of_half = np.vstack([E.weighted_mean([m[a] for m in models], w_b), E.weighted_mean([m[b] for m in models], w_a)])
+    assert res["honest"] == pytest.approx(macro_map(y, out_of_half)[0])
+    mean = E.cross_fitted("mean", models, y, sets)  # nothing fitted: the selection set's mAP
+    assert mean["honest"] == pytest.approx(macro_map(y, E.mean_ensemble(models))[0])
 
 
 @pytest.mark.parametrize("case,expected", [

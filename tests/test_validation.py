@@ -92,21 +92,23 @@ def test_halves_are_patient_disjoint_balanced_and_cover_the_selection():
 def test_cross_fit_never_reports_on_the_half_it_chose_on():
     sets = {"full": np.arange(10), "proxy": np.arange(6), "halves": (np.array([0, 1, 2]), np.array([3, 4, 5])),
             "select_on": "proxy"}
-    # candidate 1 looks best on A, candidate 2 on B; both are bad on the other half.
-    table = {(0, "A"): 0.5, (0, "B"): 0.5, (1, "A"): 0.9, (1, "B"): 0.1, (2, "A"): 0.1, (2, "B"): 0.8}
+    # "Predictions" whose metric is their mean: candidate 1 looks best on A, candidate 2 on B, and
+    # each is bad on the other half.
+    value = np.array([[0.5] * 6 + [0.5] * 4,
+                      [0.9] * 3 + [0.1] * 3 + [0.9] * 4,
+                      [0.1] * 3 + [0.8] * 3 + [0.0] * 4])
     calls = []
 
-    def score(i, idx):
+    def predict(i, idx):
         calls.append((i, tuple(idx)))
-        half = "A" if tuple(idx) == (0, 1, 2) else "B" if tuple(idx) == (3, 4, 5) else None
-        return table[(i, half)] if half else {0: 0.5, 1: 0.6, 2: 0.4}[i]
+        return value[i, idx][:, None]
 
-    sel = V.cross_fit(3, score, sets)
+    sel = V.cross_fit(3, predict, np.zeros((10, 1)), sets, metric=lambda y, p: p.mean())
     assert sel["half_choices"] == [1, 2]
-    assert sel["half_reports"] == [0.1, 0.1]  # A's pick scored on B, B's pick scored on A
-    assert sel["honest"] == pytest.approx(0.1)  # the in-half maxima would say 0.85
-    assert sel["choice"] == 1 and sel["chosen"]["proxy"] == 0.6
-    assert {c for c in calls} >= {(1, (3, 4, 5)), (2, (0, 1, 2))}
+    assert sel["honest"] == pytest.approx(0.1)  # A's pick predicts B, B's pick predicts A; in-half: 0.85
+    assert sel["choice"] == 1 and sel["chosen"]["proxy"] == pytest.approx(0.5)
+    assert sel["table"][2]["full"] == pytest.approx(0.27)
+    assert {(1, (3, 4, 5)), (2, (0, 1, 2))} <= set(calls)
 
 
 def test_cross_fit_honest_number_is_unbiased_for_noise_candidates():
@@ -116,9 +118,21 @@ def test_cross_fit_honest_number_is_unbiased_for_noise_candidates():
     values = rng.random((40, 200))
     keys = V.make_keys([f"i{k}" for k in range(200)], np.zeros((200, 3)), patient=rng.integers(0, 80, 200).astype(str))
     sets = V.val_sets_from_keys(keys, LABELS, {"select_on": "full"})
-    sel = V.cross_fit(40, lambda i, idx: values[i, idx].mean(), sets)
+    sel = V.cross_fit(40, lambda i, idx: values[i, idx], keys.y, sets, metric=lambda y, p: p.mean())
     assert sel["chosen"]["full"] > 0.54
     assert abs(sel["honest"] - 0.5) < 0.04
+
+
+def test_out_of_half_scores_the_assembled_predictions_with_macro_map():
+    # A mean of the halves' own mAPs would skip, in each half, the labels it has no positive of.
+    y = np.array([[1, 0], [0, 0], [0, 1], [0, 0]])
+    sets = {"halves": (np.array([0, 1]), np.array([2, 3]))}
+    pred_a, pred_b = np.array([[0.9, 0.8], [0.1, 0.2]]), np.array([[0.2, 0.7], [0.3, 0.1]])
+    from cxrlt.metrics import macro_map
+
+    expected = macro_map(y, np.vstack([pred_a, pred_b]))[0]
+    assert V.out_of_half(y, sets, pred_b, pred_a) == pytest.approx(expected)
+    assert expected != pytest.approx(np.mean([macro_map(y[:2], pred_a)[0], macro_map(y[2:], pred_b)[0]]))
 
 
 def test_choose_ties_go_to_the_first_candidate_and_nan_loses():
@@ -126,6 +140,8 @@ def test_choose_ties_go_to_the_first_candidate_and_nan_loses():
     table = [dict(row), dict(row), {**row, "proxy": float("nan"), "half_a": float("nan")}]
     sel = V.choose(table, "proxy")
     assert sel["choice"] == 0 and sel["half_choices"] == [0, 0]
+    table[1]["half_b"] = 0.6
+    assert V.choose(table, "proxy")["half_choices"] == [0, 1]
 
 
 def test_rows_of_ids_maps_image_ids_to_cache_rows():
