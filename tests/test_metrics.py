@@ -182,6 +182,26 @@ def test_bootstrap_resamples_studies_not_images():
     assert 1.2 < width(by_study) / width(by_image) < 1.7
 
 
+def test_bootstrap_interval_stays_centred_when_rare_labels_drop_out_of_resamples():
+    # Four labels with a single, badly ranked positive (AP ~0.1): a resample misses each with
+    # probability ~0.37, and its plain macro mean then jumps up. The interval must still sit
+    # around the estimate, as wide as the common labels' noise plus the rare labels' own.
+    rng = np.random.default_rng(4)
+    n = 200
+    y = np.zeros((n, 8), int)
+    y[:, :4] = rng.random((n, 4)) < 0.3
+    p = rng.normal(0, 1, (n, 8)) + 1.5 * y
+    for c in range(4, 8):
+        i = rng.integers(n)
+        y[i, c], p[i, c] = 1, -1.0
+    r = M.bootstrap_map(y, p, n_boot=1000)["mAP"]
+    assert 0.25 < (r["value"] - r["low"]) / (r["high"] - r["low"]) < 0.75
+    raw = np.nanmean(M.resampled_ap(y, p, M.resample_weights(np.arange(n))), axis=1)
+    assert np.mean(raw > r["value"]) > 0.8  # what a plain percentile interval would be built from
+    common = M.bootstrap_map(y[:, :4], p[:, :4], n_boot=1000)["mAP"]
+    assert common["high"] - common["low"] < 2 * (r["high"] - r["low"])
+
+
 def test_bootstrap_group_intervals_and_point_values(toy):
     y, p = toy
     groups = ["head", "medium", "tail", "tail"]
