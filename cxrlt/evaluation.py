@@ -13,7 +13,7 @@ Outputs in the output folder (each written atomically):
   seed, level, unit: "studies" | "images", n_units, keys_source}: studies (exact study keys of the
   cache) are resampled when --labels or --index is a cache index holding the evaluated images,
   else images.
-  subsets (cache keys only): {"proxy": ..., "proxy_finding": ...} each {n_images, mAP, low, high}:
+  subsets (cache keys only): {"proxy": ..., "proxy_finding": ...} each {n_images, what, mAP, low, high}:
   the test-like subsets of cxrlt/validation.py (frontal when known, one image per study; and only
   images with a finding).
   compare (with --compare OTHER): paired bootstrap of mAP(pred) - mAP(OTHER) on the same images,
@@ -164,7 +164,9 @@ def uncertainty(data: EvalData, label_groups, other: np.ndarray | None = None, o
         for name, finding in (("proxy", False), ("proxy_finding", True)):
             idx = proxy_subset(data.keys, data.labels, require_finding=finding)
             ci = M.bootstrap_map(data.y[idx], data.p[idx], studies[idx], n_boot=n_boot)["mAP"] if len(idx) else {}
-            out["subsets"][name] = {"n_images": int(len(idx)), "mAP": ci.get("value", float("nan")),
+            what = (("frontal, " if data.keys.frontal is not None else "") + "one image per study"
+                    + (", with a finding" if finding else ""))
+            out["subsets"][name] = {"n_images": int(len(idx)), "what": what, "mAP": ci.get("value", float("nan")),
                                     "low": ci.get("low", float("nan")), "high": ci.get("high", float("nan"))}
     if other is not None:
         out["compare"] = {"other": str(other_path),
@@ -220,8 +222,7 @@ def uncertainty_lines(summary: dict) -> list[str]:
     lines = [f"95% interval ({b['n_boot']} bootstrap resamples of {b['n_units']} {b['unit']}): mAP "
              f"{_ci(b['mAP'])}; head {_ci(b['head'])}  medium {_ci(b['medium'])}  tail {_ci(b['tail'])}"]
     for name, s in summary.get("subsets", {}).items():
-        what = "frontal, one image per study" + (", with a finding" if name == "proxy_finding" else "")
-        lines.append(f"{name} ({what}): {s['n_images']} images, mAP {_fmt(s['mAP'])} {_ci(s)}")
+        lines.append(f"{name} ({s['what']}): {s['n_images']} images, mAP {_fmt(s['mAP'])} {_ci(s)}")
     c = summary.get("compare")
     if c:
         m = c["mAP"]
