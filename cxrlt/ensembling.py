@@ -173,26 +173,24 @@ def combine(method: str, test_preds, val_preds=None, y_val=None, weights=None, s
 
 
 def cross_fitted(method: str, val_preds, y_val, sets: dict, weights=None) -> dict:
-    """The honest val mAP of `method` on the selection set: the ensemble of half B with the weights
-    fitted on half A, and of half A with those fitted on B, scored together (validation.out_of_half).
-    {"honest", "half_weights": [fitted on A, on B] (None: nothing fitted)}. With nothing to fit
-    (mean, rank, given weights) it is the ensemble's mAP on the selection set."""
-    from .validation import out_of_half
+    """The honest val mAP of `method` (cxrlt.validation's halves basis): the ensemble of half B
+    with the weights fitted on half A, and of half A with those fitted on B, scored per label on
+    each half. {"honest", "half_weights": [fitted on A, on B] (None: nothing fitted)}. With nothing
+    to fit (mean, rank, given weights) it is the ensemble's own halves-basis score."""
+    from .metrics import average_precision_per_label
+    from .validation import halves_macro
 
     y_val = np.asarray(y_val)
     stack = [np.asarray(v) for v in val_preds]
-    if method in ("mean", "rank") or (method == "weighted" and weights is not None):
-        sel = sets["selection"]
-        w, _ = _fit_or_given(method, None, None, weights, len(stack))
-        return {"honest": macro_map(y_val[sel], apply_same(method, [v[sel] for v in stack], w))[0],
-                "half_weights": [None, None]}
     a, b = sets["halves"]
-    preds, fitted = [], []
-    for fit_on, score_on in ((a, b), (b, a)):
-        w, _ = _fit_or_given(method, [v[fit_on] for v in stack], y_val[fit_on], weights, len(stack))
-        preds.append(apply_same(method, [v[score_on] for v in stack], w))
-        fitted.append(None if w is None else w.tolist())
-    return {"honest": out_of_half(y_val, sets, preds[0], preds[1]), "half_weights": fitted}
+    w_a, _ = _fit_or_given(method, [v[a] for v in stack], y_val[a], weights, len(stack))
+    w_b, _ = _fit_or_given(method, [v[b] for v in stack], y_val[b], weights, len(stack))
+
+    def ap(half, w):
+        return average_precision_per_label(y_val[half], apply_same(method, [v[half] for v in stack], w))
+
+    return {"honest": halves_macro(ap(a, w_b), ap(b, w_a)),
+            "half_weights": [None if w is None else w.tolist() for w in (w_a, w_b)]}
 
 
 def apply_same(method: str, preds, weights) -> np.ndarray:

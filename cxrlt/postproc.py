@@ -26,11 +26,11 @@ whole prediction set, so pooling sees only the subset's images, like the test li
 
 `<pred_val.csv>.postproc.json` (written by predict.py --split val; read by --postproc-from):
   {"choice": {normal_gating_alpha, study_pool_weight, patient_context_weight},
-   "chosen": {full, proxy, half_a, half_b}  (val mAP of the choice on each subset),
-   "raw": the same for no post-processing, "honest": cross-fitted mAP of the whole choice
-   procedure on the selection set (half B post-processed with the choice made on half A and vice
-   versa; compare it with raw[select_on]), "select_on", "sets" {subset: n images},
-   "describe", "half_choices", "grid": [{the 3 parameters, full, proxy, half_a, half_b}], "tta"}.
+   "chosen": {full, proxy, half_a, half_b, halves}  (val mAP of the choice on each subset; halves:
+   its halves-basis score, cxrlt/validation.py), "raw": the same for no post-processing,
+   "honest": cross-fitted mAP of the whole choice procedure (half B scored with the choice made
+   on half A and vice versa; compare it with raw.halves), "select_on", "sets" {subset: n images},
+   "describe", "half_choices", "grid": [{the 3 parameters, full, proxy, half_a, half_b, halves}], "tta"}.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
     """Score the grid on every val subset and choose on the selection set (see the docstring).
 
     p: (N, C) val probabilities; keys: ValKeys of the same rows (y = labels); sets: val_sets()."""
-    from .validation import cross_fit
+    from .validation import cross_fit, public_row
 
     ctx_mean, has_ctx = context_of(context, keys)
     points = grid(labels)
@@ -183,7 +183,7 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
         return postprocess(p[idx], labels, keys.study[idx], ctx_mean[idx], has_ctx[idx], points[i])
 
     sel = cross_fit(len(points), predict, keys.y, sets)
-    table = [{**g.as_dict(), **row} for g, row in zip(points, sel["table"])]
+    table = [{**g.as_dict(), **public_row(row)} for g, row in zip(points, sel["table"])]
     return {"choice": points[sel["choice"]].as_dict(), "chosen": _scores(table[sel["choice"]]),
             "raw": _scores(table[0]), "honest": sel["honest"], "select_on": sets["select_on"], "describe": sets["describe"],
             "sets": {"full": len(sets["full"]), "proxy": len(sets["proxy"]), "half_a": len(sets["halves"][0]),
@@ -193,7 +193,7 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
 
 
 def _scores(row: dict) -> dict:
-    return {k: row[k] for k in ("full", "proxy", "half_a", "half_b")}
+    return {k: row[k] for k in ("full", "proxy", "half_a", "half_b", "halves")}
 
 
 def summary_line(res: dict) -> str:
@@ -203,8 +203,8 @@ def summary_line(res: dict) -> str:
     ch = (f"gating alpha {ch['normal_gating_alpha']:g}, study pooling {ch['study_pool_weight']:g}, "
           f"patient context {ch['patient_context_weight']:g}")
     return (f"post-processing chosen on {res['select_on']}: {ch} | val mAP full {r['full']:.4f} -> {c['full']:.4f}, "
-            f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted, on {res['select_on']}) "
-            f"{r[res['select_on']]:.4f} -> {res['honest']:.4f}")
+            f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted halves of {res['select_on']}) "
+            f"{r['halves']:.4f} -> {res['honest']:.4f}")
 
 
 def load_choice(path) -> PostParams:

@@ -17,22 +17,26 @@ Subsets of the val rows (`val_sets`; indices into the rows given):
   halves     two patient-disjoint halves (A, B) of the selection set: patients in
              hash(seed, patient key) order, each to the half with fewer images so far.
 
-Honest number (`cross_fit`, `out_of_half`): choose on A and predict B with that choice, choose
-on B and predict A; the honest value is the mAP of these out-of-half predictions over the whole
-selection set, so it is comparable with the selection set's other numbers (same images, same
-labels with a positive; a mean of the two halves' own mAPs would not be: each half skips the
-labels it has no positive of). The final choice is made on the whole selection set (its score
-there is optimistic; the honest value is the one to quote).
+Honest number (`choose`): choose on A and score B with that choice, choose on B and score A.
+Per label, the two out-of-half APs are averaged (one if a half has no positive of the label),
+then macro over labels: the "halves basis". Every candidate's own score on that basis is its
+"halves" value (no choice involved), so `honest` compares like for like with the raw model's or a
+single model's "halves"; it is close to, not equal to, the selection-set mAP. (Scoring the two
+halves' predictions together as one set would mix two differently calibrated choices in one
+ranking; a plain mean of the two halves' mAPs would drop, in each half, the labels it has no
+positive of.) The final choice is made on the whole selection set: its score there is
+optimistic, the honest value is the one to quote.
 
 API for the stages (all indices are positions in the `rows` they were built from):
     keys = val_keys(cache, rows)                       # ids, study, patient, frontal, y
     sets = val_sets(cache, rows, cfg)                  # or val_sets_from_keys(keys, labels, cfg)
     sel = cross_fit(n, predict, keys.y, sets)          # predict(i, idx) -> (len(idx), C) probabilities
-    sel["choice"], sel["honest"], sel["half_choices"], sel["table"][i]["full"|"proxy"|"half_a"|"half_b"]
+    sel["choice"], sel["honest"], sel["half_choices"],
+    sel["table"][i]["full" | "proxy" | "half_a" | "half_b" | "halves"]
   or, for a stage that scores candidates one at a time (the trainer's epochs, cRT's heads):
-    table.append({s: mAP on idx for s, idx in subsets_of(sets).items()})   # per candidate
-    sel = choose(table, sets["select_on"])             # choice and half choices so far
-    honest = out_of_half(keys.y, sets, preds[sel["half_choices"][0]][B], preds[sel["half_choices"][1]][A])
+    table.append(score_row(keys.y, sets, lambda idx: probs[idx]))   # probs: (len(rows), C)
+    sel = choose(table, sets["select_on"])             # best so far, half choices, honest
+  public_row(row) drops the per-label arrays before a row goes into a JSON file.
 """
 
 from __future__ import annotations
@@ -182,10 +186,24 @@ def _argmax(values) -> int:
     return int(np.argmax(v))
 
 
-def _macro_map(y, p) -> float:
-    from .metrics import macro_map
+def _ap(y, p) -> np.ndarray:
+    from .metrics import average_precision_per_label
 
-    return macro_map(y, p)[0]
+    return average_precision_per_label(y, p)
+
+
+def _macro(per_label) -> float:
+    v = np.asarray(per_label, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
+def halves_macro(per_label_a, per_label_b) -> float:
+    """Macro mean over labels of the mean of a label's two half values (one half if the other has
+    no positive of it): the halves basis every honest number is on."""
+    pair = np.array([per_label_a, per_label_b], dtype=np.float64)
+    n = (~np.isnan(pair)).sum(0)
+    return _macro(np.where(n > 0, np.nansum(pair, 0) / np.maximum(n, 1), np.nan))
 
 
 def subsets_of(sets: dict) -> dict[str, np.ndarray]:
@@ -193,46 +211,42 @@ def subsets_of(sets: dict) -> dict[str, np.ndarray]:
     return {"full": sets["full"], "proxy": sets["proxy"], "half_a": sets["halves"][0], "half_b": sets["halves"][1]}
 
 
-def score_table(n_candidates: int, predict, y, sets: dict, metric=_macro_map) -> list[dict]:
-    """table[i][subset] = metric(y[idx], predict(i, idx)) for every candidate i and subset (NaN if empty).
+def score_row(y, sets: dict, predict, per_label=_ap) -> dict:
+    """One candidate's row of a score table: macro mAP on full, proxy, half_a, half_b, "halves" (its
+    halves-basis score: what `honest` is compared with), and its per-label values on each half
+    ("ap_half_a", "ap_half_b"; what choose() needs for the honest number).
 
-    predict(i, idx) -> (len(idx), C) predictions of candidate i for the val rows idx, made as if
-    those rows were the whole prediction set (what post-processing that pools rows needs)."""
+    predict(idx) -> (len(idx), C) predictions for the val rows idx, made as if those rows were the
+    whole prediction set (what post-processing that pools rows needs)."""
     y = np.asarray(y)
-    return [{s: float(metric(y[idx], predict(i, idx))) if len(idx) else float("nan")
-             for s, idx in subsets_of(sets).items()} for i in range(n_candidates)]
+    per = {s: per_label(y[idx], predict(idx)) if len(idx) else np.full(y.shape[1], np.nan)
+           for s, idx in subsets_of(sets).items()}
+    row = {s: _macro(v) for s, v in per.items()}
+    row.update(halves=halves_macro(per["half_a"], per["half_b"]), ap_half_a=per["half_a"], ap_half_b=per["half_b"])
+    return row
 
 
 def choose(table: list[dict], select_on: str) -> dict:
-    """The choices a score table gives: table[i][s] = score of candidate i on subset s (s in full,
-    proxy, half_a, half_b; higher is better).
+    """The choice a score table gives (rows from score_row; higher is better).
 
     Returns {"choice": i chosen on `select_on`, "select_on", "half_choices": [chosen on A, chosen on
-    B], "chosen": table[choice], "table": table}. The honest number needs predictions: out_of_half()."""
+    B], "honest": per label, the mean of (A's choice on half B, B's choice on half A), macro over
+    labels (compare with a candidate's "halves"), "chosen": table[choice], "table": table}."""
     if not table:
         raise ValueError("no candidates to choose from")
     choice = _argmax([t[select_on] for t in table])
-    return {"choice": choice, "select_on": select_on,
-            "half_choices": [_argmax([t["half_a"] for t in table]), _argmax([t["half_b"] for t in table])],
+    on_a, on_b = _argmax([t["half_a"] for t in table]), _argmax([t["half_b"] for t in table])
+    return {"choice": choice, "select_on": select_on, "half_choices": [on_a, on_b],
+            "honest": halves_macro(table[on_b]["ap_half_a"], table[on_a]["ap_half_b"]),
             "chosen": table[choice], "table": table}
 
 
-def out_of_half(y, sets: dict, pred_b, pred_a, metric=_macro_map) -> float:
-    """The honest score: metric over the whole selection set of out-of-half predictions, i.e.
-    pred_b (half B's predictions made with what was chosen/fitted on A) and pred_a (half A's, with
-    what was chosen on B). Comparable with any other score on the selection set: same images,
-    same labels."""
-    a, b = sets["halves"]
-    if not len(a) or not len(b):
-        return float("nan")
-    y = np.asarray(y)
-    return float(metric(np.concatenate([y[a], y[b]]), np.concatenate([np.asarray(pred_a), np.asarray(pred_b)])))
+def cross_fit(n_candidates: int, predict, y, sets: dict, per_label=_ap) -> dict:
+    """choose() over the rows of candidates 0..n-1; predict(i, idx) -> predictions of candidate i."""
+    table = [score_row(y, sets, lambda idx, i=i: predict(i, idx), per_label) for i in range(n_candidates)]
+    return choose(table, sets["select_on"])
 
 
-def cross_fit(n_candidates: int, predict, y, sets: dict, metric=_macro_map) -> dict:
-    """score_table + choose + the honest number (out_of_half of the two half choices)."""
-    sel = choose(score_table(n_candidates, predict, y, sets, metric), sets["select_on"])
-    on_a, on_b = sel["half_choices"]
-    a, b = sets["halves"]
-    sel["honest"] = out_of_half(y, sets, predict(on_a, b), predict(on_b, a), metric)
-    return sel
+def public_row(row: dict) -> dict:
+    """A score-table row without its per-label arrays (for JSON files and printing)."""
+    return {k: v for k, v in row.items() if not k.startswith("ap_")}
