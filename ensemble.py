@@ -12,10 +12,11 @@ combine: the --test (and --val) files must have the same ImageIDs and the same c
 order; --val files pair with --test files in order. weighted without --weights fits weights on
 the val fold's selection set (cxrlt/validation.py: the test-like proxy subset when the cache at
 --val-labels knows the projections, else the full fold); greedy needs --val. With --val, the val
-mAP of each model and of the ensemble is printed on the full fold, the proxy subset, and
-cross-fitted (fit on one patient half, scored on the other: the honest number). The submission (ImageID + the inputs' label columns, rows in
-test-list order) is validated like `check` before it is written; --zip adds code/ (git-tracked
-files of this repository). check: exits 2 with one line naming the first problem's row and column.
+mAP of each model and of the ensemble is printed on the full fold, the proxy subset, and the
+honest number (selection set; the weights' gain cross-fitted: fitted on one patient half, scored
+on the other). The submission (ImageID + the inputs' label columns, rows in test-list order) is
+validated like `check` before it is written; --zip adds code/ (git-tracked files of this
+repository). check: exits 2 with one line naming the first problem's row and column.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from .metrics import macro_map
+from .metrics import average_precision_per_label, macro_map, macro_mean
 
 METHODS = ("mean", "rank", "weighted", "greedy")
 
@@ -173,24 +173,32 @@ def combine(method: str, test_preds, val_preds=None, y_val=None, weights=None, s
 
 
 def cross_fitted(method: str, val_preds, y_val, sets: dict, weights=None) -> dict:
-    """The honest val mAP of `method` (cxrlt.validation's halves basis): the ensemble of half B
-    with the weights fitted on half A, and of half A with those fitted on B, scored per label on
-    each half. {"honest", "half_weights": [fitted on A, on B] (None: nothing fitted)}. With nothing
-    to fit (mean, rank, given weights) it is the ensemble's own halves-basis score."""
-    from .metrics import average_precision_per_label
-    from .validation import halves_macro
+    """The honest val mAP of `method` (cxrlt/validation.py): the ensemble of half B with the
+    weights fitted on half A and of half A with those fitted on B, scored per label on each half;
+    the gain over the equal-weight mean (on the halves basis) is added to the mean's selection-set
+    mAP. {"honest", "honest_gain", "half_weights": [fitted on A, on B] (None: nothing fitted)}.
+    With nothing to fit (mean, rank, given weights) it is the ensemble's selection-set mAP."""
+    from .validation import halves_macro, honest_value
 
     y_val = np.asarray(y_val)
     stack = [np.asarray(v) for v in val_preds]
     a, b = sets["halves"]
+    sel = sets["selection"]
     w_a, _ = _fit_or_given(method, [v[a] for v in stack], y_val[a], weights, len(stack))
     w_b, _ = _fit_or_given(method, [v[b] for v in stack], y_val[b], weights, len(stack))
+    fitted = [None if w is None else w.tolist() for w in (w_a, w_b)]
+    if w_a is None or (method == "weighted" and weights is not None):  # nothing was fitted
+        ens = apply_same(method, [v[sel] for v in stack], w_a)
+        return {"honest": macro_mean(average_precision_per_label(y_val[sel], ens)), "honest_gain": 0.0,
+                "half_weights": fitted}
 
-    def ap(half, w):
-        return average_precision_per_label(y_val[half], apply_same(method, [v[half] for v in stack], w))
+    def ap(rows, w=None):  # weights w fitted elsewhere; None: the equal-weight mean (the reference)
+        part = [v[rows] for v in stack]
+        return average_precision_per_label(y_val[rows], mean_ensemble(part) if w is None else weighted_mean(part, w))
 
-    return {"honest": halves_macro(ap(a, w_b), ap(b, w_a)),
-            "half_weights": [None if w is None else w.tolist() for w in (w_a, w_b)]}
+    reference = {"halves": halves_macro(ap(a), ap(b)), "selection": macro_mean(ap(sel))}
+    honest, gain = honest_value(reference, "selection", halves_macro(ap(a, w_b), ap(b, w_a)))
+    return {"honest": honest, "honest_gain": gain, "half_weights": fitted}
 
 
 def apply_same(method: str, preds, weights) -> np.ndarray:

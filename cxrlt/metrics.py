@@ -65,6 +65,11 @@ def _nanmean_skipped(values: np.ndarray, labels=None) -> tuple[float, list]:
     return (float(kept.mean()) if len(kept) else float("nan")), skipped
 
 
+def macro_mean(per_label) -> float:
+    """Mean of the defined (non-NaN) per-label values; NaN if none (how every macro mean here skips)."""
+    return _nanmean_skipped(np.asarray(per_label, dtype=np.float64))[0]
+
+
 def macro_map(y, p, labels=None) -> tuple[float, list]:
     """Macro mean AP over labels with >= 1 positive, and the skipped labels (NaN if none left)."""
     return _nanmean_skipped(average_precision_per_label(y, p), labels)

@@ -28,8 +28,9 @@ whole prediction set, so pooling sees only the subset's images, like the test li
   {"choice": {normal_gating_alpha, study_pool_weight, patient_context_weight},
    "chosen": {full, proxy, half_a, half_b, halves}  (val mAP of the choice on each subset; halves:
    its halves-basis score, cxrlt/validation.py), "raw": the same for no post-processing,
-   "honest": cross-fitted mAP of the whole choice procedure (half B scored with the choice made
-   on half A and vice versa; compare it with raw.halves), "select_on", "sets" {subset: n images},
+   "honest": the selection-set mAP the whole choice procedure is worth, cross-fitted (raw's mAP
+   on the selection set + "honest_gain": half B scored with the choice made on half A and vice
+   versa, minus raw, on the halves basis), "select_on", "sets" {subset: n images},
    "describe", "half_choices", "grid": [{the 3 parameters, full, proxy, half_a, half_b, halves}], "tta"}.
 """
 
@@ -185,7 +186,8 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
     sel = cross_fit(len(points), predict, keys.y, sets)
     table = [{**g.as_dict(), **public_row(row)} for g, row in zip(points, sel["table"])]
     return {"choice": points[sel["choice"]].as_dict(), "chosen": _scores(table[sel["choice"]]),
-            "raw": _scores(table[0]), "honest": sel["honest"], "select_on": sets["select_on"], "describe": sets["describe"],
+            "raw": _scores(table[0]), "honest": sel["honest"], "honest_gain": sel["honest_gain"],
+            "select_on": sets["select_on"], "describe": sets["describe"],
             "sets": {"full": len(sets["full"]), "proxy": len(sets["proxy"]), "half_a": len(sets["halves"][0]),
                      "half_b": len(sets["halves"][1])},
             "half_choices": [points[i].as_dict() for i in sel["half_choices"]],
@@ -203,8 +205,8 @@ def summary_line(res: dict) -> str:
     ch = (f"gating alpha {ch['normal_gating_alpha']:g}, study pooling {ch['study_pool_weight']:g}, "
           f"patient context {ch['patient_context_weight']:g}")
     return (f"post-processing chosen on {res['select_on']}: {ch} | val mAP full {r['full']:.4f} -> {c['full']:.4f}, "
-            f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted halves of {res['select_on']}) "
-            f"{r['halves']:.4f} -> {res['honest']:.4f}")
+            f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted on {res['select_on']}) "
+            f"{r[res['select_on']]:.4f} -> {res['honest']:.4f}")
 
 
 def load_choice(path) -> PostParams:

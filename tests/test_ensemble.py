@@ -222,11 +222,14 @@ def test_cross_fitted_weights_never_see_the_half_they_are_scored_on():
     assert res["half_weights"] == [w_a.tolist(), w_b.tolist()]
     ap_a = M.average_precision_per_label(y[a], E.weighted_mean([m[a] for m in models], w_b))
     ap_b = M.average_precision_per_label(y[b], E.weighted_mean([m[b] for m in models], w_a))
-    assert res["honest"] == pytest.approx(np.nanmean(np.nanmean([ap_a, ap_b], 0)))
-    mean = E.cross_fitted("mean", models, y, sets)  # nothing fitted: the mean ensemble's own halves score
-    ens = E.mean_ensemble(models)
-    halves = np.nanmean([M.average_precision_per_label(y[a], ens[a]), M.average_precision_per_label(y[b], ens[b])], 0)
-    assert mean["honest"] == pytest.approx(np.nanmean(halves))
+    ens = E.mean_ensemble(models)  # the reference: equal weights, nothing fitted
+    ref_halves = np.nanmean(np.nanmean([M.average_precision_per_label(y[a], ens[a]),
+                                        M.average_precision_per_label(y[b], ens[b])], 0))
+    gain = np.nanmean(np.nanmean([ap_a, ap_b], 0)) - ref_halves
+    assert res["honest_gain"] == pytest.approx(gain) and gain > 0.1  # the bad model is dropped
+    assert res["honest"] == pytest.approx(macro_map(y, ens)[0] + gain)
+    mean = E.cross_fitted("mean", models, y, sets)  # nothing fitted: the selection set's mAP
+    assert mean["honest"] == pytest.approx(macro_map(y, ens)[0]) and mean["honest_gain"] == 0
 
 
 @pytest.mark.parametrize("case,expected", [

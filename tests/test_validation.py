@@ -109,7 +109,9 @@ def test_cross_fit_never_reports_on_the_half_it_chose_on():
 
     sel = V.cross_fit(3, predict, np.zeros((10, 1)), sets, per_label=_mean_per_label)
     assert sel["half_choices"] == [1, 2]
-    assert sel["honest"] == pytest.approx(0.1)  # A's pick scored on B, B's pick on A; in-half: 0.85
+    # A's pick scored on B, B's pick on A: 0.1 on the halves basis, 0.4 below the reference
+    # (candidate 0: 0.5 on the halves and on the proxy); the in-half maxima would say +0.35.
+    assert sel["honest_gain"] == pytest.approx(-0.4) and sel["honest"] == pytest.approx(0.1)
     assert sel["choice"] == 1 and sel["chosen"]["proxy"] == pytest.approx(0.5)
     assert sel["table"][2]["full"] == pytest.approx(0.27) and sel["table"][1]["halves"] == pytest.approx(0.5)
     assert {(1, (3, 4, 5)), (2, (0, 1, 2))} <= set(calls)
@@ -125,7 +127,7 @@ def test_cross_fit_honest_number_is_unbiased_for_noise_candidates():
     sets = V.val_sets_from_keys(keys, LABELS, {"select_on": "full"})
     sel = V.cross_fit(40, lambda i, idx: values[i, idx][:, None], keys.y, sets, per_label=_mean_per_label)
     assert sel["chosen"]["full"] > 0.54
-    assert abs(sel["honest"] - 0.5) < 0.04
+    assert abs(sel["honest"] - 0.5) < 0.04 and abs(sel["honest_gain"]) < 0.04
 
 
 def test_honest_number_averages_each_label_over_the_halves_that_have_it():
@@ -138,11 +140,12 @@ def test_honest_number_averages_each_label_over_the_halves_that_have_it():
     assert np.isnan(row["ap_half_a"][1])
     assert row["halves"] == pytest.approx(np.mean([(1.0 + 0.5) / 2, 1.0]))  # label 0: A 1.0, B 0.5; label 1: B
     assert row["half_a"] == pytest.approx(1.0) and row["half_b"] == pytest.approx(0.75)
-    assert V.choose([row], "full")["honest"] == pytest.approx(row["halves"])  # one candidate: no choice
+    one = V.choose([row], "full")  # one candidate: no choice, no gain
+    assert one["honest_gain"] == 0 and one["honest"] == pytest.approx(row["full"])
 
 
 def test_choose_ties_go_to_the_first_candidate_and_nan_loses():
-    row = {"full": 0.5, "proxy": 0.5, "half_a": 0.5, "half_b": 0.5, "ap_half_a": [0.5], "ap_half_b": [0.5]}
+    row = {"full": 0.5, "proxy": 0.5, "half_a": 0.5, "half_b": 0.5, "halves": 0.5, "ap_half_a": [0.5], "ap_half_b": [0.5]}
     table = [dict(row), dict(row), {**row, "proxy": float("nan"), "half_a": float("nan")}]
     sel = V.choose(table, "proxy")
     assert sel["choice"] == 0 and sel["half_choices"] == [0, 0]
