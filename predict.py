@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Predict probabilities for the val fold or the test list, with test-time augmentation.
 
-    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512 \
+    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512/test-<key> \
         --split test --out runs/x/pred_test.csv [--tta flip_scale] [--tta_merge logit]
         [--normal_gating_alpha 1] [--study_pool_weight 0.5] [--postproc-from runs/x/pred_val.postproc.json]
 
