@@ -291,7 +291,8 @@ def _labelled_cohort(n_patients=6000, studies_each=2):
     studies = []
     for i in range(n_patients):
         pat = cohort.Patient(i, 10 ** 38 + i)
-        studies += [cohort.Study("train", pat, f"201{r}0101", ("PA",), r) for r in range(studies_each)]
+        studies += [cohort.Study("train", pat, f"201{r}0101", ("PA",), r)
+                    for r in range(studies_each)]
     labelling.sample_labels(rng, studies, CXRLT2026_LABELS)
     return studies
 
@@ -497,6 +498,10 @@ def test_existing_dataset_is_kept_unless_forced(tmp_path, capsys):
     assert not forced["skipped"] and json.loads((out / "dataset.json").read_text())["seed"] == 3
     assert (out / "train.csv").read_bytes() != before  # another seed, another dataset
     assert not list(tmp_path.glob(".d.*"))  # no temp or old folder left behind
+    marker = json.loads((out / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps(dict(marker, format_version=1)))
+    (out / synth.BOXES_NAME).unlink()  # an older generator's dataset: replaced, not kept
+    assert not _gen(out, n_train=40, n_test=10)["skipped"] and (out / synth.BOXES_NAME).is_file()
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
