@@ -53,7 +53,7 @@ DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 help: ## show this help
 	@echo "CXR-LT 2026 pipeline. Usage: make <target> [VAR=value ...]"
 	@echo
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables (current value):"
 	@$(foreach v,DATASET TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV TEST_LABELS IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE POSTPROC NPROC,printf "  %-12s %s\n" "$(v)" "$($(v))";)
@@ -134,3 +134,65 @@ submission: $(SUB).csv ## ensemble the configs' test predictions into submission
 all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: cache, train, cRT, predict, evaluate, ensemble, submission
 	@echo "submission: $(SUB).csv  (zip: $(SUB).zip)"
 	$(if $(TEST_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB).score.json')); print(f\"test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TEST_LABELS))\")")
+
+# ==== Task 2: zero-shot scores for the six unseen findings (issue 15; one block) ============
+# `make task2` scores TEST_CSV's images (the cache's test rows) with a CLIP-style model and a
+# prompt file (zeroshot.py), then writes submissions/$(NAME)_task2.csv (+ .zip) in test-list
+# order with ensemble.py and checks it against the Task-2 label set. `make all TASK2=1` includes
+# it. Image embeddings are cached per model in $(ZS_DIR)/embeddings: another prompt file, method
+# or ZS_ARGS re-runs only the scoring (seconds). `make demo-task2`: a tiny random model, plumbing only.
+ZS_MODEL     ?= hf-hub:yyupenn/whyxrayclip#  hf-hub:ORG/REPO | local-dir:FOLDER | open_clip config name + ZS_WEIGHTS
+ZS_WEIGHTS   ?=#                             local weights file for a config-name ZS_MODEL (e.g. ViT-L-14)
+ZS_PROMPTS   ?= prompts/task2.yaml#          prompts per finding (positive, optional negative)
+ZS_METHOD    ?= cosine#                      cosine (mean cosine over prompts -> sigmoid) | softmax (positive vs negative)
+ZS_ARGS      ?=#                             extra zeroshot.py flags (e.g. --pool embedding --temperature 0.05 --device cpu)
+TASK2        ?=#                             1: `make all` also writes the Task-2 submission
+TASK2_LABELS ?=#                             optional: Task-2 labels for TEST_CSV; then `make task2` scores the submission
+TASK2_LABEL_SET := prompts/cxrlt2026_task2_labels.txt
+ZS_DIR    := $(RUNS)/zeroshot
+ZS_PRED   := $(ZS_DIR)/pred_test.csv
+SUB2      := $(SUB)_task2
+ZS_FOLDER := $(patsubst local-dir:%,%,$(filter local-dir:%,$(ZS_MODEL)))
+# the variables zeroshot.py reads, in a file rewritten only when they change (Make sees files only)
+ZS_INPUTS := model=$(ZS_MODEL) weights=$(ZS_WEIGHTS) method=$(ZS_METHOD) args=$(ZS_ARGS)
+
+.PHONY: task2 demo-task2 clean-demo-task2 FORCE
+FORCE:
+
+$(ZS_DIR)/inputs.txt: FORCE
+	@mkdir -p $(@D); printf '%s\n' '$(subst ','\'',$(ZS_INPUTS))' > $@.new; cmp -s $@.new $@ && rm $@.new || mv $@.new $@
+
+$(ZS_PRED): $(ZS_DIR)/inputs.txt $(ZS_PROMPTS) $(TASK2_LABEL_SET) $(ZS_WEIGHTS) \
+		$(if $(ZS_FOLDER),$(ZS_FOLDER)/open_clip_config.json) $(CACHE)/manifest.json | $(VENV)/.installed
+	$(PY) zeroshot.py --cache $(CACHE) --split test --model $(ZS_MODEL) $(if $(ZS_WEIGHTS),--weights $(ZS_WEIGHTS)) \
+		--prompts $(ZS_PROMPTS) --labels-file $(TASK2_LABEL_SET) --method $(ZS_METHOD) \
+		--embeddings $(ZS_DIR)/embeddings --out $@ $(ZS_ARGS)
+
+$(SUB2).csv: $(ZS_PRED) $(TEST_CSV)
+	$(PY) ensemble.py combine --method mean --test $< --test-list $(TEST_CSV) --out $@ --zip $(SUB2).zip
+	$(PY) ensemble.py check $@ --test-list $(TEST_CSV) --labels-file $(TASK2_LABEL_SET)
+
+$(SUB2).score.json: $(SUB2).csv $(TASK2_LABELS)
+	$(PY) evaluate.py --pred $< --labels $(TASK2_LABELS) --out $(SUB2)_eval
+	cp $(SUB2)_eval/metrics.json $@.tmp && mv $@.tmp $@
+
+task2: $(SUB2).csv $(if $(TASK2_LABELS),$(SUB2).score.json) ## Task 2: zero-shot scores of the 6 unseen findings -> submissions/$(NAME)_task2.csv (+ .zip)
+	@echo "Task-2 submission: $(SUB2).csv  (zip: $(SUB2).zip; model $(ZS_MODEL))"
+	$(if $(TASK2_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB2).score.json')); print(f\"Task-2 test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TASK2_LABELS))\")")
+
+all: $(if $(filter 1,$(TASK2)),task2)
+
+# the demo: a tiny open_clip model with random weights, built locally (no download; scores mean nothing)
+DEMO_ZS_MODEL := $(DEMO_DIR)/tiny_clip
+DEMO_VARS += ZS_MODEL=local-dir:$(DEMO_ZS_MODEL)
+
+$(DEMO_ZS_MODEL)/open_clip_config.json: | $(VENV)/.installed
+	$(PY) -m cxrlt.tiny_clip --out $(DEMO_ZS_MODEL)
+
+demo-task2: $(VENV)/.installed $(DEMO_DIR)/train.csv ## Task 2 on the demo with a tiny random model (checks the plumbing; its scores mean nothing)
+	$(MAKE) --no-print-directory task2 $(DEMO_VARS)
+
+clean-demo: clean-demo-task2
+clean-demo-task2:
+	rm -f submissions/demo_task2.*
+	rm -rf submissions/demo_task2_eval
