@@ -335,3 +335,36 @@ def test_hub_model_offline_says_how_to_use_a_local_copy(demo_cache, tmp_path):
     assert p.returncode == 2, p.stderr
     assert "local-dir:DIR" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o.csv")
+
+
+# ---- Make ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_make_task2_writes_a_checked_submission_then_settles(demo_dataset, tiny_model, tmp_path):
+    from test_make import _make, _mirror
+
+    _mirror(tmp_path)
+    d = demo_dataset
+    ids = pd.read_csv(d / "CXRLT_2026_TEST_ALL_TASK1.csv", dtype=str)["ImageID"]
+    y = (np.random.default_rng(0).random((len(ids), 6)) < 0.3).astype(int)
+    y[0] = 1
+    labels = pd.DataFrame(y, columns=TASK2)
+    labels.insert(0, "ImageID", ids)
+    labels.to_csv(tmp_path / "task2_labels.csv", index=False)
+    vars_ = ["DATASET=t2", f"TRAIN_CSV={d}/train.csv", f"IMAGE_DIR={d}/images",
+             f"TEST_CSV={d}/CXRLT_2026_TEST_ALL_TASK1.csv", f"REMOVAL_CSV={d}/Removal.csv", "IMG_SIZE=32",
+             "FOLDS=2", "NAME=t2", f"ZS_MODEL=local-dir:{tiny_model}", f"TASK2_LABELS={tmp_path}/task2_labels.csv"]
+    p = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    sub = pd.read_csv(tmp_path / "submissions" / "t2_task2.csv")
+    assert list(sub.columns) == ["ImageID", *TASK2] and sub["ImageID"].tolist() == ids.tolist()
+    assert (tmp_path / "submissions" / "t2_task2.zip").exists()
+    assert "Task-2 test mAP" in p.stdout and "OK: " in p.stdout
+    again = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0")
+    assert again.returncode == 0 and ".py" not in again.stdout, again.stdout
+    # another scoring choice: only the scoring re-runs, on the cached image embeddings
+    other = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0 --pool max")
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    assert "image embeddings: reused" in other.stdout and "preprocess.py" not in other.stdout
+    assert json.loads((tmp_path / "runs" / "t2_32" / "zeroshot" / "pred_test.csv.json").read_text())["pool"] == "max"
