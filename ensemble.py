@@ -70,7 +70,7 @@ def _check_args(a) -> None:
 
 def read_aligned(paths: list[str]):
     """Read prediction CSVs that must share one ID set and one column list; aligned to the first."""
-    from cxrlt.submission import read_predictions
+    from cxrlt.tables import read_predictions
 
     first = read_predictions(paths[0])
     frames = [first]
@@ -88,11 +88,11 @@ def read_aligned(paths: list[str]):
 def combine(a) -> int:
     from cxrlt import ensembling
     from cxrlt.metrics import macro_map
-    from cxrlt.submission import read_id_list, read_label_table
+    from cxrlt.tables import ID, read_id_list, read_label_table
     import pandas as pd
 
     _check_args(a)
-    test_list = read_id_list(a.test_list)
+    test_list = read_id_list(a.test_list)[ID].tolist()
     ids, labels, test = read_aligned(a.test)
     if set(ids) != set(test_list):
         missing = [i for i in test_list if i not in set(ids)]
@@ -150,7 +150,8 @@ def write_outputs(df, a, labels) -> int:
 
 def check(a) -> int:
     from cxrlt.labels import CXRLT2026_LABELS, read_labels_file
-    from cxrlt.submission import labels_from_file, validate_submission
+    from cxrlt.submission import validate_submission
+    from cxrlt.tables import labels_from_file
 
     if a.labels_from:
         labels = labels_from_file(a.labels_from)

@@ -75,14 +75,6 @@ def mean_across(value: float, info: DistInfo) -> float:
     return float(t.item()) / info.world
 
 
-def broadcast_object(obj, info: DistInfo):
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -6,7 +6,7 @@ run at least once as a real subprocess; the other script-level cases run the scr
 process (runpy, same main_wrapper) to avoid paying the torch/timm import each time.
 
 Cases already covered elsewhere are not repeated here; the table in the hardening report maps
-every case of the corpus to its test (e.g. the training-CSV cell values are in test_csvio.py, the
+every case of the corpus to its test (e.g. the training-CSV cell values are in test_tables.py, the
 submission values and rows in test_submission.py).
 """
 
@@ -25,7 +25,7 @@ import torch
 from conftest import ROOT, run_script
 from cxrlt.cache import build_cache, open_cache
 from cxrlt.checkpoint import load_checkpoint
-from cxrlt.csvio import read_training_csv
+from cxrlt.tables import read_training_csv
 from cxrlt.errors import InputError
 from cxrlt.imaging import load_for_cache
 

@@ -753,7 +753,7 @@ ENSEMBLE_FAULTS = {
 
 @pytest.mark.parametrize("point", list(ENSEMBLE_FAULTS))
 def test_ensemble_killed_then_rerun_equals_uninterrupted(fx, tmp_path, point):
-    from cxrlt.csvio import read_id_list
+    from cxrlt.tables import read_id_list
 
     ids = read_id_list(fx["test_csv"])["ImageID"].tolist()
     preds = [write_predictions(tmp_path / f"test{k}.csv", ids[::-1], k) for k in range(2)]
