@@ -143,8 +143,8 @@ def test_removal_list_may_be_empty_when_allowed(tmp_path):
 
 
 def test_label_table_index_and_training_layout(tmp_path):
-    index = write(tmp_path, "row,ImageID,StudyDate_DICOM,PatientID,split,fold,A,B\n"
-                            "0,a.png,1,007,train,0,1,0\n1,b.png,1,008,train,1,1,1\n2,c.png,1,009,test,-1,,\n", "index.csv")
+    index = write(tmp_path, "row,ImageID,StudyDate_DICOM,PatientID,split,fold,A,B\n0,a.png,1,007,train,0,1,0\n"
+                            "1,b.png,1,008,train,1,1,1\n2,c.png,1,009,test,-1,,\n", "index.csv")
     t = read_label_table(index, ids=["b.png"])
     assert t.is_index and t.labels == ["A", "B"] and t.y.tolist() == [[1, 1]]
     assert t.train_counts.tolist() == [2, 1] and t.n_train == 2
