@@ -74,6 +74,22 @@ def tiny_cfg(**kw) -> dict:
     return config.resolve([], over)
 
 
+def run_script_inprocess(capsys, script: str, *args) -> tuple[int, str, str]:
+    """Run a top-level script in this process as `python script args` would (runpy, its own
+    main_wrapper), without the interpreter and torch start-up; -> (exit status, stdout, stderr)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
 def run_script(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
     """Run a top-level script with the test interpreter; capture output."""
     e = dict(os.environ)

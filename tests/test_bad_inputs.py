@@ -12,8 +12,6 @@ submission values and rows in test_submission.py).
 
 from __future__ import annotations
 
-import runpy
-import sys
 from pathlib import Path
 
 import cv2
@@ -22,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import run_script, run_script_inprocess
 from cxrlt.cache import build_cache, open_cache
 from cxrlt.checkpoint import load_checkpoint
 from cxrlt.tables import read_training_csv
@@ -55,15 +53,8 @@ def script_fails(*args) -> str:
 
 def script_fails_inprocess(capsys, script: str, *args) -> str:
     """Run a top-level script in this process (same entry point); assert status 2, one error line."""
-    old = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = old
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
+    code, _, err = run_script_inprocess(capsys, script, *args)
+    assert code == 2, err
     return one_error_line(err)
 
 

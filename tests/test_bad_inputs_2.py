@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, run_script_inprocess
 from cxrlt import config
 from cxrlt.cache import build_cache
 from cxrlt.cli import main_wrapper
@@ -65,21 +65,9 @@ def write_labels(path: Path, labels) -> Path:
 
 def runs_ok(capsys, script: str, *args) -> str:
     """Run a script in this process; assert exit status 0; return stdout."""
-    import runpy
-    import sys
-
-    from conftest import ROOT
-
-    old = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    assert e.value.code in (0, None), out.err
-    return out.out
+    code, out, err = run_script_inprocess(capsys, script, *args)
+    assert code == 0, err
+    return out
 
 
 IDS = [f"t{i}.png" for i in range(5)]
@@ -257,6 +245,12 @@ def test_combine_out_naming_a_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text, expected", [
+    ("epochs: three\n", "config key 'epochs' must be int, got 'three' (str)"),
+    ("lr: [1, 2]\n", "config key 'lr' must be float, got [1, 2] (list)"),
+    ("ema: maybe\n", "config key 'ema' must be bool, got 'maybe' (str)"),
+    ("loss: hinge\n",
+     "config key 'loss' = 'hinge' is not one of ['asl', 'bce', 'bce_pw', 'cb', 'db', 'focal', 'ldam']"),
+    ("- a\n- b\n", "a config file must be a mapping of key: value"),
     ("lr: -0.001\n", "config key 'lr' = -0.001 must be > 0"),
     ("batch_size: 0\n", "config key 'batch_size' = 0 must be >= 1"),
     ("accum_steps: 0\n", "config key 'accum_steps' = 0 must be >= 1"),
