@@ -27,6 +27,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # `make test` (CI) runs everything; `make test-fast` skips these for a developer's loop
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (end-to-end make runs, training)")
+
+
 def _shared_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
