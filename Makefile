@@ -202,8 +202,7 @@ $(SUB).csv: $(STATE)/submissions/$(NAME).stamp $(call runs_of,pred_test.csv) $(c
 		$(call runs_of,eval/metrics.json)
 	$(PY) ensemble.py combine --method $(ENSEMBLE) --test $(call runs_of,pred_test.csv) \
 		--val $(call runs_of,pred_val.csv) --val-labels $(C_$(FIRST))/train/index.csv \
-		--test-list $(TEST_CSV) --out $@ --zip $(SUB).zip
-	$(PY) ensemble.py check $@ --test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt
+		--test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt --out $@ --zip $(SUB).zip
 
 $(SUB).score.json: $(SUB).csv $(TEST_LABELS)
 	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(C_$(FIRST))/train/index.csv
