@@ -72,8 +72,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import InputError
-from .labels import (CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES,
-                     ID_COLUMNS, read_labels_file)
+from .labels import CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES, read_labels_file
+from .tables import ID_COLUMNS
 
 TEST_LIST_NAME = "CXRLT_2026_TEST_ALL_TASK1.csv"
 MARKER_NAME = "dataset.json"

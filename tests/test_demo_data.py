@@ -20,8 +20,8 @@ import pytest
 
 from cxrlt import demo_data
 from cxrlt.errors import InputError
-from cxrlt.labels import (CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES,
-                          ID_COLUMNS)
+from cxrlt.labels import CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES
+from cxrlt.tables import ID_COLUMNS
 
 N_TRAIN, N_TEST, MIN_SIDE, MAX_SIDE = 120, 30, 64, 128
 ROOT = Path(__file__).resolve().parents[1]
