@@ -3,7 +3,6 @@ the image-embedding cache, prompt-file and model errors, and the Task-2 label se
 (ensemble.py check, evaluate.py). Nothing is downloaded: models are built here with random weights.
 """
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,27 +14,15 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from cxrlt import zeroshot as zs
-from cxrlt.cli import main_wrapper
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_script_inprocess
 
 TASK2 = ["Scoliosis", "Osteopenia", "Bulla", "Infarction", "Adenopathy", "goiter"]
 LABELS_FILE = ROOT / "prompts" / "cxrlt2026_task2_labels.txt"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def run_inprocess(script, argv, capsys):
-    """Run a script's main under main_wrapper -> (exit code, stdout, stderr)."""
-    mod = load_script(script)
-    with pytest.raises(SystemExit) as e:
-        main_wrapper(lambda: mod.main([str(a) for a in argv]))
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+    """-> (exit status, stdout, stderr) of `python script argv...`, run in this process."""
+    return run_script_inprocess(capsys, script, *argv)
 
 
 def write_prompts(path, findings: dict) -> Path:
@@ -360,11 +347,11 @@ def test_make_task2_writes_a_checked_submission_then_settles(demo_dataset, tiny_
     sub = pd.read_csv(tmp_path / "submissions" / "t2_task2.csv")
     assert list(sub.columns) == ["ImageID", *TASK2] and sub["ImageID"].tolist() == ids.tolist()
     assert (tmp_path / "submissions" / "t2_task2.zip").exists()
-    assert "Task-2 test mAP" in p.stdout and "OK: " in p.stdout
+    assert "Task-2 test mAP" in p.stdout
     again = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0")
     assert again.returncode == 0 and ".py" not in again.stdout, again.stdout
     # another scoring choice: only the scoring re-runs, on the cached image embeddings
     other = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0 --pool max")
     assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
     assert "image embeddings: reused" in other.stdout and "preprocess.py" not in other.stdout
-    assert json.loads((tmp_path / "runs" / "t2_32" / "zeroshot" / "pred_test.csv.json").read_text())["pool"] == "max"
+    assert json.loads((tmp_path / "runs" / "t2_zeroshot" / "pred_test.csv.json").read_text())["pool"] == "max"
