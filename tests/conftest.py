@@ -27,6 +27,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # `make test` (CI) runs everything; `make test-fast` skips these for a developer's loop
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (end-to-end make runs, training)")
+
+
 def _shared_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -72,6 +77,22 @@ def tiny_cfg(**kw) -> dict:
                 lr=2e-3, warmup_epochs=0.5, workers=0, device="cpu", aug_rotate=3.0, crt_epochs=3)
     over.update(kw)
     return config.resolve([], over)
+
+
+def run_script_inprocess(capsys, script: str, *args) -> tuple[int, str, str]:
+    """Run a top-level script in this process as `python script args` would (runpy, its own
+    main_wrapper), without the interpreter and torch start-up; -> (exit status, stdout, stderr)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
 
 
 def run_script(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:

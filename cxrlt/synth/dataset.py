@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..labels import CXRLT2026_LABELS, ID_COLUMNS, read_labels_file
+from ..labels import CXRLT2026_LABELS, read_labels_file
+from ..tables import ID_COLUMNS
 from .cohort import IdMaker, Study, make_cohort, mark_removal
 from .files import (FORMAT_VERSION, MARKER_NAME, load_existing, summary_of, swap_into_place,
                     write_csvs)

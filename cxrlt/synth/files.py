@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..labels import ID_COLUMNS
+from ..tables import ID_COLUMNS
 from .cohort import Study
 
 TEST_LIST_NAME = "CXRLT_2026_TEST_ALL_TASK1.csv"
