@@ -71,6 +71,7 @@ DEMO_DIR := data/demo
 DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 	IMAGE_DIR=$(DEMO_DIR)/images TEST_CSV=$(DEMO_DIR)/CXRLT_2026_TEST_ALL_TASK1.csv \
 	REMOVAL_CSV=$(DEMO_DIR)/Removal.csv TEST_LABELS=$(DEMO_DIR)/test_labels.csv \
+	META_CSV=$(DEMO_DIR)/padchest_metadata.csv \
 	IMG_SIZE=64 CONFIGS="configs/demo.yaml configs/demo_db_cas.yaml" NAME=demo POSTPROC=auto ENSEMBLE=greedy
 
 .PHONY: help all demo demo-data test test-fast bench preprocess train crt predict evaluate submission \
