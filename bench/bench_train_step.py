@@ -69,8 +69,9 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
     """
     import pandas as pd
 
-    from cxrlt.cache import CACHE_VERSION, INDEX_FIXED_COLUMNS
+    from cxrlt.cache import CACHE_VERSION
     from cxrlt.fileio import write_csv, write_json, write_text
+    from cxrlt.tables import INDEX_FIXED_COLUMNS
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

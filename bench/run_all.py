@@ -143,7 +143,7 @@ def rows_preprocess(r: dict) -> list[Row]:
     busy = f" (cores kept busy: 1 worker {r['w1_cores_busy']:.2f}, 2 workers {r['w2_cores_busy']:.2f})"
     return [
         Row("1a", f"preprocess: images/s per worker ({r['n_images']} PNGs 2000x2500 16-bit -> {r['size']} px)",
-            f"{r['cache_w1_img_s']:.2f} img/s (build_cache, 1 worker)", f"{r['bare_decode_img_s']:.2f} img/s (cv2.imread)",
+            f"{r['cache_w1_img_s']:.2f} img/s (cache build, 1 worker)", f"{r['bare_decode_img_s']:.2f} img/s (cv2.imread)",
             _x(r["w1_vs_decode"]), ">= 0.80x", "yes" if r["w1_vs_decode"] >= 0.8 else "no", "preprocess"),
         Row("1b", "preprocess: 2 workers vs 1" + busy,
             f"{r['cache_w2_img_s']:.2f} img/s (2 workers)", f"{r['cache_w1_img_s']:.2f} img/s (1 worker)",

@@ -55,12 +55,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import _decode, keys
-from .cache import CACHE_VERSION, INDEX_FIXED_COLUMNS, partial_dir
-from .csvio import read_id_list, read_meta_csv, read_training_csv
+from .cache import CACHE_VERSION, partial_dir
 from .errors import InputError
 from .fileio import output_lock, write_json, write_text
 from .fingerprints import file_sha256, json_key
 from .splits import assign_folds
+from .tables import INDEX_FIXED_COLUMNS, NON_LABEL_COLUMNS, read_id_list, read_meta_csv, read_training_csv
 
 WINDOW_STRIDE = _decode.WINDOW_STRIDE
 FLUSH_SECONDS = 10.0  # how often the done mask is persisted (work lost on a kill: at most this)
@@ -130,7 +130,7 @@ class _Table:
 
 def _train_table(train_csv, removal_csv, meta_csv, labels_file, folds: int, seed: int) -> _Table:
     train, labels = read_training_csv(train_csv, labels_file=labels_file)
-    clash = [lab for lab in labels if lab in INDEX_FIXED_COLUMNS]
+    clash = [lab for lab in labels if lab in NON_LABEL_COLUMNS]
     if clash:
         raise InputError(f"{train_csv}: label column name(s) {clash} clash with the cache index's own columns")
     removed = 0

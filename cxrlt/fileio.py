@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -45,16 +46,10 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
 
 def _remove_stale_temps(final: Path) -> None:
     """Delete temp files a killed writer of `final` left behind (a big last.pt each time)."""
-    for p in final.parent.glob(f".{glob_escape(final.name)}.*.tmp*"):
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
         with contextlib.suppress(OSError):
             if p.is_file():
                 p.unlink()
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from cxrlt.cache import open_cache
 from cxrlt.cache_build import build_train_cache
 from cxrlt.crt import run as run_crt
 from cxrlt.data import CacheDataset, make_loader
-from cxrlt.demo_data import generate
+from cxrlt.synth import generate
 from cxrlt.inference import load_trained, predict_tta
 from cxrlt.metrics import average_precision_per_label, frequency_groups, group_map
 from cxrlt.trainer import train
