@@ -5,6 +5,7 @@
         [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5] [--select_on auto|proxy|full]
         [--proxy_require_finding false]
         --test-list CXRLT_2026_TEST_ALL_TASK1.csv --out submissions/NAME.csv [--zip submissions/NAME.zip]
+        [--labels-file labels.txt]
     python ensemble.py check submissions/NAME.csv --test-list LIST.csv
         [--labels-from TRAIN_OR_INDEX.csv | --labels-file labels.txt]
 
@@ -16,7 +17,11 @@ mAP of each model and of the ensemble is printed on the full fold, the proxy sub
 honest number (selection set; the weights' gain cross-fitted: fitted on one patient half, scored
 on the other). The submission (ImageID + the inputs' label columns, rows in test-list order) is
 validated like `check` before it is written; --zip adds code/ (git-tracked files of this
-repository). check: exits 2 with one line naming the first problem's row and column.
+repository). The inputs' label set must be the official 30 labels in the official order, or a
+set far from them (e.g. NIH's 14); a set NEARLY the official one (an extra, missing, misspelt or
+reordered label) stops, unless --labels-file gives the label set and order on purpose (the
+inputs must then hold exactly those labels, in any order). check: exits 2 with one line naming
+the first problem's row and column; any label set can be checked with --labels-file.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--test-list", required=True, help="official test list (ImageID,...)")
     c.add_argument("--out", required=True, help="submission CSV to write")
     c.add_argument("--zip", help="also write a zip with the CSV and code/")
+    c.add_argument("--labels-file", help="the submission's label set and order, one label a line "
+                                         "(needed for a set close to the official one but not equal)")
     k = sub.add_parser("check", help="validate a submission CSV")
     k.add_argument("submission")
     k.add_argument("--test-list", required=True)
@@ -56,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _check_args(a) -> None:
+    from cxrlt.cli import check_output_file
+
+    check_output_file(a.out, "--out")
+    if a.zip:
+        check_output_file(a.zip, "--zip")
     if a.weights is not None and a.method != "weighted":
         raise InputError("--weights only applies to --method weighted")
     if a.val and not a.val_labels:
@@ -77,7 +89,7 @@ def _check_args(a) -> None:
 
 def read_aligned(paths: list[str]):
     """Read prediction CSVs that must share one ID set and one column list; aligned to the first."""
-    from cxrlt.submission import read_predictions
+    from cxrlt.tables import read_predictions
 
     first = read_predictions(paths[0])
     frames = [first]
@@ -96,10 +108,10 @@ def combine(a) -> int:
     import pandas as pd
 
     from cxrlt import ensembling
-    from cxrlt.submission import read_id_list
+    from cxrlt.tables import ID, read_id_list
 
     _check_args(a)
-    test_list = read_id_list(a.test_list)
+    test_list = read_id_list(a.test_list)[ID].tolist()
     ids, labels, test = read_aligned(a.test)
     if set(ids) != set(test_list):
         missing = [i for i in test_list if i not in set(ids)]
@@ -110,6 +122,11 @@ def combine(a) -> int:
     if a.val:
         val, y_val, sets = read_val(a, labels)
         print(sets["describe"])
+    order = submission_order(labels, a.labels_file, a.test[0])
+    labels = [labels[i] for i in order]
+    test = [t[:, order] for t in test]
+    if val is not None:
+        val, y_val = [v[:, order] for v in val], y_val[:, order]
     select = sets["selection"] if sets else None
     ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights, select=select)
     if weights is not None:
@@ -132,7 +149,7 @@ def combine(a) -> int:
 
 def read_val(a, labels):
     """Val predictions aligned with their labels, and the val subsets (cxrlt.validation.val_sets)."""
-    from cxrlt.submission import read_label_table
+    from cxrlt.tables import read_label_table
     from cxrlt.validation import keys_from_index, make_keys, val_sets_from_keys
 
     val_ids, val_labels, val = read_aligned(a.val)
@@ -160,6 +177,25 @@ def val_line(y, sets, ens_val, honest: dict, name: str) -> str:
     return f"val mAP full {full:.4f}  proxy {proxy:.4f}  honest {honest['honest']:.4f}  {name}"
 
 
+def submission_order(labels: list[str], labels_file, source) -> list[int]:
+    """Column positions, in `labels`, of the submission's labels in their required order.
+
+    Without a labels file the inputs' own order, checked against the official label set (a set
+    nearly equal to it is a mistake); with one, that file's order (the same set required)."""
+    from cxrlt.labels import check_label_set, read_labels_file
+
+    if not labels_file:
+        check_label_set(labels, f"{source}: row 1 (header)")
+        return list(range(len(labels)))
+    want = read_labels_file(labels_file)
+    if set(want) != set(labels):
+        missing = [x for x in want if x not in labels]
+        extra = [x for x in labels if x not in want]
+        raise InputError(f"{source}: row 1 (header): the label columns differ from {labels_file} "
+                         f"(missing {missing}, not listed there {extra})")
+    return [labels.index(x) for x in want]
+
+
 def write_outputs(df, a, labels) -> int:
     """Write the submission CSV (validated with the `check` rules first) and the zip; -> files zipped.
 
@@ -182,7 +218,8 @@ def write_outputs(df, a, labels) -> int:
 
 def check(a) -> int:
     from cxrlt.labels import CXRLT2026_LABELS, read_labels_file
-    from cxrlt.submission import labels_from_file, validate_submission
+    from cxrlt.submission import validate_submission
+    from cxrlt.tables import labels_from_file
 
     if a.labels_from:
         labels = labels_from_file(a.labels_from)

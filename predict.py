@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Predict probabilities for the val fold or the test list, with test-time augmentation.
 
-    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512 \
+    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512/test-<key> \
         --split test --out runs/x/pred_test.csv [--tta flip_scale] [--tta_merge logit]
         [--normal_gating_alpha 1] [--study_pool_weight 0.5] [--patient_context_weight 0.2]
         [--postproc-from runs/x/pred_val.csv.postproc.json] [--train-cache data/cache/x/train]
@@ -28,15 +28,18 @@ from cxrlt.cli import main_wrapper
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="model.pt of a run (or of its crt/ folder)")
-    ap.add_argument("--cache", required=True, help="cache folder written by preprocess.py")
+    ap.add_argument("--cache", required=True,
+                    help="cache folder written by preprocess.py: the train cache for --split val, "
+                         "the test list's cache (ROOT/test-<key>) for --split test")
     ap.add_argument("--split", choices=["val", "test"], required=True)
     ap.add_argument("--out", required=True, help="predictions CSV to write")
     ap.add_argument("--postproc-from", default=None, help="postproc.json from a val run: apply its choice")
     ap.add_argument("--train-cache", default=None, help="cache with the training labels (patient context)")
     ap.add_argument("--batch-size", type=int, default=64)
-    config.add_config_flags(ap, ["tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "patient_context_weight",
-                                 "select_on", "proxy_require_finding", "workers", "device", "amp"])
+    config.add_config_flags(ap, ["tta", "tta_merge", *config.POSTPROC_KEYS, "select_on", "proxy_require_finding",
+                                 "workers", "device", "amp"])
     args = ap.parse_args(argv)
+    chosen = config.load_postproc(args.postproc_from) if args.postproc_from else {}  # checked before any work
 
     import numpy as np
     import pandas as pd
@@ -54,14 +57,17 @@ def main(argv=None) -> int:
     device = pick_device(args.cfg__device or "auto")
     model, ck = load_trained(args.checkpoint, device)
     cfg = config.apply_overrides(ck["config"], config.overrides_from_args(args))
-    params = postproc.load_choice(args.postproc_from) if args.postproc_from else postproc.PostParams.from_cfg(cfg)
+    cfg.update(chosen)
+    params = postproc.PostParams.from_cfg(cfg)
     labels = list(ck["labels"])
     cache = open_cache(args.cache)
-    if list(cache.labels) != labels:
+    if cache.labels and list(cache.labels) != labels:  # a test cache has no labels
         raise InputError(f"{args.cache}: cache labels differ from the checkpoint's ({args.checkpoint})")
     rows = cache.rows("train", fold=cfg["val_fold"]) if args.split == "val" else cache.rows("test")
     if len(rows) == 0:
-        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'")
+        what = "a test list's cache (ROOT/test-<key>)" if args.split == "test" else "the train cache (ROOT/train)"
+        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'; --split {args.split} "
+                         f"reads {what}")
     ds = CacheDataset(f"{args.cache}/images.npy", rows, num_classes=len(labels))
     loader = make_loader(ds, args.batch_size, workers=cfg["workers"], pin_memory=device.type == "cuda")
     amp = cfg["amp"] and device.type == "cuda"

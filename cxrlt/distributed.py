@@ -30,11 +30,24 @@ class DistInfo:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device for config key `device` (auto | cpu | cuda | cuda:N); InputError when the
+    name is not one of those or names a GPU this machine does not have."""
+    from .config import coerce
+    from .errors import InputError
+
+    name = coerce("device", name, "--device")
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                         f"use --device cpu or auto")
+    dev = torch.device(f"cuda:{local_rank}") if dev.index is None else dev
+    if dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -73,14 +86,6 @@ def mean_across(value: float, info: DistInfo) -> float:
         t = t.to(info.device)
     dist.all_reduce(t)
     return float(t.item()) / info.world
-
-
-def broadcast_object(obj, info: DistInfo):
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

@@ -3,13 +3,22 @@
 Every stage writes to a temporary name in the same directory and renames it into place
 when complete (rename is atomic on POSIX within one filesystem). A crash leaves at most a
 `*.tmp*` file that the next run overwrites.
+
+`output_lock(folder)`: one writer per output folder. The lock is an flock on `<folder>.lock`
+beside the folder (the folder itself may be replaced by a rename); the file holds the holder's
+pid, host and command line, for the message the second writer gets. The OS drops the lock when
+the holder exits, however it exits; the file stays (removing it would race with a new holder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,16 +46,39 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
 
 def _remove_stale_temps(final: Path) -> None:
     """Delete temp files a killed writer of `final` left behind (a big last.pt each time)."""
-    for p in final.parent.glob(f".{glob_escape(final.name)}.*.tmp*"):
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
         with contextlib.suppress(OSError):
             if p.is_file():
                 p.unlink()
 
 
-def glob_escape(name: str) -> str:
-    import glob
+@contextlib.contextmanager
+def output_lock(folder):
+    """Hold the lock of output folder `folder` for the block; InputError (one line naming the
+    holder's pid, host and command) if another process holds it."""
+    from .errors import InputError
 
-    return glob.escape(name)
+    lock = Path(f"{os.fspath(folder).rstrip(os.sep)}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise InputError(f"{folder}: in use by {holder}; wait for it to finish (or stop it) and "
+                             f"run again") from None
+        command = " ".join(sys.argv).replace("\n", " ")[:300]
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only unnamed
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def write_text(path, text: str) -> None:

@@ -24,7 +24,8 @@ cxrlt/validation.py and the choice is made on the selection set, with the honest
 number beside it (`choose_postproc`). Each subset is post-processed on its own, as if it were the
 whole prediction set, so pooling sees only the subset's images, like the test list.
 
-`<pred_val.csv>.postproc.json` (written by predict.py --split val; read by --postproc-from):
+`<pred_val.csv>.postproc.json` (written by predict.py --split val; its "choice" is read by
+config.load_postproc for --postproc-from):
   {"choice": {normal_gating_alpha, study_pool_weight, patient_context_weight},
    "chosen": {full, proxy, half_a, half_b, halves}  (val mAP of the choice on each subset; halves:
    its halves-basis score, cxrlt/validation.py), "raw": the same for no post-processing,
@@ -36,7 +37,6 @@ whole prediction set, so pooling sees only the subset's images, like the test li
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from itertools import product
 
@@ -157,16 +157,16 @@ def postprocess(p: np.ndarray, labels, study_keys, context_mean, has_context, pa
     return normal_gating(q, labels, params.normal_gating_alpha)
 
 
-def context_of(context: Context | None, keys) -> tuple[np.ndarray, np.ndarray]:
+def context_of(context: Context | None, keys, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """(context mean labels, has context) of the images of keys; none at all without a Context."""
     if context is None:
-        return np.zeros(keys.y.shape, dtype=np.float64), np.zeros(len(keys.ids), bool)
+        return np.zeros((len(keys.ids), n_labels), dtype=np.float64), np.zeros(len(keys.ids), bool)
     return context.mean_labels(keys.patient, keys.study)
 
 
 def apply(p: np.ndarray, keys, labels, context: Context | None, params: PostParams) -> np.ndarray:
-    """postprocess() of the predictions of the images of keys (ValKeys)."""
-    return postprocess(p, labels, keys.study, *context_of(context, keys), params)
+    """postprocess() of the predictions of the images of keys (ValKeys; keys.y is not used)."""
+    return postprocess(p, labels, keys.study, *context_of(context, keys, p.shape[1]), params)
 
 
 def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: dict) -> dict:
@@ -175,7 +175,7 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
     p: (N, C) val probabilities; keys: ValKeys of the same rows (y = labels); sets: val_sets()."""
     from .validation import cross_fit, public_row
 
-    ctx_mean, has_ctx = context_of(context, keys)
+    ctx_mean, has_ctx = context_of(context, keys, p.shape[1])
     points = grid(labels)
     if not has_ctx.any():  # nothing to blend with: the context weights would all tie
         points = [g for g in points if g.patient_context_weight == 0]
@@ -207,17 +207,3 @@ def summary_line(res: dict) -> str:
     return (f"post-processing chosen on {res['select_on']}: {ch} | val mAP full {r['full']:.4f} -> {c['full']:.4f}, "
             f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted on {res['select_on']}) "
             f"{r[res['select_on']]:.4f} -> {res['honest']:.4f}")
-
-
-def load_choice(path) -> PostParams:
-    """The choice stored in a postproc.json (InputError naming the file if it is not one)."""
-    from .errors import InputError
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            choice = json.load(f)["choice"]
-        return PostParams(**{k: float(choice[k]) for k in PostParams.__dataclass_fields__})
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found (run predict.py --split val first)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a postproc.json with a complete 'choice' ({e!r})") from None

@@ -88,7 +88,7 @@ def val_keys(cache, rows) -> ValKeys:
 
 def rows_of_ids(cache, ids) -> np.ndarray:
     """Cache rows of the given ImageIDs (KeyError naming the first one the cache lacks)."""
-    rows = np.concatenate([cache.rows("train"), cache.rows("test")])
+    rows = cache.rows()
     where = dict(zip(cache.ids(rows), rows))
     missing = [i for i in ids if i not in where]
     if missing:

@@ -28,6 +28,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # `make test` (CI) runs everything; `make test-fast` skips these for a developer's loop
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (end-to-end make runs, training)")
+
+
 def _shared_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -38,7 +43,7 @@ def _shared_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
     """A small demo dataset in the CXR-LT 2026 layout (200 train / 40 test images)."""
-    from cxrlt.demo_data import generate
+    from cxrlt.synth import generate
 
     base = _shared_dir(tmp_path_factory)
     out = base / "demo_small"
@@ -48,21 +53,41 @@ def demo_dataset(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def demo_cache(demo_dataset, tmp_path_factory) -> Path:
-    """The demo dataset's cache at 32 px, 4 folds."""
-    from cxrlt.cache import build_cache
+def build_caches(data: Path, root: Path, size: int, folds: int = 4, workers: int = 1, **kw) -> tuple[Path, Path]:
+    """The train cache and the test cache of a demo-layout dataset in cache root `root`, with its
+    metadata CSV when it has one (as `make demo` does) -> (train cache folder, test cache folder)."""
+    from cxrlt import keys
+    from cxrlt.cache_build import build_test_cache, build_train_cache
 
+    test_csv = data / "CXRLT_2026_TEST_ALL_TASK1.csv"
+    meta = data / "padchest_metadata.csv"
+    meta = meta if meta.is_file() else None
+    train, test = root / "train", root / f"test-{keys.test_cache_key(test_csv, meta)}"
+    build_train_cache(data / "train.csv", data / "images", train, size, removal_csv=data / "Removal.csv",
+                      meta_csv=meta, folds=folds, seed=0, workers=workers, **kw)
+    build_test_cache(test_csv, data / "images", test, size, meta_csv=meta, workers=workers, **kw)
+    return train, test
+
+
+@pytest.fixture(scope="session")
+def demo_caches(demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """The demo dataset's train and test caches at 32 px, 4 folds."""
     base = _shared_dir(tmp_path_factory)
-    out = base / f"cache_demo_{TINY_SIZE}"
+    root = base / f"cache_demo_{TINY_SIZE}"
     with FileLock(str(base / "cache_demo.lock")):
-        if not (out / "manifest.json").exists():
-            build_cache(
-                demo_dataset / "train.csv", demo_dataset / "images", out, size=TINY_SIZE,
-                test_csv=demo_dataset / "CXRLT_2026_TEST_ALL_TASK1.csv",
-                removal_csv=demo_dataset / "Removal.csv", folds=4, seed=0, workers=1,
-            )
-    return out
+        return build_caches(demo_dataset, root, TINY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_caches) -> Path:
+    """The demo dataset's train cache folder (32 px, 4 folds)."""
+    return demo_caches[0]
+
+
+@pytest.fixture(scope="session")
+def demo_test_cache(demo_caches) -> Path:
+    """The demo dataset's test cache folder (32 px)."""
+    return demo_caches[1]
 
 
 class IndexCache:
@@ -77,11 +102,11 @@ class IndexCache:
     def has_projection(self) -> bool:
         return bool((self.index["projection"] != "").any())
 
-    def rows(self, split, fold=None):
-        keep = self.index["split"] == split
+    def rows(self, split=None, fold=None):
+        keep = (self.index["split"] == split).to_numpy() if split else np.ones(len(self.index), bool)
         if fold is not None:
-            keep &= self.index["fold"] == fold
-        return np.flatnonzero(keep.to_numpy())
+            keep &= (self.index["fold"] == fold).to_numpy()
+        return np.flatnonzero(keep)
 
     def _col(self, name, rows):
         return self.index[name].to_numpy()[np.asarray(rows)]
@@ -116,14 +141,20 @@ def tiny_cfg(**kw) -> dict:
     return config.resolve([], over)
 
 
-def load_script(name: str):
-    """Import a top-level script (e.g. "predict.py") as a module, to call its main(argv) in-process."""
-    import importlib.util
+def run_script_inprocess(capsys, script: str, *args) -> tuple[int, str, str]:
+    """Run a top-level script in this process as `python script args` would (runpy, its own
+    main_wrapper), without the interpreter and torch start-up; -> (exit status, stdout, stderr)."""
+    import runpy
 
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    old = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
 
 
 def run_script(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:

@@ -43,21 +43,6 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
         config.resolve([f])
 
 
-@pytest.mark.parametrize("text,match", [
-    ("epochs: three\n", "must be int"),
-    ("lr: [1, 2]\n", "must be float"),
-    ("ema: maybe\n", "must be bool"),
-    ("loss: hinge\n", "not one of"),
-    ("- a\n- b\n", "mapping"),
-    ("lr: [\n", "not valid YAML"),
-])
-def test_bad_values(tmp_path, text, match):
-    f = tmp_path / "c.yaml"
-    f.write_text(text)
-    with pytest.raises(ConfigError, match=match):
-        config.resolve([f])
-
-
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         config.resolve(["configs/nope.yaml"])
@@ -87,9 +72,8 @@ def test_config_groups_split_train_post_and_run_keys():
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("select_on", "test", "not one of"), ("patient_context_weight", 1.5, "outside"),
-    ("study_pool_weight", -0.1, "outside"), ("normal_gating_alpha", float("nan"), "outside"),
-    ("proxy_require_finding", "maybe", "must be bool")])
+    ("select_on", "test", "not one of"), ("patient_context_weight", 1.5, "must be in \\[0, 1\\]"),
+    ("normal_gating_alpha", 9, "must be in \\[-8, 8\\]"), ("proxy_require_finding", "maybe", "must be bool")])
 def test_selection_keys_are_checked(key, value, expected):
     with pytest.raises(ConfigError, match=expected):
         config.resolve([], {key: value})

@@ -1,5 +1,6 @@
 """evaluate.py end to end on a toy cache index, and its input checks."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,12 +11,18 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from conftest import load_script
 from cxrlt.cli import main_wrapper
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["Normal", "cardiomegaly", "Mass", "Hernia"]
 EXPECTED_GROUPS = {"head": ["Normal", "cardiomegaly"], "medium": ["Hernia"], "tail": ["Mass"]}
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run_inprocess(script, argv, capsys):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from cxrlt import postproc as P
-from cxrlt.errors import InputError
 from cxrlt.metrics import macro_map
 from cxrlt.validation import make_keys, val_sets_from_keys
 
@@ -126,18 +125,15 @@ def test_patient_context_weight_is_chosen_when_earlier_studies_predict_the_label
     assert res2["n_with_context"] == 0 and res2["choice"]["patient_context_weight"] == 0
 
 
-def test_apply_matches_the_grid_scores_and_load_choice_round_trips(tmp_path):
+def test_apply_matches_the_grid_scores_and_the_choice_round_trips(tmp_path):
+    from cxrlt import config
+
     keys, p = _pairs_problem(np.random.default_rng(3), n_studies=60)
     sets = val_sets_from_keys(keys, LABELS, {"select_on": "full"})
     res = P.choose_postproc(p, keys, LABELS, None, sets)
     path = tmp_path / "pred_val.csv.postproc.json"
     path.write_text(json.dumps(res))
-    params = P.load_choice(path)
-    assert params.as_dict() == res["choice"]
+    params = P.PostParams.from_cfg(config.load_postproc(path))
+    assert params.as_dict() == res["choice"] and set(config.POSTPROC_KEYS) == set(res["choice"])
     q = P.apply(p, keys, LABELS, None, params)
     assert macro_map(keys.y, q)[0] == pytest.approx(res["chosen"]["full"])
-    path.write_text(json.dumps({"best": {"normal_gating_alpha": 1}}))
-    with pytest.raises(InputError, match="complete 'choice'"):
-        P.load_choice(path)
-    with pytest.raises(InputError, match="not found"):
-        P.load_choice(tmp_path / "nope.json")
