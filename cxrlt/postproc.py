@@ -47,7 +47,7 @@ from .labels import NORMAL_LABEL
 # The no-op value comes first in every grid: ties in the choice go to "off".
 GATING_GRID = (0.0, -1.0, -0.5, 0.5, 1.0, 2.0)
 POOL_GRID = (0.0, 0.25, 0.5, 0.75)
-CONTEXT_GRID = (0.0, 0.1, 0.2, 0.4)
+CONTEXT_GRID = (0.0, 0.1, 0.2, 0.4, 0.6)
 _MIN_NOT_NORMAL = 1e-6  # floor of 1 - p_Normal for negative exponents
 
 
