@@ -31,11 +31,11 @@ def main() -> int:
     args = ap.parse_args()
     cfg = config.resolve(args.config, config.overrides_from_args(args))
 
-    from cxrlt.trainer import train
-
     # under torchrun only the global rank 0 takes the lock: a second launch on the same folder
-    # stops there, and torchrun then stops its other ranks
+    # stops there (before the slow imports), and torchrun then stops its other ranks
     with output_lock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        from cxrlt.trainer import train
+
         train(cfg, args.cache, args.out, resume=args.resume)
     return 0
 
