@@ -419,7 +419,7 @@ def test_two_nodes_match_a_single_process(single_and_two_node_runs):
 def test_resume_with_another_world_size_keeps_the_global_batch(single_and_two_node_runs, demo_cache, tmp_path):
     _, nodes, args = single_and_two_node_runs
     out = tmp_path / "run"
-    args = [str(out) if a == str(nodes) else a for a in args]
+    args = [out if str(a) == str(nodes) else a for a in args]
     _kill_after_first_epoch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              *map(str, args)], out)
     assert load_checkpoint(out / "last.pt")["world_size"] == 2
