@@ -1,8 +1,14 @@
-# CXR-LT 2026 submission pipeline.  `make help` lists the targets.
+# CXR-LT 2026 submission pipeline.  `make help` lists the targets and variables.
 #
-# Every stage is a real file target, so a second `make` only redoes stale work:
-#   image cache -> backbone training -> head re-training (cRT) -> TTA inference (val + test)
+#   image caches -> backbone training -> head re-training (cRT) -> TTA inference (val + test)
 #   -> evaluation on the val fold -> ensemble -> validated submission CSV (+ zip)
+#
+# `make all` is always right: every stage is a real file target that depends on its upstream
+# outputs and on a content stamp of everything else it reads (config keys of its group, input
+# CSV contents, the Make variables it uses). The stamps are written by cxrlt/plan.py, which runs
+# at the start of every make (the rule for $(STATE)/vars.mk) and rewrites a stamp only when its
+# content changes. A stage that runs and finds its output already built from the same inputs only
+# touches it, so a second `make all` has nothing to do. README.md: "What re-runs when you change X".
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
@@ -16,121 +22,255 @@ TRAIN_CSV   ?= $(DATA_DIR)/train.csv#                training CSV (ImageID,Study
 IMAGE_DIR   ?= $(DATA_DIR)/images#                   folder of the PNGs named by ImageID
 TEST_CSV    ?= $(DATA_DIR)/CXRLT_2026_TEST_ALL_TASK1.csv#  the list of images to predict
 REMOVAL_CSV ?= $(DATA_DIR)/Removal.csv#              optional: images excluded from training
+META_CSV    ?=#                                      optional: PadChest's metadata CSV (exact patient, study, projection)
+LABELS_FILE ?=#                                      optional: the label set, one a line (default: the training CSV's columns)
 TEST_LABELS ?=#                                      optional: labels for TEST_CSV; then `make all` scores the submission
-IMG_SIZE    ?= 512#                                  square side of the cached images
-FOLDS       ?= 5#                                    patient-grouped folds in the index
+IMG_SIZE    ?= 512#                                  square side of the cached images (a config's img_size overrides it)
+FOLDS       ?= 5#                                    patient-grouped folds in the train cache
 CONFIGS     ?= configs/paper_ldam_drw.yaml#          one or more training configs (ensembled)
-NAME        ?= $(DATASET)#                           the submission's name: submissions/$(NAME).csv
+NAME        ?= $(DATASET)#                           the submission's name: $(SUB_DIR)/$(NAME).csv
 ENSEMBLE    ?= mean#                                 mean | rank | weighted | greedy
-TRAIN_ARGS  ?=#                                      extra flags for train.py (e.g. --epochs 3)
+TRAIN_ARGS  ?=#                                      config overrides for every stage of every config (e.g. --epochs 3)
 PREDICT_ARGS ?=#                                     extra flags for predict.py (e.g. --tta flip_scale)
-POSTPROC    ?= off#                                  off | auto: apply the normal gating + study pooling chosen on val to the test predictions
-NPROC       ?= 1#                                    GPUs per node: >1 runs train.py under torchrun (DDP)
+PREPROCESS_ARGS ?=#                                  extra flags for preprocess.py (e.g. --skip-bad)
+POSTPROC    ?= off#                                  off | auto: apply the post-processing chosen on val to the test predictions
+NPROC       ?= 1#                                    processes (GPUs) per node: >1 runs train.py under torchrun (DDP)
+NNODES      ?= 1#                                    nodes for training (torchrun); run `make train` on every node
+NODE_RANK   ?= 0#                                    this node's rank, 0..NNODES-1
+MASTER_ADDR ?= 127.0.0.1#                            address of node 0 (rendezvous), when NNODES > 1
+MASTER_PORT ?= 29500#                                port on node 0 (rendezvous)
+CACHE_ROOT  ?= data/cache#                           image caches: $(CACHE_ROOT)/$(DATASET)_<size>/{train,test-<key>}
+RUNS_ROOT   ?= runs#                                 run folders: $(RUNS_ROOT)/$(DATASET)_<size>/<config>
+SUB_DIR     ?= submissions#                          where submissions are written
+STATE       ?= .make#                                Make's stamps and generated variables
 PYTHON      ?= python3#                              interpreter used to create the virtualenv
+VARIABLES := DATASET DATA_DIR TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV META_CSV LABELS_FILE TEST_LABELS \
+	IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE TRAIN_ARGS PREDICT_ARGS PREPROCESS_ARGS POSTPROC NPROC NNODES \
+	NODE_RANK MASTER_ADDR MASTER_PORT CACHE_ROOT RUNS_ROOT SUB_DIR STATE PYTHON
 
-# ---- derived paths ---------------------------------------------------------------------------
-VENV   := .venv
-PY     := $(VENV)/bin/python
-CACHE  := data/cache/$(DATASET)_$(IMG_SIZE)
-RUNS   := runs/$(DATASET)_$(IMG_SIZE)
-STEMS  := $(foreach c,$(CONFIGS),$(basename $(notdir $(c))))
-SUB    := submissions/$(NAME)
+# ---- derived ---------------------------------------------------------------------------------
+VENV := .venv
+PY   ?= $(VENV)/bin/python
+SUB  := $(SUB_DIR)/$(NAME)
+opt   = $(if $(2),$(1) $(2),)
 REMOVAL_ARG := $(if $(wildcard $(REMOVAL_CSV)),--removal-csv $(REMOVAL_CSV),)
-ifeq ($(NPROC),1)
-TRAIN_CMD := $(PY) train.py
+META_ARG    := $(call opt,--meta-csv,$(META_CSV))
+LABELS_ARG  := $(call opt,--labels-file,$(LABELS_FILE))
+ifeq ($(NNODES),1)
+  ifeq ($(NPROC),1)
+    TRAIN_CMD := $(PY) train.py
+  else
+    TRAIN_CMD := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py
+  endif
 else
-TRAIN_CMD := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py
+  TRAIN_CMD := $(VENV)/bin/torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_per_node=$(NPROC) \
+	--master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) train.py
 endif
 
 DEMO_DIR := data/demo
 DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 	IMAGE_DIR=$(DEMO_DIR)/images TEST_CSV=$(DEMO_DIR)/CXRLT_2026_TEST_ALL_TASK1.csv \
 	REMOVAL_CSV=$(DEMO_DIR)/Removal.csv TEST_LABELS=$(DEMO_DIR)/test_labels.csv \
+	META_CSV=$(DEMO_DIR)/padchest_metadata.csv \
 	IMG_SIZE=64 CONFIGS="configs/demo.yaml configs/demo_db_cas.yaml" NAME=demo POSTPROC=auto ENSEMBLE=greedy
 
-.PHONY: help all demo demo-data test bench preprocess train crt predict evaluate submission clean-demo venv
+.PHONY: help all demo demo-data test test-fast bench preprocess train crt predict evaluate submission \
+	clean-demo venv FORCE
 
 help: ## show this help
 	@echo "CXR-LT 2026 pipeline. Usage: make <target> [VAR=value ...]"
 	@echo
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables (current value):"
-	@$(foreach v,DATASET TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV TEST_LABELS IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE POSTPROC NPROC,printf "  %-12s %s\n" "$(v)" "$($(v))";)
+	@$(foreach v,$(VARIABLES),printf "  %-16s %s\n" "$(v)" "$($(v))";)
 
 # ---- environment -----------------------------------------------------------------------------
 venv: $(VENV)/.installed ## create .venv and install requirements (automatic for every target)
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	touch $@
 
 # ---- demo and tests --------------------------------------------------------------------------
 demo-data: $(DEMO_DIR)/train.csv ## write the synthetic demo dataset to data/demo/
 
 $(DEMO_DIR)/train.csv: | $(VENV)/.installed
-	$(PY) -m cxrlt.demo_data --out $(DEMO_DIR)
+	$(VENV)/bin/python -m cxrlt.synth --out $(DEMO_DIR)
 
 demo: $(VENV)/.installed $(DEMO_DIR)/train.csv ## run the whole pipeline on the demo dataset (CPU, minutes)
 	$(MAKE) --no-print-directory all $(DEMO_VARS)
 
-test: $(VENV)/.installed ## run the test suite
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+test: $(VENV)/.installed ## run the whole test suite (what CI runs)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 --durations=15 tests
+
+test-fast: $(VENV)/.installed ## the test suite without the slow tests (a developer's loop)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests
 
 bench: $(VENV)/.installed ## run the benchmarks, print a table, write bench/results.md
-	$(PY) bench/run_all.py
+	$(VENV)/bin/python bench/run_all.py
 
-clean-demo: ## delete the demo dataset, its cache, runs and submission
-	rm -rf $(DEMO_DIR) data/cache/demo_* runs/demo_* submissions/demo.*
+clean-demo: ## delete the demo dataset, its caches, runs and submission
+	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(STATE)/demo_*
 
-# ---- stage 1: image cache --------------------------------------------------------------------
-preprocess: $(CACHE)/manifest.json ## build the image cache for TRAIN_CSV + TEST_CSV
+# ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
+NO_PLAN_GOALS := help venv demo demo-data test test-fast bench clean-demo demo-task2
+ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
+include $(STATE)/vars.mk
+endif
 
-$(CACHE)/manifest.json: $(TRAIN_CSV) $(TEST_CSV) | $(VENV)/.installed
-	$(PY) preprocess.py --train-csv $(TRAIN_CSV) --image-dir $(IMAGE_DIR) --test-csv $(TEST_CSV) \
-		$(REMOVAL_ARG) --size $(IMG_SIZE) --folds $(FOLDS) --out $(CACHE)
+$(STATE)/vars.mk: FORCE | $(VENV)/.installed
+	@$(VENV)/bin/python -m cxrlt.plan --mk $@ --state $(STATE) --dataset '$(DATASET)' \
+		--train-csv '$(TRAIN_CSV)' --image-dir '$(IMAGE_DIR)' --test-csv '$(TEST_CSV)' \
+		--removal-csv '$(REMOVAL_CSV)' --meta-csv '$(META_CSV)' --labels-file '$(LABELS_FILE)' \
+		--test-labels '$(TEST_LABELS)' --img-size '$(IMG_SIZE)' --folds '$(FOLDS)' --configs '$(CONFIGS)' \
+		--name '$(NAME)' --ensemble '$(ENSEMBLE)' --postproc '$(POSTPROC)' --train-args='$(TRAIN_ARGS)' \
+		--predict-args='$(PREDICT_ARGS)' --preprocess-args='$(PREPROCESS_ARGS)'
 
-# ---- stages 2-5, once per config -------------------------------------------------------------
-# $(1) = config stem, $(2) = config file
-define RUN_RULES
-$(RUNS)/$(1)/model.pt: $(2) $(CACHE)/manifest.json | $(VENV)/.installed
-	$(TRAIN_CMD) --config $(2) --cache $(CACHE) --out $(RUNS)/$(1) --resume $(TRAIN_ARGS)
+FORCE:
 
-$(RUNS)/$(1)/crt/model.pt: $(RUNS)/$(1)/model.pt
-	$(PY) retrain_head.py --run $(RUNS)/$(1) --cache $(CACHE) --out $(RUNS)/$(1)/crt
+# ---- stage 1: image caches, one pair per image size --------------------------------------------
+# The train cache never depends on the test list; each test list has its own test cache
+# (test-$(TEST_KEY), named by the list's content). Both reuse already decoded pixels by ImageID.
+define CACHE_RULES
+$(CACHE_ROOT)/$(DATASET)_$(1)/train/manifest.json: $(STATE)/$(DATASET)_$(1)/cache-train.stamp | $(VENV)/.installed
+	$$(PY) preprocess.py train --train-csv $(TRAIN_CSV) --image-dir $(IMAGE_DIR) $(REMOVAL_ARG) $(META_ARG) \
+		$(LABELS_ARG) --size $(1) --folds $(FOLDS) --out $$(@D) $(PREPROCESS_ARGS)
 
-$(RUNS)/$(1)/pred_val.csv: $(RUNS)/$(1)/crt/model.pt
-	$(PY) predict.py --checkpoint $$< --cache $(CACHE) --split val --out $$@ $(PREDICT_ARGS)
-
-$(RUNS)/$(1)/pred_test.csv: $(RUNS)/$(1)/crt/model.pt $(if $(filter auto,$(POSTPROC)),$(RUNS)/$(1)/pred_val.csv)
-	$(PY) predict.py --checkpoint $$< --cache $(CACHE) --split test --out $$@ $(PREDICT_ARGS) \
-		$(if $(filter auto,$(POSTPROC)),--postproc-from $(RUNS)/$(1)/pred_val.csv.postproc.json)
-
-$(RUNS)/$(1)/eval/metrics.json: $(RUNS)/$(1)/pred_val.csv
-	$(PY) evaluate.py --pred $$< --labels $(CACHE)/index.csv --out $(RUNS)/$(1)/eval \
-		--train-log $(RUNS)/$(1)/metrics.jsonl
+$(CACHE_ROOT)/$(DATASET)_$(1)/test-$(TEST_KEY)/manifest.json: $(STATE)/$(DATASET)_$(1)/cache-test.stamp | $(VENV)/.installed
+	$$(PY) preprocess.py test --test-csv $(TEST_CSV) --image-dir $(IMAGE_DIR) $(META_ARG) --size $(1) \
+		--out $$(@D) $(PREPROCESS_ARGS)
 endef
-$(foreach c,$(CONFIGS),$(eval $(call RUN_RULES,$(basename $(notdir $(c))),$(c))))
 
-train: $(foreach s,$(STEMS),$(RUNS)/$(s)/model.pt) ## train one backbone per config in CONFIGS
-crt: $(foreach s,$(STEMS),$(RUNS)/$(s)/crt/model.pt) ## classifier re-training on each trained run
-predict: $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_val.csv $(RUNS)/$(s)/pred_test.csv) ## TTA predictions (val fold + test list)
-evaluate: $(foreach s,$(STEMS),$(RUNS)/$(s)/eval/metrics.json) ## metrics, report and plots on the val fold
+# ---- stages 2-5, once per config ---------------------------------------------------------------
+# R_/C_/S_<stem>: the config's run folder, cache root and stamp folder (by its image size).
+define RUN_VARS
+R_$(1) := $(RUNS_ROOT)/$(DATASET)_$(SIZE_$(1))/$(1)
+C_$(1) := $(CACHE_ROOT)/$(DATASET)_$(SIZE_$(1))
+S_$(1) := $(STATE)/$(DATASET)_$(SIZE_$(1))/$(1)
+endef
 
-# ---- stage 6: ensemble -> submission ---------------------------------------------------------
-$(SUB).csv: $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_test.csv $(RUNS)/$(s)/pred_val.csv $(RUNS)/$(s)/eval/metrics.json)
-	$(PY) ensemble.py combine --method $(ENSEMBLE) \
-		--test $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_test.csv) \
-		--val $(foreach s,$(STEMS),$(RUNS)/$(s)/pred_val.csv) --val-labels $(CACHE)/index.csv \
-		--test-list $(TEST_CSV) --out $@ --zip $(SUB).zip
+# $(1) = config stem. INIT_<stem> names the run a resolution-ladder config starts from; a config
+# whose BASE_<stem> is another stem (same training, other post-training keys) trains nothing and
+# re-trains its head on that stem's backbone.
+define TRAIN_RULE
+$(R_$(1))/model.pt: $(S_$(1))/train.stamp $(C_$(1))/train/manifest.json $(if $(INIT_$(1)),$(R_$(INIT_$(1)))/model.pt) | $(VENV)/.installed
+	$$(TRAIN_CMD) --config $(CFG_$(1)) --cache $(C_$(1))/train --out $(R_$(1)) --resume $(TRAIN_ARGS) \
+		$(if $(INIT_$(1)),--init_checkpoint $(R_$(INIT_$(1)))/model.pt)
+endef
+
+define RUN_RULES
+$(R_$(1))/crt/model.pt: $(S_$(1))/crt.stamp $(R_$(BASE_$(1)))/model.pt
+	$$(PY) retrain_head.py --run $(R_$(BASE_$(1))) --cache $(C_$(1))/train --out $(R_$(1))/crt --config $(CFG_$(1)) $(TRAIN_ARGS)
+
+$(R_$(1))/pred_val.csv: $(S_$(1))/predict-val.stamp $(R_$(1))/crt/model.pt
+	$$(PY) predict.py --checkpoint $(R_$(1))/crt/model.pt --cache $(C_$(1))/train --split val --out $$@ \
+		--config $(CFG_$(1)) $(TRAIN_ARGS) $(PREDICT_ARGS)
+
+$(R_$(1))/pred_test.csv: $(S_$(1))/predict-test.stamp $(R_$(1))/crt/model.pt $(C_$(1))/test-$(TEST_KEY)/manifest.json \
+		$(if $(filter auto,$(POSTPROC)),$(R_$(1))/pred_val.csv)
+	$$(PY) predict.py --checkpoint $(R_$(1))/crt/model.pt --cache $(C_$(1))/test-$(TEST_KEY) --split test --out $$@ \
+		--config $(CFG_$(1)) $(TRAIN_ARGS) $(PREDICT_ARGS) \
+		$(if $(filter auto,$(POSTPROC)),--postproc-from $(R_$(1))/pred_val.csv.postproc.json)
+
+$(R_$(1))/eval/metrics.json: $(R_$(1))/pred_val.csv
+	$$(PY) evaluate.py --pred $$< --labels $(C_$(1))/train/index.csv --out $(R_$(1))/eval \
+		--train-log $(R_$(BASE_$(1)))/metrics.jsonl
+endef
+
+STEMS ?=
+SIZES ?=
+TEST_KEY ?= none
+FIRST ?=
+ifneq ($(STEMS),)
+$(foreach s,$(SIZES),$(eval $(call CACHE_RULES,$(s))))
+$(foreach s,$(STEMS),$(eval $(call RUN_VARS,$(s))))
+$(foreach s,$(STEMS),$(if $(filter $(s),$(BASE_$(s))),$(eval $(call TRAIN_RULE,$(s)))))
+$(foreach s,$(STEMS),$(eval $(call RUN_RULES,$(s))))
+FIRST := $(firstword $(STEMS))
+endif
+
+runs_of = $(foreach s,$(STEMS),$(R_$(s))/$(1))
+train: $(foreach s,$(STEMS),$(R_$(BASE_$(s)))/model.pt) ## train one backbone per config in CONFIGS (configs that differ only in post-training keys share one)
+crt: $(call runs_of,crt/model.pt) ## classifier re-training on each trained run
+predict: $(call runs_of,pred_val.csv) $(call runs_of,pred_test.csv) ## TTA predictions (val fold + test list)
+evaluate: $(call runs_of,eval/metrics.json) ## metrics, report and plots on the val fold
+preprocess: $(foreach s,$(STEMS),$(C_$(s))/train/manifest.json $(C_$(s))/test-$(TEST_KEY)/manifest.json) ## build the image caches (train + test list) for every image size in use
+
+# ---- stage 6: ensemble -> submission -------------------------------------------------------------
+$(SUB).csv: $(STATE)/submissions/$(NAME).stamp $(call runs_of,pred_test.csv) $(call runs_of,pred_val.csv) \
+		$(call runs_of,eval/metrics.json)
+	$(PY) ensemble.py combine --method $(ENSEMBLE) --test $(call runs_of,pred_test.csv) \
+		--val $(call runs_of,pred_val.csv) --val-labels $(C_$(FIRST))/train/index.csv \
+		--test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt --out $@ --zip $(SUB).zip
 
 $(SUB).score.json: $(SUB).csv $(TEST_LABELS)
-	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(CACHE)/index.csv
+	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(C_$(FIRST))/train/index.csv
 	cp $(SUB)_eval/metrics.json $@.tmp && mv $@.tmp $@
 
-submission: $(SUB).csv ## ensemble the configs' test predictions into submissions/$(NAME).csv (+ .zip)
+submission: $(SUB).csv ## ensemble the configs' test predictions into $(SUB_DIR)/$(NAME).csv (+ .zip)
 
-all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: cache, train, cRT, predict, evaluate, ensemble, submission
+all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: caches, train, cRT, predict, evaluate, ensemble, submission
 	@echo "submission: $(SUB).csv  (zip: $(SUB).zip)"
 	$(if $(TEST_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB).score.json')); print(f\"test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TEST_LABELS))\")")
+
+# ==== Task 2: zero-shot scores for the six unseen findings (issue 15; one block) ============
+# `make task2` scores TEST_CSV's images (the test cache of the first config's image size, the one
+# Task 1 uses) with a CLIP-style model and a prompt file (zeroshot.py), then writes
+# $(SUB_DIR)/$(NAME)_task2.csv (+ .zip) in test-list order with ensemble.py and checks it against
+# the Task-2 label set. `make all TASK2=1` includes it. Image embeddings are cached per model and
+# cache in $(ZS_DIR)/embeddings: another prompt file, method or ZS_ARGS re-runs only the scoring
+# (seconds). `make demo-task2`: the demo with a tiny random model, plumbing only.
+ZS_MODEL     ?= hf-hub:yyupenn/whyxrayclip#  hf-hub:ORG/REPO | local-dir:FOLDER | open_clip config name + ZS_WEIGHTS
+ZS_WEIGHTS   ?=#                             local weights file for a config-name ZS_MODEL (e.g. ViT-L-14)
+ZS_PROMPTS   ?= prompts/task2.yaml#          prompts per finding (positive, optional negative)
+ZS_METHOD    ?= cosine#                      cosine (mean cosine over prompts -> sigmoid) | softmax (positive vs negative)
+ZS_ARGS      ?=#                             extra zeroshot.py flags (e.g. --pool embedding --temperature 0.05 --device cpu)
+TASK2        ?=#                             1: `make all` also writes the Task-2 submission
+TASK2_LABELS ?=#                             optional: Task-2 labels for TEST_CSV; then `make task2` scores the submission
+VARIABLES += ZS_MODEL ZS_WEIGHTS ZS_PROMPTS ZS_METHOD ZS_ARGS TASK2 TASK2_LABELS
+TASK2_LABEL_SET := prompts/cxrlt2026_task2_labels.txt
+ZS_DIR    := $(RUNS_ROOT)/$(DATASET)_zeroshot
+ZS_PRED   := $(ZS_DIR)/pred_test.csv
+ZS_CACHE  := $(if $(FIRST),$(C_$(FIRST)),$(CACHE_ROOT)/$(DATASET)_$(IMG_SIZE))/test-$(TEST_KEY)
+SUB2      := $(SUB)_task2
+ZS_FOLDER := $(patsubst local-dir:%,%,$(filter local-dir:%,$(ZS_MODEL)))
+# what zeroshot.py reads besides files, in a stamp rewritten only when it changes (until plan.py
+# writes it with the other stamps)
+ZS_INPUTS := model=$(ZS_MODEL) weights=$(ZS_WEIGHTS) method=$(ZS_METHOD) args=$(ZS_ARGS) cache=$(ZS_CACHE)
+
+.PHONY: task2 demo-task2
+
+$(ZS_DIR)/inputs.stamp: FORCE
+	@mkdir -p $(@D); printf '%s\n' '$(subst ','\'',$(ZS_INPUTS))' > $@.new; cmp -s $@.new $@ && rm $@.new || mv $@.new $@
+
+$(ZS_PRED): $(ZS_DIR)/inputs.stamp $(ZS_PROMPTS) $(TASK2_LABEL_SET) $(ZS_WEIGHTS) \
+		$(if $(ZS_FOLDER),$(ZS_FOLDER)/open_clip_config.json) $(ZS_CACHE)/manifest.json | $(VENV)/.installed
+	$(PY) zeroshot.py --cache $(ZS_CACHE) --split test --model $(ZS_MODEL) $(if $(ZS_WEIGHTS),--weights $(ZS_WEIGHTS)) \
+		--prompts $(ZS_PROMPTS) --labels-file $(TASK2_LABEL_SET) --method $(ZS_METHOD) \
+		--embeddings $(ZS_DIR)/embeddings --out $@ $(ZS_ARGS)
+
+$(SUB2).csv: $(ZS_PRED) $(TEST_CSV)
+	$(PY) ensemble.py combine --method mean --test $< --test-list $(TEST_CSV) --labels-file $(TASK2_LABEL_SET) \
+		--out $@ --zip $(SUB2).zip
+
+$(SUB2).score.json: $(SUB2).csv $(TASK2_LABELS)
+	$(PY) evaluate.py --pred $< --labels $(TASK2_LABELS) --out $(SUB2)_eval
+	cp $(SUB2)_eval/metrics.json $@.tmp && mv $@.tmp $@
+
+task2: $(SUB2).csv $(if $(TASK2_LABELS),$(SUB2).score.json) ## Task 2: zero-shot scores of the 6 unseen findings -> $(SUB_DIR)/$(NAME)_task2.csv (+ .zip)
+	@echo "Task-2 submission: $(SUB2).csv  (zip: $(SUB2).zip; model $(ZS_MODEL))"
+	$(if $(TASK2_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB2).score.json')); print(f\"Task-2 test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TASK2_LABELS))\")")
+
+all: $(if $(filter 1,$(TASK2)),task2)
+
+# the demo: a tiny open_clip model with random weights, built locally (no download; scores mean nothing)
+DEMO_ZS_MODEL := $(DEMO_DIR)/tiny_clip
+DEMO_VARS += ZS_MODEL=local-dir:$(DEMO_ZS_MODEL)
+
+$(DEMO_ZS_MODEL)/open_clip_config.json: | $(VENV)/.installed
+	$(VENV)/bin/python -m cxrlt.tiny_clip --out $(DEMO_ZS_MODEL)
+
+demo-task2: $(VENV)/.installed $(DEMO_DIR)/train.csv ## Task 2 on the demo with a tiny random model (checks the plumbing; its scores mean nothing)
+	$(MAKE) --no-print-directory task2 $(DEMO_VARS)

@@ -4,6 +4,7 @@
     python ensemble.py combine --method mean|rank|weighted|greedy --test T1.csv [T2.csv ...]
         [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5]
         --test-list CXRLT_2026_TEST_ALL_TASK1.csv --out submissions/NAME.csv [--zip submissions/NAME.zip]
+        [--labels-file labels.txt]
     python ensemble.py check submissions/NAME.csv --test-list LIST.csv
         [--labels-from TRAIN_OR_INDEX.csv | --labels-file labels.txt]
 
@@ -11,7 +12,11 @@ combine: the --test (and --val) files must have the same ImageIDs and the same c
 order; --val files pair with --test files in order. weighted without --weights fits weights on
 the val fold; greedy needs --val. The submission (ImageID + the inputs' label columns, rows in
 test-list order) is validated like `check` before it is written; --zip adds code/ (git-tracked
-files of this repository). check: exits 2 with one line naming the first problem's row and column.
+files of this repository). The inputs' label set must be the official 30 labels in the official
+order, or a set far from them (e.g. NIH's 14); a set NEARLY the official one (an extra, missing,
+misspelt or reordered label) stops, unless --labels-file gives the label set and order on purpose
+(the inputs must then hold exactly those labels, in any order). check: exits 2 with one line
+naming the first problem's row and column; any label set can be checked with --labels-file.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--test-list", required=True, help="official test list (ImageID,...)")
     c.add_argument("--out", required=True, help="submission CSV to write")
     c.add_argument("--zip", help="also write a zip with the CSV and code/")
+    c.add_argument("--labels-file", help="the submission's label set and order, one label a line "
+                                         "(needed for a set close to the official one but not equal)")
     k = sub.add_parser("check", help="validate a submission CSV")
     k.add_argument("submission")
     k.add_argument("--test-list", required=True)
@@ -49,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _check_args(a) -> None:
+    from cxrlt.cli import check_output_file
+
+    check_output_file(a.out, "--out")
+    if a.zip:
+        check_output_file(a.zip, "--zip")
     if a.weights is not None and a.method != "weighted":
         raise InputError("--weights only applies to --method weighted")
     if a.val and not a.val_labels:
@@ -70,7 +82,7 @@ def _check_args(a) -> None:
 
 def read_aligned(paths: list[str]):
     """Read prediction CSVs that must share one ID set and one column list; aligned to the first."""
-    from cxrlt.submission import read_predictions
+    from cxrlt.tables import read_predictions
 
     first = read_predictions(paths[0])
     frames = [first]
@@ -88,11 +100,11 @@ def read_aligned(paths: list[str]):
 def combine(a) -> int:
     from cxrlt import ensembling
     from cxrlt.metrics import macro_map
-    from cxrlt.submission import read_id_list, read_label_table
+    from cxrlt.tables import ID, read_id_list, read_label_table
     import pandas as pd
 
     _check_args(a)
-    test_list = read_id_list(a.test_list)
+    test_list = read_id_list(a.test_list)[ID].tolist()
     ids, labels, test = read_aligned(a.test)
     if set(ids) != set(test_list):
         missing = [i for i in test_list if i not in set(ids)]
@@ -110,6 +122,11 @@ def combine(a) -> int:
                 raise InputError(f"{a.val_labels}: label columns differ from {a.val[0]}")
             table.y = table.y[:, [table.labels.index(x) for x in labels]]
         y_val = table.y
+    order = submission_order(labels, a.labels_file, a.test[0])
+    labels = [labels[i] for i in order]
+    test = [t[:, order] for t in test]
+    if val is not None:
+        val, y_val = [v[:, order] for v in val], y_val[:, order]
     ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights)
     if weights is not None:
         print("weights: " + ", ".join(f"{p}={w:.3f}" for p, w in zip(a.test, weights)))
@@ -126,6 +143,25 @@ def combine(a) -> int:
     if a.zip:
         print(f"wrote {a.zip}: {n} files (submission + code/)")
     return 0
+
+
+def submission_order(labels: list[str], labels_file, source) -> list[int]:
+    """Column positions, in `labels`, of the submission's labels in their required order.
+
+    Without a labels file the inputs' own order, checked against the official label set (a set
+    nearly equal to it is a mistake); with one, that file's order (the same set required)."""
+    from cxrlt.labels import check_label_set, read_labels_file
+
+    if not labels_file:
+        check_label_set(labels, f"{source}: row 1 (header)")
+        return list(range(len(labels)))
+    want = read_labels_file(labels_file)
+    if set(want) != set(labels):
+        missing = [x for x in want if x not in labels]
+        extra = [x for x in labels if x not in want]
+        raise InputError(f"{source}: row 1 (header): the label columns differ from {labels_file} "
+                         f"(missing {missing}, not listed there {extra})")
+    return [labels.index(x) for x in want]
 
 
 def write_outputs(df, a, labels) -> int:
@@ -150,7 +186,8 @@ def write_outputs(df, a, labels) -> int:
 
 def check(a) -> int:
     from cxrlt.labels import CXRLT2026_LABELS, read_labels_file
-    from cxrlt.submission import labels_from_file, validate_submission
+    from cxrlt.submission import validate_submission
+    from cxrlt.tables import labels_from_file
 
     if a.labels_from:
         labels = labels_from_file(a.labels_from)

@@ -29,7 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from cxrlt.cli import check_output_dir
     from cxrlt.evaluation import evaluate
+
+    check_output_dir(args.out, "--out")
 
     evaluate(args.pred, args.labels, args.out, index_path=args.index, train_log=args.train_log,
              thresholds_path=args.thresholds)

@@ -15,7 +15,6 @@ in the checkpoint's config (keys tta, tta_merge, normal_gating_alpha, study_pool
 """
 
 import argparse
-import json
 import time
 
 from cxrlt import config
@@ -35,6 +34,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     config.add_config_flags(ap, ["tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "workers", "device", "amp"])
     args = ap.parse_args()
+    chosen = config.load_postproc(args.postproc_from) if args.postproc_from else {}  # checked before any work
 
     import numpy as np
     import pandas as pd
@@ -51,9 +51,7 @@ def main() -> int:
     device = pick_device(args.cfg__device or "auto")
     model, ck = load_trained(args.checkpoint, device)
     cfg = config.apply_overrides(ck["config"], config.overrides_from_args(args))
-    if args.postproc_from:
-        chosen = json.load(open(args.postproc_from))["best"]
-        cfg["normal_gating_alpha"], cfg["study_pool_weight"] = chosen["normal_gating_alpha"], chosen["study_pool_weight"]
+    cfg.update(chosen)
     labels = list(ck["labels"])
     cache = open_cache(args.cache)
     check_cache_size(ck, cache, args.checkpoint)

@@ -29,6 +29,7 @@ def main() -> int:
     from cxrlt.crt import run
 
     ov = config.overrides_from_args(args)
+    config.apply_overrides(config.DEFAULTS, ov)  # a bad value stops here, before --out is touched
     run(args.run, args.cache, args.out, ov, method=args.method, device_name=ov.get("device", "auto"),
         feature_cache=not args.no_feature_cache)
     return 0

@@ -41,7 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrlt.labels import CXRLT2026_LABELS, ID_COLUMNS  # noqa: E402
+from cxrlt.labels import CXRLT2026_LABELS  # noqa: E402
+from cxrlt.tables import ID_COLUMNS  # noqa: E402
 
 # Dense bf16 tensor-core peak (FLOP/s) by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first. Sources: the vendors' data sheets.

@@ -62,7 +62,7 @@ from tqdm import tqdm
 from .errors import InputError
 from .fileio import write_csv, write_json, write_text
 from .imaging import ImageReadError, load_for_cache
-from .labels import ID_COLUMNS
+from .tables import ID_COLUMNS, INDEX_FIXED_COLUMNS, NON_LABEL_COLUMNS
 
 # pandas (and the CSV/fold modules that use it) are imported inside the functions that need
 # them: decode workers are spawned processes that import this module, and without pandas
@@ -73,7 +73,6 @@ if TYPE_CHECKING:
 CACHE_VERSION = 1  # bump when the pixels or the layout produced for the same inputs change
 WINDOW_STRIDE = 4
 FLUSH_SECONDS = 10.0  # how often the done mask is persisted (work lost on a kill: at most this)
-INDEX_FIXED_COLUMNS = ["row", *ID_COLUMNS, "split", "fold"]
 _OWN_FILES = {"images.npy", "index.csv", "labels.txt", "manifest.json", "done.npy", "plan.json"}
 _MAX_REPORTED = 20  # failures printed in the --skip-bad report (all are in the manifest)
 
@@ -300,11 +299,11 @@ def _check_replaceable(d: Path) -> None:
 def _make_plan(train_csv, test_csv, removal_csv, labels_file, folds, seed) -> _Plan:
     import pandas as pd
 
-    from .csvio import read_id_list, read_training_csv
+    from .tables import read_id_list, read_training_csv
     from .splits import assign_folds
 
     train, labels = read_training_csv(train_csv, labels_file=labels_file)
-    clash = [lab for lab in labels if lab in INDEX_FIXED_COLUMNS]
+    clash = [lab for lab in labels if lab in NON_LABEL_COLUMNS]
     if clash:
         raise InputError(f"{train_csv}: label column name(s) {clash} clash with the cache index's own columns")
     train_rows = train.index.to_numpy()

@@ -74,13 +74,3 @@ def state_dict_of(ckpt: dict) -> dict:
         out[k] = v
     return out
 
-
-def file_key(path) -> str:
-    """Content fingerprint of a file (16 hex of its sha256): equal keys <=> the same bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]

@@ -29,7 +29,7 @@ import pandas as pd
 from . import metrics as M
 from .errors import InputError
 from .fileio import atomic_path, read_jsonl, write_csv, write_json, write_text
-from .submission import LabelTable, labels_from_file, read_header, read_label_table, read_predictions
+from .tables import LabelTable, labels_from_file, read_label_table, read_predictions
 
 N_RAREST_PR = 6
 ECE_BINS = 15
@@ -67,9 +67,9 @@ def _train_frequencies(table: LabelTable, labels_path, index_path, labels):
     if table.is_index:
         return table.train_counts, table.n_train, f"train rows of {labels_path}"
     if index_path:
-        if "split" not in read_header(index_path):
-            raise InputError(f"{index_path}: not a cache index (no 'split' column)")
         index = read_label_table(index_path, ids=[])
+        if not index.is_index:
+            raise InputError(f"{index_path}: not a cache index (no 'split' column)")
         if set(index.labels) != set(labels):
             raise InputError(f"{index_path}: label columns differ from {labels_path}")
         order = [index.labels.index(x) for x in labels]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -64,8 +65,6 @@ def _fsync(path) -> None:
 
 def _remove_stale_temps(final: Path) -> None:
     """Delete temp files a killed writer of `final` left behind (a big last.pt each time)."""
-    import glob
-
     for p in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
         with contextlib.suppress(OSError):
             if p.is_file():

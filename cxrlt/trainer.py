@@ -64,10 +64,11 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import distributed as D
-from .checkpoint import file_key, load_checkpoint, state_dict_of
+from .checkpoint import load_checkpoint, state_dict_of
 from .device import autocast_ctx
 from .errors import InputError
 from .fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
+from .fingerprints import file_key, touch
 from .inference import predict_tta
 from .metrics import score
 
@@ -260,10 +261,6 @@ def resume_accum_steps(global_batch: int, old_world: int, batch_size: int, world
     raise InputError(f"{out}: this run's global batch is {global_batch} images ({old_world} processes); "
                      f"{world} processes x batch_size {batch_size} cannot form it: resume with "
                      f"{' or '.join(map(str, fits))} processes")
-
-
-def touch(path: Path) -> None:
-    os.utime(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # `make test` (CI) runs everything; `make test-fast` skips these for a developer's loop
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (end-to-end make runs, training)")
+
+
 def _shared_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -37,7 +42,7 @@ def _shared_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
     """A small demo dataset in the CXR-LT 2026 layout (200 train / 40 test images)."""
-    from cxrlt.demo_data import generate
+    from cxrlt.synth import generate
 
     base = _shared_dir(tmp_path_factory)
     out = base / "demo_small"
@@ -74,6 +79,22 @@ def tiny_cfg(**kw) -> dict:
     return config.resolve([], over)
 
 
+def run_script_inprocess(capsys, script: str, *args) -> tuple[int, str, str]:
+    """Run a top-level script in this process as `python script args` would (runpy, its own
+    main_wrapper), without the interpreter and torch start-up; -> (exit status, stdout, stderr)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
 def run_script(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
     """Run a top-level script with the test interpreter; capture output."""
     e = dict(os.environ)
@@ -84,7 +105,3 @@ def run_script(*args, env=None, check=True, timeout=600) -> subprocess.Completed
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")

@@ -11,7 +11,7 @@ from cxrlt import config
 from cxrlt.cache import build_cache, open_cache
 from cxrlt.crt import run as run_crt
 from cxrlt.data import CacheDataset, make_loader
-from cxrlt.demo_data import generate
+from cxrlt.synth import generate
 from cxrlt.inference import load_trained, predict_tta
 from cxrlt.metrics import average_precision_per_label, frequency_groups, group_map
 from cxrlt.trainer import train

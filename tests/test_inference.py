@@ -69,34 +69,3 @@ def test_old_checkpoint_logit_scale_entry_sets_the_models_scale(tmp_path):
     x = model.normalize(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
         assert torch.allclose(loaded(x), 6.0 * model.eval()(x), atol=1e-5)
-
-
-def test_pick_device_refuses_a_missing_gpu(monkeypatch):
-    import pytest
-
-    from cxrlt.device import pick_device
-    from cxrlt.errors import InputError
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_device("auto").type == "cpu"
-    for name in ("cuda", "cuda:1", "gpu"):
-        with pytest.raises(InputError, match=f"device '{name}'"):
-            pick_device(name)
-
-
-def test_tta_merge_logit_is_the_sigmoid_of_the_mean_logit_over_views(tmp_path):
-    from cxrlt.data import CacheDataset, make_loader
-    from cxrlt.inference import TTA_VIEWS, model_input, predict_tta
-
-    model = _tiny_model(loss="ldam", ldam_s=100.0).eval()  # logits far from 0: the sigmoid is not linear
-    imgs = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
-    np.save(tmp_path / "images.npy", imgs[:, 0].numpy())
-    loader = make_loader(CacheDataset(tmp_path / "images.npy", np.arange(4), num_classes=3), 3, workers=0)
-    dev = torch.device("cpu")
-    with torch.no_grad():
-        z = torch.stack([model(model_input(model, apply_view(imgs.float(), f, s))) for f, s in TTA_VIEWS["flip_scale"]])
-    _, logit = predict_tta(model, loader, dev, "flip_scale", merge="logit", progress=False)
-    _, prob = predict_tta(model, loader, dev, "flip_scale", merge="prob", progress=False)
-    assert np.allclose(logit, torch.sigmoid(z.mean(0)).numpy(), atol=1e-6)
-    assert np.allclose(prob, torch.sigmoid(z).mean(0).numpy(), atol=1e-6)
-    assert not np.allclose(logit, prob, atol=1e-4)  # the two merges really differ

@@ -1,0 +1,122 @@
+"""Make's plan (cxrlt/plan.py): a stamp changes exactly when what its stage reads changes."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from cxrlt import plan
+from cxrlt.errors import InputError
+
+STAGES = ["cache-train", "cache-test", "demo/train", "demo/crt", "demo/predict-val", "demo/predict-test"]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    for name in ("train.csv", "test.csv", "removal.csv"):
+        (tmp_path / name).write_text(f"ImageID\n{name}.png\n")
+    (tmp_path / "images").mkdir()
+    cfg = tmp_path / "demo.yaml"
+    shutil.copy(ROOT / "configs" / "demo.yaml", cfg)
+    return tmp_path
+
+
+def with_values(cfg: Path, **values) -> str:
+    """The text of a YAML config with each key's line set to the value (a key may appear once)."""
+    lines = [x for x in cfg.read_text().splitlines() if x.split(":")[0].strip() not in values]
+    return "\n".join(lines + [f"{k}: {v}" for k, v in values.items()]) + "\n"
+
+
+def run_plan(d: Path, **over) -> dict[str, int]:
+    """Run the plan with the given Make variables; -> {stamp: mtime_ns} (plus the submission's)."""
+    args = dict(state=d / ".make", mk=d / ".make" / "vars.mk", dataset="demo", train_csv=d / "train.csv",
+                image_dir=d / "images", test_csv=d / "test.csv", removal_csv=d / "removal.csv", img_size="64",
+                folds="5", configs=str(d / "demo.yaml"), name="demo", ensemble="mean", postproc="off")
+    args.update(over)
+    argv = []
+    for k, v in args.items():
+        argv.append(f"--{k.replace('_', '-')}={v}")
+    assert plan.main(argv) == 0
+    size = over.get("img_size", "64")
+    out = {s: (d / ".make" / f"demo_{size}" / f"{s}.stamp").stat().st_mtime_ns for s in STAGES}
+    out["submission"] = (d / ".make" / "submissions" / f"{args['name']}.stamp").stat().st_mtime_ns
+    return out
+
+
+def changed(before, after) -> set[str]:
+    return {k for k in before if before[k] != after.get(k)}
+
+
+def test_each_edit_changes_exactly_the_stamps_of_the_stages_that_read_it(setup):
+    d = setup
+    first = run_plan(d)
+    assert changed(first, run_plan(d)) == set()  # nothing edited: nothing rewritten
+
+    current = {}
+
+    def edit(expected, **over):  # Make variables accumulate, as on a user's command line
+        nonlocal first
+        current.update(over)
+        os.utime(d / "train.csv", None)  # a newer file time alone never counts
+        now = run_plan(d, **current)
+        assert changed(first, now) == expected, over
+        first = now
+
+    cfg = d / "demo.yaml"
+    cfg.write_text(cfg.read_text() + "\n# a comment\n")
+    edit(set())
+    cfg.write_text(with_values(cfg, tta="flip"))
+    edit({"demo/predict-val", "demo/predict-test"})
+    cfg.write_text(with_values(cfg, crt_lr=0.5))
+    edit({"demo/crt"})
+    cfg.write_text(with_values(cfg, lr=0.01))
+    edit({"demo/train"})
+    (d / "removal.csv").write_text("ImageID\nother.png\n")
+    edit({"cache-train"})
+    (d / "test.csv").write_text("ImageID\nnew.png\n")
+    edit({"cache-test", "demo/predict-test", "submission"})
+    edit({"cache-train"}, folds="3")
+    edit({"cache-train", "cache-test"}, preprocess_args="--skip-bad")
+    edit(set(), preprocess_args="--skip-bad --workers 3")  # workers never change a result
+    edit({"demo/train", "submission"}, train_args="--epochs 3")
+    edit(set(), train_args="--epochs 3 --workers 0")  # a run key: no stage re-runs
+    edit({"demo/predict-val", "demo/predict-test", "submission"}, predict_args="--tta none")
+    edit(set(), predict_args="--tta none --batch-size 8")
+    edit({"submission"}, ensemble="rank")
+
+
+def test_vars_mk_names_the_test_cache_by_content_and_each_config_size(setup):
+    d = setup
+    run_plan(d)
+    mk = (d / ".make" / "vars.mk").read_text()
+    key = next(line.split(":= ")[1] for line in mk.splitlines() if line.startswith("TEST_KEY"))
+    assert len(key) == 10 and "SIZE_demo := 64" in mk and "STEMS := demo" in mk
+    shutil.copy(d / "test.csv", d / "test_copy.csv")  # same content elsewhere: same cache
+    run_plan(d, test_csv=d / "test_copy.csv")
+    assert f"TEST_KEY := {key}" in (d / ".make" / "vars.mk").read_text()
+
+
+def test_bad_variables_and_configs_are_one_line_errors(setup):
+    d = setup
+    with pytest.raises(InputError, match="IMG_SIZE"):
+        run_plan(d, img_size="big")
+    with pytest.raises(InputError, match="TRAIN_ARGS"):
+        run_plan(d, train_args="--not_a_key 3")
+    (d / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(InputError, match="bad.yaml"):
+        run_plan(d, configs=str(d / "bad.yaml"))
+    (d / "x").mkdir()
+    shutil.copy(d / "demo.yaml", d / "x" / "demo.yaml")
+    with pytest.raises(InputError, match="same name"):
+        run_plan(d, configs=f"{d / 'demo.yaml'} {d / 'x' / 'demo.yaml'}")
+
+
+def test_configs_differing_only_in_post_training_keys_share_one_backbone(setup):
+    d = setup
+    (d / "tta.yaml").write_text(with_values(d / "demo.yaml", tta="flip", crt_lr=0.5))
+    (d / "other.yaml").write_text(with_values(d / "demo.yaml", lr=0.5))
+    run_plan(d, configs=f"{d / 'demo.yaml'} {d / 'tta.yaml'} {d / 'other.yaml'}")
+    mk = (d / ".make" / "vars.mk").read_text().splitlines()
+    assert {"BASE_demo := demo", "BASE_tta := demo", "BASE_other := other"} <= set(mk)
