@@ -138,7 +138,9 @@ $(CACHE_ROOT)/$(DATASET)_$(1)/train/manifest.json: $(STATE)/$(DATASET)_$(1)/cach
 	$$(PY) preprocess.py train --train-csv $(TRAIN_CSV) --image-dir $(IMAGE_DIR) $(REMOVAL_ARG) $(META_ARG) \
 		$(LABELS_ARG) --size $(1) --folds $(FOLDS) --out $$(@D) $(PREPROCESS_ARGS)
 
-$(CACHE_ROOT)/$(DATASET)_$(1)/test-$(TEST_KEY)/manifest.json: $(STATE)/$(DATASET)_$(1)/cache-test.stamp | $(VENV)/.installed
+# (order-only on the train cache: its pixels are reused and a test image found in training is refused)
+$(CACHE_ROOT)/$(DATASET)_$(1)/test-$(TEST_KEY)/manifest.json: $(STATE)/$(DATASET)_$(1)/cache-test.stamp \
+		| $(VENV)/.installed $(CACHE_ROOT)/$(DATASET)_$(1)/train/manifest.json
 	$$(PY) preprocess.py test --test-csv $(TEST_CSV) --image-dir $(IMAGE_DIR) $(META_ARG) --size $(1) \
 		--out $$(@D) $(PREPROCESS_ARGS)
 endef

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Predict probabilities for the val fold or the test list, with test-time augmentation.
 
-    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512 \
+    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512/test-<key> \
         --split test --out runs/x/pred_test.csv [--tta flip_scale] [--tta_merge logit]
         [--normal_gating_alpha 1] [--study_pool_weight 0.5] [--postproc-from runs/x/pred_val.postproc.json]
 
@@ -27,7 +27,9 @@ POOL_GRID = [0.0, 0.25, 0.5, 0.75]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="model.pt of a run (or of its crt/ folder)")
-    ap.add_argument("--cache", required=True, help="cache folder written by preprocess.py")
+    ap.add_argument("--cache", required=True,
+                    help="cache folder written by preprocess.py: the train cache for --split val, "
+                         "the test list's cache (ROOT/test-<key>) for --split test")
     ap.add_argument("--split", choices=["val", "test"], required=True)
     ap.add_argument("--out", required=True, help="predictions CSV to write")
     ap.add_argument("--postproc-from", default=None, help="postproc.json from a val run: apply its best values")
@@ -55,11 +57,13 @@ def main() -> int:
     labels = list(ck["labels"])
     cache = open_cache(args.cache)
     check_cache_size(ck, cache, args.checkpoint)
-    if list(cache.labels) != labels:
+    if cache.labels and list(cache.labels) != labels:  # a test cache has no labels
         raise InputError(f"{args.cache}: cache labels differ from the checkpoint's ({args.checkpoint})")
     rows = cache.rows("train", fold=cfg["val_fold"]) if args.split == "val" else cache.rows("test")
     if len(rows) == 0:
-        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'")
+        what = "a test list's cache (ROOT/test-<key>)" if args.split == "test" else "the train cache (ROOT/train)"
+        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'; --split {args.split} "
+                         f"reads {what}")
     ds = CacheDataset(f"{args.cache}/images.npy", rows, num_classes=len(labels))
     loader = make_loader(ds, args.batch_size, workers=cfg["workers"], pin_memory=device.type == "cuda")
     amp = cfg["amp"] and device.type == "cuda"

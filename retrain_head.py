@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Re-train the classifier head of a trained run on a frozen backbone (cRT), or tau-normalise it.
 
-    python retrain_head.py --run runs/cxrlt2026_512/paper_ldam_drw --cache data/cache/cxrlt2026_512 \
+    python retrain_head.py --run runs/cxrlt2026_512/paper_ldam_drw --cache data/cache/cxrlt2026_512/train \
         --out runs/cxrlt2026_512/paper_ldam_drw/crt [--method crt|tau] [--crt_epochs 10 --crt_lr 1e-3 ...]
 
 Reads <run>/model.pt; writes into --out (never into the run folder itself): features_{train,val}.npy

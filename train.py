@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a backbone on the image cache.
 
-    python train.py --config configs/paper_ldam_drw.yaml --cache data/cache/cxrlt2026_512 \
+    python train.py --config configs/paper_ldam_drw.yaml --cache data/cache/cxrlt2026_512/train \
         --out runs/cxrlt2026_512/paper_ldam_drw [--resume] [--lr 3e-4 --epochs 20 ...]
     torchrun --nproc_per_node=8 train.py ...   # DDP, one process per GPU
 

@@ -42,7 +42,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrlt.labels import CXRLT2026_LABELS  # noqa: E402
-from cxrlt.tables import ID_COLUMNS  # noqa: E402
 
 # Dense bf16 tensor-core peak (FLOP/s) by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first. Sources: the vendors' data sheets.
@@ -64,17 +63,20 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
       images.npy     uint8 (n_train + n_val + n_test, size, size), written through a memmap in
                      chunks (so 20,000 x 256 px never sits in memory): a smooth chest-like blob
                      plus per-image noise (no all-zero pages, which the OS could share)
-      index.csv      row, ImageID, StudyDate_DICOM, PatientID, split, fold, one 0/1 column per label.
+      index.csv      row, ImageID, StudyDate_DICOM, PatientID, study, patient, projection, split,
+                     fold, one 0/1 column per label (one image per study and patient, PA).
                      Rows 0..n_val-1: train split, fold 0 (the default val_fold); then n_train train
                      rows in folds 1..4; then n_test test rows (fold -1, labels empty)
       labels.txt     the first `num_labels` CXR-LT 2026 labels
-      manifest.json  labels, size, counts, "synthetic": true (written last)
+      manifest.json  labels, pixels (size), counts, a key, "synthetic": true (written last)
     Label prevalences fall off geometrically (a long tail); every label has a positive among
     the training rows and among the val rows (when there are any).
     """
     import pandas as pd
 
+    from cxrlt.cache import CACHE_VERSION
     from cxrlt.fileio import write_csv, write_json, write_text
+    from cxrlt.tables import INDEX_FIXED_COLUMNS
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,20 +87,21 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
 
     split = ["train"] * (n_val + n_train) + ["test"] * n_test
     fold = [0] * n_val + [1 + i % 4 for i in range(n_train)] + [-1] * n_test
-    index = pd.DataFrame({"row": np.arange(n), "ImageID": [f"syn{i:07d}.png" for i in range(n)],
-                          "StudyDate_DICOM": "20200101", "PatientID": [f"P{i:07d}" for i in range(n)],
-                          "split": split, "fold": fold})
+    ids, patients = [f"syn{i:07d}.png" for i in range(n)], [f"P{i:07d}" for i in range(n)]
+    index = pd.DataFrame({"row": np.arange(n), "ImageID": ids, "StudyDate_DICOM": "20200101", "PatientID": patients,
+                          "study": ids, "patient": patients, "projection": "PA", "split": split, "fold": fold})
     y = _long_tail_labels(rng, n_val, n_train, len(labels))
     for j, lab in enumerate(labels):
         col = pd.array(np.concatenate([y[:, j], np.zeros(n_test, np.int8)]), dtype="Int8")
         col[n_val + n_train:] = pd.NA  # test rows have no labels
         index[lab] = col
-    assert list(index.columns[:6]) == ["row", *ID_COLUMNS, "split", "fold"]
+    assert list(index.columns[:len(INDEX_FIXED_COLUMNS)]) == INDEX_FIXED_COLUMNS
     write_csv(out / "index.csv", index)
     write_text(out / "labels.txt", "".join(f"{lab}\n" for lab in labels))
     write_json(out / "manifest.json", {
-        "format": "cxrlt image cache", "synthetic": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "array_rows": n, "dtype": "uint8", "size": int(size), "labels": labels,
+        "format": "cxrlt image cache", "version": CACHE_VERSION, "kind": "synthetic", "synthetic": True,
+        "key": f"synthetic-{seed}-{n_val}-{n_train}-{n_test}-{size}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "array_rows": n, "dtype": "uint8", "pixels": {"size": int(size)}, "labels": labels,
         "counts": {"train": n_val + n_train, "test": n_test, "val_fold0": n_val}})
     return out
 

@@ -10,11 +10,15 @@ the header is row 1, the first data row is row 2):
 * ID list (the test list `CXRLT_2026_TEST_ALL_TASK1.csv`, `Removal.csv`): an `ImageID` column,
   optionally `StudyDate_DICOM` and `PatientID`. Any other column is ignored, including the 30
   unnamed, empty trailing columns of the official test list.
+* Metadata CSV (META_CSV, plain or .gz; PadChest's `PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`
+  layout): `ImageID, StudyID, PatientID, StudyDate_DICOM, Projection, ViewPosition_DICOM, ...`.
+  Only META_COLUMNS are read (ImageID, PatientID and Projection required), with pandas: never its
+  `Labels` or `Report` columns, which hold the labels of the evaluation images.
 * Prediction CSV (predict.py, ensemble.py; a submission is one): `ImageID,<label 1>,...,<label C>`,
   one row per image, probabilities in [0, 1], no blank cell.
 * Label table (evaluate.py, `ensemble.py combine --val-labels`), either layout:
-  - a cache's `index.csv`: INDEX_FIXED_COLUMNS (and INDEX_KEY_COLUMNS once the cache writes them),
-    then the labels: 0/1 on train rows, empty on test rows;
+  - a cache's `index.csv`: INDEX_FIXED_COLUMNS, then the labels: 0/1 on train rows (a test
+    cache has no label columns);
   - the training-CSV layout with 0/1 labels.
   Its label columns are every named column not in NON_LABEL_COLUMNS, so an index that gains a
   non-label column stays readable once the column is listed there.
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import csv
 import difflib
+import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,12 +54,16 @@ if TYPE_CHECKING:
 # ---- the column names (defined here only) -----------------------------------------------------------
 ID = "ImageID"
 ID_COLUMNS = ["ImageID", "StudyDate_DICOM", "PatientID"]
-# A cache index.csv's columns before the labels, in order.
-INDEX_FIXED_COLUMNS = ["row", *ID_COLUMNS, "split", "fold"]
-# Key columns the cache index is gaining (study, patient, projection): never labels.
+# The study, patient and projection keys of a cache index (rules: cxrlt/keys.py): never labels.
 INDEX_KEY_COLUMNS = ["study", "patient", "projection"]
+# A cache index.csv's columns before the labels, in order (cxrlt/cache.py).
+INDEX_FIXED_COLUMNS = ["row", *ID_COLUMNS, *INDEX_KEY_COLUMNS, "split", "fold"]
 # Every column of a challenge table that is not a label.
 NON_LABEL_COLUMNS = tuple(dict.fromkeys([*INDEX_FIXED_COLUMNS, *INDEX_KEY_COLUMNS]))
+
+# The metadata CSV's columns that are read (the others, Labels and Report among them, never are).
+META_COLUMNS = ["ImageID", "StudyID", "PatientID", "StudyDate_DICOM", "Projection", "ViewPosition_DICOM"]
+META_REQUIRED = ["ImageID", "PatientID", "Projection"]
 
 # How many offending cells/IDs an error message lists before "... and N more".
 _MAX_LISTED = 3
@@ -97,6 +107,53 @@ def read_id_list(path, allow_empty: bool = False) -> pd.DataFrame:
     out = out.astype(str)
     _check_image_ids(path, header, out)
     return _reset_with_rows(out)
+
+
+def read_meta_csv(path, ids=None) -> pd.DataFrame:
+    """Read the metadata CSV -> DataFrame[META_COLUMNS] of str ("" for blank or absent columns),
+    only the rows whose ImageID is in `ids` when given. Index: spreadsheet row numbers.
+
+    pandas, not the csv module: the real file is 160K rows with long free-text reports, and only
+    META_COLUMNS are parsed (usecols)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found (the metadata CSV)")
+    header = list(_read_pandas(path, nrows=0).columns)
+    for col in META_REQUIRED:
+        _require_column(path, header, col)
+    present = [c for c in META_COLUMNS if c in header]
+    df = _read_pandas(path, usecols=present, dtype=str, keep_default_na=False)
+    for col in META_COLUMNS:
+        df[col] = df[col].str.strip() if col in present else ""
+    df = df[META_COLUMNS]
+    df.index = df.index + 2  # spreadsheet rows (header = 1; a newline inside a quoted cell is not a row)
+    if ids is not None:
+        df = df[df[ID].isin(set(ids))]
+    blank = df[ID] == ""
+    if blank.any():
+        raise InputError(f"{path}: row {df.index[blank.to_numpy()][0]}, column 'ImageID': blank ImageID")
+    dup = df[ID].duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = df[ID][dup].iloc[0]
+        rows = df.index[(df[ID] == first).to_numpy()].tolist()
+        raise InputError(f"{path}: ImageID '{first}' appears on rows {', '.join(map(str, rows[:5]))} "
+                         f"({int(dup.sum())} rows share an ImageID)")
+    df.index.name = "csv_row"
+    return df
+
+
+def _read_pandas(path, **kw) -> pd.DataFrame:
+    """pandas.read_csv (compression from the file name) with every failure as one InputError line."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig", **kw)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, EOFError, OSError, zlib.error,
+            gzip.BadGzipFile) as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable CSV ({msg})") from None
 
 
 def read_predictions(path, labels: list[str] | None = None, strict_order: bool = False,

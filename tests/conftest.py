@@ -52,21 +52,41 @@ def demo_dataset(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def demo_cache(demo_dataset, tmp_path_factory) -> Path:
-    """The demo dataset's cache at 32 px, 4 folds."""
-    from cxrlt.cache import build_cache
+def build_caches(data: Path, root: Path, size: int, folds: int = 4, workers: int = 1, **kw) -> tuple[Path, Path]:
+    """The train cache and the test cache of a demo-layout dataset in cache root `root`, with its
+    metadata CSV when it has one (as `make demo` does) -> (train cache folder, test cache folder)."""
+    from cxrlt import keys
+    from cxrlt.cache_build import build_test_cache, build_train_cache
 
+    test_csv = data / "CXRLT_2026_TEST_ALL_TASK1.csv"
+    meta = data / "padchest_metadata.csv"
+    meta = meta if meta.is_file() else None
+    train, test = root / "train", root / f"test-{keys.test_cache_key(test_csv, meta)}"
+    build_train_cache(data / "train.csv", data / "images", train, size, removal_csv=data / "Removal.csv",
+                      meta_csv=meta, folds=folds, seed=0, workers=workers, **kw)
+    build_test_cache(test_csv, data / "images", test, size, meta_csv=meta, workers=workers, **kw)
+    return train, test
+
+
+@pytest.fixture(scope="session")
+def demo_caches(demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """The demo dataset's train and test caches at 32 px, 4 folds."""
     base = _shared_dir(tmp_path_factory)
-    out = base / f"cache_demo_{TINY_SIZE}"
+    root = base / f"cache_demo_{TINY_SIZE}"
     with FileLock(str(base / "cache_demo.lock")):
-        if not (out / "manifest.json").exists():
-            build_cache(
-                demo_dataset / "train.csv", demo_dataset / "images", out, size=TINY_SIZE,
-                test_csv=demo_dataset / "CXRLT_2026_TEST_ALL_TASK1.csv",
-                removal_csv=demo_dataset / "Removal.csv", folds=4, seed=0, workers=1,
-            )
-    return out
+        return build_caches(demo_dataset, root, TINY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_caches) -> Path:
+    """The demo dataset's train cache folder (32 px, 4 folds)."""
+    return demo_caches[0]
+
+
+@pytest.fixture(scope="session")
+def demo_test_cache(demo_caches) -> Path:
+    """The demo dataset's test cache folder (32 px)."""
+    return demo_caches[1]
 
 
 def tiny_cfg(**kw) -> dict:

@@ -279,7 +279,8 @@ def check_complete(path: Path, rows: dict) -> None:
         with zipfile.ZipFile(path) as z:
             assert z.testzip() is None
     elif ext == ".txt":
-        assert path.read_text().endswith("\n")
+        text = path.read_text()
+        assert text.endswith("\n") or (path.name == "labels.txt" and text == "")  # a test cache has no labels
 
 
 def scan(dirs, rows: dict, problems: list) -> None:

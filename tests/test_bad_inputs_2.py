@@ -17,7 +17,7 @@ import torch
 
 from conftest import run_script, run_script_inprocess
 from cxrlt import config
-from cxrlt.cache import build_cache
+from cxrlt.cache_build import build_train_cache
 from cxrlt.cli import main_wrapper
 from cxrlt.errors import ConfigError, InputError
 from cxrlt.labels import CXRLT2026_LABELS
@@ -40,7 +40,7 @@ def train_csv(path: Path, labels, n=4, sep=",") -> Path:
 def build_plan_error(tmp_path, csv: Path, **kw) -> str:
     (tmp_path / "images").mkdir(exist_ok=True)
     with pytest.raises(InputError) as e:
-        build_cache(csv, tmp_path / "images", tmp_path / "cache", size=16, folds=2, workers=1, **kw)
+        build_train_cache(csv, tmp_path / "images", tmp_path / "cache", 16, folds=2, workers=1, **kw)
     assert not (tmp_path / "cache").exists()
     return str(e.value)
 
@@ -106,7 +106,7 @@ def test_label_set_close_to_the_official_one_stops(tmp_path, name, labels, expec
 def test_preprocess_close_label_set_exits_2_with_one_line(tmp_path, capsys):
     csv = train_csv(tmp_path / "train.csv", OFFICIAL + ["Frontal"])
     (tmp_path / "images").mkdir()
-    line = script_fails_inprocess(capsys, "preprocess.py", "--train-csv", csv, "--image-dir", tmp_path / "images",
+    line = script_fails_inprocess(capsys, "preprocess.py", "train", "--train-csv", csv, "--image-dir", tmp_path / "images",
                                   "--size", 16, "--out", tmp_path / "cache")
     assert line.startswith(f"error: {csv}: row 1 (header): the labels are close to the 30 official CXR-LT labels "
                            f"but differ: extra 'Frontal'")

@@ -163,8 +163,8 @@ def _stage(result, others=0.3):
 
 FAKE = {
     "preprocess": {"n_images": 8, "size": 512, "bare_decode_img_s": 10.0, "cache_w1_img_s": 9.0, "cache_w2_img_s": 12.0,
-                   "w1_vs_decode": 0.9, "w2_vs_w1": 1.333, "w2_worker_start_s": 0.8, "w1_cores_busy": 1.0,
-                   "w2_cores_busy": 1.3},
+                   "w1_vs_decode": 0.9, "w2_vs_w1": 1.333, "w2_vs_w1_call": 1.2, "w1_cpu_s_per_img": 0.1,
+                   "w2_cpu_s_per_img": 0.1, "w1_cores_busy": 1.0, "w2_cores_busy": 1.3},
     "loader": {"size": 512, "cache_images_per_s": 400.0, "decode_resize_images_per_s": 5.0, "ratio": 80.0,
                "target_ratio": 20.0},
     "train_step": {"model": "m", "size": 128, "batch": 32, "workers": 1, "torch_threads": 1, "steps": 6, "repeats": 2,

@@ -76,19 +76,22 @@ def fx(tmp_path_factory):
     f = dict(base=base, data=data, shim=shim, client=client, cfg=cfg, train_csv=data / "train.csv",
              images=data / "images", test_csv=data / "CXRLT_2026_TEST_ALL_TASK1.csv", removal=data / "Removal.csv")
     f["server"] = ForkServer(shim, base)
-    f["cache"] = base / "cache"
+    removed = set(pd.read_csv(f["removal"], dtype=str)["ImageID"])
+    f["n_train"] = int((~pd.read_csv(f["train_csv"], dtype=str)["ImageID"].isin(removed)).sum())
+    f["cache"] = base / "cache" / "train"
     preprocess_stage(f, f["cache"]).run()
     yield f
     f["server"].close()
 
 
 def preprocess_args(f, out) -> list:
-    return ["preprocess.py", "--train-csv", f["train_csv"], "--image-dir", f["images"], "--test-csv", f["test_csv"],
+    return ["preprocess.py", "train", "--train-csv", f["train_csv"], "--image-dir", f["images"],
             "--removal-csv", f["removal"], "--size", SIZE, "--folds", 3, "--out", out, "--workers", 1]
 
 
 def preprocess_stage(f, out: Path) -> Stage:
-    return Stage(f["server"], f["base"], preprocess_args(f, out), [out], rows={"index.csv": 70})
+    """The train cache (the training rows minus Removal.csv)."""
+    return Stage(f["server"], f["base"], preprocess_args(f, out), [out], rows={"index.csv": f["n_train"]})
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +125,11 @@ def train_stage(fx, out: Path) -> Stage:
 
 PREPROCESS_FAULTS = {  # point -> (fault, what the re-run says)
     # early: the partial folder exists but its plan.json (written last when setting up) does not
-    "setup": ({"mode": "pause", "target": "cxrlt.cache:write_json", "match": "plan.json"},
+    "setup": ({"mode": "pause", "target": "cxrlt.cache_build:write_json", "match": "plan.json"},
               "incomplete set-up from an earlier run; starting over"),
     # mid-write: index.csv half written inside the partial folder, every image decoded
-    "index_midwrite": ({"mode": "midwrite", "target": "pandas:DataFrame.to_csv", "match": "index.csv"},
-                       "70 of 70 images already done"),
+    "index_midwrite": ({"mode": "midwrite", "target": "pathlib:Path.write_text", "match": "index.csv"},
+                       "{n} of {n} images already done"),
     # late: the finished folder was renamed into place, its bookkeeping files not yet removed
     "after_rename": ({"mode": "pause", "target": "pathlib:Path.unlink", "match": "done.npy"},
                      "cache up to date"),
@@ -144,28 +147,30 @@ def test_preprocess_killed_then_rerun_equals_uninterrupted(fx, tmp_path, point):
     else:
         assert not out.exists(), "nothing may appear at the final path before the cache is complete"
     rerun = stage.run()
-    assert says in rerun.stdout, rerun.stdout
-    assert final_files(out) == final_files(fx["cache"]) == ["images.npy", "index.csv", "labels.txt", "manifest.json"]
+    assert says.format(n=fx["n_train"]) in rerun.stdout, rerun.stdout
+    assert final_files(out) == final_files(fx["cache"]) == ["images.npy", "index.csv", "labels.txt", "manifest.json",
+                                                             "sources.csv"]
     for name in ("images.npy", "index.csv", "labels.txt"):
         assert (out / name).read_bytes() == (fx["cache"] / name).read_bytes(), name
     ref, got = (json.loads((d / "manifest.json").read_text()) for d in (fx["cache"], out))
-    assert got["fingerprint"] == ref["fingerprint"] and got["counts"] == ref["counts"]
+    assert got["key"] == ref["key"] and got["counts"] == ref["counts"]
     assert not out.with_name("cache.partial").exists() and temp_files(tmp_path) == []
 
 
 def test_preprocess_ctrl_c_exits_130_with_hint_and_resumes(fx, tmp_path):
     out = tmp_path / "cache"
     stage = preprocess_stage(fx, out)
-    # Ctrl-C while the 20th image decodes (the first chunk of 16 is finished)
-    p = stage.interrupt({"mode": "pause", "target": "cxrlt.cache:load_for_cache", "nth": 20}, sig=signal.SIGINT)
+    # Ctrl-C while the 20th image decodes (19 are finished)
+    p = stage.interrupt({"mode": "pause", "target": "cxrlt._decode:load_for_cache", "nth": 20}, sig=signal.SIGINT)
     assert p.returncode == 130, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last == "interrupted: re-run the same command to continue where it stopped"
     assert "Traceback" not in p.stderr and not out.exists()
     rerun = stage.run()
     m = json.loads((out / "manifest.json").read_text())
-    assert 0 < m["reused_rows"] < 70 and m["decoded_this_run"] == 70 - m["reused_rows"]
-    assert f"{m['reused_rows']} of 70 images already done" in rerun.stdout
+    n = fx["n_train"]
+    assert 0 < m["resumed_rows"] < n and m["decoded_this_run"] == n - m["resumed_rows"]
+    assert f"{m['resumed_rows']} of {n} images already done" in rerun.stdout
     assert (out / "images.npy").read_bytes() == (fx["cache"] / "images.npy").read_bytes()
 
 
@@ -296,27 +301,29 @@ def test_make_all_killed_mid_training_then_rerun_finishes(fx, ref_run, tmp_path)
     """`make all` on the tiny dataset, the whole process group killed while train.py writes the
     second epoch's last.pt; a second `make all` resumes training from the first epoch and finishes
     every stage; after that the submission is up to date."""
-    cache, runs, sub = tmp_path / "cache", tmp_path / "runs", tmp_path / "sub" / "tiny"
+    roots = {"CACHE_ROOT": tmp_path / "cache", "RUNS_ROOT": tmp_path / "runs", "SUB_DIR": tmp_path / "sub",
+             "STATE": tmp_path / "state"}
+    cache, runs, sub = roots["CACHE_ROOT"] / f"tiny_{SIZE}", roots["RUNS_ROOT"] / f"tiny_{SIZE}", roots["SUB_DIR"] / "tiny"
     variables = [f"DATASET=tiny", f"TRAIN_CSV={fx['train_csv']}", f"IMAGE_DIR={fx['images']}",
                  f"TEST_CSV={fx['test_csv']}", f"REMOVAL_CSV={fx['removal']}", "TEST_LABELS=",
-                 f"IMG_SIZE={SIZE}", "FOLDS=3", f"CONFIGS={fx['cfg']}", "NAME=tiny",
-                 f"CACHE={cache}", f"RUNS={runs}", f"SUB={sub}", "PREDICT_ARGS=--workers 0"]
+                 f"IMG_SIZE={SIZE}", "FOLDS=3", f"CONFIGS={fx['cfg']}", "NAME=tiny", "PREDICT_ARGS=--workers 0",
+                 *(f"{k}={v}" for k, v in roots.items())]
     # every stage goes through the fork server's client; FAULT_SPEC (first make only) picks the fault
     py = f"PY={fx['server'].client_command(fx['client'])}"
     make = ["make", "--no-print-directory", "-o", ".venv/.installed", "all", py, *variables]
     run = runs / "tiny"
     stage = Stage(None, fx["base"], make, [cache, run, sub.parent],
-                  rows={"index.csv": 70, "pred_test.csv": 12, "tiny.csv": 12})
+                  rows={"pred_test.csv": 12, "tiny.csv": 12})
     stage.interrupt({"mode": "midwrite", "target": "torch:save", "match": "last.pt", "nth": 2,
                      "script": "train.py"})
-    assert (cache / "manifest.json").exists() and not (run / "model.pt").exists()
+    assert (cache / "train/manifest.json").exists() and not (run / "model.pt").exists()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0
 
     rerun = stage.run()
     assert f"resumed from {run / 'last.pt'} at epoch 1" in rerun.stderr
     same_weights(run / "model.pt", ref_run / "model.pt")
     for name in ("index.csv", "images.npy"):
-        assert (cache / name).read_bytes() == (fx["cache"] / name).read_bytes()
+        assert (cache / "train" / name).read_bytes() == (fx["cache"] / name).read_bytes()
     from cxrlt.submission import validate_submission
 
     assert len(validate_submission(f"{sub}.csv", fx["test_csv"], LABELS)) == 12

@@ -92,7 +92,10 @@ def test_vars_mk_names_the_test_cache_by_content_and_each_config_size(setup):
     run_plan(d)
     mk = (d / ".make" / "vars.mk").read_text()
     key = next(line.split(":= ")[1] for line in mk.splitlines() if line.startswith("TEST_KEY"))
-    assert len(key) == 10 and "SIZE_demo := 64" in mk and "STEMS := demo" in mk
+    from cxrlt.keys import test_cache_key
+
+    assert key == test_cache_key(d / "test.csv")  # the folder preprocess.py and the plan agree on
+    assert len(key) == 12 and "SIZE_demo := 64" in mk and "STEMS := demo" in mk
     shutil.copy(d / "test.csv", d / "test_copy.csv")  # same content elsewhere: same cache
     run_plan(d, test_csv=d / "test_copy.csv")
     assert f"TEST_KEY := {key}" in (d / ".make" / "vars.mk").read_text()

@@ -55,9 +55,9 @@ def test_tau_normalisation_picks_tau_on_val(trained_run, demo_cache, tmp_path):
     assert s["val_mAP"] == pytest.approx(s["best"]["val_mAP"], abs=1e-6)
 
 
-def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_dataset, tmp_path):
+def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_test_cache, demo_dataset, tmp_path):
     out = tmp_path / "pred_test.csv"
-    run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_cache, "--split", "test",
+    run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_test_cache, "--split", "test",
                "--out", out, "--workers", "0", "--tta", "flip_scale")
     df = pd.read_csv(out)
     cache = open_cache(demo_cache)
