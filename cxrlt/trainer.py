@@ -167,17 +167,6 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
 # --------------------------------------------------------------------------------------------
 # run keys and the run folder
 # --------------------------------------------------------------------------------------------
-def data_key(cache) -> str:
-    """The content key of a training cache (rows, labels, folds, pixel sources, size): the
-    cache's own key, else its manifest's fingerprint, else (a cache written by hand, e.g. the
-    benchmarks' synthetic ones) a key of its index, manifest and image array's size."""
-    key = getattr(cache, "key", None) or cache.manifest.get("fingerprint")
-    if key:
-        return str(key)
-    p = Path(cache.path)
-    return _hex(f"{file_key(p / 'index.csv')}|{file_key(p / 'manifest.json')}|{(p / 'images.npy').stat().st_size}", 16)
-
-
 def run_train_key(cfg: dict) -> str:
     """config.train_key, combined with the content key of init_checkpoint when one is set (the
     starting weights are an input too: a retrained source run means another run)."""
@@ -190,8 +179,9 @@ def run_train_key(cfg: dict) -> str:
 
 
 def run_keys(cfg: dict, cache) -> dict:
-    """{"train_key", "data_key", "tag"}: what a run's weights are trained from (module doc)."""
-    train, data = run_train_key(cfg), data_key(cache)
+    """{"train_key", "data_key", "tag"}: what a run's weights are trained from (module doc);
+    the data key is the cache's content key (rows, labels, folds, pixel sources, size)."""
+    train, data = run_train_key(cfg), cache.key
     return {"train_key": train, "data_key": data, "tag": _hex(f"{train}|{data}", 8)}
 
 
@@ -310,16 +300,16 @@ class Trainer:
 
         cfg = self.cfg
         # ---- data ----
-        folds = sorted(set(int(f) for f in self.cache.index.loc[self.cache.index["split"] == "train", "fold"]))
-        if cfg["val_fold"] not in folds:
-            raise InputError(f"{self.cache_dir}/index.csv: val_fold {cfg['val_fold']} not among the folds {folds}")
         self.labels = list(self.cache.labels)
         self.train_rows = self.cache.rows("train", exclude_fold=cfg["val_fold"])
         self.val_rows = self.cache.rows("train", fold=cfg["val_fold"])
+        if len(self.val_rows) == 0:
+            raise InputError(f"{self.cache_dir}/index.csv: no training rows in val_fold {cfg['val_fold']} "
+                             f"(folds are numbered from 0, FOLDS of them)")
         y_train = self.cache.targets(self.train_rows)
         self.y_val = self.cache.targets(self.val_rows)
         self.class_counts = y_train.sum(0)
-        images = Path(self.cache_dir) / "images.npy"
+        images = self.cache.images_path
         self.train_ds = CacheDataset(images, self.train_rows, y_train, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
         # validation: each rank a strided share of the val rows, no padding, gathered afterwards
         my_val = np.arange(self.dist.rank, len(self.val_rows), self.dist.world)

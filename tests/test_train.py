@@ -51,7 +51,7 @@ def test_run_folder_and_learning(demo_cache, tmp_path):
     # the run's keys, in run.json and in every checkpoint
     run = json.loads((out / "run.json").read_text())
     manifest = json.loads((demo_cache / "manifest.json").read_text())
-    assert run["data_key"] == manifest["fingerprint"] and run["epochs_done"] == 4
+    assert run["data_key"] == manifest["key"] and run["epochs_done"] == 4
     assert (run["image_size"], run["world_size"], run["global_batch"]) == (32, 1, 16)
     for f in ("last.pt", "best.pt", "model.pt"):
         c = load_checkpoint(out / f)
@@ -161,14 +161,10 @@ def test_init_checkpoint_content_is_part_of_the_train_key(demo_cache, tmp_path):
 
 @pytest.fixture(scope="module")
 def cache_16(demo_dataset, tmp_path_factory):
-    """The demo dataset cached at 16 px (another image size than demo_cache)."""
-    from cxrlt.cache import build_cache
+    """The demo dataset's train cache at 16 px (another image size than demo_cache)."""
+    from conftest import build_caches
 
-    out = tmp_path_factory.mktemp("c16") / "cache"
-    build_cache(demo_dataset / "train.csv", demo_dataset / "images", out, size=16,
-                test_csv=demo_dataset / "CXRLT_2026_TEST_ALL_TASK1.csv", removal_csv=demo_dataset / "Removal.csv",
-                folds=4, seed=0, workers=1)
-    return out
+    return build_caches(demo_dataset, tmp_path_factory.mktemp("c16") / "root", 16)[0]
 
 
 def test_a_cache_of_another_size_is_refused(demo_cache, cache_16, tmp_path, capsys):
