@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     from cxrlt import postproc
     from cxrlt.cache import open_cache
     from cxrlt.data import CacheDataset, make_loader
-    from cxrlt.distributed import pick_device
+    from cxrlt.device import pick_device
     from cxrlt.errors import InputError
     from cxrlt.fileio import write_csv, write_json
-    from cxrlt.inference import load_trained, predict_tta
+    from cxrlt.inference import check_cache_size, load_trained, predict_tta
     from cxrlt.validation import val_keys, val_sets_from_keys
 
     t0 = time.time()
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     params = postproc.PostParams.from_cfg(cfg)
     labels = list(ck["labels"])
     cache = open_cache(args.cache)
+    check_cache_size(ck, cache, args.checkpoint)
     if cache.labels and list(cache.labels) != labels:  # a test cache has no labels
         raise InputError(f"{args.cache}: cache labels differ from the checkpoint's ({args.checkpoint})")
     rows = cache.rows("train", fold=cfg["val_fold"]) if args.split == "val" else cache.rows("test")
@@ -71,8 +72,8 @@ def main(argv=None) -> int:
     ds = CacheDataset(f"{args.cache}/images.npy", rows, num_classes=len(labels))
     loader = make_loader(ds, args.batch_size, workers=cfg["workers"], pin_memory=device.type == "cuda")
     amp = cfg["amp"] and device.type == "cuda"
-    got_rows, probs = predict_tta(model, loader, device, float(ck.get("logit_scale", 1.0)), cfg["tta"],
-                                  cfg["tta_merge"], amp=amp, channels_last=cfg["channels_last"] and device.type == "cuda",
+    got_rows, probs = predict_tta(model, loader, device, cfg["tta"], cfg["tta_merge"], amp=amp,
+                                  channels_last=cfg["channels_last"] and device.type == "cuda",
                                   desc=f"predict {args.split} (tta {cfg['tta']})")
     assert np.array_equal(got_rows, rows)
     keys = val_keys(cache, rows)

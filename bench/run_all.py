@@ -250,18 +250,9 @@ def gpu_markdown(stage: dict | None, has_gpu: bool) -> str:
         return "GPU present but the gpu stage was not run\n"
     if not stage["ok"]:
         return f"GPU stage failed: {stage['error']} (log: {stage['log']})\n"
-    r = stage["result"]
-    out = [f"{r['model']} @ {r['size']} px, batch {r['batch']}, bf16 autocast, {r['workers']} loader workers, "
-           f"{r['flops_per_image'] / 1e9:.1f} GFLOP per image (forward + backward, FlopCounterMode); "
-           f"device: {r['rows'][0]['device_name'] if r['rows'] else '?'}\n",
-           "| channels_last | torch.compile | images/s (steady) | images/s (epoch) | MFU | data wait | peak GPU memory |",
-           "|---|---|---|---|---|---|---|"]
-    for g in r["rows"]:
-        mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (unknown peak)"
-        mem = f"{g['max_mem_gb']:.1f} GB" if g.get("max_mem_gb") is not None else "-"
-        out.append(f"| {g['channels_last']} | {g['compile']} | {g['images_per_s']:.1f} | {g['epoch_images_per_s']:.1f} "
-                   f"| {mfu} | {100 * g['data_wait_frac']:.1f}% | {mem} |")
-    return "\n".join(out) + "\n"
+    from bench_train_step import gpu_lines
+
+    return "\n".join(gpu_lines(stage["result"])) + "\n"
 
 
 def machine_info() -> dict:

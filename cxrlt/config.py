@@ -26,6 +26,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "pretrained": (True, bool, "load timm's pretrained weights (hub, or pretrained_file)"),
     "pretrained_file": ("", str, "local weights file for the timm model (no network needed)"),
     "init_checkpoint": ("", str, "initialise from one of our own checkpoints (model.pt/best.pt)"),
+    "init_from": ("", str, "Make: start from the model.pt of the run of this config stem (sets init_checkpoint)"),
+    "img_size": (0, int, "the cache image size this config needs (0 = the Make default IMG_SIZE)"),
     "in_chans": (3, int, "3: replicate grayscale to RGB; 1: timm sums the first conv's weights"),
     "head": ("linear", str, "linear | cosine | csra"),
     "cosine_scale": (1.0, float, "cosine head output scale (keep 1 with LDAM, whose s scales)"),
@@ -67,6 +69,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "amp": (True, bool, "mixed precision (bf16) on GPU; always fp32 on CPU"),
     "channels_last": (True, bool, "channels_last memory format on GPU"),
     "compile": (False, bool, "torch.compile the model"),
+    "grad_checkpointing": (False, bool, "recompute block activations in backward (less memory, ~1/3 more compute)"),
+    "nan_check_steps": (50, int, "check the loss for NaN/inf every this many batches (and at epoch end)"),
     "ema": (False, bool, "keep an EMA of the weights; evaluate and keep the EMA"),
     "ema_decay": (0.9999, float, "EMA decay per optimizer step"),
     "patience": (0, int, "early stopping: epochs without val mAP gain (0 = off)"),
@@ -152,6 +156,8 @@ RANGES: dict[str, str] = {
     "seed": "[0, 4294967295]",  # numpy's legacy seeding takes 32 bits
     "workers": ">= 0",
     "max_train_batches": ">= 0",
+    "nan_check_steps": ">= 1",
+    "img_size": ">= 0",
     "crt_epochs": ">= 1",
     "crt_lr": "> 0",
     "crt_batch_size": ">= 1",
@@ -179,7 +185,7 @@ PATTERNS = {"device": r"auto|cpu|cuda(:\d+)?"}
 POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
     "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "patient_context_weight", "select_on",
     "proxy_require_finding"}
-RUN_KEYS = {"workers", "device", "compile"}
+RUN_KEYS = {"workers", "device", "compile", "grad_checkpointing", "nan_check_steps"}
 # train keys that may be raised after a run finished: the run is then extended, not redone
 EXTENDABLE_KEYS = {"epochs", "patience"}
 

@@ -254,7 +254,7 @@ def load_encoder(spec: str, weights: str | None = None, device: str = "auto") ->
     """
     import open_clip
 
-    from .distributed import pick_device
+    from .device import pick_device
 
     spec, pretrained = _resolve_spec(spec, weights)
     dev = pick_device(device)

@@ -323,7 +323,7 @@ def test_train_device_gpu_one_line(tmp_path, capsys):
 
 
 def test_device_cuda_without_a_gpu(monkeypatch):
-    from cxrlt.distributed import pick_device
+    from cxrlt.device import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match=r"^--device cuda: no CUDA GPU is usable here"):

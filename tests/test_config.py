@@ -86,3 +86,17 @@ def test_selection_and_postprocessing_keys_are_post_keys():
     for k in ("select_on", "proxy_require_finding", "patient_context_weight", "study_pool_weight"):
         assert config.group(k) == "post"
     assert config.train_key(cfg) == config.train_key(config.DEFAULTS)
+
+
+LADDER_KEYS = {"img_size", "init_from", "grad_checkpointing", "batch_size", "accum_steps", "epochs", "lr",
+               "warmup_epochs", "drw_epoch"}
+
+
+@pytest.mark.parametrize("name,size,source", [("paper_ldam_drw_768", 768, "paper_ldam_drw"),
+                                              ("paper_ldam_drw_1024", 1024, "paper_ldam_drw_768")])
+def test_resolution_ladder_is_the_paper_recipe_at_a_larger_size(name, size, source):
+    base, cfg = config.resolve(["configs/paper_ldam_drw.yaml"]), config.resolve([f"configs/{name}.yaml"])
+    assert {k for k in cfg if cfg[k] != base[k]} == LADDER_KEYS  # nothing else drifts from the recipe
+    assert (cfg["img_size"], cfg["init_from"], cfg["grad_checkpointing"]) == (size, source, True)
+    assert cfg["batch_size"] * cfg["accum_steps"] == base["batch_size"]  # the same global batch
+    assert cfg["lr"] < base["lr"] and cfg["epochs"] < base["epochs"]  # a short fine-tune

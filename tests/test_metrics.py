@@ -246,3 +246,15 @@ def test_bootstrap_is_seeded_and_fast():
     assert r1 == M.bootstrap_map(y, p, groups=studies, n_boot=1000, seed=5)
     assert r1 != M.bootstrap_map(y, p, groups=studies, n_boot=1000, seed=6)
     assert elapsed < 5.0  # ~0.5 s on one core; a per-resample sklearn loop takes ~30 s
+
+
+def test_score_is_the_macro_map_with_auc_and_named_skips(toy):
+    y, p = toy
+    ap = M.average_precision_per_label(y, p)
+    s = M.score(y, p, labels=["a", "b", "c", "d"])
+    assert s["mAP"] == pytest.approx(np.mean(ap[[0, 1, 3]])) and s["skipped"] == ["c"]
+    assert s["mAUC"] == pytest.approx(np.mean([roc_auc_score(y[:, c], p[:, c]) for c in (0, 1, 3)]))
+    assert np.array_equal(np.isnan(s["ap"]), [False, False, True, False])
+    assert M.score(y, p)["skipped"] == [2]  # indices without names
+    fast = M.score(y, p, auc=False)
+    assert np.isnan(fast["mAUC"]) and fast["mAP"] == s["mAP"]

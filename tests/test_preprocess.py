@@ -465,7 +465,8 @@ def test_a_second_build_of_the_same_cache_is_refused_naming_the_first(ds, tmp_pa
     with output_lock(tmp_path / "train"):
         with pytest.raises(InputError) as e:
             build(ds, tmp_path)
-    assert str(e.value).startswith(f"{tmp_path / 'train'}: in use by pid {os.getpid()} on ")
+    assert str(e.value).startswith(f"{tmp_path / 'train'}: pid {os.getpid()} on ")
+    assert str(e.value).endswith(") is running on this output; wait for it or stop it")
     assert "\n" not in str(e.value) and not (tmp_path / "train").exists()
     build(ds, tmp_path)  # the lock is free again
 
