@@ -35,9 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from cxrlt.cli import check_output_dir
     from cxrlt.errors import InputError
     from cxrlt.evaluation import evaluate
 
+    check_output_dir(args.out, "--out")
     if args.n_boot < 1:
         raise InputError(f"--n-boot must be >= 1, got {args.n_boot}")
 

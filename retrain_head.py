@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Re-train the classifier head of a trained run on a frozen backbone (cRT), or tau-normalise it.
 
-    python retrain_head.py --run runs/cxrlt2026_512/paper_ldam_drw --cache data/cache/cxrlt2026_512 \
+    python retrain_head.py --run runs/cxrlt2026_512/paper_ldam_drw --cache data/cache/cxrlt2026_512/train \
         --out runs/cxrlt2026_512/paper_ldam_drw/crt [--method crt|tau] [--crt_epochs 10 --crt_lr 1e-3 ...]
 
 Reads <run>/model.pt; writes into --out (never into the run folder itself): features_{train,val}.npy
@@ -29,6 +29,7 @@ def main() -> int:
     from cxrlt.crt import run
 
     ov = config.overrides_from_args(args)
+    config.apply_overrides(config.DEFAULTS, ov)  # a bad value stops here, before --out is touched
     run(args.run, args.cache, args.out, ov, method=args.method, device_name=ov.get("device", "auto"),
         feature_cache=not args.no_feature_cache)
     return 0

@@ -143,7 +143,7 @@ def rows_preprocess(r: dict) -> list[Row]:
     busy = f" (cores kept busy: 1 worker {r['w1_cores_busy']:.2f}, 2 workers {r['w2_cores_busy']:.2f})"
     return [
         Row("1a", f"preprocess: images/s per worker ({r['n_images']} PNGs 2000x2500 16-bit -> {r['size']} px)",
-            f"{r['cache_w1_img_s']:.2f} img/s (build_cache, 1 worker)", f"{r['bare_decode_img_s']:.2f} img/s (cv2.imread)",
+            f"{r['cache_w1_img_s']:.2f} img/s (cache build, 1 worker)", f"{r['bare_decode_img_s']:.2f} img/s (cv2.imread)",
             _x(r["w1_vs_decode"]), ">= 0.80x", "yes" if r["w1_vs_decode"] >= 0.8 else "no", "preprocess"),
         Row("1b", "preprocess: 2 workers vs 1" + busy,
             f"{r['cache_w2_img_s']:.2f} img/s (2 workers)", f"{r['cache_w1_img_s']:.2f} img/s (1 worker)",
@@ -250,18 +250,9 @@ def gpu_markdown(stage: dict | None, has_gpu: bool) -> str:
         return "GPU present but the gpu stage was not run\n"
     if not stage["ok"]:
         return f"GPU stage failed: {stage['error']} (log: {stage['log']})\n"
-    r = stage["result"]
-    out = [f"{r['model']} @ {r['size']} px, batch {r['batch']}, bf16 autocast, {r['workers']} loader workers, "
-           f"{r['flops_per_image'] / 1e9:.1f} GFLOP per image (forward + backward, FlopCounterMode); "
-           f"device: {r['rows'][0]['device_name'] if r['rows'] else '?'}\n",
-           "| channels_last | torch.compile | images/s (steady) | images/s (epoch) | MFU | data wait | peak GPU memory |",
-           "|---|---|---|---|---|---|---|"]
-    for g in r["rows"]:
-        mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (unknown peak)"
-        mem = f"{g['max_mem_gb']:.1f} GB" if g.get("max_mem_gb") is not None else "-"
-        out.append(f"| {g['channels_last']} | {g['compile']} | {g['images_per_s']:.1f} | {g['epoch_images_per_s']:.1f} "
-                   f"| {mfu} | {100 * g['data_wait_frac']:.1f}% | {mem} |")
-    return "\n".join(out) + "\n"
+    from bench_train_step import gpu_lines
+
+    return "\n".join(gpu_lines(stage["result"])) + "\n"
 
 
 def machine_info() -> dict:

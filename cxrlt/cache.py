@@ -46,7 +46,7 @@ import numpy as np
 
 from .errors import InputError
 from .keys import FRONTAL
-from .labels import ID_COLUMNS
+from .tables import ID_COLUMNS, INDEX_FIXED_COLUMNS, INDEX_KEY_COLUMNS
 
 # pandas is imported inside the functions that need it: a process that only wants the array
 # (a loader's worker) starts faster without it.
@@ -54,9 +54,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CACHE_VERSION = 2  # bump when the pixels or the layout produced for the same inputs change
-KEY_COLUMNS = ["study", "patient", "projection"]
-INDEX_FIXED_COLUMNS = ["row", *ID_COLUMNS, *KEY_COLUMNS, "split", "fold"]
-_STR_COLUMNS = [*ID_COLUMNS, *KEY_COLUMNS, "split"]
+_STR_COLUMNS = [*ID_COLUMNS, *INDEX_KEY_COLUMNS, "split"]
 
 
 @dataclass

@@ -55,12 +55,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import _decode, keys
-from .cache import CACHE_VERSION, INDEX_FIXED_COLUMNS, partial_dir
-from .csvio import read_id_list, read_meta_csv, read_training_csv
+from .cache import CACHE_VERSION, partial_dir
 from .errors import InputError
 from .fileio import output_lock, write_json, write_text
 from .fingerprints import file_sha256, json_key
 from .splits import assign_folds
+from .tables import INDEX_FIXED_COLUMNS, NON_LABEL_COLUMNS, read_id_list, read_meta_csv, read_training_csv
 
 WINDOW_STRIDE = _decode.WINDOW_STRIDE
 FLUSH_SECONDS = 10.0  # how often the done mask is persisted (work lost on a kill: at most this)
@@ -130,7 +130,7 @@ class _Table:
 
 def _train_table(train_csv, removal_csv, meta_csv, labels_file, folds: int, seed: int) -> _Table:
     train, labels = read_training_csv(train_csv, labels_file=labels_file)
-    clash = [lab for lab in labels if lab in INDEX_FIXED_COLUMNS]
+    clash = [lab for lab in labels if lab in NON_LABEL_COLUMNS]
     if clash:
         raise InputError(f"{train_csv}: label column name(s) {clash} clash with the cache index's own columns")
     removed = 0
@@ -214,7 +214,8 @@ def _build(table: _Table, image_dir, out: Path, pixels: dict, workers, skip_bad:
         if not force and old is not None and old.get("inputs_key") == inputs_key and (skip or not old["failures"]):
             return _up_to_date(out, old)
         if old is not None:
-            why = "--force" if force else "its inputs changed"
+            why = ("--force" if force else "its inputs changed" if old.get("inputs_key") != inputs_key
+                   else "it left out images that failed, and --skip-bad is not given now")
             print(f"{out}: {why}; rebuilding (the old cache stays in place until the new one is complete)")
         failures = _missing(table, files, image_dir, skip) + (_known_failures(old, table, files) if skip and not force
                                                                else [])
@@ -300,7 +301,12 @@ def _locate(table: _Table, image_dir) -> _Files:
 def _check_safe_ids(table: _Table, image_dir) -> None:
     """ImageIDs name files inside image_dir: refuse a line break (a quoted CSV cell), an
     absolute path or a `..` component, which would read a file from anywhere."""
-    for i, iid in enumerate(table.index["ImageID"]):
+    ids = table.index["ImageID"]
+    slashed = ids.str.replace("\\", "/", regex=False)
+    suspect = (ids.str.contains(r"[\x00-\x1f\x7f]", regex=True) | slashed.str.startswith("/")
+               | slashed.str.contains(r"(?:^|/)\.\.(?:/|$)", regex=True) | ids.str.match(r"[A-Za-z]:"))
+    for i in np.flatnonzero(suspect.to_numpy()):  # a vectorised screen, then the reason for the few
+        iid = ids.iloc[i]
         why = _unsafe(iid)
         if why:
             raise InputError(f"{table.csv_file[i]}: row {table.csv_row[i]}, column 'ImageID': {iid!r} {why}; an "

@@ -13,7 +13,7 @@ Outputs in the output folder (each written atomically):
   seed, level, unit: "studies" | "images", n_units, keys_source}: studies (exact study keys of the
   cache) are resampled when --labels or --index is a cache index holding the evaluated images,
   else images.
-  subsets (cache keys only): {"proxy": ..., "proxy_finding": ...} each {n_images, mAP, low, high}:
+  subsets (cache keys only): {"proxy": ..., "proxy_finding": ...} each {n_images, what, mAP, low, high}:
   the test-like subsets of cxrlt/validation.py (frontal when known, one image per study; and only
   images with a finding).
   compare (with --compare OTHER): paired bootstrap of mAP(pred) - mAP(OTHER) on the same images,
@@ -38,8 +38,8 @@ import pandas as pd
 from . import metrics as M
 from .errors import InputError
 from .fileio import atomic_path, read_jsonl, write_csv, write_json, write_text
-from .submission import LabelTable, labels_from_file, read_header, read_label_table, read_predictions
-from .validation import ValKeys
+from .tables import LabelTable, labels_from_file, read_label_table, read_predictions
+from .validation import ValKeys, keys_from_index
 
 N_RAREST_PR = 6
 ECE_BINS = 15
@@ -72,37 +72,18 @@ def load_eval_data(pred_path, labels_path, index_path=None) -> EvalData:
     pred = read_predictions(pred_path, labels)
     table = read_label_table(labels_path, ids=pred.index.tolist(), ids_source=str(pred_path))
     counts, n_train, source = _train_frequencies(table, labels_path, index_path, labels)
-    keys, keys_source = _cache_keys(table.ids, table.y, [labels_path] if table.is_index else [index_path])
+    keys, keys_source = keys_from_index(labels_path if table.is_index else index_path, table.ids, table.y)
     return EvalData(table.ids, labels, table.y, pred.loc[table.ids].to_numpy(), counts, n_train, source,
                     keys, keys_source)
-
-
-def _cache_keys(ids, y, index_paths) -> tuple[ValKeys | None, str]:
-    """Study/patient/projection keys of the images from the cache whose index.csv is given, if that
-    cache opens and holds every image; else (None, why not)."""
-    from .cache import open_cache
-    from .validation import make_keys, rows_of_ids
-
-    why = "no cache index given"
-    for path in [p for p in index_paths if p]:
-        try:
-            cache = open_cache(Path(path).parent)
-            rows = rows_of_ids(cache, ids)
-        except (InputError, KeyError) as e:
-            why = f"{path}: {e}"
-            continue
-        frontal = cache.frontal(rows) if cache.has_projection else None
-        return make_keys(ids, y, cache.study_keys(rows), cache.patient_keys(rows), frontal), f"cache of {path}"
-    return None, why
 
 
 def _train_frequencies(table: LabelTable, labels_path, index_path, labels):
     if table.is_index:
         return table.train_counts, table.n_train, f"train rows of {labels_path}"
     if index_path:
-        if "split" not in read_header(index_path):
-            raise InputError(f"{index_path}: not a cache index (no 'split' column)")
         index = read_label_table(index_path, ids=[])
+        if not index.is_index:
+            raise InputError(f"{index_path}: not a cache index (no 'split' column)")
         if set(index.labels) != set(labels):
             raise InputError(f"{index_path}: label columns differ from {labels_path}")
         order = [index.labels.index(x) for x in labels]
@@ -183,7 +164,9 @@ def uncertainty(data: EvalData, label_groups, other: np.ndarray | None = None, o
         for name, finding in (("proxy", False), ("proxy_finding", True)):
             idx = proxy_subset(data.keys, data.labels, require_finding=finding)
             ci = M.bootstrap_map(data.y[idx], data.p[idx], studies[idx], n_boot=n_boot)["mAP"] if len(idx) else {}
-            out["subsets"][name] = {"n_images": int(len(idx)), "mAP": ci.get("value", float("nan")),
+            what = (("frontal, " if data.keys.frontal is not None else "") + "one image per study"
+                    + (", with a finding" if finding else ""))
+            out["subsets"][name] = {"n_images": int(len(idx)), "what": what, "mAP": ci.get("value", float("nan")),
                                     "low": ci.get("low", float("nan")), "high": ci.get("high", float("nan"))}
     if other is not None:
         out["compare"] = {"other": str(other_path),
@@ -239,8 +222,7 @@ def uncertainty_lines(summary: dict) -> list[str]:
     lines = [f"95% interval ({b['n_boot']} bootstrap resamples of {b['n_units']} {b['unit']}): mAP "
              f"{_ci(b['mAP'])}; head {_ci(b['head'])}  medium {_ci(b['medium'])}  tail {_ci(b['tail'])}"]
     for name, s in summary.get("subsets", {}).items():
-        what = "frontal, one image per study" + (", with a finding" if name == "proxy_finding" else "")
-        lines.append(f"{name} ({what}): {s['n_images']} images, mAP {_fmt(s['mAP'])} {_ci(s)}")
+        lines.append(f"{name} ({s['what']}): {s['n_images']} images, mAP {_fmt(s['mAP'])} {_ci(s)}")
     c = summary.get("compare")
     if c:
         m = c["mAP"]

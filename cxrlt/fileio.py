@@ -1,19 +1,24 @@
-"""Atomic file writing: nothing half-written ever sits at a final path.
+"""Atomic file writing and output locks.
 
-Every stage writes to a temporary name in the same directory and renames it into place
-when complete (rename is atomic on POSIX within one filesystem). A crash leaves at most a
-`*.tmp*` file that the next run overwrites.
+Atomic writes: nothing half-written ever sits at a final path. Every stage writes to a
+temporary name in the same directory, fsyncs it, and renames it into place when complete
+(rename is atomic on POSIX within one filesystem; the fsync first means a power cut cannot
+leave a renamed but empty checkpoint). A crash leaves at most a `.<name>.*.tmp*` file, which
+the next write of the same name deletes.
 
 `output_lock(folder)`: one writer per output folder. The lock is an flock on `<folder>.lock`
-beside the folder (the folder itself may be replaced by a rename); the file holds the holder's
-pid, host and command line, for the message the second writer gets. The OS drops the lock when
-the holder exits, however it exits; the file stays (removing it would race with a new holder).
+beside the folder (the folder itself may be replaced by a rename); while held, the file holds
+the holder's "pid P on HOST (command line)", for the message the second writer gets: "<folder>:
+pid P on HOST (...) is running on this output; wait for it or stop it". The OS drops the lock
+when the holder exits, however it exits (kill -9 included); the file stays (removing it would
+race with a new holder).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -36,34 +41,49 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
         yield Path(tmp)
         if os.path.exists(tmp):
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+            _fsync(tmp)
         os.replace(tmp, final)
+        _fsync(final.parent)  # the rename itself
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
+def _fsync(path) -> None:
+    """Flush a file's (or a folder's) data to disk; best effort where the filesystem refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # e.g. some network filesystems refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
 def _remove_stale_temps(final: Path) -> None:
     """Delete temp files a killed writer of `final` left behind (a big last.pt each time)."""
-    for p in final.parent.glob(f".{glob_escape(final.name)}.*.tmp*"):
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
         with contextlib.suppress(OSError):
             if p.is_file():
                 p.unlink()
 
 
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
+def lock_path(folder) -> Path:
+    """The lock file of an output folder: `<folder>.lock`, beside it."""
+    return Path(f"{os.fspath(folder).rstrip(os.sep)}.lock")
 
 
 @contextlib.contextmanager
 def output_lock(folder):
-    """Hold the lock of output folder `folder` for the block; InputError (one line naming the
-    holder's pid, host and command) if another process holds it."""
+    """Hold the lock of output folder `folder` for the block (yields the lock file's path);
+    InputError (one line naming the holder's pid, host and command) if another process holds it."""
     from .errors import InputError
 
-    lock = Path(f"{os.fspath(folder).rstrip(os.sep)}.lock")
+    lock = lock_path(folder)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -71,14 +91,13 @@ def output_lock(folder):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            raise InputError(f"{folder}: in use by {holder}; wait for it to finish (or stop it) and "
-                             f"run again") from None
+            raise InputError(f"{folder}: {holder} is running on this output; wait for it or stop it") from None
         command = " ".join(sys.argv).replace("\n", " ")[:300]
         with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only unnamed
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
         try:
-            yield
+            yield lock
         finally:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)

@@ -181,16 +181,6 @@ def apply_window(img: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return lut[img]
 
 
-def window_to_uint8(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
-                    stride: int = 4) -> np.ndarray:
-    """16-bit -> uint8 by percentile windowing (see module docstring); uint8 is returned as is."""
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype != np.uint16:
-        raise ValueError(f"expected a uint8 or uint16 image, got {img.dtype}")
-    return apply_window(img, *window_limits(img, low_pct, high_pct, stride))
-
-
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     """Resize to size x size, aspect ratio NOT kept (squash; see module docstring).
 

@@ -1,4 +1,11 @@
-"""Inference: test-time augmentation, normal gating and study-level pooling.
+"""Inference: the one batched forward loop and test-time augmentation (post-processing of the
+probabilities: cxrlt/postproc.py).
+
+`batched_forward(model, loader, fn, device, amp)` is the only loop that runs a model over a
+loader without gradients: predict_tta (predictions, also the trainer's validation), cRT's
+feature extraction and its head scoring all go through it. fn maps a device batch to a tensor;
+the loop returns (rows, outputs as float32 numpy). A model's output is real logits (the head
+holds LDAM's scale, see models.py), so a probability is just sigmoid(model(x)).
 
 TTA views are applied on the device to whole uint8 batches (as float 0..255, before the model's
 normalisation), so a view costs one forward pass and nothing on the CPU:
@@ -9,17 +16,11 @@ normalisation), so a view costs one forward pass and nothing on the CPU:
     medium      flip_scale's four views plus the flipped zooms (6 views)
 
 Views are merged by the mean probability (`prob`) or by the mean logit (`logit`, then sigmoid).
-
-Post-processing (both off by default; predict.py measures them on the val fold):
-- normal gating: p_k <- p_k * (1 - p_Normal)^alpha for every finding k (not Normal itself);
-- study pooling: p <- (1 - w) * p + w * mean of p over the images of the same study
-  (same PatientID and StudyDate_DICOM, e.g. the frontal and lateral view).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -49,66 +50,66 @@ def apply_view(x: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_tta(model, loader, device, logit_scale: float, tta: str = "none", merge: str = "prob",
-                amp: bool = True, channels_last: bool = False, progress: bool = True, desc: str = "predict"):
-    """-> (rows (n,), probs (n, C)) with the TTA views merged."""
+def batched_forward(model, loader, fn, device, amp: bool = False, progress: bool = False, desc: str = "predict"):
+    """fn(batch on `device`) for every (x, _, rows) batch of `loader`, in eval mode, without
+    gradients, under bf16 autocast when amp (GPU only) -> (rows (n,) int64, outputs (n, ...) float32).
+
+    `model` is only switched to eval mode here; fn does the work (see model_input).
+    """
     from tqdm import tqdm
 
-    from .trainer import autocast_ctx
+    from .device import autocast_ctx
 
-    views = TTA_VIEWS[tta]
     model.eval()
     rows, out = [], []
-    for x, _, r in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
-        x = x.to(device, non_blocking=True).float()
-        acc = None
-        for flip, scale in views:
-            v = model.normalize(apply_view(x, flip, scale))
-            if channels_last:
-                v = v.contiguous(memory_format=torch.channels_last)
-            with autocast_ctx(device, amp):
-                z = model(v).float() * logit_scale
-            z = torch.sigmoid(z) if merge == "prob" else z
-            acc = z if acc is None else acc + z
-        acc = acc / len(views)
-        p = acc if merge == "prob" else torch.sigmoid(acc)
-        out.append(p.cpu().numpy().astype(np.float32))
-        rows.append(np.asarray(r))
+    for x, _, r in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        with autocast_ctx(device, amp):
+            y = fn(x.to(device, non_blocking=True))
+        out.append(y.float().cpu().numpy())
+        rows.append(np.asarray(r, dtype=np.int64))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     return np.concatenate(rows), np.concatenate(out)
 
 
-def normal_gating(p: np.ndarray, labels: list[str], alpha: float, normal: str = "Normal") -> np.ndarray:
-    """p_k <- p_k * (1 - p_Normal)^alpha for findings; unchanged when alpha is 0 or no Normal label."""
-    if alpha == 0 or normal not in labels:
-        return p
-    j = labels.index(normal)
-    gate = (1.0 - p[:, j:j + 1]) ** alpha
-    q = p * gate
-    q[:, j] = p[:, j]
-    return q
+def model_input(model, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """A device batch of images (uint8, or float 0..255) -> the model's normalised input."""
+    v = model.normalize(x)
+    return v.contiguous(memory_format=torch.channels_last) if channels_last else v
 
 
-def study_pool(p: np.ndarray, patient_ids, study_dates, weight: float) -> np.ndarray:
-    """Blend each image's probabilities with the mean over its study (same patient and date)."""
-    if weight == 0:
-        return p
-    key = pd.Series([f"{a}|{b}" for a, b in zip(patient_ids, study_dates)])
-    codes = key.astype("category").cat.codes.to_numpy()
-    sums = np.zeros((codes.max() + 1, p.shape[1]), dtype=np.float64)
-    np.add.at(sums, codes, p)
-    counts = np.bincount(codes)[:, None]
-    mean = (sums / counts)[codes]
-    return ((1.0 - weight) * p + weight * mean).astype(p.dtype)
+def feature_batches(feats: np.ndarray, batch_size: int):
+    """(features, None, rows) batches of an in-memory (n, ...) array, for batched_forward."""
+    for i in range(0, len(feats), batch_size):
+        f = torch.from_numpy(np.asarray(feats[i:i + batch_size], dtype=np.float32))
+        yield f, None, np.arange(i, i + len(f))
 
 
-def postprocess(p, labels, patient_ids, study_dates, gating_alpha: float, pool_weight: float):
-    return normal_gating(study_pool(p, patient_ids, study_dates, pool_weight), labels, gating_alpha)
+def predict_tta(model, loader, device, tta: str = "none", merge: str = "prob", amp: bool = True,
+                channels_last: bool = False, progress: bool = True, desc: str = "predict"):
+    """-> (rows (n,), probs (n, C) float32) with the TTA views merged (tta "none": one plain pass)."""
+    views = TTA_VIEWS[tta]
+
+    def merged(x):
+        x = x.float()
+        acc = None
+        for flip, scale in views:
+            z = model(model_input(model, apply_view(x, flip, scale), channels_last)).float()
+            z = torch.sigmoid(z) if merge == "prob" else z
+            acc = z if acc is None else acc + z
+        acc = acc / len(views)
+        return acc if merge == "prob" else torch.sigmoid(acc)
+
+    return batched_forward(model, loader, merged, device, amp, progress, desc)
 
 
 def load_trained(path, device="cpu"):
     """Build the model a checkpoint describes and load its weights -> (model, checkpoint dict).
 
     The weights come from the checkpoint only: hub/local pretrained loading is switched off.
+    A checkpoint that still carries a `logit_scale` entry (written before the head held the
+    scale) sets the model's scale from it. Callers check the cache they apply it to with
+    check_cache_size.
     """
     from .checkpoint import load_checkpoint, state_dict_of
     from .config import check_dict
@@ -126,5 +127,18 @@ def load_trained(path, device="cpu"):
         model.load_state_dict(state_dict_of(ck))
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not fit the model its config describes ({str(e)[:200]})") from None
+    if "logit_scale" in ck:
+        model.logit_scale = float(ck["logit_scale"])
     ck["config"] = cfg
     return model.to(device).eval(), ck
+
+
+def check_cache_size(ck: dict, cache, path) -> None:
+    """InputError when the cache's image size is not the one checkpoint `ck` was trained at
+    (checkpoints record it as `image_size`; older ones without it are not checked)."""
+    from .errors import InputError
+
+    trained = ck.get("image_size")
+    if trained is not None and int(trained) != int(cache.size):
+        raise InputError(f"{cache.path}: images are {cache.size} px but {path} was trained on {trained} px "
+                         f"images; use the cache of that size (IMG_SIZE={trained}) or retrain")

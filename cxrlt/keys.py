@@ -57,13 +57,14 @@ def is_frontal(proj: str) -> bool:
     return proj in FRONTAL
 
 
-def test_cache_key(test_csv, meta_csv=None) -> str:
+def test_cache_key(test_csv, meta_csv=None, sha256=None) -> str:
     """Names the test cache of a test list (`<root>/test-<key>`): 12 hex digits of the contents
     of the test list and of the metadata CSV (whose projection and keys the cache stores). Fast:
-    one read of each file, no parsing."""
+    one read of each file, no parsing. `sha256(path) -> hex` may supply (cached) file digests."""
+    sha256 = sha256 or (lambda p: _file_sha256(p).hex())
     h = hashlib.sha256(b"cxrlt test cache\0")
     for path in (test_csv, meta_csv):
-        h.update(_file_sha256(path) if path else b"-")
+        h.update(bytes.fromhex(sha256(path)) if path else b"-")
     return h.hexdigest()[:12]
 
 

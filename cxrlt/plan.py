@@ -101,10 +101,14 @@ def stamp_text(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
 
 
-def test_list_key(test_csv, hashes: HashCache) -> str:
-    """Names the test cache of a test list: the list's content (not its path or time)."""
-    sha = hashes.sha(test_csv)
-    return sha[:10] if sha else "none"
+def test_list_key(test_csv, meta_csv, hashes: HashCache) -> str:
+    """Names the test cache of a test list: the contents of the list and of META_CSV (not their
+    paths or times); `none` when there is no test list."""
+    from .keys import test_cache_key
+
+    if not hashes.sha(test_csv):
+        return "none"
+    return test_cache_key(test_csv, meta_csv or None, sha256=hashes.sha)
 
 
 def config_overrides(args_text: str, source: str) -> dict:
@@ -140,7 +144,7 @@ def plan(a: argparse.Namespace) -> list[str]:
     state = Path(a.state)
     hashes = HashCache(state / "hashes.json")
     mk: list[str] = []
-    test_key = test_list_key(a.test_csv, hashes)
+    test_key = test_list_key(a.test_csv, a.meta_csv, hashes)
     mk.append(f"TEST_KEY := {test_key}")
 
     overrides = config_overrides(a.train_args, "TRAIN_ARGS")

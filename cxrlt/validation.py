@@ -17,16 +17,28 @@ Subsets of the val rows (`val_sets`; indices into the rows given):
   halves     two patient-disjoint halves (A, B) of the selection set: patients in
              hash(seed, patient key) order, each to the half with fewer images so far.
 
-Honest number (`cross_fit` / `choose`): choose on A and report on B, choose on B and report on
-A; the honest value is the mean of the two reports. The final choice is made on the whole
-selection set (its score there is optimistic; the honest value is the one to quote).
+Honest number (`choose`): choose on A and score B with that choice, choose on B and score A.
+Per label, the two out-of-half APs are averaged (one if a half has no positive of the label),
+then macro over labels: the "halves basis" (each candidate's own score on it is its "halves"
+value). The halves basis sits above the selection-set mAP when labels have few positives (a
+label found in one half only is scored against half the negatives), so the gain is measured on
+it and reported on the selection set's scale:
+    honest = reference[select_on] + (cross-fitted halves value - reference["halves"])
+with the reference = the no-choice default (candidate 0: no post-processing, equal ensemble
+weights). The final choice is made on the whole selection set: its score there is optimistic,
+`honest` is the number to quote beside full and proxy. (Scoring the two halves' predictions
+together as one set instead would mix two differently calibrated choices in one ranking.)
 
 API for the stages (all indices are positions in the `rows` they were built from):
     keys = val_keys(cache, rows)                       # ids, study, patient, frontal, y
     sets = val_sets(cache, rows, cfg)                  # or val_sets_from_keys(keys, labels, cfg)
-    sel = cross_fit(n_candidates, score, sets)         # score(i, idx) -> float, higher is better
-    sel = choose(table, sets["select_on"])             # same, from a precomputed score table
-    sel["choice"], sel["honest"], sel["table"][i]["full" | "proxy" | "half_a" | "half_b"]
+    sel = cross_fit(n, predict, keys.y, sets)          # predict(i, idx) -> (len(idx), C) probabilities
+    sel["choice"], sel["honest"], sel["half_choices"],
+    sel["table"][i]["full" | "proxy" | "half_a" | "half_b" | "halves"]
+  or, for a stage that scores candidates one at a time (the trainer's epochs, cRT's heads):
+    table.append(score_row(keys.y, sets, lambda idx: probs[idx]))   # probs: (len(rows), C)
+    sel = choose(table, sets["select_on"])             # best so far, half choices, honest
+  public_row(row) drops the per-label arrays before a row goes into a JSON file.
 """
 
 from __future__ import annotations
@@ -76,12 +88,32 @@ def val_keys(cache, rows) -> ValKeys:
 
 def rows_of_ids(cache, ids) -> np.ndarray:
     """Cache rows of the given ImageIDs (KeyError naming the first one the cache lacks)."""
-    rows = np.concatenate([cache.rows("train"), cache.rows("test")])
+    rows = cache.rows()
     where = dict(zip(cache.ids(rows), rows))
     missing = [i for i in ids if i not in where]
     if missing:
         raise KeyError(f"{len(missing)} ImageID(s) not in the cache, e.g. {missing[0]}")
     return np.array([where[i] for i in ids], dtype=np.int64)
+
+
+def keys_from_index(index_path, ids, y) -> tuple[ValKeys | None, str]:
+    """Keys of the images `ids` (labels y, aligned) from the cache whose index.csv is index_path,
+    if that cache opens and holds every image; else (None, why not). For the stages that get a
+    cache only as a label file (evaluate.py --labels, ensemble.py --val-labels)."""
+    from pathlib import Path
+
+    from .cache import open_cache
+    from .errors import InputError
+
+    if not index_path:
+        return None, "no cache index given"
+    try:
+        cache = open_cache(Path(index_path).parent)
+        rows = rows_of_ids(cache, ids)
+    except (InputError, KeyError) as e:
+        return None, f"{index_path}: {e}"
+    frontal = cache.frontal(rows) if cache.has_projection else None
+    return make_keys(ids, y, cache.study_keys(rows), cache.patient_keys(rows), frontal), f"cache of {index_path}"
 
 
 def _hash(seed: int, key: str) -> int:
@@ -156,31 +188,76 @@ def _argmax(values) -> int:
     return int(np.argmax(v))
 
 
-def choose(table: list[dict], select_on: str) -> dict:
-    """Choice and honest number from a score table: table[i][s] = score of candidate i on subset s
-    (s in full, proxy, half_a, half_b; higher is better).
+def _ap(y, p) -> np.ndarray:
+    from .metrics import average_precision_per_label
 
-    Returns {"choice": i chosen on `select_on`, "select_on", "honest": mean of (score on B of the
-    choice made on A, score on A of the choice made on B), "half_choices": [on A, on B],
-    "half_reports": [its score on B, its score on A], "chosen": table[choice], "table": table}."""
+    return average_precision_per_label(y, p)
+
+
+def _macro(per_label) -> float:
+    from .metrics import macro_mean
+
+    return macro_mean(per_label)
+
+
+def halves_macro(per_label_a, per_label_b) -> float:
+    """Macro mean over labels of the mean of a label's two half values (one half if the other has
+    no positive of it): the halves basis every honest number is on."""
+    pair = np.array([per_label_a, per_label_b], dtype=np.float64)
+    n = (~np.isnan(pair)).sum(0)
+    return _macro(np.where(n > 0, np.nansum(pair, 0) / np.maximum(n, 1), np.nan))
+
+
+def subsets_of(sets: dict) -> dict[str, np.ndarray]:
+    """{"full", "proxy", "half_a", "half_b"} index arrays of a val_sets() result."""
+    return {"full": sets["full"], "proxy": sets["proxy"], "half_a": sets["halves"][0], "half_b": sets["halves"][1]}
+
+
+def score_row(y, sets: dict, predict, per_label=_ap) -> dict:
+    """One candidate's row of a score table: macro mAP on full, proxy, half_a, half_b, "halves" (its
+    halves-basis score: what `honest` is compared with), and its per-label values on each half
+    ("ap_half_a", "ap_half_b"; what choose() needs for the honest number).
+
+    predict(idx) -> (len(idx), C) predictions for the val rows idx, made as if those rows were the
+    whole prediction set (what post-processing that pools rows needs)."""
+    y = np.asarray(y)
+    per = {s: per_label(y[idx], predict(idx)) if len(idx) else np.full(y.shape[1], np.nan)
+           for s, idx in subsets_of(sets).items()}
+    row = {s: _macro(v) for s, v in per.items()}
+    row.update(halves=halves_macro(per["half_a"], per["half_b"]), ap_half_a=per["half_a"], ap_half_b=per["half_b"])
+    return row
+
+
+def honest_value(reference: dict, select_on: str, cross_fitted_halves: float) -> tuple[float, float]:
+    """(honest, gain): the reference's selection-set mAP plus the cross-fitted gain over it, both
+    measured on the halves basis (see the module docstring); clipped to [0, 1] (an additive
+    correction can step past 1 next to a perfect score)."""
+    gain = cross_fitted_halves - reference["halves"]
+    return float(np.clip(reference[select_on] + gain, 0.0, 1.0)), gain
+
+
+def choose(table: list[dict], select_on: str, reference: int = 0) -> dict:
+    """The choice a score table gives (rows from score_row; higher is better).
+
+    Returns {"choice": i chosen on `select_on`, "select_on", "half_choices": [chosen on A, chosen on
+    B], "honest", "honest_gain" (over candidate `reference`, the no-choice default: list it
+    first), "chosen": table[choice], "table": table}."""
     if not table:
         raise ValueError("no candidates to choose from")
-    col = {s: [t[s] for t in table] for s in SUBSETS}
-    on_a, on_b = _argmax(col["half_a"]), _argmax(col["half_b"])
-    reports = [float(col["half_b"][on_a]), float(col["half_a"][on_b])]
-    choice = _argmax(col[select_on])
-    return {"choice": choice, "select_on": select_on, "honest": float(np.mean(reports)),
-            "half_choices": [on_a, on_b], "half_reports": reports, "chosen": table[choice], "table": table}
+    choice = _argmax([t[select_on] for t in table])
+    on_a, on_b = _argmax([t["half_a"] for t in table]), _argmax([t["half_b"] for t in table])
+    cross = halves_macro(table[on_b]["ap_half_a"], table[on_a]["ap_half_b"])
+    honest, gain = honest_value(table[reference], select_on, cross)
+    return {"choice": choice, "select_on": select_on, "half_choices": [on_a, on_b], "honest": honest,
+            "honest_gain": gain, "chosen": table[choice], "table": table}
 
 
-def score_table(n_candidates: int, score, sets: dict) -> list[dict]:
-    """table[i] = {subset: score(i, indices of the subset)} for every candidate and subset."""
-    subsets = {"full": sets["full"], "proxy": sets["proxy"], "half_a": sets["halves"][0],
-               "half_b": sets["halves"][1]}
-    return [{s: float(score(i, idx)) if len(idx) else float("nan") for s, idx in subsets.items()}
-            for i in range(n_candidates)]
+def cross_fit(n_candidates: int, predict, y, sets: dict, per_label=_ap) -> dict:
+    """choose() over the rows of candidates 0..n-1; predict(i, idx) -> predictions of candidate i."""
+    table = [score_row(y, sets, lambda idx, i=i: predict(i, idx), per_label) for i in range(n_candidates)]
+    return choose(table, sets["select_on"])
 
 
-def cross_fit(n_candidates: int, score, sets: dict) -> dict:
-    """choose() over the table score(i, idx) gives for candidates 0..n-1 on sets' subsets."""
-    return choose(score_table(n_candidates, score, sets), sets["select_on"])
+def public_row(row: dict) -> dict:
+    """A score-table row without its per-label arrays (for JSON files and printing)."""
+    return {k: v for k, v in row.items() if not k.startswith("ap_")}

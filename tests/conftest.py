@@ -28,6 +28,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # `make test` (CI) runs everything; `make test-fast` skips these for a developer's loop
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (end-to-end make runs, training)")
+
+
 def _shared_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -49,16 +54,18 @@ def demo_dataset(tmp_path_factory) -> Path:
 
 
 def build_caches(data: Path, root: Path, size: int, folds: int = 4, workers: int = 1, **kw) -> tuple[Path, Path]:
-    """The train cache and the test cache of a demo-layout dataset in cache root `root`
-    -> (train cache folder, test cache folder)."""
+    """The train cache and the test cache of a demo-layout dataset in cache root `root`, with its
+    metadata CSV when it has one (as `make demo` does) -> (train cache folder, test cache folder)."""
     from cxrlt import keys
     from cxrlt.cache_build import build_test_cache, build_train_cache
 
     test_csv = data / "CXRLT_2026_TEST_ALL_TASK1.csv"
-    train, test = root / "train", root / f"test-{keys.test_cache_key(test_csv)}"
+    meta = data / "padchest_metadata.csv"
+    meta = meta if meta.is_file() else None
+    train, test = root / "train", root / f"test-{keys.test_cache_key(test_csv, meta)}"
     build_train_cache(data / "train.csv", data / "images", train, size, removal_csv=data / "Removal.csv",
-                      folds=folds, seed=0, workers=workers, **kw)
-    build_test_cache(test_csv, data / "images", test, size, workers=workers, **kw)
+                      meta_csv=meta, folds=folds, seed=0, workers=workers, **kw)
+    build_test_cache(test_csv, data / "images", test, size, meta_csv=meta, workers=workers, **kw)
     return train, test
 
 
@@ -95,11 +102,11 @@ class IndexCache:
     def has_projection(self) -> bool:
         return bool((self.index["projection"] != "").any())
 
-    def rows(self, split, fold=None):
-        keep = self.index["split"] == split
+    def rows(self, split=None, fold=None):
+        keep = (self.index["split"] == split).to_numpy() if split else np.ones(len(self.index), bool)
         if fold is not None:
-            keep &= self.index["fold"] == fold
-        return np.flatnonzero(keep.to_numpy())
+            keep &= (self.index["fold"] == fold).to_numpy()
+        return np.flatnonzero(keep)
 
     def _col(self, name, rows):
         return self.index[name].to_numpy()[np.asarray(rows)]
@@ -132,6 +139,22 @@ def tiny_cfg(**kw) -> dict:
                 lr=2e-3, warmup_epochs=0.5, workers=0, device="cpu", aug_rotate=3.0, crt_epochs=3)
     over.update(kw)
     return config.resolve([], over)
+
+
+def run_script_inprocess(capsys, script: str, *args) -> tuple[int, str, str]:
+    """Run a top-level script in this process as `python script args` would (runpy, its own
+    main_wrapper), without the interpreter and torch start-up; -> (exit status, stdout, stderr)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
 
 
 def run_script(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:

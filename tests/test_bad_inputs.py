@@ -6,16 +6,14 @@ run at least once as a real subprocess; the other script-level cases run the scr
 process (runpy, same main_wrapper) to avoid paying the torch/timm import each time.
 
 Cases already covered elsewhere are not repeated here; the table in the hardening report maps
-every case of the corpus to its test (e.g. the training-CSV cell values are in test_csvio.py, the
+every case of the corpus to its test (e.g. the training-CSV cell values are in test_tables.py, the
 submission values and rows in test_submission.py).
 """
 
 from __future__ import annotations
 
 import errno
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -24,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import run_script, run_script_inprocess
 from cxrlt.cache import open_cache
 from cxrlt.cache_build import build_test_cache, build_train_cache
 from cxrlt.checkpoint import load_checkpoint
-from cxrlt.csvio import read_training_csv
+from cxrlt.tables import read_training_csv
 from cxrlt.errors import InputError
 from cxrlt.imaging import load_for_cache
 
@@ -58,15 +56,8 @@ def script_fails(*args) -> str:
 
 def script_fails_inprocess(capsys, script: str, *args) -> str:
     """Run a top-level script in this process (same entry point); assert status 2, one error line."""
-    old = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = old
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
+    code, _, err = run_script_inprocess(capsys, script, *args)
+    assert code == 2, err
     return one_error_line(err)
 
 

@@ -71,16 +71,33 @@ def test_flop_count_of_a_known_model():
 
 
 def test_gpu_section_code_path_runs_on_cpu(tmp_path):
-    r = bench_train_step.run_gpu(model="test_resnet", size=32, batch=4, steps=2, workers=1, device="cpu",
-                                 variants=((False, False),), workdir=tmp_path)
-    assert r["flops_per_image"] > 0 and len(r["rows"]) == 1
-    g = r["rows"][0]
-    assert g["images_per_s"] > 0 and 0.0 <= g["data_wait_frac"] <= 1.0
-    assert g["mfu"] is None and g["device_name"] == "cpu"  # no known peak on a CPU
-    r2 = bench_train_step.run_gpu(model="test_resnet", size=32, batch=4, steps=2, workers=0, device="cpu",
-                                  variants=((False, False),), peak_tflops=1.0, workdir=tmp_path)
+    rows = [dict(model="test_convnext", head=h, size=32, batch=4, channels_last=False, compile=False,
+                 grad_checkpointing=gc) for h, gc in (("linear", False), ("csra", True))]
+    r = bench_train_step.run_gpu(rows, steps=2, workers=1, device="cpu", workdir=tmp_path)
+    assert [(g["head"], g["grad_checkpointing"], g["oom"]) for g in r["rows"]] == [("linear", False, False),
+                                                                                  ("csra", True, False)]
+    for g in r["rows"]:
+        assert g["flops_per_image"] > 0 and g["images_per_s"] > 0 and 0.0 <= g["data_wait_frac"] <= 1.0
+        assert g["mfu"] is None and g["device_name"] == "cpu"  # no known peak on a CPU
+        assert g["host_syncs_per_step"] is None and g["max_mem_gb"] is None  # GPU-only columns
+    r2 = bench_train_step.run_gpu(rows[:1], steps=2, workers=0, device="cpu", peak_tflops=1.0, workdir=tmp_path)
     g2 = r2["rows"][0]
-    assert g2["mfu"] == pytest.approx(g2["images_per_s"] * r2["flops_per_image"] / 1e12)
+    assert g2["mfu"] == pytest.approx(g2["images_per_s"] * g2["flops_per_image"] / 1e12)
+    table = bench_train_step.gpu_lines(r)
+    assert len(table) == 4 + 2 and "| test_convnext + CSRA | 32 | 4 | False | False | True |" in table[-1]
+
+
+def test_gpu_matrix_has_the_issue_rows_and_the_cli_selects_them():
+    m = bench_train_step.GPU_MATRIX
+    for model in ("convnext_large", "convnextv2_base"):
+        at512 = {(r["channels_last"], r["compile"], r["grad_checkpointing"]) for r in m
+                 if r["model"] == model and r["size"] == 512 and r["batch"] == 32}
+        assert {(False, False, False), (True, False, False), (True, True, False), (True, False, True)} <= at512
+        assert {r["size"] for r in m if r["model"] == model and r["grad_checkpointing"]} == {512, 768, 1024}
+    assert all(r["head"] == "csra" for r in m if r["model"] == "convnextv2_base")
+    smoke = bench_train_step.select_rows("test_resnet", 64, 4)
+    assert smoke and all((r["model"], r["size"], r["batch"]) == ("test_resnet", 64, 4) for r in smoke)
+    assert {r["size"] for r in bench_train_step.select_rows("convnext_large", 768)} == {768}
 
 
 def test_predict_bench_tiny(tmp_path):
@@ -108,9 +125,9 @@ def test_crt_bench_tiny(tmp_path):
     # cRT scores the original head and then every epoch; the uncached loop scores every epoch
     assert r["val_scoring_calls_cached"] == 3 and r["val_scoring_calls_uncached"] == 2
     assert r["speedup_incl_extract"] == pytest.approx(r["backbone_every_epoch_s"] / r["cached_total_s"])
-    import cxrlt.trainer
+    import cxrlt.metrics
 
-    assert cxrlt.trainer.score.__name__ == "score"  # the timing wrapper was removed
+    assert cxrlt.metrics.score.__name__ == "score"  # the timing wrapper was removed
 
 
 def test_memory_measure_sees_a_known_allocation(tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from cxrlt.inference import apply_view, normal_gating, study_pool
+from cxrlt.inference import apply_view
 
 
 def test_flip_view_twice_is_identity_and_scale_keeps_shape():
@@ -13,17 +13,43 @@ def test_flip_view_twice_is_identity_and_scale_keeps_shape():
     assert float(apply_view(torch.ones(1, 1, 20, 20), False, 0.9)[0, 0, 0, 0]) == 0.0
 
 
-def test_normal_gating_formula():
-    labels = ["Normal", "a", "b"]
-    p = np.array([[0.8, 0.5, 0.2], [0.0, 0.6, 0.9]])
-    q = normal_gating(p, labels, alpha=2.0)
-    assert np.allclose(q[:, 0], p[:, 0])
-    assert np.allclose(q[0, 1:], p[0, 1:] * 0.2 ** 2) and np.allclose(q[1, 1:], p[1, 1:])
-    assert normal_gating(p, ["x", "a", "b"], 2.0) is p  # no Normal label: unchanged
+def _tiny_model(**kw):
+    from cxrlt import config
+    from cxrlt.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(config.resolve([], dict(model="test_resnet", pretrained=False, **kw)), 3)
 
 
-def test_study_pool_blends_with_study_mean():
-    p = np.array([[0.0], [1.0], [0.5]])
-    q = study_pool(p, ["P1", "P1", "P2"], ["d", "d", "d"], weight=0.5)
-    assert np.allclose(q[:, 0], [0.25, 0.75, 0.5])
-    assert study_pool(p, ["P1", "P1", "P2"], ["d", "e", "d"], 0.5)[0, 0] == 0.0  # other date: other study
+def test_predict_tta_none_is_sigmoid_of_the_model_and_feature_batches_cover_all_rows(tmp_path):
+    from cxrlt.data import CacheDataset, make_loader
+    from cxrlt.inference import batched_forward, feature_batches, predict_tta
+
+    model = _tiny_model(loss="ldam", ldam_s=4.0).eval()
+    imgs = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
+    np.save(tmp_path / "images.npy", imgs[:, 0].numpy())
+    ds = CacheDataset(tmp_path / "images.npy", np.arange(5), num_classes=3)
+    rows, p = predict_tta(model, make_loader(ds, 2, workers=0), torch.device("cpu"), "none", progress=False)
+    with torch.no_grad():
+        ref = torch.sigmoid(model(model.normalize(imgs))).numpy()
+    assert rows.tolist() == [0, 1, 2, 3, 4] and np.allclose(p, ref, atol=1e-6)
+    feats = np.random.default_rng(0).random((7, 4)).astype(np.float32)
+    r, out = batched_forward(torch.nn.Identity(), feature_batches(feats, 3), lambda f: 2 * f, torch.device("cpu"))
+    assert r.tolist() == list(range(7)) and np.allclose(out, 2 * feats)
+
+
+def test_old_checkpoint_logit_scale_entry_sets_the_models_scale(tmp_path):
+    # before the head held LDAM's s, checkpoints stored it beside the weights and every consumer
+    # multiplied by it: loading such a file must give the same probabilities
+    from cxrlt import config
+    from cxrlt.inference import load_trained
+
+    model = _tiny_model()
+    cfg = config.resolve([], dict(model="test_resnet", pretrained=False))
+    torch.save({"model": model.state_dict(), "config": cfg, "labels": ["a", "b", "c"], "logit_scale": 6.0},
+               tmp_path / "old.pt")
+    loaded, _ = load_trained(tmp_path / "old.pt")
+    assert loaded.logit_scale == 6.0
+    x = model.normalize(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), 6.0 * model.eval()(x), atol=1e-5)

@@ -1,4 +1,4 @@
-"""Study, patient and projection keys (cxrlt.keys), the metadata CSV reader (cxrlt.csvio.read_meta_csv)
+"""Study, patient and projection keys (cxrlt.keys), the metadata CSV reader (cxrlt.tables.read_meta_csv)
 and the keys stored in a cache index, on real PadChest IDs.
 
 tests/data/padchest_meta_sample.csv: 300 rows of PadChest's metadata (ImageID, StudyID, PatientID,
@@ -23,7 +23,7 @@ import pytest
 from cxrlt import keys
 from cxrlt.cache import open_cache
 from cxrlt.cache_build import build_test_cache, build_train_cache
-from cxrlt.csvio import META_COLUMNS, read_meta_csv
+from cxrlt.tables import META_COLUMNS, read_meta_csv
 from cxrlt.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

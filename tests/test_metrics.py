@@ -135,19 +135,20 @@ def _binormal_sample(rng, n, params):
     return y, p
 
 
-def test_weighted_ap_equals_sklearn_on_the_resampled_rows(toy):
+def test_weighted_ap_equals_sklearn_with_sample_weights_and_on_duplicated_rows(toy):
     y, p = toy
     groups = np.arange(len(y)) // 3
     w = M.resample_weights(groups, n_boot=4, seed=3)
-    assert (w.sum(1) == len(y)).all()  # G draws of 3-image studies
-    assert all((w[:, groups == g] == w[:, [3 * g]]).all() for g in range(20))  # a study moves as one
+    assert (w > 0).all() and all((w[:, groups == g] == w[:, [3 * g]]).all() for g in range(20))  # a study moves as one
     ap = M.resampled_ap(y, p, w)
     for b in range(4):
-        idx = np.repeat(np.arange(len(y)), w[b])
         for c in (0, 1, 3):  # 3: many tied scores
-            if y[idx, c].any():
-                assert ap[b, c] == pytest.approx(average_precision_score(y[idx, c], p[idx, c]))
+            assert ap[b, c] == pytest.approx(average_precision_score(y[:, c], p[:, c], sample_weight=w[b]))
     assert np.isnan(ap[:, 2]).all()
+    counts = np.random.default_rng(0).integers(0, 3, (2, len(y)))  # integer weights = duplicated rows
+    for b in range(2):
+        idx = np.repeat(np.arange(len(y)), counts[b])
+        assert M.resampled_ap(y, p, counts[b:b + 1])[0, 0] == pytest.approx(average_precision_score(y[idx, 0], p[idx, 0]))
     assert np.allclose(M.resampled_ap(y, p, np.ones((1, len(y))))[0], M.average_precision_per_label(y, p),
                        equal_nan=True)
 
@@ -180,6 +181,26 @@ def test_bootstrap_resamples_studies_not_images():
         return r["mAP"]["high"] - r["mAP"]["low"]
 
     assert 1.2 < width(by_study) / width(by_image) < 1.7
+
+
+def test_bootstrap_interval_stays_centred_with_single_positive_labels():
+    # Four labels with a single, badly ranked positive (AP ~0.1). Drawing studies with replacement
+    # would miss each in ~37% of the resamples (the macro mean then jumps up) and duplicate it
+    # into ties in others (its AP jumps up): the interval sat above the estimate. It must sit
+    # around it, and keep the common labels' noise.
+    rng = np.random.default_rng(4)
+    n = 200
+    y = np.zeros((n, 8), int)
+    y[:, :4] = rng.random((n, 4)) < 0.3
+    p = rng.normal(0, 1, (n, 8)) + 1.5 * y
+    for c in range(4, 8):
+        i = rng.integers(n)
+        y[i, c], p[i, c] = 1, -1.0
+    r = M.bootstrap_map(y, p, n_boot=1000)["mAP"]
+    assert 0.25 < (r["value"] - r["low"]) / (r["high"] - r["low"]) < 0.75
+    assert np.isfinite(M.resampled_ap(y, p, M.resample_weights(np.arange(n)))).all()  # no label drops out
+    common = M.bootstrap_map(y[:, :4], p[:, :4], n_boot=1000)["mAP"]  # half the macro mean's weight
+    assert r["high"] - r["low"] > 0.4 * (common["high"] - common["low"])
 
 
 def test_bootstrap_group_intervals_and_point_values(toy):
@@ -225,3 +246,15 @@ def test_bootstrap_is_seeded_and_fast():
     assert r1 == M.bootstrap_map(y, p, groups=studies, n_boot=1000, seed=5)
     assert r1 != M.bootstrap_map(y, p, groups=studies, n_boot=1000, seed=6)
     assert elapsed < 5.0  # ~0.5 s on one core; a per-resample sklearn loop takes ~30 s
+
+
+def test_score_is_the_macro_map_with_auc_and_named_skips(toy):
+    y, p = toy
+    ap = M.average_precision_per_label(y, p)
+    s = M.score(y, p, labels=["a", "b", "c", "d"])
+    assert s["mAP"] == pytest.approx(np.mean(ap[[0, 1, 3]])) and s["skipped"] == ["c"]
+    assert s["mAUC"] == pytest.approx(np.mean([roc_auc_score(y[:, c], p[:, c]) for c in (0, 1, 3)]))
+    assert np.array_equal(np.isnan(s["ap"]), [False, False, True, False])
+    assert M.score(y, p)["skipped"] == [2]  # indices without names
+    fast = M.score(y, p, auc=False)
+    assert np.isnan(fast["mAUC"]) and fast["mAP"] == s["mAP"]

@@ -23,8 +23,7 @@ from cxrlt.cache import open_cache
 from cxrlt.cache_build import build_test_cache, build_train_cache
 from cxrlt.errors import InputError
 from cxrlt.fileio import output_lock
-from cxrlt.imaging import (ImageReadError, apply_window, load_for_cache, read_image, resize_square,
-                           window_limits, window_to_uint8)
+from cxrlt.imaging import ImageReadError, apply_window, load_for_cache, read_image, resize_square, window_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Normal", "Mass", "Hernia"]
@@ -109,11 +108,16 @@ def test_window_limits_are_exact_percentiles_of_the_strided_sample():
     assert hi == np.percentile(sample, 99.5, method="higher")
 
 
+def window(img, low=0.5, high=99.5, stride=4):
+    """16-bit -> uint8 as the cache does it (limits from the image, then the linear map)."""
+    return apply_window(img, *window_limits(img, low, high, stride))
+
+
 def test_16bit_window_maps_known_percentiles_to_0_and_255():
     img = np.arange(1000, dtype=np.uint16).reshape(40, 25) + 20000  # values 20000..20999, each once
     lo, hi = window_limits(img, 1, 99, stride=1)
     assert (lo, hi) == (20009, 20990)  # sorted[floor(.01*999)], sorted[ceil(.99*999)]
-    out = window_to_uint8(img, 1, 99, stride=1)
+    out = window(img, 1, 99, stride=1)
     assert out.dtype == np.uint8 and out.shape == img.shape
     flat = out.ravel()
     assert (flat[:10] == 0).all() and (flat[990:] == 255).all()  # clipped tails
@@ -125,25 +129,24 @@ def test_16bit_window_maps_known_percentiles_to_0_and_255():
 
 def test_8bit_passes_through_unchanged(tmp_path):
     img = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE)).astype(np.uint8)
-    assert window_to_uint8(img) is img
     cv2.imwrite(str(tmp_path / "a.png"), img)
     assert (load_for_cache(tmp_path / "a.png", SIZE) == img).all()
 
 
 def test_inverted_input_gives_inverted_output():
     img = smooth_u16(np.random.default_rng(2))
-    a = window_to_uint8(img).astype(int)
-    b = window_to_uint8((65535 - img).astype(np.uint16)).astype(int)
+    a = window(img).astype(int)
+    b = window((65535 - img).astype(np.uint16)).astype(int)
     assert np.abs((255 - a) - b).max() <= 1  # rounding ties only
 
 
 def test_flat_and_nearly_flat_images():
     flat = np.full((30, 30), 1234, dtype=np.uint16)
-    assert (window_to_uint8(flat) == 0).all()
+    assert (window(flat) == 0).all()
     assert (apply_window(flat, 5, 5) == 0).all()
     nearly = flat.copy()
     nearly[0, 0] = 3000  # below the 99.5th percentile: falls back to min/max, no division by zero
-    out = window_to_uint8(nearly, stride=1)
+    out = window(nearly, stride=1)
     assert out[0, 0] == 255 and out[1, 1] == 0
 
 
@@ -462,7 +465,8 @@ def test_a_second_build_of_the_same_cache_is_refused_naming_the_first(ds, tmp_pa
     with output_lock(tmp_path / "train"):
         with pytest.raises(InputError) as e:
             build(ds, tmp_path)
-    assert str(e.value).startswith(f"{tmp_path / 'train'}: in use by pid {os.getpid()} on ")
+    assert str(e.value).startswith(f"{tmp_path / 'train'}: pid {os.getpid()} on ")
+    assert str(e.value).endswith(") is running on this output; wait for it or stop it")
     assert "\n" not in str(e.value) and not (tmp_path / "train").exists()
     build(ds, tmp_path)  # the lock is free again
 

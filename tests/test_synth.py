@@ -1,13 +1,17 @@
 """Tests of the synthetic demo dataset generator (cxrlt.synth).
 
-One small dataset (120 train / 30 test images, sides 64-128 px) is generated once per module
-and checked against the CXR-LT 2026 file layout, the label constraints and the image format.
+One small dataset (160 train / 40 test images, sides 64-128 px) is generated once per module
+and checked against the official CXR-LT 2026 files (excerpts in tests/data/), PadChest's ID
+shapes and metadata layout, the label constraints, the images and the boxes. Cohort-level
+facts that need many studies (proportions) are checked on cohorts built without images.
 """
 
 from __future__ import annotations
 
+import ast
 import filecmp
 import json
+import random
 import re
 import subprocess
 import sys
@@ -19,21 +23,23 @@ import pandas as pd
 import pytest
 
 from cxrlt import synth
-from cxrlt.synth import cohort, labelling, patterns
 from cxrlt.errors import InputError
-from cxrlt.labels import (CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES,
-                          ID_COLUMNS)
+from cxrlt.labels import CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES
+from cxrlt.synth import cohort, dataset, files, labelling, patterns, render
+from cxrlt.tables import ID_COLUMNS
 
-N_TRAIN, N_TEST, MIN_SIDE, MAX_SIDE = 120, 30, 64, 128
+N_TRAIN, N_TEST, MIN_SIDE, MAX_SIDE = 160, 40, 64, 128
 ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL = ROOT / "tests" / "data"
+FRONTAL = {"PA", "AP", "AP_horizontal"}
 
+# PadChest's ImageID shapes; the StudyID is the ImageID without its last `_<suffix>.png`.
 ID_SHAPES = {
-    "39": re.compile(r"^\d{39}_[a-z0-9]{6}\.png$"),
-    "38": re.compile(r"^\d{38}_[a-z0-9]{6}\.png$"),
-    "45": re.compile(r"^\d{45}_\d{2}-\d{3}-\d{3}\.png$"),
-    "2nd": re.compile(r"^\d{38,39}_2_[a-z0-9]{6}\.png$"),
+    "plain": re.compile(r"^\d{30,39}_([a-z0-9]{6}|-[a-z0-9]{5})\.png$"),
+    "repeat": re.compile(r"^\d{30,39}[_-]\d{1,2}_([a-z0-9]{6}|-[a-z0-9]{5})\.png$"),
+    "uid": re.compile(r"^\d{20,45}_\d{2}-\d{3}-\d{3}\.png$"),
 }
-PATIENT_ID = re.compile(r"^[1-9]\.\d{2}E\+3[5-8]$")
+LOSSY_PATIENT_ID = re.compile(r"^[1-9]\.\d{2}E\+(2[89]|3[0-8])$")
 
 
 def _gen(out, **kw):
@@ -47,150 +53,253 @@ def _gen(out, **kw):
 def ds(tmp_path_factory):
     """(root folder, summary) of the small dataset."""
     root = tmp_path_factory.mktemp("demo") / "demo"
-    summary = _gen(root)
-    return root, summary
+    return root, _gen(root)
+
+
+@pytest.fixture(scope="module")
+def big_cohort():
+    """Studies of a default-size cohort (no images): 3000 train / 600 test images."""
+    rng = np.random.default_rng([5, 1])
+    studies = cohort.make_cohort(cohort.IdMaker(rng, random.Random(5)), rng, 3000, 600)
+    cohort.mark_removal(rng, studies, 3000)
+    return studies
 
 
 def _csv(root, name):
-    return pd.read_csv(root / name, dtype={"StudyDate_DICOM": str, "PatientID": str})
+    return pd.read_csv(root / name, dtype={"StudyDate_DICOM": str, "PatientID": str},
+                       keep_default_na=False)
 
 
-def _study(image_id: str) -> str:
-    return image_id.split("_")[0]
+def _meta(root):
+    return pd.read_csv(root / synth.META_NAME, dtype=str, keep_default_na=False)
 
 
-def _windowed64(path) -> np.ndarray:
-    """Percentile window (0.5/99.5) then 64x64 area resize, as the demo cache does."""
+def _study_of(image_id: str) -> str:
+    return re.sub(r"_[^_]+\.png$", "", image_id)
+
+
+def _windowed(path, side=64) -> np.ndarray:
+    """Percentile window (0.5/99.5) then an area resize, as the demo cache does."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     lo, hi = np.percentile(img, [0.5, 99.5])
     x = np.clip((img.astype(np.float32) - lo) / max(hi - lo, 1.0), 0, 1)
-    return cv2.resize(x, (64, 64), interpolation=cv2.INTER_AREA)
+    return cv2.resize(x, (side, side), interpolation=cv2.INTER_AREA)
 
 
-# ---- CSV layout -----------------------------------------------------------------------------
+# ---- layout against the official files --------------------------------------------------------
 
-def test_files_and_headers(ds):
+def test_headers_match_the_official_files(ds):
     root, summary = ds
     assert not summary["skipped"]
-    for name in ("train.csv", "CXRLT_2026_TEST_ALL_TASK1.csv", "Removal.csv", "test_labels.csv",
-                 "dataset.json"):
-        assert (root / name).is_file(), name
-    expected = ",".join(ID_COLUMNS + CXRLT2026_LABELS)
+    official = (OFFICIAL / "cxrlt2026_training_header.csv").read_text().splitlines()[0]
     for name in ("train.csv", "test_labels.csv"):
-        assert (root / name).read_text().split("\n")[0] == expected
-    assert (root / "Removal.csv").read_text().split("\n")[0] == "ImageID,StudyDate_DICOM,PatientID"
+        assert (root / name).read_text().split("\n")[0] == official, name
+    removal = (OFFICIAL / "cxrlt2026_removal_excerpt.csv").read_bytes()
+    assert (root / "Removal.csv").read_bytes().split(b"\n")[0] == removal.split(b"\n")[0]
     train = _csv(root, "train.csv")
-    assert len(train) == N_TRAIN
-    assert set(np.unique(train[CXRLT2026_LABELS].values)) <= {0, 1}
+    assert len(train) == N_TRAIN and train.ImageID.is_unique
     assert train[CXRLT2026_LABELS].dtypes.map(lambda d: d.kind == "i").all()
-    assert train.ImageID.is_unique
+    assert set(np.unique(train[CXRLT2026_LABELS].values)) <= {0, 1}
     assert not list(root.parent.glob(".demo.tmp-*"))  # temp folder renamed away
 
 
-def test_test_list_has_30_empty_trailing_columns(ds):
+def test_test_list_and_removal_are_shaped_like_the_official_files(ds):
     root, _ = ds
-    raw = (root / "CXRLT_2026_TEST_ALL_TASK1.csv").read_bytes()
-    assert b"\r" not in raw
-    assert not raw.endswith(b"\n")  # like the real file: no newline after the last row
-    lines = raw.decode().split("\n")
-    assert lines[0] == "ImageID,StudyDate_DICOM,PatientID" + "," * 30
-    assert len(lines) == N_TEST + 1
-    for line in lines[1:]:
-        fields = line.split(",")
-        assert len(fields) == 33 and fields[3:] == [""] * 30, line
-        assert line.endswith(",,,,,,,,,,,,,,,,,,,,,,,,,,,,,,") and not line.endswith(",,,,," * 7)
-        assert PATIENT_ID.match(fields[2]) and re.fullmatch(r"\d{8}", fields[1])
+    for name, excerpt in ((synth.TEST_LIST_NAME, "cxrlt2026_test_list_excerpt.csv"),
+                          ("Removal.csv", "cxrlt2026_removal_excerpt.csv")):
+        ours, real = (root / name).read_bytes(), (OFFICIAL / excerpt).read_bytes()
+        assert ours.split(b"\n")[0] == real.split(b"\n")[0], name  # same header
+        assert b"\r" not in ours and not ours.endswith(b"\n") and not real.endswith(b"\n")
+        real_fields = [line.count(b",") for line in real.split(b"\n")]
+        for line in ours.decode().split("\n")[1:]:
+            fields = line.split(",")
+            assert len(fields) - 1 == real_fields[1], (name, line)  # 30 empty columns in the list
+            assert all(f == "" for f in fields[3:])
+            assert LOSSY_PATIENT_ID.match(fields[2]) and re.fullmatch(r"\d{8}", fields[1])
+    assert len(_csv(root, synth.TEST_LIST_NAME)) == N_TEST
 
 
-def test_image_id_shapes_and_studies(ds):
+def test_test_labels_follow_the_test_list(ds):
     root, _ = ds
-    df = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")])
-    shape = df.ImageID.map(lambda i: next((k for k, rx in ID_SHAPES.items() if rx.match(i)), None))
-    assert shape.notna().all(), df.ImageID[shape.isna()].tolist()
-    assert (shape == "39").mean() > 0.6  # mostly the standard shape
-    assert {"38", "45"} <= set(shape)  # plus the real variants
-    # images of one study share PatientID and date; some studies have 2-3 images
-    per_study = df.groupby(df.ImageID.map(_study)).agg(
-        n=("ImageID", "size"), pids=("PatientID", "nunique"), dates=("StudyDate_DICOM", "nunique"))
-    assert (per_study.pids == 1).all() and (per_study.dates == 1).all()
-    assert (per_study.n >= 2).mean() > 0.3 and per_study.n.max() <= 3
-    years = df.StudyDate_DICOM.str[:4].astype(int)
-    assert years.between(2009, 2017).all()
-    pd.to_datetime(df.StudyDate_DICOM, format="%Y%m%d")  # all valid dates
+    test_list, labels = _csv(root, synth.TEST_LIST_NAME), _csv(root, "test_labels.csv")
+    assert labels.ImageID.tolist() == test_list.ImageID.tolist()
+    assert labels.PatientID.tolist() == test_list.PatientID.tolist()
 
 
-def test_patient_ids_excel_float_form_with_collisions(ds):
+# ---- IDs, patients, metadata -------------------------------------------------------------------
+
+def _shape(image_id: str) -> str | None:
+    return next((k for k, rx in ID_SHAPES.items() if rx.match(image_id)), None)
+
+
+def test_id_shapes_are_padchest_shapes_and_give_the_study_id(ds):
+    real = pd.read_csv(OFFICIAL / "padchest_metadata_excerpt.csv", dtype=str)
+    assert real.ImageID.map(_shape).notna().all()  # the shapes describe the real IDs...
+    assert (real.ImageID.map(_study_of) == real.StudyID).all()  # ...and the StudyID rule
+    root, _ = ds
+    meta = _meta(root)
+    shapes = meta.ImageID.map(_shape)
+    assert shapes.notna().all(), meta.ImageID[shapes.isna()].tolist()
+    assert (meta.ImageID.map(_study_of) == meta.StudyID).all()
+    csv_ids = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")]).ImageID
+    assert sorted(meta.ImageID) == sorted(csv_ids)  # one metadata row per image
+
+
+def test_cohort_id_shape_mix(big_cohort):
+    images = [(st, im) for st in big_cohort for im in st.images]
+    shapes = pd.Series([_shape(im.image_id) for _, im in images])
+    assert shapes.notna().all()
+    share = shapes.value_counts(normalize=True)
+    assert share["plain"] > 0.6 and 0.08 < share["uid"] < 0.3 and 0.005 < share["repeat"] < 0.1
+    assert not any(_shape(im.image_id) == "uid" for st, im in images if st.split == "test")
+    digits = pd.Series([len(re.match(r"\d+", im.image_id)[0]) for _, im in images
+                        if _shape(im.image_id) == "plain"]).value_counts(normalize=True)
+    assert digits[39] > 0.6 and digits[38] > 0.15  # uniform 128-bit numbers, like PadChest's
+    # a repeat study `<digits>_<n>` often continues the same patient's earlier study
+    by_id = {st.study_id: st for st in big_cohort}
+    repeats = [st for st in big_cohort if re.fullmatch(r"\d+[_-]\d+", st.study_id)]
+    prefix_same_patient = [by_id.get(re.match(r"\d+", st.study_id)[0]) for st in repeats]
+    assert all(p is None or p.patient is st.patient for p, st in zip(prefix_same_patient, repeats))
+    assert sum(p is not None for p in prefix_same_patient) >= len(repeats) // 2
+
+
+def test_patient_ids_exact_in_metadata_lossy_in_csvs(ds):
     root, summary = ds
-    df = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")])
-    assert df.PatientID.map(lambda s: bool(PATIENT_ID.match(s))).all()
-    studies_per_pid = df.groupby("PatientID").ImageID.apply(lambda s: s.map(_study).nunique())
-    assert (studies_per_pid >= 2).sum() >= 5  # several studies per patient
-    assert summary["n_patient_ids"] < summary["n_patients"]  # distinct patients collide
+    meta = _meta(root).set_index("ImageID")
+    rows = pd.concat([_csv(root, "train.csv"), _csv(root, synth.TEST_LIST_NAME)])
+    exact = rows.ImageID.map(meta.PatientID)
+    assert exact.str.fullmatch(r"\d{30,39}").all()
+    assert (rows.PatientID == exact.map(lambda n: f"{int(n):.2E}")).all()
+    assert rows.PatientID.map(lambda s: bool(LOSSY_PATIENT_ID.match(s))).all()
+    assert (rows.StudyDate_DICOM == rows.ImageID.map(meta.StudyDate_DICOM)).all()
+    # unrelated patients collapse onto one lossy value
+    per_value = pd.Series(exact.values, index=rows.PatientID.values).groupby(level=0).nunique()
+    assert (per_value >= 2).sum() >= 3
+    assert summary["n_patient_ids"] < summary["n_patients"]
 
 
-def test_patients_never_span_train_and_test(ds):
+def test_lossy_collisions_and_test_date_clash(big_cohort):
+    patients = {st.patient.index: st.patient for st in big_cohort}
+    per_value = pd.Series([p.lossy for p in patients.values()]).value_counts()
+    assert per_value.max() >= 4 and (per_value >= 2).sum() > 50
+    tests = [st for st in big_cohort if st.split == "test"]
+    groups: dict = {}
+    for st in tests:
+        groups.setdefault((st.patient.lossy, st.date), []).append(st)
+    clashes = [g for g in groups.values() if len({s.patient.index for s in g}) > 1]
+    assert len(clashes) >= 2  # (PatientID, StudyDate) joins different patients' studies
+
+
+def test_metadata_columns_and_values(ds):
     root, _ = ds
-    train, test = _csv(root, "train.csv"), _csv(root, "CXRLT_2026_TEST_ALL_TASK1.csv")
-    assert not set(train.PatientID) & set(test.PatientID)
-    assert not set(train.ImageID) & set(test.ImageID)
+    header = (root / synth.META_NAME).read_text().split("\n")[0]
+    assert header == ("ImageID,StudyID,PatientID,StudyDate_DICOM,Projection,ViewPosition_DICOM,"
+                      "Labels,Report")
+    meta = _meta(root)
+    assert meta.ImageID.is_unique and meta.ImageID.is_monotonic_increasing
+    views = {"PA": {"POSTEROANTERIOR", "PA", "nan"}, "L": {"LATERAL", "LL", "nan"},
+             "AP": {"AP", "ANTEROPOSTERIOR", "nan"}, "AP_horizontal": {"nan"}}
+    assert set(meta.Projection) <= set(views)
+    assert all(v in views[p] for p, v in zip(meta.Projection, meta.ViewPosition_DICOM))
+    # Labels / Report carry the true labels (which is why the pipeline must never read them)
+    truth = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")]).set_index("ImageID")
+    for iid, text, report in zip(meta.ImageID, meta.Labels, meta.Report):
+        listed = ast.literal_eval(text)
+        assert listed == [lab for lab in CXRLT2026_LABELS if truth.at[iid, lab] == 1]
+        assert all(lab in report for lab in listed)
 
 
-def test_removal_lists_all_test_images_plus_train_extras(ds):
+# ---- studies, projections, splits --------------------------------------------------------------
+
+def test_training_studies_pair_pa_with_lateral(big_cohort):
+    train = [st for st in big_cohort if st.split == "train"]
+    projections = [im.projection for st in train for im in st.images]
+    assert 0.27 < projections.count("L") / len(projections) < 0.35  # PadChest: ~31%
+    comps = pd.Series(["+".join(im.projection for im in st.images) for st in train])
+    share = comps.value_counts(normalize=True)
+    assert share.index[0] in ("PA+L", "PA") and share["PA+L"] > 0.3
+    assert share["AP_horizontal"] > 0.02 and share["AP"] > 0.01
+    pairs = comps[comps.str.count(r"\+") == 1].value_counts(normalize=True)
+    assert pairs["PA+L"] > 0.9  # a two-image study is a PA + lateral pair
+
+
+def test_test_list_is_frontal_one_image_per_study(ds, big_cohort):
+    root, _ = ds
+    meta = _meta(root).set_index("ImageID")
+    test_ids = _csv(root, synth.TEST_LIST_NAME).ImageID
+    assert set(meta.loc[test_ids].Projection) <= FRONTAL
+    studies = meta.loc[test_ids].StudyID
+    assert studies.is_unique
+    train_ids = _csv(root, "train.csv").ImageID
+    assert not set(studies) & set(meta.loc[train_ids].StudyID)
+    tests = [st for st in big_cohort if st.split == "test"]
+    proj = pd.Series([st.images[0].projection for st in tests]).value_counts(normalize=True)
+    assert all(len(st.images) == 1 for st in tests) and proj["PA"] > 0.85
+
+
+def test_a_third_of_test_patients_have_kept_training_studies(big_cohort):
+    test_patients = {st.patient.index for st in big_cohort if st.split == "test"}
+    kept = {st.patient.index for st in big_cohort if st.split == "train" and not st.removed}
+    assert 0.22 < len(test_patients & kept) / len(test_patients) < 0.45  # real: 534 / 1606
+
+
+def test_removal_lists_test_images_plus_whole_training_studies(ds):
     root, summary = ds
     removal = _csv(root, "Removal.csv")
     assert list(removal.columns) == ID_COLUMNS and removal.ImageID.is_unique
-    test_ids = set(_csv(root, "CXRLT_2026_TEST_ALL_TASK1.csv").ImageID)
+    test_ids = set(_csv(root, synth.TEST_LIST_NAME).ImageID)
     train = _csv(root, "train.csv")
     extra = set(removal.ImageID) - test_ids
-    assert test_ids <= set(removal.ImageID)
-    assert extra <= set(train.ImageID)
+    assert test_ids <= set(removal.ImageID) and extra <= set(train.ImageID)
     assert 0.02 * N_TRAIN <= len(extra) <= 0.06 * N_TRAIN
     assert len(extra) == summary["n_removal_extra"]
-    # ID columns agree with train.csv for the extras
+    study = train.ImageID.map(_study_of)
+    removed_studies = set(study[train.ImageID.isin(extra)])
+    assert set(train.ImageID[study.isin(removed_studies)]) == extra  # whole studies
     merged = removal.merge(train[ID_COLUMNS], on="ImageID", suffixes=("", "_t"))
-    assert len(merged) == len(extra)
     assert (merged.PatientID == merged.PatientID_t).all()
 
 
-def test_test_labels_match_test_list(ds):
-    root, _ = ds
-    test_list = _csv(root, "CXRLT_2026_TEST_ALL_TASK1.csv")
-    labels = _csv(root, "test_labels.csv")
-    assert labels.ImageID.tolist() == test_list.ImageID.tolist()
-    assert (labels.PatientID == test_list.PatientID).all()
+# ---- labels ------------------------------------------------------------------------------------
 
-
-# ---- labels ---------------------------------------------------------------------------------
-
-def test_normal_exclusive_and_some_unlabelled(ds):
+def test_labels_shared_by_a_study_normal_exclusive_some_unlabelled(ds):
     root, summary = ds
+    train = _csv(root, "train.csv")
+    per_study = train.groupby(train.ImageID.map(_study_of))[CXRLT2026_LABELS].nunique()
+    assert (per_study.max(axis=1) == 1).all()
+    assert (train.groupby(train.ImageID.map(_study_of)).size() == 2).sum() > 10
     for name in ("train.csv", "test_labels.csv"):
         df = _csv(root, name)
-        findings = df[CXRLT2026_LABELS[1:]].sum(axis=1)
-        assert (findings[df["Normal"] == 1] == 0).all()
-    train = _csv(root, "train.csv")
+        assert (df[CXRLT2026_LABELS[1:]].sum(axis=1)[df["Normal"] == 1] == 0).all()
     assert (train[CXRLT2026_LABELS].sum(axis=1) == 0).sum() > 0
     assert summary["n_unlabelled_images"] > 0
 
 
-def test_minimum_positives_after_removal(ds):
+def test_minimum_positives_on_kept_frontal_images(ds):
     root, _ = ds
     removal = set(_csv(root, "Removal.csv").ImageID)
+    projection = _meta(root).set_index("ImageID").Projection
     train = _csv(root, "train.csv")
-    kept = train[~train.ImageID.isin(removal)]
+    kept = train[~train.ImageID.isin(removal) & train.ImageID.map(projection).isin(FRONTAL)]
     assert (kept[CXRLT2026_LABELS].sum() >= labelling.MIN_POS_TRAIN).all()
-    assert (_csv(root, "test_labels.csv")[CXRLT2026_LABELS].sum() >= labelling.MIN_POS_TEST).all()
-    # study images share labels
-    per_study = train.groupby(train.ImageID.map(_study))[CXRLT2026_LABELS].nunique()
-    assert (per_study.max(axis=1) == 1).all()
+    test = _csv(root, "test_labels.csv")
+    assert (test[CXRLT2026_LABELS].sum() >= labelling.MIN_POS_TEST).all()
+
+
+def _labelled_cohort(n_patients=6000, studies_each=2):
+    rng = np.random.default_rng(0)
+    studies = []
+    for i in range(n_patients):
+        pat = cohort.Patient(i, 10 ** 38 + i)
+        studies += [cohort.Study("train", pat, f"201{r}0101", ("PA",), r)
+                    for r in range(studies_each)]
+    labelling.sample_labels(rng, studies, CXRLT2026_LABELS)
+    return studies
 
 
 def test_label_profile_long_tail_and_correlations():
-    """Label sampling on many studies (no images): marginals follow the CXR-LT profile and
-    the configured pairs co-occur more than chance."""
-    rng = np.random.default_rng(0)
-    studies = [cohort.Study("train", "1.00E+38", i, "20100101", ["x"]) for i in range(20000)]
-    labelling.sample_labels(rng, studies, CXRLT2026_LABELS)
+    """Marginals follow the CXR-LT profile; configured pairs co-occur more than chance."""
+    studies = _labelled_cohort()
     y = pd.DataFrame([[lab in st.labels for lab in CXRLT2026_LABELS] for st in studies],
                      columns=CXRLT2026_LABELS)
     target = pd.Series(CXRLT2026_APPROX_COUNTS) / CXRLT2026_TOTAL_IMAGES
@@ -205,15 +314,29 @@ def test_label_profile_long_tail_and_correlations():
     assert lift("aortic elongation", "aortic atheromatosis") > 3
     assert lift("cardiomegaly", "pleural effusion") > 2
     assert lift("Support Devices", "sternotomy") > 5
-    assert lift("central venous catheter", "sternotomy") > 3
     assert (y[CXRLT2026_LABELS[1:]].sum(axis=1)[y["Normal"]] == 0).all()
 
 
-# ---- images ---------------------------------------------------------------------------------
+def test_findings_persist_across_a_patients_studies():
+    """A patient's second study repeats the first one's chronic findings far above chance,
+    acute ones less: what gives same-patient training labels their value."""
+    studies = _labelled_cohort()
+    first, second = studies[0::2], studies[1::2]
+
+    def lift(lab):
+        had = np.array([lab in s.labels for s in first])
+        has = np.array([lab in s.labels for s in second])
+        return has[had].mean() / has.mean()
+
+    assert lift("sternotomy") > 10 and lift("Kyphosis") > 5
+    assert lift("sternotomy") > lift("pleural effusion") > 1.5
+
+
+# ---- images ------------------------------------------------------------------------------------
 
 def test_png_format_sizes_and_windows(ds):
     root, summary = ds
-    ids = _csv(root, "train.csv").ImageID.tolist() + _csv(root, "test_labels.csv").ImageID.tolist()
+    ids = _meta(root).ImageID.tolist()
     assert sorted(p.name for p in (root / "images").iterdir()) == sorted(ids)
     shapes, maxima = set(), []
     for iid in ids:
@@ -233,32 +356,49 @@ def test_inverted_images_have_bright_background(ds):
     inverted = set(summary["inverted"])
     test_ids = _csv(root, "test_labels.csv").ImageID.tolist()[:10]
     for iid in sorted(inverted) + test_ids:
-        x = _windowed64(root / "images" / iid)
+        x = _windowed(root / "images" / iid)
         sides = np.concatenate([x[8:56, :2].ravel(), x[8:56, -2:].ravel()])  # air beside the body
-        lungs = np.concatenate([x[24:36, 14:22].ravel(), x[24:36, 42:50].ravel()])
+        lungs = x[24:36, 20:44].ravel()  # lung fields of both views
         if iid in inverted:
             assert sides.mean() > lungs.mean(), iid
         else:
             assert sides.mean() < lungs.mean(), iid
 
 
-def test_label_patterns_visible_after_windowing_at_64px(ds):
-    """Each finding's probe region is brighter (or darker) in positives than in negatives
-    after percentile windowing and a 64-px resize (non-inverted images).
+def test_lateral_images_look_different(ds):
+    """On a frontal image the mediastinum is a bright band between two dark lung fields; on a
+    lateral one the superimposed lungs fill the middle of the chest."""
+    root, summary = ds
+    meta = _meta(root)
+    meta = meta[~meta.ImageID.isin(summary["inverted"])]
+
+    def mediastinal_contrast(iid):
+        x = _windowed(root / "images" / iid, 32)
+        return x[10:16, 14:18].mean() - (x[10:16, 8:12].mean() + x[10:16, 20:24].mean()) / 2
+
+    lat = [mediastinal_contrast(i) for i in meta.ImageID[meta.Projection == "L"]]
+    front = [mediastinal_contrast(i) for i in meta.ImageID[meta.Projection.isin(FRONTAL)]]
+    assert len(lat) > 20 and len(front) > 50
+    assert np.percentile(lat, 90) < np.percentile(front, 10)
+
+
+def test_label_patterns_visible_on_frontal_images_at_64px(ds):
+    """Each finding's probe region is brighter (or darker) in positive frontal images than in
+    negatives after percentile windowing and a 64-px resize (non-inverted images).
 
     Bright metal (wires, electrodes) moves the 99.5th percentile and so dims the whole image;
     to compare regions across images each one is re-scaled by its own 10th/90th percentiles,
     which small patterns hardly move.
     """
     root, summary = ds
+    projection = _meta(root).set_index("ImageID").Projection
     df = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")])
-    df = df[~df.ImageID.isin(summary["inverted"])].reset_index(drop=True)
-    imgs = np.stack([_windowed64(root / "images" / i) for i in df.ImageID])
+    df = df[~df.ImageID.isin(summary["inverted"]) & df.ImageID.map(projection).isin(FRONTAL)]
+    imgs = np.stack([_windowed(root / "images" / i) for i in df.ImageID])
     p10, p90 = np.percentile(imgs, [10, 90], axis=(1, 2), keepdims=True)
     imgs = (imgs - p10) / (p90 - p10)
-    specs = patterns.patterns_for(CXRLT2026_LABELS)
     weak = []
-    for lab, spec in specs.items():
+    for lab, spec in patterns.patterns_for(CXRLT2026_LABELS).items():
         p, q, r, sign = spec.probe
         # chest coordinates ~ image coordinates (the chest is placed with small jitter only)
         y0, y1 = round((q - r) * 64), round((q + r) * 64)
@@ -271,24 +411,82 @@ def test_label_patterns_visible_after_windowing_at_64px(ds):
     assert not weak, weak
 
 
-# ---- determinism, re-runs, errors, other label sets --------------------------------------
+# ---- boxes -------------------------------------------------------------------------------------
 
-def test_deterministic_across_runs_and_worker_counts(ds, tmp_path):
+def test_boxes_inside_images_and_on_positive_findings(ds):
     root, _ = ds
-    again = tmp_path / "again"
-    _gen(again, workers=2)
-    names = ["train.csv", "CXRLT_2026_TEST_ALL_TASK1.csv", "Removal.csv", "test_labels.csv",
-             "dataset.json"]
+    boxes = pd.read_csv(root / synth.BOXES_NAME)
+    assert list(boxes.columns) == ["ImageID", "label", "x0", "y0", "x1", "y1"]
+    truth = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")]).set_index("ImageID")
+    for row in boxes.itertuples():
+        h, w = cv2.imread(str(root / "images" / row.ImageID), cv2.IMREAD_UNCHANGED).shape
+        assert 0 <= row.x0 < row.x1 <= w and 0 <= row.y0 < row.y1 <= h, row
+        assert truth.at[row.ImageID, row.label] == 1 and row.label != "Normal", row
+    assert not boxes.duplicated(["ImageID", "label"]).any()
+    # most positive findings are drawn (some are occult: label noise)
+    projection = _meta(root).set_index("ImageID").Projection
+    frontal = truth[truth.index.map(projection).isin(FRONTAL)][CXRLT2026_LABELS[1:]]
+    n_pos = int(frontal.values.sum())
+    n_box = int(boxes.ImageID.map(projection).isin(FRONTAL).sum())
+    assert 0.8 * n_pos <= n_box <= n_pos
+
+
+def _small_jobs(n_train=40, n_test=10, seed=2):
+    rng = np.random.default_rng([seed, 1])
+    studies = cohort.make_cohort(cohort.IdMaker(rng, random.Random(seed)), rng, n_train, n_test)
+    labelling.sample_labels(rng, studies, CXRLT2026_LABELS)
+    labelling.enforce_minimums(rng, studies, CXRLT2026_LABELS)
+    labelling.add_distractors(rng, studies, len(patterns.DISTRACTORS))
+    return dataset.image_jobs(rng, studies, CXRLT2026_LABELS, Path("unused"), seed, 64, 112)
+
+
+def test_box_is_where_the_finding_changes_the_image():
+    """Rendering a job without one of its findings changes the image inside that finding's
+    box and nowhere else (random streams are per finding, so nothing else moves; except that
+    free air under the diaphragm follows the diaphragm, which anatomy findings move)."""
+    checked: dict = {}
+    for job in _small_jobs():
+        img, boxes = render.render_image(job)
+        crescent = any(spec.kind == "crescent" for _, _, spec in job["findings"])
+        for label, x0, y0, x1, y1 in boxes:
+            if checked.get((job["view"], label), 0) >= 2:
+                continue  # two of each are enough (and keep this test fast)
+            without = dict(job, findings=[f for f in job["findings"] if f[1] != label])
+            diff = np.abs(img.astype(np.int64) - render.render_image(without)[0]) > 0
+            inside = np.zeros_like(diff)
+            inside[y0:y1, x0:x1] = True
+            assert diff[inside].mean() > 0.05, (job["image_id"], label)
+            if not (crescent and patterns.PATTERNS[label].kind == "anatomy"):
+                assert not diff[~inside].any(), (job["image_id"], label)
+            checked[job["view"], label] = checked.get((job["view"], label), 0) + 1
+    assert len({lab for _, lab in checked}) >= 25 and ("lateral", "cardiomegaly") in checked
+
+
+def test_occult_and_hidden_findings_have_no_box():
+    for job in _small_jobs(seed=3):
+        drawn = {lab for lab, *_ in render.render_image(job)[1]}
+        labelled = {lab for _, lab, _ in job["findings"] if lab is not None}
+        assert drawn <= labelled
+        if job["view"] == "lateral":
+            assert "azygos lobe" not in drawn  # the azygos fissure does not show on a lateral
+
+
+# ---- determinism, re-runs, errors, other label sets -------------------------------------------
+
+def test_deterministic_across_runs_and_worker_counts(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _gen(one, n_train=40, n_test=10, seed=4)
+    _gen(two, n_train=40, n_test=10, seed=4, workers=2)
+    names = ["train.csv", synth.TEST_LIST_NAME, "Removal.csv", "test_labels.csv", synth.META_NAME,
+             synth.BOXES_NAME, "dataset.json"]
     for name in names:
-        assert (root / name).read_bytes() == (again / name).read_bytes(), name
-    pngs = sorted(p.name for p in (root / "images").iterdir())
-    match, mismatch, errors = filecmp.cmpfiles(root / "images", again / "images", pngs,
-                                               shallow=False)
-    assert not mismatch and not errors and len(match) == N_TRAIN + N_TEST
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    pngs = sorted(p.name for p in (one / "images").iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(one / "images", two / "images", pngs, shallow=False)
+    assert not mismatch and not errors and len(match) == 50
 
 
-def test_existing_dataset_is_kept_unless_forced(ds, tmp_path, capsys):
-    root, _ = ds
+def test_existing_dataset_is_kept_unless_forced(tmp_path, capsys):
     out = tmp_path / "d"
     _gen(out, n_train=40, n_test=10)
     stamp = (out / "train.csv").stat().st_mtime_ns
@@ -300,6 +498,10 @@ def test_existing_dataset_is_kept_unless_forced(ds, tmp_path, capsys):
     assert not forced["skipped"] and json.loads((out / "dataset.json").read_text())["seed"] == 3
     assert (out / "train.csv").read_bytes() != before  # another seed, another dataset
     assert not list(tmp_path.glob(".d.*"))  # no temp or old folder left behind
+    marker = json.loads((out / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps(dict(marker, format_version=1)))
+    (out / synth.BOXES_NAME).unlink()  # an older generator's dataset: replaced, not kept
+    assert not _gen(out, n_train=40, n_test=10)["skipped"] and (out / synth.BOXES_NAME).is_file()
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
@@ -315,25 +517,27 @@ def test_labels_file_with_14_labels(tmp_path):
     lf = tmp_path / "nih.txt"
     lf.write_text("\n".join(nih) + "\n")
     out = tmp_path / "nih"
-    rc = synth.main(["--out", str(out), "--n-train", "60", "--n-test", "12", "--min-side",
-                         "64", "--max-side", "96", "--labels-file", str(lf), "--workers", "1"])
+    rc = synth.main(["--out", str(out), "--n-train", "60", "--n-test", "12", "--min-side", "64",
+                     "--max-side", "96", "--labels-file", str(lf), "--workers", "1"])
     assert rc == 0
     train = _csv(out, "train.csv")
     assert list(train.columns) == ID_COLUMNS + nih
-    raw = (out / "CXRLT_2026_TEST_ALL_TASK1.csv").read_text().split("\n")
+    raw = (out / synth.TEST_LIST_NAME).read_text().split("\n")
     assert raw[0] == "ImageID,StudyDate_DICOM,PatientID" + "," * 14
-    assert all(line.endswith("E+38" + "," * 14) or line.endswith("E+37" + "," * 14)
-               or line.endswith("E+36" + "," * 14) for line in raw[1:])
+    assert all(re.search(r"E\+\d\d,{14}$", line) for line in raw[1:])
+    projection = _meta(out).set_index("ImageID").Projection
     removal = set(_csv(out, "Removal.csv").ImageID)
-    kept = train[~train.ImageID.isin(removal)]
+    kept = train[~train.ImageID.isin(removal) & train.ImageID.map(projection).isin(FRONTAL)]
     assert (kept[nih].sum() >= labelling.MIN_POS_TRAIN).all()
     assert (_csv(out, "test_labels.csv")[nih].sum() >= labelling.MIN_POS_TEST).all()
-    counts = kept[nih].sum()
+    counts = train[nih].sum()
     assert counts.iloc[:3].mean() > counts.iloc[-3:].mean()  # generic long tail, file order
+    assert set(pd.read_csv(out / synth.BOXES_NAME).label) <= set(nih)
     specs = patterns.patterns_for(nih)
     assert len({id(s) for s in specs.values()}) == 14  # one distinct pattern per label
     assert specs["Mass"] is patterns.PATTERNS["Mass"]
     assert specs["Effusion"] is patterns.PATTERNS["pleural effusion"]
+    assert all(s.lateral is not None for s in specs.values())
 
 
 def test_bad_input_raises_input_error(tmp_path):
@@ -357,3 +561,8 @@ def test_cli_bad_input_is_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("error:") and "--n-test" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_metadata_layout_constants_match_the_writer():
+    assert files.META_COLUMNS[:6] == list(pd.read_csv(OFFICIAL / "padchest_metadata_excerpt.csv",
+                                                      nrows=0).columns)

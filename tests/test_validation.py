@@ -89,24 +89,33 @@ def test_halves_are_patient_disjoint_balanced_and_cover_the_selection():
     assert [x.tolist() for x in V.patient_halves(keys, sel[::-1])] == [a.tolist(), b.tolist()]
 
 
+def _mean_per_label(y, p):
+    return np.asarray(p, dtype=float).mean(0)
+
+
 def test_cross_fit_never_reports_on_the_half_it_chose_on():
     sets = {"full": np.arange(10), "proxy": np.arange(6), "halves": (np.array([0, 1, 2]), np.array([3, 4, 5])),
             "select_on": "proxy"}
-    # candidate 1 looks best on A, candidate 2 on B; both are bad on the other half.
-    table = {(0, "A"): 0.5, (0, "B"): 0.5, (1, "A"): 0.9, (1, "B"): 0.1, (2, "A"): 0.1, (2, "B"): 0.8}
+    # "Predictions" scored by their mean: candidate 1 looks best on A, candidate 2 on B, and each
+    # is bad on the other half.
+    value = np.array([[0.5] * 6 + [0.5] * 4,
+                      [0.9] * 3 + [0.1] * 3 + [0.9] * 4,
+                      [0.1] * 3 + [0.8] * 3 + [0.0] * 4])
     calls = []
 
-    def score(i, idx):
+    def predict(i, idx):
         calls.append((i, tuple(idx)))
-        half = "A" if tuple(idx) == (0, 1, 2) else "B" if tuple(idx) == (3, 4, 5) else None
-        return table[(i, half)] if half else {0: 0.5, 1: 0.6, 2: 0.4}[i]
+        return value[i, idx][:, None]
 
-    sel = V.cross_fit(3, score, sets)
+    sel = V.cross_fit(3, predict, np.zeros((10, 1)), sets, per_label=_mean_per_label)
     assert sel["half_choices"] == [1, 2]
-    assert sel["half_reports"] == [0.1, 0.1]  # A's pick scored on B, B's pick scored on A
-    assert sel["honest"] == pytest.approx(0.1)  # the in-half maxima would say 0.85
-    assert sel["choice"] == 1 and sel["chosen"]["proxy"] == 0.6
-    assert {c for c in calls} >= {(1, (3, 4, 5)), (2, (0, 1, 2))}
+    # A's pick scored on B, B's pick on A: 0.1 on the halves basis, 0.4 below the reference
+    # (candidate 0: 0.5 on the halves and on the proxy); the in-half maxima would say +0.35.
+    assert sel["honest_gain"] == pytest.approx(-0.4) and sel["honest"] == pytest.approx(0.1)
+    assert sel["choice"] == 1 and sel["chosen"]["proxy"] == pytest.approx(0.5)
+    assert sel["table"][2]["full"] == pytest.approx(0.27) and sel["table"][1]["halves"] == pytest.approx(0.5)
+    assert {(1, (3, 4, 5)), (2, (0, 1, 2))} <= set(calls)
+    assert "ap_half_a" not in V.public_row(sel["table"][0]) and "halves" in V.public_row(sel["table"][0])
 
 
 def test_cross_fit_honest_number_is_unbiased_for_noise_candidates():
@@ -116,16 +125,32 @@ def test_cross_fit_honest_number_is_unbiased_for_noise_candidates():
     values = rng.random((40, 200))
     keys = V.make_keys([f"i{k}" for k in range(200)], np.zeros((200, 3)), patient=rng.integers(0, 80, 200).astype(str))
     sets = V.val_sets_from_keys(keys, LABELS, {"select_on": "full"})
-    sel = V.cross_fit(40, lambda i, idx: values[i, idx].mean(), sets)
+    sel = V.cross_fit(40, lambda i, idx: values[i, idx][:, None], keys.y, sets, per_label=_mean_per_label)
     assert sel["chosen"]["full"] > 0.54
-    assert abs(sel["honest"] - 0.5) < 0.04
+    assert abs(sel["honest"] - 0.5) < 0.04 and abs(sel["honest_gain"]) < 0.04
+
+
+def test_honest_number_averages_each_label_over_the_halves_that_have_it():
+    # label 0 has positives in both halves, label 1 only in half B: its AP comes from B alone.
+    y = np.array([[1, 0], [0, 0], [1, 1], [0, 0]])
+    sets = {"full": np.arange(4), "proxy": np.arange(4), "halves": (np.array([0, 1]), np.array([2, 3])),
+            "select_on": "full"}
+    p = np.array([[0.9, 0.5], [0.1, 0.5], [0.2, 0.7], [0.3, 0.1]])
+    row = V.score_row(y, sets, lambda idx: p[idx])
+    assert np.isnan(row["ap_half_a"][1])
+    assert row["halves"] == pytest.approx(np.mean([(1.0 + 0.5) / 2, 1.0]))  # label 0: A 1.0, B 0.5; label 1: B
+    assert row["half_a"] == pytest.approx(1.0) and row["half_b"] == pytest.approx(0.75)
+    one = V.choose([row], "full")  # one candidate: no choice, no gain
+    assert one["honest_gain"] == 0 and one["honest"] == pytest.approx(row["full"])
 
 
 def test_choose_ties_go_to_the_first_candidate_and_nan_loses():
-    row = {"full": 0.5, "proxy": 0.5, "half_a": 0.5, "half_b": 0.5}
+    row = {"full": 0.5, "proxy": 0.5, "half_a": 0.5, "half_b": 0.5, "halves": 0.5, "ap_half_a": [0.5], "ap_half_b": [0.5]}
     table = [dict(row), dict(row), {**row, "proxy": float("nan"), "half_a": float("nan")}]
     sel = V.choose(table, "proxy")
     assert sel["choice"] == 0 and sel["half_choices"] == [0, 0]
+    table[1]["half_b"] = 0.6
+    assert V.choose(table, "proxy")["half_choices"] == [0, 1]
 
 
 def test_rows_of_ids_maps_image_ids_to_cache_rows():

@@ -66,9 +66,10 @@ finding outside the label set (DISTRACTORS); Normal studies show no pattern at a
 Everything is seeded: the same arguments give byte-identical files whatever the number of
 worker processes. The dataset is built in a temp folder beside `out` and renamed into place.
 
-Modules: patterns (what each finding looks like), canvas (drawing primitives), anatomy (the
-chest, frontal and lateral), render (one image from its job; the worker side), cohort (patients, studies,
-IDs), labelling (labels per study), files (writing the CSVs), dataset (generate() and the CLI).
+Modules: patterns (what each finding looks like, frontal and lateral), canvas (drawing
+primitives), anatomy (the chest without findings, frontal and lateral), render (one image
+and its boxes from its job; the worker side), cohort (patients, studies, IDs, projections),
+labelling (labels per study), files (writing the CSVs), dataset (generate() and the CLI).
 """
 
 from .dataset import generate, main

@@ -224,9 +224,11 @@ def make_cohort(ids: IdMaker, rng: np.random.Generator, n_train: int, n_test: in
             k_train = int(rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
         studies += _patient_studies(rng, new_patient(), ["test"] * k_test + ["train"] * k_train)
         n_tests += k_test
-    while sum(len(s.projections) for s in studies if s.split == "train") < n_train:
+    n_images = sum(len(s.projections) for s in studies if s.split == "train")
+    while n_images < n_train:
         k = int(rng.choice(STUDIES_PER_PATIENT[0], p=STUDIES_PER_PATIENT[1]))
         studies += _patient_studies(rng, new_patient(), ["train"] * k)
+        n_images += sum(len(s.projections) for s in studies[-k:])
     _trim_train(studies, n_train)
     for st in studies:
         ids.name_study(st)

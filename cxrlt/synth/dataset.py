@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import concurrent.futures as cf
+import json
 import multiprocessing
 import os
 import random
@@ -17,9 +17,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..labels import CXRLT2026_LABELS, ID_COLUMNS, read_labels_file
+from ..labels import CXRLT2026_LABELS, read_labels_file
+from ..tables import ID_COLUMNS
 from .cohort import IdMaker, Study, make_cohort, mark_removal
-from .files import MARKER_NAME, load_existing, summary_of, swap_into_place, write_csvs
+from .files import (FORMAT_VERSION, MARKER_NAME, load_existing, summary_of, swap_into_place,
+                    write_csvs)
 from .labelling import add_distractors, enforce_minimums, sample_labels
 from .patterns import DISTRACTORS, patterns_for
 from .render import worker_init, write_image
@@ -119,6 +121,11 @@ def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
         raise InputError(f"--seed must be >= 0 (got {seed})")
     out = Path(out_dir)
     existing = load_existing(out)
+    if existing is not None and existing.get("format_version") != FORMAT_VERSION:
+        # an older generator's dataset (e.g. without metadata and boxes): ours to replace
+        print(f"{out}: holds a demo dataset of format {existing.get('format_version')}; "
+              f"writing format {FORMAT_VERSION} over it")
+        force = True
     if existing is not None and not force:
         print(f"{out}: already holds a complete demo dataset (seed {existing.get('seed')}, "
               f"{existing.get('n_train')} train / {existing.get('n_test')} test images); "

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..labels import ID_COLUMNS
+from ..tables import ID_COLUMNS
 from .cohort import Study
 
 TEST_LIST_NAME = "CXRLT_2026_TEST_ALL_TASK1.csv"
@@ -122,7 +122,8 @@ def summary_of(studies, labels, jobs, boxes, seed, min_side, max_side) -> dict:
         generator="cxrlt.synth", format_version=FORMAT_VERSION, seed=seed,
         min_side=min_side, max_side=max_side, labels=labels,
         n_train=n_images(train), n_test=n_images(test),
-        n_lateral_train=projections.get("L", 0), train_projections=dict(sorted(projections.items())),
+        n_lateral_train=projections.get("L", 0),
+        train_projections=dict(sorted(projections.items())),
         n_removal_extra=n_images([s for s in train if s.removed]),
         n_studies=len(studies), n_patients=len({s.patient.index for s in studies}),
         n_patient_ids=len({s.patient.lossy for s in studies}),

@@ -123,8 +123,8 @@ def _counted_images(st: Study) -> int:
 
 
 def enforce_minimums(rng, studies: list[Study], labels: list[str]) -> None:
-    """Give each label MIN_POS_TRAIN / MIN_POS_TEST counted positive images per split by adding it to
-    random studies: studies with findings first, then unlabelled ones, Normal ones last."""
+    """Give each label MIN_POS_TRAIN / MIN_POS_TEST counted positive images per split by adding
+    it to random studies: studies with findings first, then unlabelled ones, Normal ones last."""
     for split, need in (("train", MIN_POS_TRAIN), ("test", MIN_POS_TEST)):
         pool = [st for st in studies if st.split == split and _counted_images(st) > 0]
         for lab in labels:

@@ -92,16 +92,18 @@ def _visible_findings(job: dict) -> list[tuple]:
 
 
 def _anatomy_boxes(job: dict, geom: dict, an0: dict, changes: list[tuple]) -> list[tuple]:
-    """Grid box of each anatomy finding: where the lungs / heart shaped with that change alone
-    differ from those without it."""
+    """Grid box of each anatomy finding: where the lungs / heart shaped by all the image's
+    changes differ from those shaped by all but that one (effusion on hyperinflated lungs
+    fills a different place than on normal ones)."""
     if not changes:
         return []
     cv = Canvas(**geom)
-    base = anatomy_masks(cv, an0, job["view"])
+    full = anatomy_masks(cv, apply_changes(an0, [ch for _, ch in changes]), job["view"])
     out = []
-    for label, ch in changes:
-        masks = anatomy_masks(cv, apply_changes(an0, [ch]), job["view"])
-        diff = np.any([np.abs(m - m0) > 1e-4 for m, m0 in zip(masks, base)], axis=0)
+    for i, (label, _) in enumerate(changes):
+        others = [ch for j, (_, ch) in enumerate(changes) if j != i]
+        masks = anatomy_masks(cv, apply_changes(an0, others), job["view"])
+        diff = np.any([np.abs(m - m0) > 1e-4 for m, m0 in zip(masks, full)], axis=0)
         rows, cols = np.flatnonzero(diff.any(axis=1)), np.flatnonzero(diff.any(axis=0))
         if label is not None and len(rows):
             out.append((label, (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)))
