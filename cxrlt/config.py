@@ -321,19 +321,26 @@ def check_relations(cfg: dict, source: str, keys=None) -> None:
             raise ConfigError(f"{source}: {values}: {why}")
 
 
-def load_yaml(path: str | Path) -> dict:
-    """A YAML config file -> {key: checked value}; every problem is a one-line ConfigError."""
+def read_yaml(path: str | Path, what: str = "config file"):
+    """The data of a YAML file (a key given twice in a mapping is refused); every problem is a
+    one-line ConfigError naming the file. Also reads study files (cxrlt/study.py)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
+        raise ConfigError(f"{path}: {what} not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML config file -> {key: checked value}; every problem is a one-line ConfigError."""
+    path = Path(path)
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of key: value")
     return {k: coerce(k, v, str(path)) for k, v in data.items()}

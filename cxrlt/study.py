@@ -117,15 +117,8 @@ def _checked_overrides(path, where: str, value) -> dict:
 
 def load_study(path) -> Study:
     """Read and check a study file; InputError (one line, naming the file and key) if it is wrong."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        _fail(path, "study file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        _fail(path, f"not valid YAML ({str(e).splitlines()[0]})")
+    data = config_mod.read_yaml(path, "study file")
     if not isinstance(data, dict):
         _fail(path, "a study file must be a mapping (keys: " + ", ".join(sorted(STUDY_KEYS)) + ")")
     unknown = sorted(set(map(str, data)) - STUDY_KEYS)
@@ -181,7 +174,8 @@ def run_specs(study: Study) -> list[dict]:
     specs = []
     for v, over in study.variants.items():
         keys = {**base, **study.overrides, **over}
-        full = config_mod.resolve([], keys)
+        full = {**config_mod.DEFAULTS, **keys}  # every value already checked against the schema
+        config_mod.check_relations(full, f"{study.file} (variant '{v}')")
         for seed in study.seeds or [full["seed"]]:
             for fold in study.folds or [full["val_fold"]]:
                 stem = f"{study.name}.{v}"

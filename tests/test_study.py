@@ -69,11 +69,13 @@ def test_expand_writes_one_config_per_variant_seed_and_only_rewrites_changed_con
     ("variants: {a.b: {}}", "variant name 'a.b'"),
     ("variants: {a: {seed: 3}}\nseeds: [1, 2]", "sets 'seed' while the study lists 'seeds'"),
     ("variant: {a: {}}", "unknown key(s) ['variant']"),
+    ("variants: {a: {}}\nbaseline: a\nbaseline: a", "duplicate key 'baseline'"),
+    ("variants: {a: {lr: 1.0e-5, min_lr: 1.0e-3}}", "(variant 'a'): min_lr = 0.001, lr = 1e-05: min_lr is above lr"),
 ])
 def test_a_wrong_study_file_is_a_one_line_error_naming_it(tmp_path, body, message):
     f = write_study(tmp_path, body)
     with pytest.raises(InputError) as e:
-        study.load_study(f)
+        study.run_specs(study.load_study(f))
     assert message in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value)
 
 
