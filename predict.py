@@ -13,9 +13,13 @@ For --split val it also writes `<out>.postproc.json` (format: cxrlt/postproc.py)
 every post-processing grid point (normal gating, study pooling, patient context) on the full val
 fold, the test-like proxy subset and two patient-disjoint halves, the choice made on the
 selection set (config select_on) and its honest, cross-fitted mAP. Pass that file to a test run
-with --postproc-from to apply the values chosen on val. TTA and the post-processing values
-otherwise come from the checkpoint's config and the flags. Patient context reads the training
+with --postproc-from to apply the values chosen on val. Patient context reads the training
 labels of --train-cache (default: --cache when it holds training rows, else its sibling `train/`).
+
+Post keys (tta, tta_merge, the post-processing values, select_on, ...) and run keys come from
+--config (+ flags), as Make passes them; without --config from the checkpoint's copy (+ flags).
+Train keys given as flags are ignored (the checkpoint's apply). When --out was already written from
+the same weights, cache, split and post keys it is only touched, so that make settles.
 """
 
 import argparse
@@ -36,8 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--postproc-from", default=None, help="postproc.json from a val run: apply its choice")
     ap.add_argument("--train-cache", default=None, help="cache with the training labels (patient context)")
     ap.add_argument("--batch-size", type=int, default=64)
-    config.add_config_flags(ap, ["tta", "tta_merge", *config.POSTPROC_KEYS, "select_on", "proxy_require_finding",
-                                 "workers", "device", "amp"])
+    ap.add_argument("--config", nargs="*", default=[], help="YAML config file(s): their post and run keys apply")
+    config.add_config_flags(ap)
     args = ap.parse_args(argv)
     chosen = config.load_postproc(args.postproc_from) if args.postproc_from else {}  # checked before any work
 
@@ -50,13 +54,14 @@ def main(argv=None) -> int:
     from cxrlt.device import pick_device
     from cxrlt.errors import InputError
     from cxrlt.fileio import write_csv, write_json
+    from cxrlt.fingerprints import file_key, inputs_match, record_inputs, touch
     from cxrlt.inference import check_cache_size, load_trained, predict_tta
     from cxrlt.validation import val_keys, val_sets_from_keys
 
     t0 = time.time()
     device = pick_device(args.cfg__device or "auto")
     model, ck = load_trained(args.checkpoint, device)
-    cfg = config.apply_overrides(ck["config"], config.overrides_from_args(args))
+    cfg = config.stage_config(ck["config"], args.config, config.overrides_from_args(args), stage="predict")
     cfg.update(chosen)
     params = postproc.PostParams.from_cfg(cfg)
     labels = list(ck["labels"])
@@ -69,6 +74,16 @@ def main(argv=None) -> int:
         what = "a test list's cache (ROOT/test-<key>)" if args.split == "test" else "the train cache (ROOT/train)"
         raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'; --split {args.split} "
                          f"reads {what}")
+    keys = val_keys(cache, rows)
+    need_context = args.split == "val" or params.patient_context_weight > 0
+    ctx_cache = context_cache(args, cache) if need_context else None
+    context = postproc.Context.from_cache(ctx_cache) if ctx_cache is not None else None
+    inputs = {"model": file_key(args.checkpoint), "cache": cache.key, "split": args.split,
+              "post": config.post_part(cfg), "context": ctx_cache.key if ctx_cache is not None else None}
+    if inputs_match(args.out, inputs):
+        touch(args.out)
+        print(f"{args.out}: up to date (same weights, cache and post-training keys)")
+        return 0
     ds = CacheDataset(f"{args.cache}/images.npy", rows, num_classes=len(labels))
     loader = make_loader(ds, args.batch_size, workers=cfg["workers"], pin_memory=device.type == "cuda")
     amp = cfg["amp"] and device.type == "cuda"
@@ -76,9 +91,6 @@ def main(argv=None) -> int:
                                   channels_last=cfg["channels_last"] and device.type == "cuda",
                                   desc=f"predict {args.split} (tta {cfg['tta']})")
     assert np.array_equal(got_rows, rows)
-    keys = val_keys(cache, rows)
-    need_context = args.split == "val" or params.patient_context_weight > 0
-    context = postproc.Context.from_cache(context_cache(args, cache)) if need_context else None
 
     if args.split == "val":
         sets = val_sets_from_keys(keys, labels, cfg)
@@ -91,6 +103,7 @@ def main(argv=None) -> int:
     df = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=labels)
     df.insert(0, "ImageID", keys.ids)
     write_csv(args.out, df, float_format="%.6f")
+    record_inputs(args.out, inputs)
     print(f"wrote {args.out}: {len(df)} images x {len(labels)} labels in {time.time() - t0:.1f}s")
     return 0
 

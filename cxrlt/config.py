@@ -407,6 +407,31 @@ def apply_overrides(cfg: dict, overrides: dict, source: str = "command line") ->
     return out
 
 
+def stage_config(run_cfg: dict, config_files=(), overrides: dict | None = None, log=print,
+                 stage: str = "this stage") -> dict:
+    """The config a post-training stage (cRT, predict) runs with: the run's own config (its train
+    keys describe the model and the val fold) with the post keys, run keys and `seed` taken from
+    the current config file(s) + overrides as Make passes them, or, without a file, from the run's
+    copy + overrides. Overrides of other (train) keys are ignored, and said so: they would describe
+    another run (Make passes TRAIN_ARGS to every stage)."""
+    overrides = dict(overrides or {})
+    mine = {k for k in SCHEMA if group(k) in ("post", "run")} | {"seed"}
+    ignored = sorted(k for k in overrides if k not in mine)
+    if ignored:
+        log(f"{stage}: ignoring train keys given on the command line (the run's values apply): {', '.join(ignored)}")
+    if config_files:
+        current = resolve(list(config_files), overrides)
+        return {**run_cfg, **{k: current[k] for k in mine}}
+    return apply_overrides(run_cfg, {k: v for k, v in overrides.items() if k in mine})
+
+
+def post_part(cfg: dict, prefix: str | None = None) -> dict:
+    """The post keys of cfg (only those starting with `prefix` when given; without one, those that
+    do not start with `crt_`: what predict reads), sorted: what a post-training output depends on."""
+    keep = (lambda k: k.startswith(prefix)) if prefix else (lambda k: not k.startswith("crt_"))
+    return {k: cfg[k] for k in sorted(cfg) if group(k) == "post" and keep(k)}
+
+
 # the post-processing values a postproc.json chooses (cxrlt/postproc.py's PostParams)
 POSTPROC_KEYS = ("normal_gating_alpha", "study_pool_weight", "patient_context_weight")
 

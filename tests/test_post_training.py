@@ -133,3 +133,28 @@ def test_flip_tta_is_invariant_to_flipping_the_input(trained_run, demo_cache, tm
     loader = make_loader(CacheDataset(tmp_path / "a.npy", np.arange(12), num_classes=30), 6, workers=0)
     none = predict_tta(model, loader, torch.device("cpu"), "none", progress=False)[1]
     assert not np.allclose(none, res[0], atol=1e-5)  # the flip view really contributes
+
+
+def test_predict_reads_post_keys_from_the_current_config_and_settles(trained_run, demo_test_cache, tmp_path):
+    """Make passes the config file: its post keys apply (not the checkpoint's copy), train keys are
+    ignored, and a re-run with the same inputs only touches the output."""
+    import os
+
+    from cxrlt.fingerprints import recorded_inputs
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("tta: none\nworkers: 0\n")
+    out = tmp_path / "pred.csv"
+    args = ["predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_test_cache, "--split", "test",
+            "--out", out, "--config", cfg, "--epochs", "7"]
+    first = run_script(*args)
+    assert "ignoring train keys" in first.stdout + first.stderr and "epochs" in first.stdout + first.stderr
+    assert recorded_inputs(out)["post"]["tta"] == "none"
+    content, t = out.read_bytes(), out.stat().st_mtime_ns
+    os.utime(out, ns=(t - 10**9, t - 10**9))
+    again = run_script(*args)
+    assert "up to date" in again.stdout and out.read_bytes() == content
+    assert out.stat().st_mtime_ns > t - 10**9  # touched, so that make settles
+    cfg.write_text("tta: flip\nworkers: 0\n")
+    run_script(*args)
+    assert recorded_inputs(out)["post"]["tta"] == "flip"
