@@ -168,7 +168,7 @@ $(R_$(1))/crt/model.pt: $(S_$(1))/crt.stamp $(R_$(BASE_$(1)))/model.pt
 
 $(R_$(1))/pred_val.csv: $(S_$(1))/predict-val.stamp $(R_$(1))/crt/model.pt
 	$$(PY) predict.py --checkpoint $(R_$(1))/crt/model.pt --cache $(C_$(1))/train --split val --out $$@ \
-		--config $(CFG_$(1)) $(TRAIN_ARGS) $(PREDICT_ARGS)
+		--config $(CFG_$(1)) $(TRAIN_ARGS) $(PREDICT_ARGS) $(if $(filter auto,$(POSTPROC)),--apply-choice)
 
 $(R_$(1))/pred_test.csv: $(S_$(1))/predict-test.stamp $(R_$(1))/crt/model.pt $(C_$(1))/test-$(TEST_KEY)/manifest.json \
 		$(if $(filter auto,$(POSTPROC)),$(R_$(1))/pred_val.csv)

@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="predictions CSV to write")
     ap.add_argument("--postproc-from", default=None, help="postproc.json from a val run: apply its choice")
     ap.add_argument("--train-cache", default=None, help="cache with the training labels (patient context)")
+    ap.add_argument("--apply-choice", action="store_true",
+                    help="--split val: write the val predictions post-processed with the choice made on val "
+                         "(Make's POSTPROC=auto, so that ensemble weights are fitted on what the test "
+                         "predictions will be)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--config", nargs="*", default=[], help="YAML config file(s): their post and run keys apply")
     config.add_config_flags(ap)
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
     ctx_cache = context_cache(args, cache) if need_context else None
     context = postproc.Context.from_cache(ctx_cache) if ctx_cache is not None else None
     inputs = {"model": file_key(args.checkpoint), "cache": cache.key, "split": args.split,
-              "post": config.post_part(cfg), "context": ctx_cache.key if ctx_cache is not None else None}
+              "post": config.post_part(cfg), "apply_choice": args.apply_choice,
+              "context": ctx_cache.key if ctx_cache is not None else None}
     if inputs_match(args.out, inputs):
         touch(args.out)
         print(f"{args.out}: up to date (same weights, cache and post-training keys)")
@@ -98,6 +103,8 @@ def main(argv=None) -> int:
         write_json(args.out + ".postproc.json", {**res, "tta": cfg["tta"]})
         print(f"{sets['describe']}; {res['n_with_context']} image(s) with patient context (tta {cfg['tta']})")
         print(postproc.summary_line(res))
+        if args.apply_choice:
+            params = postproc.PostParams.from_cfg({**cfg, **res["choice"]})
 
     probs = postproc.apply(probs, keys, labels, context, params)
     df = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=labels)
