@@ -126,7 +126,8 @@ $(STATE)/vars.mk: FORCE | $(VENV)/.installed
 		--removal-csv '$(REMOVAL_CSV)' --meta-csv '$(META_CSV)' --labels-file '$(LABELS_FILE)' \
 		--test-labels '$(TEST_LABELS)' --img-size '$(IMG_SIZE)' --folds '$(FOLDS)' --configs '$(CONFIGS)' \
 		--name '$(NAME)' --ensemble '$(ENSEMBLE)' --postproc '$(POSTPROC)' --train-args='$(TRAIN_ARGS)' \
-		--predict-args='$(PREDICT_ARGS)' --preprocess-args='$(PREPROCESS_ARGS)' --study='$(STUDY_PLAN)'
+		--predict-args='$(PREDICT_ARGS)' --preprocess-args='$(PREPROCESS_ARGS)' \
+		--stamp='$(DATASET)_zeroshot=$(subst ','\'',$(ZS_INPUTS))' --study='$(STUDY_PLAN)'
 
 FORCE:
 
@@ -272,16 +273,13 @@ ZS_PRED   := $(ZS_DIR)/pred_test.csv
 ZS_CACHE  := $(if $(FIRST),$(C_$(FIRST)),$(CACHE_ROOT)/$(DATASET)_$(IMG_SIZE))/test-$(TEST_KEY)
 SUB2      := $(SUB)_task2
 ZS_FOLDER := $(patsubst local-dir:%,%,$(filter local-dir:%,$(ZS_MODEL)))
-# what zeroshot.py reads besides files, in a stamp rewritten only when it changes (until plan.py
-# writes it with the other stamps)
-ZS_INPUTS := model=$(ZS_MODEL) weights=$(ZS_WEIGHTS) method=$(ZS_METHOD) args=$(ZS_ARGS) cache=$(ZS_CACHE)
+# what zeroshot.py reads besides files: the plan writes it into a stamp (rewritten only when it changes)
+ZS_INPUTS = model=$(ZS_MODEL) weights=$(ZS_WEIGHTS) method=$(ZS_METHOD) args=$(ZS_ARGS) cache=$(ZS_CACHE)
+ZS_STAMP  := $(STATE)/stamps/$(DATASET)_zeroshot.stamp
 
 .PHONY: task2 demo-task2
 
-$(ZS_DIR)/inputs.stamp: FORCE
-	@mkdir -p $(@D); printf '%s\n' '$(subst ','\'',$(ZS_INPUTS))' > $@.new; cmp -s $@.new $@ && rm $@.new || mv $@.new $@
-
-$(ZS_PRED): $(ZS_DIR)/inputs.stamp $(ZS_PROMPTS) $(TASK2_LABEL_SET) $(ZS_WEIGHTS) \
+$(ZS_PRED): $(ZS_STAMP) $(ZS_PROMPTS) $(TASK2_LABEL_SET) $(ZS_WEIGHTS) \
 		$(if $(ZS_FOLDER),$(ZS_FOLDER)/open_clip_config.json) $(ZS_CACHE)/manifest.json | $(VENV)/.installed
 	$(PY) zeroshot.py --cache $(ZS_CACHE) --split test --model $(ZS_MODEL) $(if $(ZS_WEIGHTS),--weights $(ZS_WEIGHTS)) \
 		--prompts $(ZS_PROMPTS) --labels-file $(TASK2_LABEL_SET) --method $(ZS_METHOD) \

@@ -14,6 +14,8 @@ input CSVs, and writes:
   .make/<dataset>_<size>/cache-test.stamp     what the test cache is built from
   .make/<dataset>_<size>/<stem>/{train,crt,predict-val,predict-test}.stamp
   .make/submissions/<NAME>.stamp              the variables the submission depends on
+  .make/stamps/<name>.stamp                   any other stage's variables (`--stamp name=TEXT`,
+                                              e.g. Task 2's model, method and test cache)
   .make/studies/<study>/                       with --study (make study): the study's generated
                    configs (one per variant, seed and fold; they join CONFIGS' configs in STEMS)
                    and study.json; vars.mk then also sets STUDY_NAME, STUDY_STEMS, STUDY_MANIFEST
@@ -213,6 +215,9 @@ def plan(a: argparse.Namespace) -> list[str]:
         "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
         "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc, "predict_args": predict_args,
         "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"}, "test_key": test_key, "test_labels": hashes.sha(a.test_labels)}))
+    for item in a.stamp:
+        name, _, text = item.partition("=")
+        write_if_changed(state / "stamps" / f"{name}.stamp", text + "\n")
     hashes.save()
     return mk
 
@@ -226,6 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", default="")
     for name in ("train-args", "predict-args", "preprocess-args"):
         p.add_argument(f"--{name}", default="")
+    p.add_argument("--stamp", action="append", default=[], metavar="NAME=TEXT",
+                   help="also write STATE/stamps/NAME.stamp holding TEXT (rewritten only when it changes)")
     return p.parse_args(argv)
 
 
