@@ -42,10 +42,10 @@ def main() -> int:
 
     from cxrlt.cache import open_cache
     from cxrlt.data import CacheDataset, make_loader
-    from cxrlt.distributed import pick_device
+    from cxrlt.device import pick_device
     from cxrlt.errors import InputError
     from cxrlt.fileio import write_csv, write_json
-    from cxrlt.inference import load_trained, postprocess, predict_tta
+    from cxrlt.inference import check_cache_size, load_trained, postprocess, predict_tta
 
     t0 = time.time()
     device = pick_device(args.cfg__device or "auto")
@@ -56,6 +56,7 @@ def main() -> int:
         cfg["normal_gating_alpha"], cfg["study_pool_weight"] = chosen["normal_gating_alpha"], chosen["study_pool_weight"]
     labels = list(ck["labels"])
     cache = open_cache(args.cache)
+    check_cache_size(ck, cache, args.checkpoint)
     if list(cache.labels) != labels:
         raise InputError(f"{args.cache}: cache labels differ from the checkpoint's ({args.checkpoint})")
     rows = cache.rows("train", fold=cfg["val_fold"]) if args.split == "val" else cache.rows("test")
@@ -64,15 +65,15 @@ def main() -> int:
     ds = CacheDataset(f"{args.cache}/images.npy", rows, num_classes=len(labels))
     loader = make_loader(ds, args.batch_size, workers=cfg["workers"], pin_memory=device.type == "cuda")
     amp = cfg["amp"] and device.type == "cuda"
-    got_rows, probs = predict_tta(model, loader, device, float(ck.get("logit_scale", 1.0)), cfg["tta"],
-                                  cfg["tta_merge"], amp=amp, channels_last=cfg["channels_last"] and device.type == "cuda",
+    got_rows, probs = predict_tta(model, loader, device, cfg["tta"], cfg["tta_merge"], amp=amp,
+                                  channels_last=cfg["channels_last"] and device.type == "cuda",
                                   desc=f"predict {args.split} (tta {cfg['tta']})")
     assert np.array_equal(got_rows, rows)
     idx = cache.index.set_index("row").loc[rows]
     pids, dates = idx["PatientID"].to_numpy(), idx["StudyDate_DICOM"].to_numpy()
 
     if args.split == "val":
-        from cxrlt.trainer import score
+        from cxrlt.metrics import score
 
         y = cache.targets(rows)
         grid = []

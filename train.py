@@ -8,12 +8,17 @@
 Writes to --out: config.yaml (resolved), metrics.jsonl (one line per epoch), train.log,
 last.pt (full state, for --resume), best.pt (best val mAP) and, at the end, model.pt (the
 weights later stages read). Any config key can be overridden with --<key> VALUE.
+While it runs it holds <out>.lock: a second train.py on the same --out stops with a message
+naming the first one.
 """
 
 import argparse
+import contextlib
+import os
 
 from cxrlt import config
 from cxrlt.cli import main_wrapper
+from cxrlt.fileio import output_lock
 
 
 def main() -> int:
@@ -28,7 +33,10 @@ def main() -> int:
 
     from cxrlt.trainer import train
 
-    train(cfg, args.cache, args.out, resume=args.resume)
+    # under torchrun only the global rank 0 takes the lock: a second launch on the same folder
+    # stops there, and torchrun then stops its other ranks
+    with output_lock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        train(cfg, args.cache, args.out, resume=args.resume)
     return 0
 
 

@@ -14,7 +14,7 @@ memmap in this process (no DataLoader), which if anything flatters the baseline.
 Reported: seconds for both, the speed-up of the head epochs alone and including the one-off
 feature extraction (ideal: about E x, one backbone pass instead of E), and the same without the val
 scoring after each epoch (sklearn AP/AUC per label: identical work in both loops, timed apart by
-wrapping cxrlt.trainer.score; on a tiny val set it is a large share of the cached run).
+wrapping cxrlt.metrics.score; on a tiny val set it is a large share of the cached run).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bench_train_step import write_synthetic_cache  # noqa: E402
 
 
 class ScoreTimer:
-    """Patches cxrlt.trainer.score (the val mAP/mAUC both loops compute after every epoch, with
+    """Patches cxrlt.metrics.score (the val mAP/mAUC both loops compute after every epoch, with
     sklearn) to add up the seconds spent in it: the same work in both loops, reported apart."""
 
     def __init__(self):
@@ -46,7 +46,7 @@ class ScoreTimer:
         self.calls = 0
 
     def __enter__(self):
-        import cxrlt.trainer as T
+        import cxrlt.metrics as T
 
         self._orig = T.score
 
@@ -62,7 +62,7 @@ class ScoreTimer:
         return self
 
     def __exit__(self, *exc):
-        import cxrlt.trainer as T
+        import cxrlt.metrics as T
 
         T.score = self._orig
 
@@ -71,7 +71,7 @@ def backbone_epochs(model, images, tr_rows, y_tr, va_rows, y_va, cfg: dict, devi
     """The uncached cRT loop, mirroring cxrlt.crt.train_head step for step -> seconds."""
     import torch
 
-    import cxrlt.trainer as T
+    import cxrlt.metrics as T
     from cxrlt.losses import build_loss
     from cxrlt.samplers import build_sampler
 
@@ -122,7 +122,7 @@ def run(model: str = "test_resnet", size: int = 128, n_train: int = 256, n_val: 
     """Time cached cRT (extraction + head epochs) and the uncached loop on the same data."""
     import torch
 
-    import cxrlt.trainer as T
+    import cxrlt.metrics as T
     from cxrlt import config
     from cxrlt.cache import open_cache
     from cxrlt.crt import extract_features, train_head
@@ -153,7 +153,7 @@ def run(model: str = "test_resnet", size: int = 128, n_train: int = 256, n_val: 
         (tmp / "crt").mkdir()
         with ScoreTimer() as sc_head:
             t0 = time.perf_counter()
-            train_head(net, f_tr, y_tr, f_va, y_va, cfg, 1.0, device, tmp / "crt", log=lambda *_: None)
+            train_head(net, f_tr, y_tr, f_va, y_va, cfg, device, tmp / "crt", log=lambda *_: None)
             t_head = time.perf_counter() - t0
         with ScoreTimer() as sc_base:
             t_base = backbone_epochs(net, cache.images, tr_rows, y_tr, va_rows, y_va, cfg, device)

@@ -66,7 +66,7 @@ def tta_pass(model, images_path, rows, num_classes, batch, workers, tta: str) ->
     loader = make_loader(CacheDataset(images_path, rows, num_classes=num_classes), batch, workers=workers)
     clock = ForwardClock(model)
     c0, t0 = _children_cpu(), time.perf_counter()
-    got, probs = predict_tta(model, loader, torch.device("cpu"), 1.0, tta=tta, amp=False, progress=False)
+    got, probs = predict_tta(model, loader, torch.device("cpu"), tta=tta, amp=False, progress=False)
     wall = time.perf_counter() - t0
     del loader  # joins the worker, so its CPU time is counted below
     worker_cpu = _children_cpu() - c0

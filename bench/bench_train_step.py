@@ -305,7 +305,7 @@ def flops_per_image(model, size: int, in_chans: int, device, amp: bool, batch: i
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cxrlt.trainer import autocast_ctx
+    from cxrlt.device import autocast_ctx
 
     model.train()
     x = torch.randn(batch, in_chans, size, size, device=device)

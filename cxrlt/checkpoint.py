@@ -10,7 +10,9 @@ Keys of a checkpoint written by train.py / retrain_head.py:
   labels       label names in output order
   epoch        last finished epoch (0-based)
   best_map     best val mAP so far
-  logit_scale  factor applied to the model output before the sigmoid (LDAM's s, else 1)
+  image_size   side of the cache images it was trained on (predict/cRT/resume refuse another size)
+  train_key, data_key  what the weights were trained from (config.train_key, the cache's key)
+  (old files only) logit_scale: LDAM's s, now held by the model's head (load_trained sets it)
   (last.pt only) optimizer, scheduler, ema, rng, ... for exact resume
 """
 

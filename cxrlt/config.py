@@ -21,6 +21,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "pretrained": (True, bool, "load timm's pretrained weights (hub, or pretrained_file)"),
     "pretrained_file": ("", str, "local weights file for the timm model (no network needed)"),
     "init_checkpoint": ("", str, "initialise from one of our own checkpoints (model.pt/best.pt)"),
+    "init_from": ("", str, "Make: start from the model.pt of the run of this config stem (sets init_checkpoint)"),
+    "img_size": (0, int, "the cache image size this config needs (0 = the Make default IMG_SIZE)"),
     "in_chans": (3, int, "3: replicate grayscale to RGB; 1: timm sums the first conv's weights"),
     "head": ("linear", str, "linear | cosine | csra"),
     "cosine_scale": (1.0, float, "cosine head output scale (keep 1 with LDAM, whose s scales)"),
@@ -62,6 +64,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "amp": (True, bool, "mixed precision (bf16) on GPU; always fp32 on CPU"),
     "channels_last": (True, bool, "channels_last memory format on GPU"),
     "compile": (False, bool, "torch.compile the model"),
+    "grad_checkpointing": (False, bool, "recompute block activations in backward (less memory, ~1/3 more compute)"),
+    "nan_check_steps": (50, int, "check the loss for NaN/inf every this many batches (and at epoch end)"),
     "ema": (False, bool, "keep an EMA of the weights; evaluate and keep the EMA"),
     "ema_decay": (0.9999, float, "EMA decay per optimizer step"),
     "patience": (0, int, "early stopping: epochs without val mAP gain (0 = off)"),
@@ -101,7 +105,7 @@ DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
 # A new key is `train` unless it is listed here.
 POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
     "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight"}
-RUN_KEYS = {"workers", "device", "compile"}
+RUN_KEYS = {"workers", "device", "compile", "grad_checkpointing", "nan_check_steps"}
 # train keys that may be raised after a run finished: the run is then extended, not redone
 EXTENDABLE_KEYS = {"epochs", "patience"}
 

@@ -21,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from .fileio import append_jsonl, torch_save, write_json
 
 TAU_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 
 
-@torch.no_grad()
 def extract_features(model, images_path, rows, device, batch_size=64, workers=2, amp=True, desc="features"):
     """Head inputs (model.head_input) for cache rows, as a float32 array (n, ...).
 
@@ -36,28 +33,21 @@ def extract_features(model, images_path, rows, device, batch_size=64, workers=2,
     trained run's val mAP (fp16 rounding moved it by ~1e-3); 143K x 1536 floats is 0.9 GB.
     """
     from .data import CacheDataset, make_loader
-    from .trainer import autocast_ctx
+    from .inference import batched_forward, model_input
 
     ds = CacheDataset(images_path, rows, num_classes=1)
     loader = make_loader(ds, batch_size, workers=workers, pin_memory=device.type == "cuda")
-    model.eval()
-    out = []
-    for x, _, _ in tqdm(loader, desc=desc, dynamic_ncols=True, leave=False):
-        x = model.normalize(x.to(device, non_blocking=True))
-        with autocast_ctx(device, amp):
-            f = model.head_input(x)
-        out.append(f.float().cpu().numpy())
-    return np.concatenate(out)
+    _, out = batched_forward(model, loader, lambda x: model.head_input(model_input(model, x)), device, amp,
+                             progress=True, desc=desc)
+    return out
 
 
-@torch.no_grad()
-def head_probs(head, feats: np.ndarray, logit_scale: float, device, batch_size=1024) -> np.ndarray:
-    head.eval()
-    out = []
-    for i in range(0, len(feats), batch_size):
-        f = torch.from_numpy(feats[i:i + batch_size].astype(np.float32)).to(device)
-        out.append(torch.sigmoid(head.classify(f).float() * logit_scale).cpu().numpy())
-    return np.concatenate(out)
+def head_probs(head, feats: np.ndarray, device, batch_size=1024) -> np.ndarray:
+    """sigmoid(head.classify(features)) for an (n, ...) feature array -> (n, C) float32."""
+    from .inference import batched_forward, feature_batches
+
+    return batched_forward(head, feature_batches(feats, batch_size), lambda f: torch.sigmoid(head.classify(f)),
+                           device)[1]
 
 
 def classifier_weight(head) -> torch.nn.Parameter:
@@ -77,11 +67,11 @@ def tau_normalise(head, tau: float):
     return h
 
 
-def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device, out_dir: Path, log=print):
+def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, device, out_dir: Path, log=print):
     """cRT on cached features. Returns (best head, summary dict). Logs to out_dir/metrics.jsonl."""
     from .losses import build_loss
+    from .metrics import score
     from .samplers import build_sampler
-    from .trainer import score
 
     counts = y_tr.sum(0)
     head = copy.deepcopy(model.head).to(device)
@@ -94,8 +84,6 @@ def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device
                 m.reset_parameters()
     # the head's loss re-balances through the sampler; the backbone run's DRW schedule does not apply
     loss_fn = build_loss({**cfg, "drw_epoch": -1}, counts, len(y_tr), name=cfg["crt_loss"]).to(device)
-    # the head's output is turned into logits by the run's logit_scale, in training as at inference
-    loss_scale = logit_scale / float(getattr(loss_fn, "logit_scale", 1.0))
     sampler = build_sampler(cfg["crt_sampler"], y_tr, cfg, seed=cfg["seed"])
     bs = min(cfg["crt_batch_size"], len(y_tr))
     steps_per_epoch = max(1, len(sampler) // bs)
@@ -103,7 +91,7 @@ def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device
     opt = torch.optim.AdamW(head.parameters(), lr=cfg["crt_lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
 
-    base = score(y_val, head_probs(model.head.to(device), feats_val, logit_scale, device))
+    base = score(y_val, head_probs(model.head.to(device), feats_val, device))
     best = {"epoch": -1, "mAP": base["mAP"], "source": "original head"}
     best_head = copy.deepcopy(model.head)
     log(f"cRT: original head val mAP {base['mAP']:.4f}")
@@ -117,13 +105,13 @@ def train_head(model, feats_tr, y_tr, feats_val, y_val, cfg, logit_scale, device
         for s in range(steps_per_epoch):
             b = idx[s * bs:(s + 1) * bs]
             f = torch.from_numpy(feats_tr[b].astype(np.float32)).to(device)
-            loss = loss_fn(head.classify(f).float() * loss_scale, y_t[b].to(device))
+            loss = loss_fn(head.classify(f).float(), y_t[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             tot += float(loss.detach())
-        v = score(y_val, head_probs(head, feats_val, logit_scale, device))
+        v = score(y_val, head_probs(head, feats_val, device))
         rec = {"epoch": epoch, "train_loss": tot / steps_per_epoch, "val_mAP": v["mAP"], "val_mAUC": v["mAUC"],
                "time_s": time.perf_counter() - t0}
         append_jsonl(out_dir / "metrics.jsonl", rec)
@@ -138,10 +126,10 @@ def run(run_dir: str, cache_dir: str, out_dir: str, cfg_overrides: dict, method:
         device_name: str = "auto", feature_cache: bool = True, log=print) -> dict:
     from .cache import open_cache
     from .config import apply_overrides
-    from .distributed import pick_device
+    from .device import pick_device
     from .errors import InputError
-    from .inference import load_trained
-    from .trainer import score
+    from .inference import check_cache_size, load_trained
+    from .metrics import score
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
@@ -151,8 +139,8 @@ def run(run_dir: str, cache_dir: str, out_dir: str, cfg_overrides: dict, method:
     device = pick_device(device_name)
     model, ck = load_trained(run_dir / "model.pt", device)
     cfg = apply_overrides(ck["config"], cfg_overrides)
-    logit_scale = float(ck.get("logit_scale", 1.0))
     cache = open_cache(cache_dir)
+    check_cache_size(ck, cache, run_dir / "model.pt")
     if list(cache.labels) != list(ck["labels"]):
         raise InputError(f"{cache_dir}: cache labels differ from the run's ({run_dir / 'model.pt'})")
     tr_rows = cache.rows("train", exclude_fold=cfg["val_fold"])
@@ -183,7 +171,7 @@ def run(run_dir: str, cache_dir: str, out_dir: str, cfg_overrides: dict, method:
         grid = []
         for tau in TAU_GRID:
             h = tau_normalise(model.head, tau).to(device)
-            grid.append({"tau": tau, "val_mAP": score(y_va, head_probs(h, feats["val"], logit_scale, device))["mAP"]})
+            grid.append({"tau": tau, "val_mAP": score(y_va, head_probs(h, feats["val"], device))["mAP"]})
         best = max(grid, key=lambda g: g["val_mAP"])
         new_head = tau_normalise(model.head, best["tau"]).cpu()
         summary.update(grid=grid, best=best, original_mAP=grid[0]["val_mAP"])
@@ -192,11 +180,11 @@ def run(run_dir: str, cache_dir: str, out_dir: str, cfg_overrides: dict, method:
     else:
         t1 = time.perf_counter()
         new_head, info = train_head(model, np.asarray(feats["train"]), y_tr, np.asarray(feats["val"]), y_va,
-                                    cfg, logit_scale, device, out, log=log)
+                                    cfg, device, out, log=log)
         summary.update(info, head_train_seconds=time.perf_counter() - t1)
     model = model.cpu()
     model.head = new_head
-    y_p = head_probs(model.head.to(device), np.asarray(feats["val"]), logit_scale, device)
+    y_p = head_probs(model.head.to(device), np.asarray(feats["val"]), device)
     final = score(y_va, y_p)
     summary["val_mAP"] = final["mAP"]
     summary["val_mAUC"] = final["mAUC"]

@@ -2,6 +2,9 @@
 
 Launched by `torchrun --nproc_per_node=N train.py ...`, which sets RANK, WORLD_SIZE and
 LOCAL_RANK. A plain `python train.py` is a world of one and never touches torch.distributed.
+Several nodes need nothing more: `torchrun --nnodes=M --node_rank=K --rdzv_endpoint=HOST:PORT`
+(or MASTER_ADDR/MASTER_PORT) on each node sets the same variables, RANK being global and
+LOCAL_RANK the GPU on this node; the process group reads the rendezvous from the environment.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .device import pick_device
 
 
 @dataclass
@@ -27,15 +32,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world > 1
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
-    return dev
 
 
 def setup(device_name: str = "auto") -> DistInfo:
@@ -73,14 +69,6 @@ def mean_across(value: float, info: DistInfo) -> float:
         t = t.to(info.device)
     dist.all_reduce(t)
     return float(t.item()) / info.world
-
-
-def broadcast_object(obj, info: DistInfo):
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

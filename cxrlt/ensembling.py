@@ -19,7 +19,7 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from .metrics import macro_map
+from .metrics import score
 
 METHODS = ("mean", "rank", "weighted", "greedy")
 
@@ -69,7 +69,7 @@ def rank_ensemble(preds) -> np.ndarray:
 
 def _score(y, p) -> float:
     """Validation criterion: macro mAP (labels without a positive skipped); -inf if undefined."""
-    m = macro_map(y, p)[0]
+    m = score(y, p, auc=False)["mAP"]
     return m if np.isfinite(m) else -np.inf
 
 

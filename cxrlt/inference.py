@@ -1,4 +1,10 @@
-"""Inference: test-time augmentation, normal gating and study-level pooling.
+"""Inference: the one batched forward loop, test-time augmentation, normal gating and study pooling.
+
+`batched_forward(model, loader, fn, device, amp)` is the only loop that runs a model over a
+loader without gradients: predict_tta (predictions, also the trainer's validation), cRT's
+feature extraction and its head scoring all go through it. fn maps a device batch to a tensor;
+the loop returns (rows, outputs as float32 numpy). A model's output is real logits (the head
+holds LDAM's scale, see models.py), so a probability is just sigmoid(model(x)).
 
 TTA views are applied on the device to whole uint8 batches (as float 0..255, before the model's
 normalisation), so a view costs one forward pass and nothing on the CPU:
@@ -49,32 +55,57 @@ def apply_view(x: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_tta(model, loader, device, logit_scale: float, tta: str = "none", merge: str = "prob",
-                amp: bool = True, channels_last: bool = False, progress: bool = True, desc: str = "predict"):
-    """-> (rows (n,), probs (n, C)) with the TTA views merged."""
+def batched_forward(model, loader, fn, device, amp: bool = False, progress: bool = False, desc: str = "predict"):
+    """fn(batch on `device`) for every (x, _, rows) batch of `loader`, in eval mode, without
+    gradients, under bf16 autocast when amp (GPU only) -> (rows (n,) int64, outputs (n, ...) float32).
+
+    `model` is only switched to eval mode here; fn does the work (see model_input).
+    """
     from tqdm import tqdm
 
-    from .trainer import autocast_ctx
+    from .device import autocast_ctx
 
-    views = TTA_VIEWS[tta]
     model.eval()
     rows, out = [], []
-    for x, _, r in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
-        x = x.to(device, non_blocking=True).float()
+    for x, _, r in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        with autocast_ctx(device, amp):
+            y = fn(x.to(device, non_blocking=True))
+        out.append(y.float().cpu().numpy())
+        rows.append(np.asarray(r, dtype=np.int64))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate(rows), np.concatenate(out)
+
+
+def model_input(model, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """A device batch of images (uint8, or float 0..255) -> the model's normalised input."""
+    v = model.normalize(x)
+    return v.contiguous(memory_format=torch.channels_last) if channels_last else v
+
+
+def feature_batches(feats: np.ndarray, batch_size: int):
+    """(features, None, rows) batches of an in-memory (n, ...) array, for batched_forward."""
+    for i in range(0, len(feats), batch_size):
+        f = torch.from_numpy(np.asarray(feats[i:i + batch_size], dtype=np.float32))
+        yield f, None, np.arange(i, i + len(f))
+
+
+def predict_tta(model, loader, device, tta: str = "none", merge: str = "prob", amp: bool = True,
+                channels_last: bool = False, progress: bool = True, desc: str = "predict"):
+    """-> (rows (n,), probs (n, C) float32) with the TTA views merged (tta "none": one plain pass)."""
+    views = TTA_VIEWS[tta]
+
+    def merged(x):
+        x = x.float()
         acc = None
         for flip, scale in views:
-            v = model.normalize(apply_view(x, flip, scale))
-            if channels_last:
-                v = v.contiguous(memory_format=torch.channels_last)
-            with autocast_ctx(device, amp):
-                z = model(v).float() * logit_scale
+            z = model(model_input(model, apply_view(x, flip, scale), channels_last)).float()
             z = torch.sigmoid(z) if merge == "prob" else z
             acc = z if acc is None else acc + z
         acc = acc / len(views)
-        p = acc if merge == "prob" else torch.sigmoid(acc)
-        out.append(p.cpu().numpy().astype(np.float32))
-        rows.append(np.asarray(r))
-    return np.concatenate(rows), np.concatenate(out)
+        return acc if merge == "prob" else torch.sigmoid(acc)
+
+    return batched_forward(model, loader, merged, device, amp, progress, desc)
 
 
 def normal_gating(p: np.ndarray, labels: list[str], alpha: float, normal: str = "Normal") -> np.ndarray:
@@ -109,6 +140,9 @@ def load_trained(path, device="cpu"):
     """Build the model a checkpoint describes and load its weights -> (model, checkpoint dict).
 
     The weights come from the checkpoint only: hub/local pretrained loading is switched off.
+    A checkpoint that still carries a `logit_scale` entry (written before the head held the
+    scale) sets the model's scale from it. Callers check the cache they apply it to with
+    check_cache_size.
     """
     from .checkpoint import load_checkpoint, state_dict_of
     from .config import check_dict
@@ -126,5 +160,18 @@ def load_trained(path, device="cpu"):
         model.load_state_dict(state_dict_of(ck))
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not fit the model its config describes ({str(e)[:200]})") from None
+    if "logit_scale" in ck:
+        model.logit_scale = float(ck["logit_scale"])
     ck["config"] = cfg
     return model.to(device).eval(), ck
+
+
+def check_cache_size(ck: dict, cache, path) -> None:
+    """InputError when the cache's image size is not the one checkpoint `ck` was trained at
+    (checkpoints record it as `image_size`; older ones without it are not checked)."""
+    from .errors import InputError
+
+    trained = ck.get("image_size")
+    if trained is not None and int(trained) != int(cache.size):
+        raise InputError(f"{cache.path}: images are {cache.size} px but {path} was trained on {trained} px "
+                         f"images; use the cache of that size (IMG_SIZE={trained}) or retrain")

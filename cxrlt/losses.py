@@ -17,9 +17,10 @@ Names (cfg["loss"] or the `name` argument of build_loss):
           shifted probability p_m = max(p - clip, 0): p_m^g- * -log(1 - p_m)
   cb      class-balanced BCE (Cui et al. 2019): both terms of label j weighted by the
           effective-number weight w_j = (1-beta)/(1-beta^n_j), normalised to mean 1
-  ldam    multi-label LDAM (Cao et al. 2019): z' = z - y*m_j with m_j ~ n_j^(-1/4), the rarest
-          label's margin = cfg ldam_max_m; loss = BCE(s*z', y), s = cfg ldam_s. The model's
-          raw output is multiplied by s before the sigmoid at inference (logit_scale = s)
+  ldam    multi-label LDAM (Cao et al. 2019) on real logits z = s * r (the model's head
+          multiplies its raw scores r by s = cfg ldam_s itself, see models.py):
+          loss = BCE(z - y * s * m_j, y), i.e. BCE(s * (r - y * m_j), y), with margins
+          m_j ~ n_j^(-1/4), the rarest label's m = cfg ldam_max_m (applied in logit units)
   db      distribution-balanced loss (Wu et al. 2020), see DBLoss
 
 DRW (deferred re-weighting, Cao et al. 2019) is generic: when cfg drw_epoch >= 0 the positive
@@ -80,11 +81,8 @@ class LossBase(nn.Module):
     """Base of all losses: mean over elements of pos_weight * positive term + negative term.
 
     Subclasses implement `terms(z, y) -> (pos, neg)`, both (B, C), already multiplied by y
-    and (1 - y). `logit_scale` is the factor the model output is multiplied by before the
-    sigmoid at inference (LDAM's s; 1 otherwise).
+    and (1 - y). z are real logits (sigmoid(z) is the probability) for every loss.
     """
-
-    logit_scale: float = 1.0
 
     def __init__(self):
         super().__init__()
@@ -189,17 +187,19 @@ def ldam_margins(counts, max_m: float) -> np.ndarray:
 
 
 class LDAMLoss(LossBase):
-    """Multi-label LDAM: BCE(s * (z - y*m_j), y), margin per class and per element."""
+    """Multi-label LDAM on real logits z (= s * raw scores): BCE(z - y * s * m_j, y)."""
 
     def __init__(self, counts, max_m: float, s: float):
         super().__init__()
-        self.logit_scale = float(s)
+        self.s = float(s)
+        # the margins of the paper are in raw-score units; the logits are s times larger
         self.register_buffer(
-            "margins", torch.tensor(ldam_margins(counts, max_m), dtype=torch.float32), persistent=False
+            "logit_margins", torch.tensor(self.s * ldam_margins(counts, max_m), dtype=torch.float32),
+            persistent=False,
         )
 
     def terms(self, z, y):
-        zs = self.logit_scale * (z - y * self.margins.to(z.device))
+        zs = z - y * self.logit_margins.to(z.device)
         return y * F.softplus(-zs), (1 - y) * F.softplus(zs)
 
 

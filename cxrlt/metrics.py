@@ -63,9 +63,24 @@ def _nanmean_skipped(values: np.ndarray, labels=None) -> tuple[float, list]:
     return (float(kept.mean()) if len(kept) else float("nan")), skipped
 
 
+def score(y, p, labels=None, auc: bool = True) -> dict:
+    """THE macro mAP of the package (training, cRT, predict, ensembling, evaluation all use it).
+
+    -> {"mAP": mean AP over the labels with >= 1 positive (NaN if none),
+        "mAUC": mean ROC AUC over the labels with both classes (NaN if none, or auc=False),
+        "ap": (C,) AP per label (NaN where undefined),
+        "skipped": the labels without a positive (names if `labels` given, else indices)}.
+    auc=False skips the AUC (inner loops that only rank by mAP, e.g. greedy ensembling).
+    """
+    ap = average_precision_per_label(y, p)
+    m_ap, skipped = _nanmean_skipped(ap, labels)
+    m_auc = macro_auc(y, p)[0] if auc else float("nan")
+    return {"mAP": m_ap, "mAUC": m_auc, "ap": ap, "skipped": skipped}
+
+
 def macro_map(y, p, labels=None) -> tuple[float, list]:
-    """Macro mean AP over labels with >= 1 positive, and the skipped labels (NaN if none left)."""
-    return _nanmean_skipped(average_precision_per_label(y, p), labels)
+    """(macro mAP, skipped labels) of `score` (for callers that report the skipped names)."""
+    return (s := score(y, p, labels, auc=False))["mAP"], s["skipped"]
 
 
 def macro_auc(y, p, labels=None) -> tuple[float, list]:

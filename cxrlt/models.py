@@ -9,10 +9,17 @@ keeps in the head before pooling (e.g. ConvNeXt's pretrained head LayerNorm, app
 location here) are kept. NHWC maps (Swin, MambaOut) are permuted to NCHW; token outputs
 (ViT) lose their prefix tokens and become a (B, F, 1, n_tokens) map.
 
+Logits are real logits: `model(x)` and `head.classify(h)` return the values whose sigmoid is
+the probability, whatever the loss. The head holds `logit_scale` (a constant, not trained):
+LDAM's s when cfg loss is ldam (its raw scores live in a small range, e.g. a cosine head's
+[-1, 1], and s stretches them), else 1. So no consumer of a model ever multiplies by a scale.
+Checkpoints written before this rule stored the scale beside the weights (a `logit_scale`
+entry): `load_trained` sets the model's scale from it.
+
 Heads (cfg["head"]):
   linear  global average pool -> (B, F) -> linear layer
   cosine  global average pool -> cosine similarity with each class weight, times
-          cfg cosine_scale (output in [-scale, scale]; use with LDAM, whose s scales it)
+          cfg cosine_scale (scores in [-scale, scale]; use with LDAM, whose s scales them)
   csra    class-specific residual attention (Zhu & Wu, ICCV 2021): per-location class scores
           s = W f (B, C, h*w) from a 1x1 conv; logits = mean_loc(s) + lambda * sum_loc(a * s)
           with a = softmax over locations of T*s (T = cfg csra_temperature; T >= 99 means max
@@ -23,6 +30,10 @@ Heads (cfg["head"]):
 Weights: cfg pretrained + pretrained_file loads a local timm weight file (no network);
 pretrained without a file uses timm's hub download; init_checkpoint loads one of our own
 checkpoints (backbone strict; head only when its shapes and labels match, else kept random).
+
+cfg grad_checkpointing: timm's set_grad_checkpointing on the backbone (the activations inside
+each block are recomputed in the backward pass instead of kept: about a third more compute for
+a fraction of the activation memory; the results are the same to float tolerance).
 """
 
 from __future__ import annotations
@@ -42,7 +53,30 @@ from .errors import ConfigError, InputError
 CSRA_MAX_TEMPERATURE = 99.0  # csra_temperature >= this means max pooling over locations
 
 
-class LinearHead(nn.Module):
+class Head(nn.Module):
+    """A head: pool(feature map) -> head input h; classify(h) -> real logits (B, C).
+
+    Subclasses implement pool and scores (the raw class scores); classify multiplies the scores
+    by `logit_scale` (1 except with LDAM, see the module docstring).
+    """
+
+    logit_scale: float = 1.0
+
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.scores(h)
+        return z if self.logit_scale == 1.0 else z * self.logit_scale
+
+    def forward(self, feat):
+        return self.classify(self.pool(feat))
+
+
+class LinearHead(Head):
     def __init__(self, num_features: int, num_classes: int):
         super().__init__()
         self.fc = nn.Linear(num_features, num_classes)
@@ -50,17 +84,14 @@ class LinearHead(nn.Module):
     def pool(self, feat: torch.Tensor) -> torch.Tensor:
         return feat.mean(dim=(2, 3))
 
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)
 
     def reset_parameters(self) -> None:
         self.fc.reset_parameters()
 
-    def forward(self, feat):
-        return self.classify(self.pool(feat))
 
-
-class CosineHead(nn.Module):
+class CosineHead(Head):
     def __init__(self, num_features: int, num_classes: int, scale: float):
         super().__init__()
         self.scale = float(scale)
@@ -70,7 +101,7 @@ class CosineHead(nn.Module):
     def pool(self, feat: torch.Tensor) -> torch.Tensor:
         return feat.mean(dim=(2, 3))
 
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 so that the unit-norm guarantee (and the output range) holds under autocast
         x = F.normalize(x.float(), dim=1)
         w = F.normalize(self.weight.float(), dim=1)
@@ -79,11 +110,8 @@ class CosineHead(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, feat):
-        return self.classify(self.pool(feat))
 
-
-class CSRAHead(nn.Module):
+class CSRAHead(Head):
     def __init__(self, num_features: int, num_classes: int, lam: float, temperature: float):
         super().__init__()
         if temperature <= 0:
@@ -96,7 +124,7 @@ class CSRAHead(nn.Module):
     def pool(self, feat: torch.Tensor) -> torch.Tensor:
         return feat
 
-    def classify(self, feat: torch.Tensor) -> torch.Tensor:
+    def scores(self, feat: torch.Tensor) -> torch.Tensor:
         s = self.conv(feat).flatten(2).float()  # (B, C, h*w)
         base = s.mean(dim=2)
         if self.temperature >= CSRA_MAX_TEMPERATURE:
@@ -110,19 +138,24 @@ class CSRAHead(nn.Module):
         self.conv.reset_parameters()
         nn.init.zeros_(self.bias)
 
-    def forward(self, feat):
-        return self.classify(self.pool(feat))
+
+def logit_scale_for(cfg: dict) -> float:
+    """The head's logit_scale a config implies: LDAM's s with the ldam loss, else 1."""
+    return float(cfg["ldam_s"]) if cfg["loss"] == "ldam" else 1.0
 
 
-def build_head(cfg: dict, num_features: int, num_classes: int) -> nn.Module:
+def build_head(cfg: dict, num_features: int, num_classes: int) -> Head:
     name = cfg["head"]
     if name == "linear":
-        return LinearHead(num_features, num_classes)
-    if name == "cosine":
-        return CosineHead(num_features, num_classes, cfg["cosine_scale"])
-    if name == "csra":
-        return CSRAHead(num_features, num_classes, cfg["csra_lambda"], cfg["csra_temperature"])
-    raise ConfigError(f"unknown head '{name}' (choose one of: linear, cosine, csra)")
+        head = LinearHead(num_features, num_classes)
+    elif name == "cosine":
+        head = CosineHead(num_features, num_classes, cfg["cosine_scale"])
+    elif name == "csra":
+        head = CSRAHead(num_features, num_classes, cfg["csra_lambda"], cfg["csra_temperature"])
+    else:
+        raise ConfigError(f"unknown head '{name}' (choose one of: linear, cosine, csra)")
+    head.logit_scale = logit_scale_for(cfg)
+    return head
 
 
 class CXRModel(nn.Module):
@@ -178,6 +211,15 @@ class CXRModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.classify(self.head_input(x))
+
+    @property
+    def logit_scale(self) -> float:
+        """The constant the head's scores are multiplied by (LDAM's s, else 1): see the module doc."""
+        return self.head.logit_scale
+
+    @logit_scale.setter
+    def logit_scale(self, value: float) -> None:
+        self.head.logit_scale = float(value)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
@@ -287,6 +329,8 @@ def build_model(cfg: dict, num_classes: int, labels: list[str] | None = None) ->
     num_features = _feature_width(backbone)
     head = build_head(cfg, num_features, num_classes)
     model = CXRModel(backbone, head, num_features, cfg["in_chans"])
+    if cfg.get("grad_checkpointing"):
+        set_grad_checkpointing(model, cfg["model"])
     if init_ckpt:
         model.init_info = load_init_checkpoint(model, init_ckpt, labels)
         info = model.init_info
@@ -296,6 +340,14 @@ def build_model(cfg: dict, num_classes: int, labels: list[str] | None = None) ->
             flush=True,
         )
     return model
+
+
+def set_grad_checkpointing(model: CXRModel, name: str) -> None:
+    """timm's activation checkpointing on the backbone; ConfigError when the model has none."""
+    try:
+        model.backbone.set_grad_checkpointing(True)
+    except (AttributeError, NotImplementedError, AssertionError):
+        raise ConfigError(f"model '{name}' does not support grad_checkpointing; set it false") from None
 
 
 def load_init_checkpoint(model: CXRModel, path: str, labels: list[str] | None = None) -> dict:

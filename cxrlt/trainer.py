@@ -33,8 +33,11 @@ from tqdm import tqdm
 from . import config as config_mod
 from . import distributed as D
 from .checkpoint import load_checkpoint, state_dict_of
+from .device import autocast_ctx
 from .errors import InputError
 from .fileio import append_jsonl, read_jsonl, torch_save
+from .inference import predict_tta
+from .metrics import score
 
 log = logging.getLogger("cxrlt.train")
 
@@ -118,12 +121,6 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
     np.random.seed(s)
 
 
-def autocast_ctx(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def setup_logging(out_dir: Path, is_main: bool) -> None:
     log.handlers.clear()
     log.propagate = False
@@ -136,40 +133,6 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         fh = logging.FileHandler(out_dir / "train.log")
         fh.setFormatter(fmt)
         log.addHandler(fh)
-
-
-# --------------------------------------------------------------------------------------------
-# evaluation shared with retrain_head.py / predict.py
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict_rows(model, loader, device, amp: bool, logit_scale: float, channels_last: bool = False,
-                 progress: bool = False, desc: str = "val"):
-    """Probabilities for every sample of `loader` -> (rows (n,), probs (n, C) float32)."""
-    model.eval()
-    rows, probs = [], []
-    for x, _, r in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        x = x.to(device, non_blocking=True)
-        x = model.normalize(x)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_ctx(device, amp):
-            z = model(x)
-        probs.append(torch.sigmoid(z.float() * logit_scale).cpu().numpy())
-        rows.append(np.asarray(r))
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate(rows), np.concatenate(probs)
-
-
-def score(y: np.ndarray, p: np.ndarray) -> dict:
-    """Macro mAP (labels with a positive), macro AUC and per-label AP of probabilities p for labels y."""
-    from .metrics import average_precision_per_label, macro_auc
-
-    ap = average_precision_per_label(y, p)  # NaN for labels without a positive
-    kept = ~np.isnan(ap)
-    m_ap = float(ap[kept].mean()) if kept.any() else float("nan")
-    auc, _ = macro_auc(y, p)
-    return {"mAP": m_ap, "mAUC": float(auc), "ap": ap, "skipped": np.flatnonzero(~kept).tolist()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +194,6 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.class_counts, len(self.train_rows)).to(self.device)
-        self.logit_scale = float(getattr(self.loss_fn, "logit_scale", 1.0))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"])
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
         self.ddp_model = self.model
@@ -288,8 +250,8 @@ class Trainer:
         return {
             "config": dict(self.cfg), "labels": self.labels, "epoch": epoch, "step": self.step,
             "best_map": self.best_map, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-            "logit_scale": self.logit_scale, "class_counts": [float(c) for c in self.class_counts],
-            "cache": str(self.cache_dir),
+            "class_counts": [float(c) for c in self.class_counts],
+            "cache": str(self.cache_dir), "image_size": int(self.cache.size),
         }
 
     def _eval_model(self):
@@ -370,9 +332,10 @@ class Trainer:
         from .data import make_loader
 
         loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"])
-        rows, probs = predict_rows(self._eval_model(), loader, self.device, self.amp, self.logit_scale,
-                                   self.channels_last)
+        rows, probs = predict_tta(self._eval_model(), loader, self.device, "none", amp=self.amp,
+                                  channels_last=self.channels_last, progress=False, desc="val")
         gathered = D.all_gather_objects((rows, probs), self.dist)
+        gathered = [g for g in gathered if len(g[0])]  # a rank may hold no val row
         rows = np.concatenate([g[0] for g in gathered])
         probs = np.concatenate([g[1] for g in gathered])
         # put predictions back in val-row order; every val row exactly once

@@ -18,9 +18,9 @@ from cxrlt.trainer import train
 
 
 def _val_group_map(ckpt, cache_dir, rows, y, groups):
-    model, ck = load_trained(ckpt)
+    model, _ = load_trained(ckpt)
     loader = make_loader(CacheDataset(f"{cache_dir}/images.npy", rows, num_classes=y.shape[1]), 128, workers=0)
-    _, p = predict_tta(model, loader, torch.device("cpu"), ck["logit_scale"], "none", progress=False)
+    _, p = predict_tta(model, loader, torch.device("cpu"), "none", progress=False)
     return group_map(average_precision_per_label(y, p), groups)
 
 

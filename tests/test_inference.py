@@ -27,3 +27,58 @@ def test_study_pool_blends_with_study_mean():
     q = study_pool(p, ["P1", "P1", "P2"], ["d", "d", "d"], weight=0.5)
     assert np.allclose(q[:, 0], [0.25, 0.75, 0.5])
     assert study_pool(p, ["P1", "P1", "P2"], ["d", "e", "d"], 0.5)[0, 0] == 0.0  # other date: other study
+
+
+def _tiny_model(**kw):
+    from cxrlt import config
+    from cxrlt.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(config.resolve([], dict(model="test_resnet", pretrained=False, **kw)), 3)
+
+
+def test_predict_tta_none_is_sigmoid_of_the_model_and_feature_batches_cover_all_rows(tmp_path):
+    from cxrlt.data import CacheDataset, make_loader
+    from cxrlt.inference import batched_forward, feature_batches, predict_tta
+
+    model = _tiny_model(loss="ldam", ldam_s=4.0).eval()
+    imgs = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
+    np.save(tmp_path / "images.npy", imgs[:, 0].numpy())
+    ds = CacheDataset(tmp_path / "images.npy", np.arange(5), num_classes=3)
+    rows, p = predict_tta(model, make_loader(ds, 2, workers=0), torch.device("cpu"), "none", progress=False)
+    with torch.no_grad():
+        ref = torch.sigmoid(model(model.normalize(imgs))).numpy()
+    assert rows.tolist() == [0, 1, 2, 3, 4] and np.allclose(p, ref, atol=1e-6)
+    feats = np.random.default_rng(0).random((7, 4)).astype(np.float32)
+    r, out = batched_forward(torch.nn.Identity(), feature_batches(feats, 3), lambda f: 2 * f, torch.device("cpu"))
+    assert r.tolist() == list(range(7)) and np.allclose(out, 2 * feats)
+
+
+def test_old_checkpoint_logit_scale_entry_sets_the_models_scale(tmp_path):
+    # before the head held LDAM's s, checkpoints stored it beside the weights and every consumer
+    # multiplied by it: loading such a file must give the same probabilities
+    from cxrlt import config
+    from cxrlt.inference import load_trained
+
+    model = _tiny_model()
+    cfg = config.resolve([], dict(model="test_resnet", pretrained=False))
+    torch.save({"model": model.state_dict(), "config": cfg, "labels": ["a", "b", "c"], "logit_scale": 6.0},
+               tmp_path / "old.pt")
+    loaded, _ = load_trained(tmp_path / "old.pt")
+    assert loaded.logit_scale == 6.0
+    x = model.normalize(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), 6.0 * model.eval()(x), atol=1e-5)
+
+
+def test_pick_device_refuses_a_missing_gpu(monkeypatch):
+    import pytest
+
+    from cxrlt.device import pick_device
+    from cxrlt.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu"
+    for name in ("cuda", "cuda:1", "gpu"):
+        with pytest.raises(InputError, match=f"device '{name}'"):
+            pick_device(name)

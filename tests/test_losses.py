@@ -37,7 +37,6 @@ def test_bce_matches_formula_and_torch():
     assert run(loss) == pytest.approx(bce_elems(Z, Y).mean(), rel=1e-5)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(Z), torch.tensor(Y))
     assert run(loss) == pytest.approx(ref.item(), rel=1e-5)
-    assert loss.logit_scale == 1.0
 
 
 def test_bce_pos_weight():
@@ -102,6 +101,8 @@ def test_class_balanced():
 
 
 def ldam_ref(z, y, counts, max_m, s):
+    """LDAM as in the paper, on RAW scores z: BCE(s * (z - y * m_j)). The loss itself takes real
+    logits (s * z, what the model's head returns), so the tests feed it s * Z."""
     n = np.maximum(counts, 1).astype(float)
     m = n ** -0.25
     m = m * max_m / m.max()
@@ -113,10 +114,9 @@ def test_ldam_per_class_margin():
     loss = build_loss(cfg(loss="ldam", ldam_s=s, ldam_max_m=max_m), COUNTS, N)
     elems, m = ldam_ref(Z, Y, COUNTS, max_m, s)
     assert m.max() == pytest.approx(max_m) and m[3] == pytest.approx(max_m)  # rarest label
-    assert run(loss) == pytest.approx(elems.mean(), rel=1e-5)
-    assert loss.logit_scale == s
+    assert run(loss, s * Z) == pytest.approx(elems.mean(), rel=1e-5)
     # row 2 has three positives with different margins: each element uses its own class's margin
-    assert run(loss, Z[2:3], Y[2:3]) == pytest.approx(elems[2].mean(), rel=1e-5)
+    assert run(loss, s * Z[2:3], Y[2:3]) == pytest.approx(elems[2].mean(), rel=1e-5)
 
 
 def test_drw_switches_on_at_epoch_and_weights_positives_only():
@@ -126,14 +126,14 @@ def test_drw_switches_on_at_epoch_and_weights_positives_only():
     elems, _ = ldam_ref(Z, Y, COUNTS, c["ldam_max_m"], 3.0)
     for epoch in (0, 1):
         loss.set_epoch(epoch)
-        assert run(loss) == pytest.approx(elems.mean(), rel=1e-5)
+        assert run(loss, 3.0 * Z) == pytest.approx(elems.mean(), rel=1e-5)
     loss.set_epoch(2)
     w = effective_number_weights(COUNTS, beta)
     weighted = np.where(Y == 1, w[None, :] * elems, elems)
-    assert run(loss) == pytest.approx(weighted.mean(), rel=1e-5)
+    assert run(loss, 3.0 * Z) == pytest.approx(weighted.mean(), rel=1e-5)
     # all-negative targets: negatives keep weight 1
     y0 = np.zeros_like(Y)
-    assert run(loss, Z, y0) == pytest.approx(ldam_ref(Z, y0, COUNTS, c["ldam_max_m"], 3.0)[0].mean(), rel=1e-5)
+    assert run(loss, 3.0 * Z, y0) == pytest.approx(ldam_ref(Z, y0, COUNTS, c["ldam_max_m"], 3.0)[0].mean(), rel=1e-5)
 
 
 def test_drw_applies_to_bce():

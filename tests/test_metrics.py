@@ -114,3 +114,15 @@ def test_frequency_groups_and_group_map():
 def test_shape_mismatch_rejected():
     with pytest.raises(ValueError):
         M.macro_map(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+def test_score_is_the_macro_map_with_auc_and_named_skips(toy):
+    y, p = toy
+    ap = M.average_precision_per_label(y, p)
+    s = M.score(y, p, labels=["a", "b", "c", "d"])
+    assert s["mAP"] == pytest.approx(np.mean(ap[[0, 1, 3]])) and s["skipped"] == ["c"]
+    assert s["mAUC"] == pytest.approx(np.mean([roc_auc_score(y[:, c], p[:, c]) for c in (0, 1, 3)]))
+    assert np.array_equal(np.isnan(s["ap"]), [False, False, True, False])
+    assert M.score(y, p)["skipped"] == [2]  # indices without names
+    fast = M.score(y, p, auc=False)
+    assert np.isnan(fast["mAUC"]) and fast["mAP"] == s["mAP"]

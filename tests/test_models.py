@@ -200,3 +200,36 @@ def test_parameter_groups_and_reset_head():
     before = m.head.conv.weight.detach().clone()
     m.reset_head()
     assert torch.all(m.head.bias == 0) and not torch.equal(before, m.head.conv.weight)
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_ldam_model_returns_real_logits_scaled_by_s(head):
+    # the head holds LDAM's s: the model's output is s times the raw scores, which a model
+    # built for another loss returns from the same weights
+    torch.manual_seed(0)
+    raw = build_model(cfg(head=head, loss="bce"), 3)
+    ldam = build_model(cfg(head=head, loss="ldam", ldam_s=7.0), 3)
+    ldam.load_state_dict(raw.state_dict())
+    assert raw.logit_scale == 1.0 and ldam.logit_scale == 7.0
+    x = raw.normalize(images())
+    assert torch.allclose(ldam(x), 7.0 * raw(x), atol=1e-5)
+    assert torch.allclose(ldam.head.classify(ldam.head_input(x)), ldam(x))
+    assert "logit_scale" not in " ".join(ldam.state_dict())  # a constant of the config, not a weight
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    from cxrlt.losses import build_loss
+
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = build_model(cfg(grad_checkpointing=on, drop_path=0.1), 3).train()
+        assert all(s.grad_checkpointing == on for s in m.backbone.stages)
+        y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+        torch.manual_seed(1)  # the same drop-path draws in both runs (checkpointing replays them)
+        loss = build_loss(cfg(loss="bce"), [5, 5, 5], 10)(m(m.normalize(images())), y)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-5) for n in g0)

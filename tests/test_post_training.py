@@ -82,15 +82,15 @@ def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp
 
 
 def test_flip_tta_is_invariant_to_flipping_the_input(trained_run, demo_cache, tmp_path):
-    model, ck = load_trained(trained_run / "model.pt")
+    model, _ = load_trained(trained_run / "model.pt")
     imgs = np.load(demo_cache / "images.npy")[:12]
     np.save(tmp_path / "a.npy", imgs)
     np.save(tmp_path / "b.npy", np.ascontiguousarray(imgs[:, :, ::-1]))
     res = []
     for f in ("a.npy", "b.npy"):
         loader = make_loader(CacheDataset(tmp_path / f, np.arange(12), num_classes=30), 6, workers=0)
-        res.append(predict_tta(model, loader, torch.device("cpu"), ck["logit_scale"], "flip", progress=False)[1])
+        res.append(predict_tta(model, loader, torch.device("cpu"), "flip", progress=False)[1])
     assert np.allclose(res[0], res[1], atol=1e-5)
     loader = make_loader(CacheDataset(tmp_path / "a.npy", np.arange(12), num_classes=30), 6, workers=0)
-    none = predict_tta(model, loader, torch.device("cpu"), ck["logit_scale"], "none", progress=False)[1]
+    none = predict_tta(model, loader, torch.device("cpu"), "none", progress=False)[1]
     assert not np.allclose(none, res[0], atol=1e-5)  # the flip view really contributes

@@ -1,0 +1,49 @@
+"""cxrlt.fileio: atomic writes and the output lock."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from cxrlt.errors import InputError
+from cxrlt.fileio import lock_path, output_lock, write_text
+
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from cxrlt.fileio import output_lock\n"
+        "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+
+
+def _holder(folder):
+    p = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT)), str(folder)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_holder_is_refused_naming_the_first_and_a_dead_holder_frees_the_lock(tmp_path):
+    out = tmp_path / "run"
+    p = _holder(out)
+    try:
+        with pytest.raises(InputError) as e:
+            with output_lock(out):
+                pass
+        msg = str(e.value)
+        assert msg.startswith(f"{out}: pid {p.pid} on {socket.gethostname()} (")
+        assert f"(-c {out})" in msg and msg.endswith("is running on this output; wait for it or stop it")
+        assert "\n" not in msg
+    finally:
+        p.kill()  # kill -9: the kernel drops the lock with the process
+        p.wait()
+    with output_lock(out) as path:
+        assert path == lock_path(out) == tmp_path / "run.lock"
+        assert f'"pid": {os.getpid()}' in path.read_text()
+    assert path.read_text() == ""  # released: no holder described
+
+
+def test_atomic_write_leaves_no_temp_and_replaces(tmp_path):
+    f = tmp_path / "a.txt"
+    write_text(f, "one")
+    write_text(f, "two")
+    assert f.read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
