@@ -103,14 +103,28 @@ def test_crt_bench_tiny(tmp_path):
     r = bench_crt.run(model="test_resnet", size=32, n_train=16, n_val=8, epochs=2, batch=8, workers=0,
                       workdir=tmp_path)
     _positive(r, "extract_s", "head_epochs_s", "backbone_every_epoch_s", "speedup_incl_extract",
-              "speedup_excl_scoring")
+              "speedup_excl_scoring", "uncached_head_epochs_s")
     assert (r["train_images"], r["val_images"]) == (16, 8)
-    # cRT scores the original head and then every epoch; the uncached loop scores every epoch
-    assert r["val_scoring_calls_cached"] == 3 and r["val_scoring_calls_uncached"] == 2
+    # each cRT call scores the original head, every epoch and the final head
+    assert r["val_scoring_calls_cached"] == r["val_scoring_calls_uncached"] == 4
     assert r["speedup_incl_extract"] == pytest.approx(r["backbone_every_epoch_s"] / r["cached_total_s"])
+    assert r["val_mAP_cached"] == pytest.approx(r["val_mAP_uncached"], abs=1e-5)  # the same head either way
     import cxrlt.metrics
 
     assert cxrlt.metrics.score.__name__ == "score"  # the timing wrapper was removed
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # four script runs (two train.py, two retrain_head.py)
+def test_crt_memory_bench_tiny(tmp_path):
+    r = bench_memory.run_crt(sizes=(30,), size=16, n_val=6, model="test_resnet", workers=0, workdir=tmp_path)
+    run = r["runs"]["30"]
+    for head, mode, shape in (("linear", "float32", 1), ("csra", "float16", 3)):
+        m = run[f"crt_{head}"]
+        _positive(m, "maxrss_mb", "main_hwm_mb", "main_anon_mb", "feature_mb")
+        assert m["feature_cache"] == mode and len(m["head_input"]) == shape
+        assert r["growth_mb"][f"crt_{head}"]["maxrss_mb"] == 0  # one size: no growth
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_memory_measure_sees_a_known_allocation(tmp_path):
