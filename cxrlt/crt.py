@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -61,7 +62,6 @@ from .rowfile import RowFile, RowWriter, shape_of
 TAU_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 DISK_SPARE = 1 << 30  # free disk a feature cache must leave
-SPLITS = ("train", "val")
 
 
 # ---- configuration and fingerprints --------------------------------------------------------------
@@ -120,7 +120,7 @@ def starting_head(head: torch.nn.Module, reinit: bool, seed: int) -> torch.nn.Mo
 
 
 def head_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    """||a - b|| / ||b|| over all parameters (0: same weights; ~1.4 for unrelated random ones)."""
+    """||a - b|| / ||b|| over all parameters (0: the same weights)."""
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     num = sum(float((pa[k].detach().cpu() - pb[k].detach().cpu()).pow(2).sum()) for k in pb)
     den = sum(float(p.detach().cpu().pow(2).sum()) for p in pb.values())
@@ -186,12 +186,13 @@ def head_input_shape(model, images_path, row: int, device, amp: bool) -> tuple[i
     return tuple(batched_forward(model, loader, _backbone_fn(model), device, amp)[1].shape[1:])
 
 
-def extract_features(model, images_path, rows, device, path, dtype=np.float32, batch_size: int = 64,
+def extract_features(model, images_path, rows, device, path, dtype=np.float32, shape=None, batch_size: int = 64,
                      workers: int = 2, amp: bool = True, desc: str = "features") -> Path:
-    """Write the head inputs of cache `rows` into the row file `path`, batch by batch."""
+    """Write the head inputs of cache `rows` into the row file `path`, batch by batch (`shape`:
+    one row's, when the caller knows it)."""
     from .inference import forward_batches
 
-    shape = head_input_shape(model, images_path, rows[0], device, amp)
+    shape = shape or head_input_shape(model, images_path, rows[0], device, amp)
     loader = _image_loader(images_path, rows, batch_size, workers, device)
     with RowWriter(path, (len(rows), *shape), dtype) as w:
         i = 0
@@ -405,7 +406,7 @@ def prepare_inputs(model, cache, splits: dict, out: Path, cfg: dict, model_key: 
             if path.exists():
                 log(f"cRT features: {path.name} was computed from other weights, rows or precision: re-extracting")
             path.unlink(missing_ok=True)  # first, so that the stale and the new file never hold the disk together
-            extract_features(model, images, rows, device, path, FEATURE_DTYPES[mode], workers=cfg["workers"],
+            extract_features(model, images, rows, device, path, FEATURE_DTYPES[mode], shape, workers=cfg["workers"],
                              amp=amp, desc=f"features {name}")
             record_inputs(path, fp)
         inputs[name] = CachedInputs(path)
@@ -443,10 +444,10 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
         model_key = file_key(src)
         stage_inputs = {"model": model_key, "cache": cache_key(cache), "post": post_part(cfg), "method": method}
         target = out / "model.pt"
-        if inputs_match(target, stage_inputs):
+        if inputs_match(target, stage_inputs) and (out / "summary.json").is_file():
             touch(target)
             log(f"{target}: up to date (same weights, cache and crt_* keys)")
-            return load_checkpoint(target)["crt"]
+            return json.loads((out / "summary.json").read_text(encoding="utf-8"))
         del ck
         return _build(src, cache, out, cfg, method, stage_inputs, model_key,
                       device_name or cfg["device"], log)
