@@ -98,7 +98,8 @@ def run(model: str = "test_resnet", size: int = 128, n_train: int = 256, n_val: 
         common = {"crt_epochs": epochs, "crt_batch_size": batch, "workers": workers, "device": "cpu"}
         t_cached, s_cached, sc_cached = timed_crt(tmp / "run", cache_dir, tmp / "crt_cached",
                                                   {**common, "crt_feature_cache": "float32"})
-        t_base, s_base, sc_base = timed_crt(tmp / "run", cache_dir, tmp / "crt_off", {**common, "crt_feature_cache": "off"})
+        t_base, s_base, sc_base = timed_crt(tmp / "run", cache_dir, tmp / "crt_off",
+                                            {**common, "crt_feature_cache": "off"})
     assert s_cached["feature_cache"] == "float32" and s_base["feature_cache"] == "off"
     t_extract, t_head = s_cached["feature_seconds"], s_cached["head_train_seconds"]
     base_ex, cached_ex = t_base - sc_base.seconds, t_cached - sc_cached.seconds

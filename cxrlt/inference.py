@@ -3,9 +3,10 @@
 `batched_forward(model, loader, fn, device, amp)` is the only loop that runs a model over a
 loader without gradients: predict_tta (predictions, also the trainer's validation), cRT's
 feature extraction and its head scoring all go through it. fn maps a device batch to a tensor;
-the loop returns (rows, outputs as float32 numpy). `forward_batches` is the same loop handing
-out one batch at a time (cRT writes features to disk as they come, so they never all sit in memory). A model's output is real logits (the head
-holds LDAM's scale, see models.py), so a probability is just sigmoid(model(x)).
+the loop returns (rows, outputs as float32 numpy); `forward_batches` is the same loop handing out
+one batch at a time (cRT writes features to disk as they come: they never all sit in memory).
+A model's output is real logits (the head holds LDAM's scale, see models.py), so a probability
+is just sigmoid(model(x)).
 
 TTA views are applied on the device to whole uint8 batches (as float 0..255, before the model's
 normalisation), so a view costs one forward pass and nothing on the CPU:
