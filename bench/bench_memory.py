@@ -25,7 +25,9 @@ on a run of that head trained for 2 batches (not measured). Here the work grows 
 image goes through the backbone once, every head epoch covers all train rows), the memory must
 not: features are written and read back batch by batch (cxrlt.rowfile). Defaults: 64 px and
 test_efficientnet (256 features; 2x2 maps), where the features of 20,000 images are 20 MB (pooled)
-and 40 MB (maps): held in memory, as before, they would show as growth.
+and 40 MB (maps). Held in memory they show as growth of the main process's peak RssAnon (the cRT
+of before this bench: +30 MB pooled, +107 MB csra from 2,000 to 20,000), less so of its peak RSS,
+which is set earlier (imports, model build): run_all's rows 6c/6d judge both.
 
 Each (script, N) runs twice: with MALLOC_MMAP_THRESHOLD_=65536 (glibc then returns every large
 block on free, so a peak is the live memory and repeats agree to the MB; the growth verdict uses

@@ -210,9 +210,10 @@ def test_crt_memory_rows_use_the_index_allowance():
     r = {"sizes": [20, 200], "size": 64, "model": "m", "epochs": 1, "index_allowance_mb": 2.0,
          "runs": {"20": {"crt_linear": m(900, 2.0), "crt_csra": m(950, 4.0)},
                   "200": {"crt_linear": m(906, 20.0), "crt_csra": m(990, 40.0)}},
-         "growth_mb": {"crt_linear": {"maxrss_mb": 6.0}, "crt_csra": {"maxrss_mb": 40.0}}}
+         "growth_mb": {"crt_linear": {"maxrss_mb": 6.0, "main_anon_mb": 3.0},
+                       "crt_csra": {"maxrss_mb": 4.0, "main_anon_mb": 40.0}}}
     rows = run_all.rows_crt_memory(r)
-    assert [(x.key, x.met) for x in rows] == [("6c", "yes"), ("6d", "no")]  # 6 <= 2 + 5; 40 > 7
+    assert [(x.key, x.met) for x in rows] == [("6c", "yes"), ("6d", "no")]  # 6 <= 2 + 5; heap 40 > 7
     assert "2.0 -> 20.0 MB" in rows[0].what
     assert "6c/6d" in run_all.notes_markdown({"crt_memory": _stage(r)})
 
