@@ -2,16 +2,26 @@
 """Combine model predictions into a submission, and validate submissions.
 
     python ensemble.py combine --method mean|rank|weighted|greedy --test T1.csv [T2.csv ...]
-        [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5]
+        [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5] [--select_on auto|proxy|full]
+        [--proxy_require_finding false]
         --test-list CXRLT_2026_TEST_ALL_TASK1.csv --out submissions/NAME.csv [--zip submissions/NAME.zip]
+        [--labels-file labels.txt]
     python ensemble.py check submissions/NAME.csv --test-list LIST.csv
         [--labels-from TRAIN_OR_INDEX.csv | --labels-file labels.txt]
 
 combine: the --test (and --val) files must have the same ImageIDs and the same columns in the same
 order; --val files pair with --test files in order. weighted without --weights fits weights on
-the val fold; greedy needs --val. The submission (ImageID + the inputs' label columns, rows in
-test-list order) is validated like `check` before it is written; --zip adds code/ (git-tracked
-files of this repository). check: exits 2 with one line naming the first problem's row and column.
+the val fold's selection set (cxrlt/validation.py: the test-like proxy subset when the cache at
+--val-labels knows the projections, else the full fold); greedy needs --val. With --val, the val
+mAP of each model and of the ensemble is printed on the full fold, the proxy subset, and the
+honest number (selection set; the weights' gain cross-fitted: fitted on one patient half, scored
+on the other). The submission (ImageID + the inputs' label columns, rows in test-list order) is
+validated like `check` before it is written; --zip adds code/ (git-tracked files of this
+repository). The inputs' label set must be the official 30 labels in the official order, or a
+set far from them (e.g. NIH's 14); a set NEARLY the official one (an extra, missing, misspelt or
+reordered label) stops, unless --labels-file gives the label set and order on purpose (the
+inputs must then hold exactly those labels, in any order). check: exits 2 with one line naming
+the first problem's row and column; any label set can be checked with --labels-file.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from cxrlt import config
 from cxrlt.cli import main_wrapper
 from cxrlt.errors import InputError
 
@@ -36,9 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--val", nargs="+", help="val-fold prediction CSVs, same models in the same order")
     c.add_argument("--val-labels", help="labels of the val images: cache index.csv or labelled CSV")
     c.add_argument("--weights", nargs="+", type=float, help="weights for --method weighted")
+    config.add_config_flags(c, ["select_on", "proxy_require_finding"])
     c.add_argument("--test-list", required=True, help="official test list (ImageID,...)")
     c.add_argument("--out", required=True, help="submission CSV to write")
     c.add_argument("--zip", help="also write a zip with the CSV and code/")
+    c.add_argument("--labels-file", help="the submission's label set and order, one label a line "
+                                         "(needed for a set close to the official one but not equal)")
     k = sub.add_parser("check", help="validate a submission CSV")
     k.add_argument("submission")
     k.add_argument("--test-list", required=True)
@@ -49,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _check_args(a) -> None:
+    from cxrlt.cli import check_output_file
+
+    check_output_file(a.out, "--out")
+    if a.zip:
+        check_output_file(a.zip, "--zip")
     if a.weights is not None and a.method != "weighted":
         raise InputError("--weights only applies to --method weighted")
     if a.val and not a.val_labels:
@@ -70,7 +89,7 @@ def _check_args(a) -> None:
 
 def read_aligned(paths: list[str]):
     """Read prediction CSVs that must share one ID set and one column list; aligned to the first."""
-    from cxrlt.submission import read_predictions
+    from cxrlt.tables import read_predictions
 
     first = read_predictions(paths[0])
     frames = [first]
@@ -86,46 +105,95 @@ def read_aligned(paths: list[str]):
 
 
 def combine(a) -> int:
-    from cxrlt import ensembling
-    from cxrlt.metrics import macro_map
-    from cxrlt.submission import read_id_list, read_label_table
     import pandas as pd
 
+    from cxrlt import ensembling
+    from cxrlt.tables import ID, read_id_list
+
     _check_args(a)
-    test_list = read_id_list(a.test_list)
+    test_list = read_id_list(a.test_list)[ID].tolist()
     ids, labels, test = read_aligned(a.test)
     if set(ids) != set(test_list):
         missing = [i for i in test_list if i not in set(ids)]
         raise InputError(f"{a.test[0]}: ImageIDs differ from {a.test_list} "
                          f"({len(missing)} listed image(s) not predicted, e.g. {missing[:1]}; "
                          f"{len(set(ids) - set(test_list))} predicted image(s) not listed)")
-    val, y_val = None, None
+    val, y_val, sets = None, None, None
     if a.val:
-        val_ids, val_labels, val = read_aligned(a.val)
-        if val_labels != labels:
-            raise InputError(f"{a.val[0]}: label columns differ from {a.test[0]}")
-        table = read_label_table(a.val_labels, ids=val_ids, ids_source=a.val[0])
-        if table.labels != labels:
-            if set(table.labels) != set(labels):
-                raise InputError(f"{a.val_labels}: label columns differ from {a.val[0]}")
-            table.y = table.y[:, [table.labels.index(x) for x in labels]]
-        y_val = table.y
-    ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights)
+        val, y_val, sets = read_val(a, labels)
+        print(sets["describe"])
+    order = submission_order(labels, a.labels_file, a.test[0])
+    labels = [labels[i] for i in order]
+    test = [t[:, order] for t in test]
+    if val is not None:
+        val, y_val = [v[:, order] for v in val], y_val[:, order]
+    select = sets["selection"] if sets else None
+    ens, weights, info = ensembling.combine(a.method, test, val, y_val, a.weights, select=select)
     if weights is not None:
         print("weights: " + ", ".join(f"{p}={w:.3f}" for p, w in zip(a.test, weights)))
     for h in info.get("greedy_history", []):
-        print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f}")
+        print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f} ({sets['select_on']})")
     if val is not None:
-        for p, v in zip(a.val, val):
-            print(f"val mAP {macro_map(y_val, v)[0]:.4f}  {p}")
-        ens_val = ensembling.apply_same(a.method, val, weights)
-        print(f"val mAP {macro_map(y_val, ens_val)[0]:.4f}  ensemble ({a.method}, {len(val)} model(s))")
+        for p, v in zip(a.val, val):  # a single model involves no choice: honest = its selection-set mAP
+            print(val_line(y_val, sets, v, ensembling.cross_fitted("mean", [v], y_val, sets), p))
+        honest = ensembling.cross_fitted(a.method, val, y_val, sets, a.weights)
+        print(val_line(y_val, sets, ensembling.apply_same(a.method, val, weights), honest,
+                       f"ensemble ({a.method}, {len(val)} model(s))"))
     df = pd.DataFrame(ens, index=pd.Index(ids, name="ImageID"), columns=labels)
     n = write_outputs(df, a, labels)
     print(f"wrote {a.out}: {len(test_list)} rows x {len(labels)} labels ({a.method} of {len(test)} model(s))")
     if a.zip:
         print(f"wrote {a.zip}: {n} files (submission + code/)")
     return 0
+
+
+def read_val(a, labels):
+    """Val predictions aligned with their labels, and the val subsets (cxrlt.validation.val_sets)."""
+    from cxrlt.tables import read_label_table
+    from cxrlt.validation import keys_from_index, make_keys, val_sets_from_keys
+
+    val_ids, val_labels, val = read_aligned(a.val)
+    if val_labels != labels:
+        raise InputError(f"{a.val[0]}: label columns differ from {a.test[0]}")
+    table = read_label_table(a.val_labels, ids=val_ids, ids_source=a.val[0])
+    if table.labels != labels:
+        if set(table.labels) != set(labels):
+            raise InputError(f"{a.val_labels}: label columns differ from {a.val[0]}")
+        table.y = table.y[:, [table.labels.index(x) for x in labels]]
+    keys, why = keys_from_index(a.val_labels if table.is_index else None, val_ids, table.y)
+    if keys is None:
+        print(f"note: no study/patient keys for the val images ({why}): each image is its own study and patient")
+        keys = make_keys(val_ids, table.y)
+    cfg = config.apply_overrides(config.DEFAULTS, config.overrides_from_args(a))
+    return val, table.y, val_sets_from_keys(keys, labels, cfg)
+
+
+def val_line(y, sets, ens_val, honest: dict, name: str) -> str:
+    """'val mAP full X  proxy Y  honest Z  name' for one model or the ensemble."""
+    from cxrlt.metrics import macro_map
+
+    full = macro_map(y, ens_val)[0]
+    proxy = macro_map(y[sets["proxy"]], ens_val[sets["proxy"]])[0] if len(sets["proxy"]) else float("nan")
+    return f"val mAP full {full:.4f}  proxy {proxy:.4f}  honest {honest['honest']:.4f}  {name}"
+
+
+def submission_order(labels: list[str], labels_file, source) -> list[int]:
+    """Column positions, in `labels`, of the submission's labels in their required order.
+
+    Without a labels file the inputs' own order, checked against the official label set (a set
+    nearly equal to it is a mistake); with one, that file's order (the same set required)."""
+    from cxrlt.labels import check_label_set, read_labels_file
+
+    if not labels_file:
+        check_label_set(labels, f"{source}: row 1 (header)")
+        return list(range(len(labels)))
+    want = read_labels_file(labels_file)
+    if set(want) != set(labels):
+        missing = [x for x in want if x not in labels]
+        extra = [x for x in labels if x not in want]
+        raise InputError(f"{source}: row 1 (header): the label columns differ from {labels_file} "
+                         f"(missing {missing}, not listed there {extra})")
+    return [labels.index(x) for x in want]
 
 
 def write_outputs(df, a, labels) -> int:
@@ -150,7 +218,8 @@ def write_outputs(df, a, labels) -> int:
 
 def check(a) -> int:
     from cxrlt.labels import CXRLT2026_LABELS, read_labels_file
-    from cxrlt.submission import labels_from_file, validate_submission
+    from cxrlt.submission import validate_submission
+    from cxrlt.tables import labels_from_file
 
     if a.labels_from:
         labels = labels_from_file(a.labels_from)

@@ -1,67 +1,94 @@
 #!/usr/bin/env python
 """Predict probabilities for the val fold or the test list, with test-time augmentation.
 
-    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512 \
+    python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512/test-<key> \
         --split test --out runs/x/pred_test.csv [--tta flip_scale] [--tta_merge logit]
-        [--normal_gating_alpha 1] [--study_pool_weight 0.5] [--postproc-from runs/x/pred_val.postproc.json]
+        [--normal_gating_alpha 1] [--study_pool_weight 0.5] [--patient_context_weight 0.2]
+        [--postproc-from runs/x/pred_val.csv.postproc.json] [--train-cache data/cache/x/train]
 
 Output CSV (leaderboard format): `ImageID` + the label columns in the training CSV's order, one
 row per image (in the cache index order), probabilities in [0, 1].
 
-For --split val it also writes `<out>.postproc.json`: the val mAP with normal gating (alpha) and
-study pooling (weight) over a small grid, and the best pair; pass that file to a test run with
---postproc-from to apply the values chosen on val. TTA, gating and pooling default to the values
-in the checkpoint's config (keys tta, tta_merge, normal_gating_alpha, study_pool_weight).
+For --split val it also writes `<out>.postproc.json` (format: cxrlt/postproc.py): the val mAP of
+every post-processing grid point (normal gating, study pooling, patient context) on the full val
+fold, the test-like proxy subset and two patient-disjoint halves, the choice made on the
+selection set (config select_on) and its honest, cross-fitted mAP. Pass that file to a test run
+with --postproc-from to apply the values chosen on val. Patient context reads the training
+labels of --train-cache (default: --cache when it holds training rows, else its sibling `train/`).
+
+Post keys (tta, tta_merge, the post-processing values, select_on, ...) and run keys come from
+--config (+ flags), as Make passes them; without --config from the checkpoint's copy (+ flags).
+Train keys given as flags are ignored (the checkpoint's apply). When --out was already written from
+the same weights, cache, split and post keys it is only touched, so that make settles.
 """
 
 import argparse
-import json
 import time
 
 from cxrlt import config
 from cxrlt.cli import main_wrapper
 
-GATING_GRID = [0.0, 0.5, 1.0, 2.0]
-POOL_GRID = [0.0, 0.25, 0.5, 0.75]
 
-
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="model.pt of a run (or of its crt/ folder)")
-    ap.add_argument("--cache", required=True, help="cache folder written by preprocess.py")
+    ap.add_argument("--cache", required=True,
+                    help="cache folder written by preprocess.py: the train cache for --split val, "
+                         "the test list's cache (ROOT/test-<key>) for --split test")
     ap.add_argument("--split", choices=["val", "test"], required=True)
     ap.add_argument("--out", required=True, help="predictions CSV to write")
-    ap.add_argument("--postproc-from", default=None, help="postproc.json from a val run: apply its best values")
+    ap.add_argument("--postproc-from", default=None, help="postproc.json from a val run: apply its choice")
+    ap.add_argument("--train-cache", default=None, help="cache with the training labels (patient context)")
+    ap.add_argument("--apply-choice", action="store_true",
+                    help="--split val: write the val predictions post-processed with the choice made on val "
+                         "(Make's POSTPROC=auto, so that ensemble weights are fitted on what the test "
+                         "predictions will be)")
     ap.add_argument("--batch-size", type=int, default=64)
-    config.add_config_flags(ap, ["tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "workers", "device", "amp"])
-    args = ap.parse_args()
+    ap.add_argument("--config", nargs="*", default=[], help="YAML config file(s): their post and run keys apply")
+    config.add_config_flags(ap)
+    args = ap.parse_args(argv)
+    chosen = config.load_postproc(args.postproc_from) if args.postproc_from else {}  # checked before any work
 
     import numpy as np
     import pandas as pd
-    import torch
 
+    from cxrlt import postproc
     from cxrlt.cache import open_cache
     from cxrlt.data import CacheDataset, make_loader
     from cxrlt.device import pick_device
     from cxrlt.errors import InputError
     from cxrlt.fileio import write_csv, write_json
-    from cxrlt.inference import check_cache_size, load_trained, postprocess, predict_tta
+    from cxrlt.fingerprints import file_key, inputs_match, record_inputs, touch
+    from cxrlt.inference import check_cache_size, load_trained, predict_tta
+    from cxrlt.validation import val_keys, val_sets_from_keys
 
     t0 = time.time()
     device = pick_device(args.cfg__device or "auto")
     model, ck = load_trained(args.checkpoint, device)
-    cfg = config.apply_overrides(ck["config"], config.overrides_from_args(args))
-    if args.postproc_from:
-        chosen = json.load(open(args.postproc_from))["best"]
-        cfg["normal_gating_alpha"], cfg["study_pool_weight"] = chosen["normal_gating_alpha"], chosen["study_pool_weight"]
+    cfg = config.stage_config(ck["config"], args.config, config.overrides_from_args(args), stage="predict")
+    cfg.update(chosen)
+    params = postproc.PostParams.from_cfg(cfg)
     labels = list(ck["labels"])
     cache = open_cache(args.cache)
     check_cache_size(ck, cache, args.checkpoint)
-    if list(cache.labels) != labels:
+    if cache.labels and list(cache.labels) != labels:  # a test cache has no labels
         raise InputError(f"{args.cache}: cache labels differ from the checkpoint's ({args.checkpoint})")
     rows = cache.rows("train", fold=cfg["val_fold"]) if args.split == "val" else cache.rows("test")
     if len(rows) == 0:
-        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'")
+        what = "a test list's cache (ROOT/test-<key>)" if args.split == "test" else "the train cache (ROOT/train)"
+        raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'; --split {args.split} "
+                         f"reads {what}")
+    keys = val_keys(cache, rows)
+    need_context = args.split == "val" or params.patient_context_weight > 0
+    ctx_cache = context_cache(args, cache) if need_context else None
+    context = postproc.Context.from_cache(ctx_cache) if ctx_cache is not None else None
+    inputs = {"model": file_key(args.checkpoint), "cache": cache.key, "split": args.split,
+              "post": config.post_part(cfg), "apply_choice": args.apply_choice,
+              "context": ctx_cache.key if ctx_cache is not None else None}
+    if inputs_match(args.out, inputs):
+        touch(args.out)
+        print(f"{args.out}: up to date (same weights, cache and post-training keys)")
+        return 0
     ds = CacheDataset(f"{args.cache}/images.npy", rows, num_classes=len(labels))
     loader = make_loader(ds, args.batch_size, workers=cfg["workers"], pin_memory=device.type == "cuda")
     amp = cfg["amp"] and device.type == "cuda"
@@ -69,32 +96,40 @@ def main() -> int:
                                   channels_last=cfg["channels_last"] and device.type == "cuda",
                                   desc=f"predict {args.split} (tta {cfg['tta']})")
     assert np.array_equal(got_rows, rows)
-    idx = cache.index.set_index("row").loc[rows]
-    pids, dates = idx["PatientID"].to_numpy(), idx["StudyDate_DICOM"].to_numpy()
 
     if args.split == "val":
-        from cxrlt.metrics import score
+        sets = val_sets_from_keys(keys, labels, cfg)
+        res = postproc.choose_postproc(probs, keys, labels, context, sets)
+        write_json(args.out + ".postproc.json", {**res, "tta": cfg["tta"]})
+        print(f"{sets['describe']}; {res['n_with_context']} image(s) with patient context (tta {cfg['tta']})")
+        print(postproc.summary_line(res))
+        if args.apply_choice:
+            params = postproc.PostParams.from_cfg({**cfg, **res["choice"]})
 
-        y = cache.targets(rows)
-        grid = []
-        for a in GATING_GRID:
-            for w in POOL_GRID:
-                if a and "Normal" not in labels:
-                    continue
-                m = score(y, postprocess(probs, labels, pids, dates, a, w))["mAP"]
-                grid.append({"normal_gating_alpha": a, "study_pool_weight": w, "val_mAP": m})
-        best = max(grid, key=lambda g: g["val_mAP"])
-        raw = next(g for g in grid if g["normal_gating_alpha"] == 0 and g["study_pool_weight"] == 0)
-        write_json(args.out + ".postproc.json", {"raw": raw, "best": best, "grid": grid, "tta": cfg["tta"]})
-        print(f"val mAP {raw['val_mAP']:.4f} (tta {cfg['tta']}); best post-processing on val: gating alpha "
-              f"{best['normal_gating_alpha']}, study pooling {best['study_pool_weight']} -> {best['val_mAP']:.4f}")
-
-    probs = postprocess(probs, labels, pids, dates, cfg["normal_gating_alpha"], cfg["study_pool_weight"])
+    probs = postproc.apply(probs, keys, labels, context, params)
     df = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=labels)
-    df.insert(0, "ImageID", idx["ImageID"].to_numpy())
+    df.insert(0, "ImageID", keys.ids)
     write_csv(args.out, df, float_format="%.6f")
+    record_inputs(args.out, inputs)
     print(f"wrote {args.out}: {len(df)} images x {len(labels)} labels in {time.time() - t0:.1f}s")
     return 0
+
+
+def context_cache(args, cache):
+    """The cache whose training labels give the patient context (see the module docstring)."""
+    from pathlib import Path
+
+    from cxrlt.cache import open_cache
+    from cxrlt.errors import InputError
+
+    if args.train_cache:
+        return open_cache(args.train_cache)
+    if len(cache.rows("train")):
+        return cache
+    sibling = Path(args.cache).parent / "train"
+    if not (sibling / "manifest.json").is_file():
+        raise InputError(f"{args.cache}: no training rows for the patient context; pass --train-cache")
+    return open_cache(sibling)
 
 
 if __name__ == "__main__":

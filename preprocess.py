@@ -1,9 +1,13 @@
-"""Stage 1: decode every training and test image once into a uint8 cache.
+"""Stage 1: decode every image once into a uint8 cache: the train cache and a test cache.
 
-    python preprocess.py --train-csv T.csv --image-dir DIR [--test-csv TEST.csv]
-        [--removal-csv Removal.csv] --size 512 --folds 5 --out data/cache/<dataset>_<size>
+    python preprocess.py train --train-csv T.csv --image-dir DIR [--removal-csv Removal.csv]
+        [--meta-csv META.csv[.gz]] [--labels-file L.txt] --size 512 --folds 5 --out ROOT/train
+    python preprocess.py test --test-csv TEST.csv --image-dir DIR [--meta-csv META.csv[.gz]]
+        --size 512 --out ROOT/test-<key>        (key: python -m cxrlt.keys TEST.csv [META.csv])
 
-Writes <out>/images.npy, index.csv, labels.txt and manifest.json (layout: cxrlt/cache.py).
+ROOT is data/cache/<dataset>_<size>: the caches in it reuse each other's decoded images (by
+ImageID, when the file is unchanged), so a new test list, a label or Removal edit, or another
+IMAGE_DIR decodes only what it must. Layout: cxrlt/cache.py; building: cxrlt/cache_build.py.
 Resumable: re-run the same command after an interruption. Bad input exits with status 2 and a
 one-line message naming the file (and row).
 """
@@ -12,35 +16,49 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cache import build_cache
 from cxrlt.cli import main_wrapper
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--train-csv", required=True, help="training CSV: ImageID,StudyDate_DICOM,PatientID,<labels 0/1>")
-    p.add_argument("--image-dir", required=True, help="folder of the images named by ImageID (subfolders searched)")
-    p.add_argument("--test-csv", default=None, help="list of images to predict (ImageID column); optional")
-    p.add_argument("--removal-csv", default=None, help="images to drop from training (ImageID column)")
-    p.add_argument("--labels-file", default=None, help="use exactly these label columns (one name a line)")
-    p.add_argument("--size", type=int, default=512, help="side of the square cached images")
-    p.add_argument("--folds", type=int, default=5, help="patient-grouped stratified folds")
-    p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
-    p.add_argument("--out", required=True, help="cache folder to write")
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (reported) instead of stopping")
-    p.add_argument("--window-low", type=float, default=0.5, help="16-bit: percentile mapped to 0")
-    p.add_argument("--window-high", type=float, default=99.5, help="16-bit: percentile mapped to 255")
-    p.add_argument("--force", action="store_true", help="rebuild even if a matching cache or partial build exists")
+    sub = p.add_subparsers(dest="kind", required=True, metavar="{train,test}")
+    tr = sub.add_parser("train", help="the train cache: training CSV rows minus Removal.csv",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--train-csv", required=True, help="training CSV: ImageID,StudyDate_DICOM,PatientID,<labels 0/1>")
+    tr.add_argument("--removal-csv", default=None, help="images to drop from training (ImageID column)")
+    tr.add_argument("--labels-file", default=None, help="use exactly these label columns (one name a line)")
+    tr.add_argument("--folds", type=int, default=5, help="patient-grouped stratified folds")
+    tr.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    te = sub.add_parser("test", help="the test cache of one test list (never drops an image)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    te.add_argument("--test-csv", required=True, help="list of images to predict (ImageID column)")
+    for q in (tr, te):
+        q.add_argument("--image-dir", required=True, help="folder of the images named by ImageID (subfolders searched)")
+        q.add_argument("--meta-csv", default=None,
+                       help="PadChest metadata CSV (plain or .gz): exact patient, study and projection")
+        q.add_argument("--size", type=int, default=512, help="side of the square cached images")
+        q.add_argument("--out", required=True, help="cache folder to write (ROOT/train or ROOT/test-<key>)")
+        q.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+        q.add_argument("--skip-bad", action="store_true",
+                       help="leave unreadable training images out (reported) instead of stopping")
+        q.add_argument("--window-low", type=float, default=0.5, help="16-bit: percentile mapped to 0")
+        q.add_argument("--window-high", type=float, default=99.5, help="16-bit: percentile mapped to 255")
+        q.add_argument("--force", action="store_true", help="decode every image again, reusing nothing")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    from cxrlt.cache_build import build_test_cache, build_train_cache
+
     a = parse_args(argv)
-    build_cache(a.train_csv, a.image_dir, a.out, a.size, test_csv=a.test_csv, removal_csv=a.removal_csv,
-                folds=a.folds, seed=a.seed, workers=a.workers, skip_bad=a.skip_bad, labels_file=a.labels_file,
-                low=a.window_low, high=a.window_high, force=a.force)
+    common = dict(meta_csv=a.meta_csv, workers=a.workers, skip_bad=a.skip_bad, low=a.window_low,
+                  high=a.window_high, force=a.force)
+    if a.kind == "train":
+        build_train_cache(a.train_csv, a.image_dir, a.out, a.size, removal_csv=a.removal_csv,
+                          labels_file=a.labels_file, folds=a.folds, seed=a.seed, **common)
+    else:
+        build_test_cache(a.test_csv, a.image_dir, a.out, a.size, **common)
     return 0
 
 

@@ -33,8 +33,9 @@ def main() -> int:
     args = ap.parse_args()
     from cxrlt.crt import run
 
-    run(args.run, args.cache, args.out, config.overrides_from_args(args), method=args.method,
-        config_files=args.config)
+    ov = config.overrides_from_args(args)
+    config.apply_overrides(config.DEFAULTS, ov)  # a bad value stops here, before --out is touched
+    run(args.run, args.cache, args.out, ov, method=args.method, config_files=args.config)
     return 0
 
 

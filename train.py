@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a backbone on the image cache.
 
-    python train.py --config configs/paper_ldam_drw.yaml --cache data/cache/cxrlt2026_512 \
+    python train.py --config configs/paper_ldam_drw.yaml --cache data/cache/cxrlt2026_512/train \
         --out runs/cxrlt2026_512/paper_ldam_drw [--resume] [--lr 3e-4 --epochs 20 ...]
     torchrun --nproc_per_node=8 train.py ...   # DDP, one process per GPU
 
@@ -31,11 +31,11 @@ def main() -> int:
     args = ap.parse_args()
     cfg = config.resolve(args.config, config.overrides_from_args(args))
 
-    from cxrlt.trainer import train
-
     # under torchrun only the global rank 0 takes the lock: a second launch on the same folder
-    # stops there, and torchrun then stops its other ranks
+    # stops there (before the slow imports), and torchrun then stops its other ranks
     with output_lock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        from cxrlt.trainer import train
+
         train(cfg, args.cache, args.out, resume=args.resume)
     return 0
 

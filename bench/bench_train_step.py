@@ -14,10 +14,15 @@ AdamW, the batches pre-stacked in memory as float tensors already normalised; fo
 step and nothing else. Trainer and bare loop alternate, `--repeats` times each, so background load
 hits both alike. Target: Trainer / bare <= 1.10.
 
-GPU section (--gpu, or run_gpu()): images/s of Trainer.train_epoch at --size in bf16 for each
-(channels_last, torch.compile) setting, the model FLOP utilisation (FLOPs of one forward+backward
-counted by torch.utils.flop_counter.FlopCounterMode, divided by the card's dense bf16 peak) and the
-data wait fraction the Trainer logs to metrics.jsonl (`data_wait_frac`).
+GPU section (--gpu, or run_gpu()): for each row of GPU_MATRIX (model + head, image size, batch,
+channels_last, torch.compile, grad_checkpointing; --model/--size keep only the matching rows):
+images/s of Trainer.train_epoch in bf16, the model FLOP utilisation (model FLOPs of one forward +
+backward, counted by torch.utils.flop_counter.FlopCounterMode on the model without checkpointing,
+so the recomputation of grad_checkpointing is cost, not credit; divided by the card's dense bf16
+peak), the data wait fraction the Trainer reports (`data_wait_frac`), the peak GPU memory, and the
+host syncs per step (torch.cuda.set_sync_debug_mode counts every op that waits for the GPU: the
+Trainer's only one is the NaN/loss check every nan_check_steps batches). A row that does not fit
+in memory is reported as OOM.
 
 This module also holds `write_synthetic_cache`, the cache writer the other bench scripts share.
 """
@@ -36,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrlt.labels import CXRLT2026_LABELS, ID_COLUMNS  # noqa: E402
+from cxrlt.labels import CXRLT2026_LABELS  # noqa: E402
 
 # Dense bf16 tensor-core peak (FLOP/s) by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first. Sources: the vendors' data sheets.
@@ -58,17 +63,20 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
       images.npy     uint8 (n_train + n_val + n_test, size, size), written through a memmap in
                      chunks (so 20,000 x 256 px never sits in memory): a smooth chest-like blob
                      plus per-image noise (no all-zero pages, which the OS could share)
-      index.csv      row, ImageID, StudyDate_DICOM, PatientID, split, fold, one 0/1 column per label.
+      index.csv      row, ImageID, StudyDate_DICOM, PatientID, study, patient, projection, split,
+                     fold, one 0/1 column per label (one image per study and patient, PA).
                      Rows 0..n_val-1: train split, fold 0 (the default val_fold); then n_train train
                      rows in folds 1..4; then n_test test rows (fold -1, labels empty)
       labels.txt     the first `num_labels` CXR-LT 2026 labels
-      manifest.json  labels, size, counts, "synthetic": true (written last)
+      manifest.json  labels, pixels (size), counts, a key, "synthetic": true (written last)
     Label prevalences fall off geometrically (a long tail); every label has a positive among
     the training rows and among the val rows (when there are any).
     """
     import pandas as pd
 
+    from cxrlt.cache import CACHE_VERSION
     from cxrlt.fileio import write_csv, write_json, write_text
+    from cxrlt.tables import INDEX_FIXED_COLUMNS
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,20 +87,21 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
 
     split = ["train"] * (n_val + n_train) + ["test"] * n_test
     fold = [0] * n_val + [1 + i % 4 for i in range(n_train)] + [-1] * n_test
-    index = pd.DataFrame({"row": np.arange(n), "ImageID": [f"syn{i:07d}.png" for i in range(n)],
-                          "StudyDate_DICOM": "20200101", "PatientID": [f"P{i:07d}" for i in range(n)],
-                          "split": split, "fold": fold})
+    ids, patients = [f"syn{i:07d}.png" for i in range(n)], [f"P{i:07d}" for i in range(n)]
+    index = pd.DataFrame({"row": np.arange(n), "ImageID": ids, "StudyDate_DICOM": "20200101", "PatientID": patients,
+                          "study": ids, "patient": patients, "projection": "PA", "split": split, "fold": fold})
     y = _long_tail_labels(rng, n_val, n_train, len(labels))
     for j, lab in enumerate(labels):
         col = pd.array(np.concatenate([y[:, j], np.zeros(n_test, np.int8)]), dtype="Int8")
         col[n_val + n_train:] = pd.NA  # test rows have no labels
         index[lab] = col
-    assert list(index.columns[:6]) == ["row", *ID_COLUMNS, "split", "fold"]
+    assert list(index.columns[:len(INDEX_FIXED_COLUMNS)]) == INDEX_FIXED_COLUMNS
     write_csv(out / "index.csv", index)
     write_text(out / "labels.txt", "".join(f"{lab}\n" for lab in labels))
     write_json(out / "manifest.json", {
-        "format": "cxrlt image cache", "synthetic": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "array_rows": n, "dtype": "uint8", "size": int(size), "labels": labels,
+        "format": "cxrlt image cache", "version": CACHE_VERSION, "kind": "synthetic", "synthetic": True,
+        "key": f"synthetic-{seed}-{n_val}-{n_train}-{n_test}-{size}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "array_rows": n, "dtype": "uint8", "pixels": {"size": int(size)}, "labels": labels,
         "counts": {"train": n_val + n_train, "test": n_test, "val_fold0": n_val}})
     return out
 
@@ -330,72 +339,156 @@ def peak_flops(device) -> tuple[float | None, str]:
     return None, name
 
 
-def run_gpu(model: str = "convnext_large", size: int = 512, batch: int = 16, steps: int = 20, workers: int = 0,
-            device: str = "cuda", variants=((False, False), (True, False), (False, True), (True, True)),
-            peak_tflops: float = 0.0, workdir=None) -> dict:
-    """Trainer images/s, MFU and data wait fraction for each (channels_last, compile) setting.
+def _matrix() -> list[dict]:
+    """The issue-11 rows: each model at 512 px with channels_last / compile / grad_checkpointing
+    on and off, then 768 and 1024 px with all three on (batch 16 at 1024: see the README recipes)."""
+    rows = []
+    for model, head in (("convnext_large", "linear"), ("convnextv2_base", "csra")):
+        for cl, comp, gc in ((False, False, False), (True, False, False), (True, True, False),
+                             (True, False, True), (True, True, True)):
+            rows.append(dict(model=model, head=head, size=512, batch=32, channels_last=cl, compile=comp,
+                             grad_checkpointing=gc))
+        rows += [dict(model=model, head=head, size=s, batch=b, channels_last=True, compile=True,
+                      grad_checkpointing=True) for s, b in ((768, 32), (1024, 16))]
+    return rows
 
-    Each setting: a fresh Trainer, one warm-up epoch (compilation, cuDNN autotuning), one timed
-    epoch of `steps` steps. workers=0 picks min(8, CPU count).
+
+GPU_MATRIX = _matrix()
+
+
+def run_gpu(rows=None, steps: int = 20, workers: int = 0, device: str = "cuda", peak_tflops: float = 0.0,
+            nan_check_steps: int = 50, workdir=None) -> dict:
+    """Trainer images/s, MFU, data wait, peak memory and host syncs per step for each row
+    (dicts with the keys of GPU_MATRIX's rows; default: all of GPU_MATRIX).
+
+    Each row: a fresh Trainer, one warm-up epoch (compilation, cuDNN autotuning), one timed epoch
+    of `steps` steps. One synthetic cache per image size. workers=0 picks min(8, CPU count).
     """
     import torch
 
-    from cxrlt.trainer import Trainer
-
     workers = workers or min(8, os.cpu_count() or 1)
-    rows = []
+    out, fpi = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_gpu_", dir=workdir) as tmp:
         tmp = Path(tmp)
-        cache = write_synthetic_cache(tmp / "cache", n_train=batch * steps, size=size, n_val=8)
-        fpi = None
-        for cl, comp in variants:
-            cfg = bench_cfg(model, size, batch, steps, workers, device, amp=True, channels_last=cl, compile=comp)
-            trainer = Trainer(cfg, str(cache), str(tmp / f"run_cl{int(cl)}_c{int(comp)}"))
-            if fpi is None:
-                fpi = flops_per_image(trainer.model, size, cfg["in_chans"], trainer.device, trainer.amp)
-            trainer_epoch(trainer, 0)
-            e = trainer_epoch(trainer, 1)
-            img_s = batch / float(np.median(e["gaps"])) if e["gaps"] else e["images_per_s"]
-            peak, name = peak_flops(trainer.device)
-            peak = peak_tflops * 1e12 if peak_tflops else peak
-            rows.append({"channels_last": cl, "compile": comp, "images_per_s": img_s,
-                         "epoch_images_per_s": e["images_per_s"], "data_wait_frac": e["data_wait_frac"],
-                         "mfu": (img_s * fpi / peak) if peak else None, "device_name": name,
-                         "peak_flops": peak,
-                         "max_mem_gb": (torch.cuda.max_memory_allocated(trainer.device) / 1e9
-                                        if trainer.device.type == "cuda" else None)})
-            del trainer
+        caches = {}
+        for i, row in enumerate(GPU_MATRIX if rows is None else rows):
+            size, batch = row["size"], row["batch"]
+            if size not in caches:
+                caches[size] = write_synthetic_cache(tmp / f"cache{size}", n_train=batch * steps, size=size, n_val=8)
+            cfg = bench_cfg(row["model"], size, batch, steps, workers, device, amp=True, head=row["head"],
+                            channels_last=row["channels_last"], compile=row["compile"],
+                            grad_checkpointing=row["grad_checkpointing"], nan_check_steps=nan_check_steps)
+            key = (row["model"], row["head"], size)
+            try:
+                if key not in fpi:
+                    fpi[key] = _model_flops(cfg, size, device)
+                res = _gpu_row(cfg, caches[size], tmp / f"run{i}", fpi[key], peak_tflops)
+            except torch.cuda.OutOfMemoryError:
+                res = {"oom": True}
+            out.append({**row, **res})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
         close_trainer_log()
-    return {"model": model, "size": size, "batch": batch, "steps": steps, "workers": workers,
-            "flops_per_image": fpi, "rows": rows}
+    return {"steps": steps, "workers": workers, "nan_check_steps": nan_check_steps, "rows": out}
+
+
+def _model_flops(cfg: dict, size: int, device) -> float:
+    """Model FLOPs per image (forward + backward) of cfg's model without checkpointing."""
+    import torch
+
+    from cxrlt.models import build_model
+
+    dev = torch.device(device)
+    m = build_model({**cfg, "grad_checkpointing": False}, 30).to(dev)
+    f = flops_per_image(m, size, cfg["in_chans"], dev, cfg["amp"] and dev.type == "cuda")
+    del m
+    return f
+
+
+def select_rows(model: str | None = None, size: int | None = None, batch: int | None = None) -> list[dict]:
+    """GPU_MATRIX rows for the CLI: `model` keeps its rows (a model outside the matrix, e.g. for a
+    smoke run, takes convnext_large's); `size` keeps the rows of that size (another size takes the
+    512 px rows at that size); `batch` sets every row's batch."""
+    rows = GPU_MATRIX
+    if model:
+        mine = [r for r in rows if r["model"] == model]
+        rows = mine or [{**r, "model": model} for r in rows if r["model"] == "convnext_large"]
+    if size:
+        mine = [r for r in rows if r["size"] == size]
+        rows = mine or [{**r, "size": size} for r in rows if r["size"] == 512]
+    return [{**r, "batch": batch} for r in rows] if batch else list(rows)
+
+
+def _gpu_row(cfg: dict, cache: Path, out: Path, fpi: float, peak_tflops: float) -> dict:
+    import warnings
+
+    import torch
+
+    from cxrlt.trainer import Trainer
+
+    trainer = Trainer(cfg, str(cache), str(out))
+    cuda = trainer.device.type == "cuda"
+    trainer_epoch(trainer, 0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            e = trainer_epoch(trainer, 1)
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    img_s = cfg["batch_size"] / float(np.median(e["gaps"])) if e["gaps"] else e["images_per_s"]
+    peak, name = peak_flops(trainer.device)
+    peak = peak_tflops * 1e12 if peak_tflops else peak
+    return {"images_per_s": img_s, "epoch_images_per_s": e["images_per_s"], "data_wait_frac": e["data_wait_frac"],
+            "flops_per_image": fpi, "mfu": (img_s * fpi / peak) if peak else None, "device_name": name,
+            "peak_flops": peak, "host_syncs_per_step": (syncs / max(1, e["steps"])) if cuda else None,
+            "max_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if cuda else None, "oom": False}
+
+
+def gpu_lines(res: dict) -> list[str]:
+    """The GPU rows as a markdown table (bench/results.md and the CLI print the same)."""
+    name = next((r["device_name"] for r in res["rows"] if not r["oom"]), "?")
+    out = [f"device: {name}; bf16 autocast, {res['workers']} loader workers, {res['steps']} timed steps per row, "
+           f"NaN/loss check every {res['nan_check_steps']} batches; MFU counts model FLOPs (FlopCounterMode, "
+           f"forward + backward, no recomputation)", "",
+           "| model | px | batch | channels_last | compile | grad ckpt | images/s | MFU | data wait | peak memory "
+           "| host syncs/step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        head = f"| {r['model']}{' + CSRA' if r['head'] == 'csra' else ''} | {r['size']} | {r['batch']} | " \
+               f"{r['channels_last']} | {r['compile']} | {r['grad_checkpointing']} |"
+        if r["oom"]:
+            out.append(head + " OOM | - | - | - | - |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['max_mem_gb']:.1f} GB" if r["max_mem_gb"] is not None else "-"
+        syncs = f"{r['host_syncs_per_step']:.2f}" if r["host_syncs_per_step"] is not None else "-"
+        out.append(head + f" {r['images_per_s']:.1f} | {mfu} | {100 * r['data_wait_frac']:.1f}% | {mem} | {syncs} |")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="timm model (default test_resnet; --gpu: convnext_large)")
-    ap.add_argument("--size", type=int, default=None, help="image side (default 128; --gpu: 512)")
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default 32; --gpu: 16)")
+    ap.add_argument("--model", default=None, help="timm model (default test_resnet; --gpu: only its GPU_MATRIX rows)")
+    ap.add_argument("--size", type=int, default=None, help="image side (default 128; --gpu: only rows of this size)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 32; --gpu: the matrix's)")
     ap.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default 6; --gpu: 20)")
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs of each (CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (0 = torch's default)")
     ap.add_argument("--workers", type=int, default=None, help="loader processes (default 1; --gpu: min(8, cores))")
     ap.add_argument("--device", default=None, help="cpu (default) | cuda")
-    ap.add_argument("--gpu", action="store_true", help="the GPU section (bf16, channels_last/compile on and off)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU section (GPU_MATRIX rows, bf16)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="GPU dense bf16 peak if the card is not known")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = ap.parse_args()
     if a.gpu:
-        res = run_gpu(a.model or "convnext_large", a.size or 512, a.batch or 16, a.steps or 20, a.workers or 0,
-                      a.device or "cuda", peak_tflops=a.peak_tflops)
-        print(f"{res['model']} @ {res['size']} px, batch {res['batch']}, {res['flops_per_image'] / 1e9:.1f} "
-              f"GFLOP/image (fwd+bwd)")
-        for r in res["rows"]:
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            print(f"  channels_last={r['channels_last']!s:5} compile={r['compile']!s:5} {r['images_per_s']:8.1f} "
-                  f"img/s  MFU {mfu:>6}  data wait {100 * r['data_wait_frac']:.1f}%")
+        res = run_gpu(select_rows(a.model, a.size, a.batch), a.steps or 20, a.workers or 0, a.device or "cuda", peak_tflops=a.peak_tflops)
+        print("\n".join(gpu_lines(res)))
     else:
         res = run(a.model or "test_resnet", a.size or 128, a.batch or 32, a.steps or 6, a.repeats,
                   1 if a.workers is None else a.workers, a.device or "cpu", a.threads)

@@ -51,7 +51,7 @@ def stage_commands(quick: bool, out: Path) -> dict[str, list[str]]:
     keep = str(out / "preprocess_images")  # synthetic PNGs kept between runs (~6 MB each)
     if quick:
         return {
-            "preprocess": [py, b("bench_preprocess.py"), "--n", "2", "--repeats", "1", "--keep", keep + "_quick"],
+            "preprocess": [py, b("bench_preprocess.py"), "--n", "4", "--repeats", "1", "--keep", keep + "_quick"],
             "loader": [py, b("bench_loader.py"), "--n", "2", "--passes", "1", "--size", "64",
                        "--src-h", "250", "--src-w", "200"],
             "train_step": [py, b("bench_train_step.py"), "--size", "32", "--batch", "4", "--steps", "3",
@@ -67,7 +67,7 @@ def stage_commands(quick: bool, out: Path) -> dict[str, list[str]]:
                     "--batch", "4", "--steps", "3"],
         }
     return {
-        "preprocess": [py, b("bench_preprocess.py"), "--n", "12", "--repeats", "3", "--keep", keep],
+        "preprocess": [py, b("bench_preprocess.py"), "--n", "24", "--repeats", "2", "--keep", keep],
         "loader": [py, b("bench_loader.py"), "--n", "8", "--passes", "5"],
         "train_step": [py, b("bench_train_step.py"), "--repeats", "8"],
         "predict": [py, b("bench_predict.py"), "--repeats", "5"],
@@ -146,7 +146,7 @@ def rows_preprocess(r: dict) -> list[Row]:
     busy = f" (cores kept busy: 1 worker {r['w1_cores_busy']:.2f}, 2 workers {r['w2_cores_busy']:.2f})"
     return [
         Row("1a", f"preprocess: images/s per worker ({r['n_images']} PNGs 2000x2500 16-bit -> {r['size']} px)",
-            f"{r['cache_w1_img_s']:.2f} img/s (build_cache, 1 worker)", f"{r['bare_decode_img_s']:.2f} img/s (cv2.imread)",
+            f"{r['cache_w1_img_s']:.2f} img/s (cache build, 1 worker)", f"{r['bare_decode_img_s']:.2f} img/s (cv2.imread)",
             _x(r["w1_vs_decode"]), ">= 0.80x", "yes" if r["w1_vs_decode"] >= 0.8 else "no", "preprocess"),
         Row("1b", "preprocess: 2 workers vs 1" + busy,
             f"{r['cache_w2_img_s']:.2f} img/s (2 workers)", f"{r['cache_w1_img_s']:.2f} img/s (1 worker)",
@@ -279,18 +279,9 @@ def gpu_markdown(stage: dict | None, has_gpu: bool) -> str:
         return "GPU present but the gpu stage was not run\n"
     if not stage["ok"]:
         return f"GPU stage failed: {stage['error']} (log: {stage['log']})\n"
-    r = stage["result"]
-    out = [f"{r['model']} @ {r['size']} px, batch {r['batch']}, bf16 autocast, {r['workers']} loader workers, "
-           f"{r['flops_per_image'] / 1e9:.1f} GFLOP per image (forward + backward, FlopCounterMode); "
-           f"device: {r['rows'][0]['device_name'] if r['rows'] else '?'}\n",
-           "| channels_last | torch.compile | images/s (steady) | images/s (epoch) | MFU | data wait | peak GPU memory |",
-           "|---|---|---|---|---|---|---|"]
-    for g in r["rows"]:
-        mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (unknown peak)"
-        mem = f"{g['max_mem_gb']:.1f} GB" if g.get("max_mem_gb") is not None else "-"
-        out.append(f"| {g['channels_last']} | {g['compile']} | {g['images_per_s']:.1f} | {g['epoch_images_per_s']:.1f} "
-                   f"| {mfu} | {100 * g['data_wait_frac']:.1f}% | {mem} |")
-    return "\n".join(out) + "\n"
+    from bench_train_step import gpu_lines
+
+    return "\n".join(gpu_lines(stage["result"])) + "\n"
 
 
 def machine_info() -> dict:
@@ -366,10 +357,12 @@ def notes_markdown(stages: dict) -> str:
             why = (f"1b needs 2 free cores, but {busy}: the rest went to other processes, so 1b measures the "
                    f"contention more than the code.")
         else:
-            why = (f"1b had both cores ({busy}), so a shortfall there is not contention: the 2-worker path "
-                   f"spends more CPU per image than the 1-worker path.")
-        n.insert(0, f"- **1** build_cache's images/s exclude the worker pool's start-up ({r['w2_worker_start_s']:.2f} s "
-                    f"for 2 workers, once per run). " + why)
+            why = (f"1b had both cores ({busy}), so a shortfall there is not contention: compare the CPU s per "
+                   f"image of the two paths.")
+        n.insert(0, f"- **1** images/s are the marginal rate between an N/2- and an N-image build, timed from "
+                    f"outside (per-call costs such as the worker start-up cancel out; whole call with 2 workers: "
+                    f"{r['w2_vs_w1_call']:.2f}x); CPU s per image: 1 worker {r['w1_cpu_s_per_img']:.3f}, 2 workers "
+                    f"{r['w2_cpu_s_per_img']:.3f}. " + why)
     r = (stages.get("memory") or {}).get("result")
     if r:
         lo, hi = (str(s) for s in (min(r["sizes"]), max(r["sizes"])))

@@ -73,3 +73,4 @@ def state_dict_of(ckpt: dict) -> dict:
                 k = k[len(prefix):]
         out[k] = v
     return out
+

@@ -1,15 +1,20 @@
 """Run configuration: defaults, YAML files, CLI overrides, validation.
 
 A config is a flat dict (timm style): the defaults below, updated by each YAML file in turn,
-then by command-line flags (`--lr 3e-4`, `--ema true`). Every key is known and typed; an
-unknown key or a wrong type is a ConfigError naming the file and key. The resolved config
-is saved as `config.yaml` in the run folder so a run can always be reproduced.
+then by command-line flags (`--lr 3e-4`, `--ema true`). Every key is known, typed and, when
+numeric, range-checked (RANGES) wherever a value enters: a YAML file, a flag, a checkpoint's
+copy. An unknown key, a wrong type, a value out of range, a duplicated YAML key or a pair of keys
+that contradict each other (RELATIONS) is a one-line ConfigError naming the file (or "command
+line") and key, raised before any stage writes anything. The resolved config is saved as
+`config.yaml` in the run folder so a run can always be reproduced.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import math
+import re
 from pathlib import Path
 
 from .errors import ConfigError
@@ -83,6 +88,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "device": ("auto", str, "auto | cpu | cuda | cuda:N"),
     "max_train_batches": (0, int, "debug: cap batches per epoch (0 = all)"),
     # --- post-training (retrain_head.py / predict.py) --------------------------------------
+    "crt_method": ("crt", str, "post-training of the head: crt (re-train it on the frozen backbone) | tau "
+                               "(tau-normalise it) | none (keep the trained head)"),
     "crt_epochs": (10, int, "cRT: head re-training epochs"),
     "crt_lr": (1e-3, float, "cRT: learning rate"),
     "crt_batch_size": (256, int, "cRT: batch size over cached features"),
@@ -95,10 +102,84 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "tta": ("flip", str, "none | flip | flip_scale | medium"),
     "tta_merge": ("prob", str, "prob | logit: average probabilities or logits"),
     "normal_gating_alpha": (0.0, float, "p_k *= (1 - p_Normal)^alpha for findings; 0 = off"),
-    "study_pool_weight": (0.0, float, "blend with the study mean (same PatientID+date); 0 = off"),
+    "study_pool_weight": (0.0, float, "blend with the mean over the same study (exact study key); 0 = off"),
+    "patient_context_weight": (0.0, float, "blend with the training labels of the patient's other studies; 0 = off"),
+    # --- selection on the val fold (cxrlt/validation.py) ------------------------------------
+    "select_on": ("auto", str, "val subset choices are made on: auto (proxy when projection known) | proxy | full"),
+    "proxy_require_finding": (False, bool, "proxy subset: only images with a positive label other than Normal"),
 }
 
 DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
+
+# The allowed values of every numeric key (a test keeps this complete). A rule is one of
+#   "> 0", ">= 0", ">= 1", ...   a bound;
+#   "[0, 1]", "(0, 1)", "[0, 1)"  an interval, brackets closed, parentheses open;
+#   "finite"                       any finite number.
+# NaN and infinity are refused everywhere.
+RANGES: dict[str, str] = {
+    "in_chans": ">= 1",  # (and CHOICES)
+    "cosine_scale": "> 0",
+    "csra_lambda": ">= 0",
+    "csra_temperature": "> 0",
+    "drop_path": "[0, 1)",
+    "focal_gamma": ">= 0",
+    "asl_gamma_neg": ">= 0",
+    "asl_gamma_pos": ">= 0",
+    "asl_clip": "[0, 1)",
+    "cb_beta": "[0, 1)",
+    "ldam_max_m": ">= 0",
+    "ldam_s": "> 0",
+    "drw_epoch": ">= -1",
+    "drw_beta": "[0, 1)",
+    "drw_lr_factor": "> 0",
+    "db_alpha": ">= 0",
+    "db_beta": ">= 0",
+    "db_mu": "finite",
+    "db_neg_scale": "> 0",
+    "db_init_bias": ">= 0",
+    "db_focal_gamma": ">= 0",
+    "rfs_threshold": "(0, 1]",
+    "epochs": ">= 1",
+    "batch_size": ">= 1",
+    "lr": "> 0",
+    "head_lr": ">= 0",
+    "weight_decay": ">= 0",
+    "warmup_epochs": ">= 0",
+    "min_lr": ">= 0",
+    "grad_clip": ">= 0",
+    "accum_steps": ">= 1",
+    "head_warmup_epochs": ">= 0",
+    "ema_decay": "(0, 1)",
+    "patience": ">= 0",
+    "aug_hflip": "[0, 1]",
+    "aug_rotate": "[0, 180]",
+    "aug_scale": "[0, 1)",
+    "aug_translate": "[0, 1)",
+    "aug_brightness": "[0, 1]",
+    "aug_contrast": "[0, 1)",
+    "val_fold": ">= 0",
+    "seed": "[0, 4294967295]",  # numpy's legacy seeding takes 32 bits
+    "workers": ">= 0",
+    "max_train_batches": ">= 0",
+    "nan_check_steps": ">= 1",
+    "img_size": ">= 0",
+    "crt_epochs": ">= 1",
+    "crt_lr": "> 0",
+    "crt_batch_size": ">= 1",
+    "normal_gating_alpha": "[-8, 8]",  # negative: p_k / (1 - p_Normal)^|alpha| (cxrlt/postproc.py)
+    "study_pool_weight": "[0, 1]",
+    "patient_context_weight": "[0, 1]",
+}
+
+# Rules between keys: (keys, holds(cfg), why). Checked on the whole config after every file and
+# override, and when an override changes one of the keys.
+RELATIONS: list[tuple[tuple[str, ...], object, str]] = [
+    (("min_lr", "lr"), lambda c: c["min_lr"] <= c["lr"],
+     "min_lr is above lr: the cosine schedule would rise instead of decay"),
+]
+
+# String keys whose values follow a pattern (the help text says which).
+PATTERNS = {"device": r"auto|cpu|cuda(:\d+)?"}
 
 # Every key belongs to one group, by what a change of its value affects:
 #   post  read after training (cRT, predict, selection): editing one re-runs only those stages,
@@ -107,7 +188,8 @@ DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
 #   train everything else: the trained weights depend on it.
 # A new key is `train` unless it is listed here.
 POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
-    "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight"}
+    "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "patient_context_weight", "select_on",
+    "proxy_require_finding"}
 RUN_KEYS = {"workers", "device", "compile", "grad_checkpointing", "nan_check_steps"}
 # train keys that may be raised after a run finished: the run is then extended, not redone
 EXTENDABLE_KEYS = {"epochs", "patience"}
@@ -139,6 +221,7 @@ ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", 
 CHOICES = {
     "head": {"linear", "cosine", "csra"},
     "loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
+    "crt_method": {"crt", "tau", "none"},
     "crt_loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
     "sampler": {"instance", "class_aware", "repeat_factor"},
     "crt_sampler": {"instance", "class_aware", "repeat_factor"},
@@ -146,6 +229,7 @@ CHOICES = {
     "tta": {"none", "flip", "flip_scale", "medium"},
     "tta_merge": {"prob", "logit"},
     "in_chans": {1, 3},
+    "select_on": {"auto", "proxy", "full"},
 }
 
 
@@ -154,7 +238,7 @@ def coerce(key: str, value, source: str):
     if key not in SCHEMA:
         near = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, SCHEMA.keys(), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
     _, typ, _ = SCHEMA[key]
     ok = False
     if typ is bool:
@@ -191,35 +275,196 @@ def coerce(key: str, value, source: str):
         raise ConfigError(
             f"{source}: config key '{key}' = {value!r} is not one of {sorted(CHOICES[key], key=str)}"
         )
+    if typ in (int, float):
+        _check_range(key, value, source)
+    elif typ is str:
+        _check_text(key, value, source)
     return value
 
 
-def load_yaml(path: str | Path) -> dict:
+def _check_range(key: str, value, source: str) -> None:
+    rule = RANGES.get(key)
+    if rule is None:
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: config key '{key}' = {value!r} must be a finite number")
+    if not _in_range(value, rule):
+        say = rule if rule[0] in "<>" or rule == "finite" else f"in {rule}"
+        raise ConfigError(f"{source}: config key '{key}' = {value!r} must be {say}")
+
+
+def _in_range(value, rule: str) -> bool:
+    if rule == "finite":
+        return True
+    m = re.fullmatch(r"(>=|>|<=|<)\s*(\S+)", rule)
+    if m:
+        op, bound = m.group(1), float(m.group(2))
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+    m = re.fullmatch(r"([\[(])\s*(\S+),\s*(\S+)\s*([\])])", rule)
+    if not m:
+        raise ValueError(f"bad range rule {rule!r}")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    above = value >= lo if m.group(1) == "[" else value > lo
+    below = value <= hi if m.group(4) == "]" else value < hi
+    return above and below
+
+
+def _check_text(key: str, value: str, source: str) -> None:
+    if "\n" in value or "\r" in value:
+        raise ConfigError(f"{source}: config key '{key}' = {value!r} must be one line")
+    pattern = PATTERNS.get(key)
+    if pattern and not re.fullmatch(pattern, value):
+        raise ConfigError(f"{source}: config key '{key}' = {value!r} is not one of: {SCHEMA[key][2]}")
+
+
+def check_relations(cfg: dict, source: str, keys=None) -> None:
+    """ConfigError for the first RELATIONS rule cfg breaks (only rules involving `keys`, if given)."""
+    for rule_keys, holds, why in RELATIONS:
+        if (keys is None or set(rule_keys) & set(keys)) and not holds(cfg):
+            values = ", ".join(f"{k} = {cfg[k]!r}" for k in rule_keys)
+            raise ConfigError(f"{source}: {values}: {why}")
+
+
+def read_yaml(path: str | Path, what: str = "config file"):
+    """The data of a YAML file (a key given twice in a mapping is refused); every problem is a
+    one-line ConfigError naming the file. Also reads study files (cxrlt/study.py)."""
     import yaml
 
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML config file -> {key: checked value}; every problem is a one-line ConfigError."""
+    path = Path(path)
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of key: value")
     return {k: coerce(k, v, str(path)) for k, v in data.items()}
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one YAML mapping (PyYAML silently keeps the last)."""
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (built lazily: yaml is
+    imported only when a config file is read)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: construct_mapping below says so
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first + 1}): give each key once",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _yaml_problem(e) -> str:
+    """A PyYAML error as one line: 'line L, column C: what'."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    if not problem.startswith("duplicate key"):
+        context = getattr(e, "context", None)
+        problem = f"not valid YAML ({context + ': ' if context else ''}{problem})"
+    return " ".join((where + problem).split())
+
+
 def resolve(config_files: list[str] | None = None, overrides: dict | None = None) -> dict:
-    """Defaults <- each YAML file in order <- overrides (e.g. from the CLI)."""
-    cfg = dict(DEFAULTS)
+    """Defaults <- each YAML file in order <- overrides (e.g. from the CLI), then checked as a whole."""
+    cfg, origin = dict(DEFAULTS), {}
     for f in config_files or []:
-        cfg.update(load_yaml(f))
-    return apply_overrides(cfg, overrides or {})
+        values = load_yaml(f)
+        cfg.update(values)
+        origin.update(dict.fromkeys(values, str(f)))
+    cfg = {**cfg, **{k: coerce(k, v, "command line") for k, v in (overrides or {}).items()}}
+    origin.update(dict.fromkeys(overrides or {}, "command line"))
+    for rule_keys, _, _ in RELATIONS:  # name the place that set the last of the rule's keys
+        where = [origin[k] for k in rule_keys if k in origin]
+        check_relations(cfg, where[-1] if where else "defaults", keys=rule_keys)
+    return cfg
 
 
 def apply_overrides(cfg: dict, overrides: dict, source: str = "command line") -> dict:
     """A copy of cfg with each override checked against the schema and applied."""
-    return {**cfg, **{k: coerce(k, v, source) for k, v in overrides.items()}}
+    out = {**cfg, **{k: coerce(k, v, source) for k, v in overrides.items()}}
+    check_relations(out, source, keys=overrides)
+    return out
+
+
+def stage_config(run_cfg: dict, config_files=(), overrides: dict | None = None, log=print,
+                 stage: str = "this stage") -> dict:
+    """The config a post-training stage (cRT, predict) runs with: the run's own config (its train
+    keys describe the model and the val fold) with the post keys, run keys and `seed` taken from
+    the current config file(s) + overrides as Make passes them, or, without a file, from the run's
+    copy + overrides. Overrides of other (train) keys are ignored, and said so: they would describe
+    another run (Make passes TRAIN_ARGS to every stage)."""
+    overrides = dict(overrides or {})
+    mine = {k for k in SCHEMA if group(k) in ("post", "run")} | {"seed"}
+    ignored = sorted(k for k in overrides if k not in mine)
+    if ignored:
+        log(f"{stage}: ignoring train keys given on the command line (the run's values apply): {', '.join(ignored)}")
+    if config_files:
+        current = resolve(list(config_files), overrides)
+        return {**run_cfg, **{k: current[k] for k in mine}}
+    return apply_overrides(run_cfg, {k: v for k, v in overrides.items() if k in mine})
+
+
+def post_part(cfg: dict, prefix: str | None = None) -> dict:
+    """The post keys of cfg (only those starting with `prefix` when given; without one, those that
+    do not start with `crt_`: what predict reads), sorted: what a post-training output depends on."""
+    keep = (lambda k: k.startswith(prefix)) if prefix else (lambda k: not k.startswith("crt_"))
+    return {k: cfg[k] for k in sorted(cfg) if group(k) == "post" and keep(k)}
+
+
+# the post-processing values a postproc.json chooses (cxrlt/postproc.py's PostParams)
+POSTPROC_KEYS = ("normal_gating_alpha", "study_pool_weight", "patient_context_weight")
+
+
+def load_postproc(path) -> dict:
+    """The post-processing values chosen on val (`predict.py --split val` writes <out>.postproc.json:
+    {"choice": {"normal_gating_alpha": A, "study_pool_weight": W, "patient_context_weight": C},
+    ...}, format in cxrlt/postproc.py) as checked overrides."""
+    import json
+
+    keys = POSTPROC_KEYS
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: post-processing file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg}); expected the "
+                          f"<pred_val>.postproc.json that predict.py --split val writes") from None
+    choice = data.get("choice") if isinstance(data, dict) else None
+    if not isinstance(choice, dict):
+        raise ConfigError(f"{path}: no 'choice' object (expected the <pred_val>.postproc.json that "
+                          f"predict.py --split val writes)")
+    missing = [k for k in keys if k not in choice]
+    if missing:
+        raise ConfigError(f"{path}: 'choice' has no {', '.join(map(repr, missing))}")
+    return {k: coerce(k, choice[k], f"{path}: choice") for k in keys}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, keys: list[str] | None = None) -> None:

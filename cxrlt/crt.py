@@ -89,17 +89,6 @@ def post_part(cfg: dict) -> dict:
     return {k: cfg[k] for k in sorted(cfg) if k.startswith("crt_") or k == "seed"}
 
 
-def cache_key(cache) -> str:
-    """The cache's content fingerprint: Cache.key, else its manifest's `fingerprint`; a cache
-    written without one (the benchmarks' synthetic caches) is keyed by its index and manifest."""
-    key = getattr(cache, "key", None) or cache.manifest.get("fingerprint")
-    if key:
-        return str(key)
-    from .fingerprints import file_key, json_key
-
-    return json_key({n: file_key(Path(cache.path) / n) for n in ("index.csv", "manifest.json")})
-
-
 def rows_key(rows) -> str:
     return hashlib.sha256(np.asarray(rows, dtype="<i8").tobytes()).hexdigest()[:16]
 
@@ -296,10 +285,6 @@ def _feature_file_ok(path: Path, fp: dict, n_rows: int) -> bool:
     return got is not None and got[0][0] == n_rows and inputs_match(path, fp)
 
 
-def images_path(cache) -> Path:
-    return Path(getattr(cache, "images_path", None) or Path(cache.path) / "images.npy")
-
-
 # ---- cRT -------------------------------------------------------------------------------------------
 
 def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path, log=print):
@@ -381,13 +366,13 @@ def prepare_inputs(model, cache, splits: dict, out: Path, cfg: dict, model_key: 
         if not len(rows):
             raise InputError(f"{cache.path}: no {name} rows for val_fold {cfg['val_fold']}")
     precision = "bf16" if amp and device.type == "cuda" else "fp32"
-    images = images_path(cache)
+    images = cache.images_path
     shape = head_input_shape(model, images, splits["train"][0], device, amp)
     per_row = int(np.prod(shape))
     fps, need = {}, {d: 0 for d in FEATURE_DTYPES}
     for d in FEATURE_DTYPES:
         for name, rows in splits.items():
-            fp = feature_fingerprint(model_key, cache_key(cache), rows, d, precision)
+            fp = feature_fingerprint(model_key, cache.key, rows, d, precision)
             fps[name, d] = fp
             if not _feature_file_ok(out / f"features_{name}.npy", fp, len(rows)):
                 need[d] += len(rows) * per_row * np.dtype(d).itemsize
@@ -442,7 +427,7 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
         if list(cache.labels) != list(ck["labels"]):
             raise InputError(f"{cache_dir}: cache labels differ from the run's ({src})")
         model_key = file_key(src)
-        stage_inputs = {"model": model_key, "cache": cache_key(cache), "post": post_part(cfg), "method": method}
+        stage_inputs = {"model": model_key, "cache": cache.key, "post": post_part(cfg), "method": method}
         target = out / "model.pt"
         if inputs_match(target, stage_inputs) and (out / "summary.json").is_file():
             touch(target)

@@ -116,12 +116,24 @@ class CacheDataset(Dataset):
         return x, y, row
 
 
+PREFETCH_FACTOR = 4  # batches each worker keeps ready (in /dev/shm: see make_loader)
+
+
+def worker_init(_worker_id: int) -> None:
+    """Loader workers are already one process per core: OpenCV's own thread pool in each of
+    them would oversubscribe the cores (torch's pool is set to one thread by the DataLoader)."""
+    cv2.setNumThreads(1)
+
+
 def make_loader(dataset, batch_size, sampler=None, shuffle=False, workers=2, drop_last=False, pin_memory=False):
+    """A DataLoader over `dataset`. Workers hand batches over in shared memory (/dev/shm):
+    up to PREFETCH_FACTOR x workers batches at once, each batch_size x S x S bytes (uint8)."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
         num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
         persistent_workers=False,  # the dataset's epoch is re-sent to fresh workers each epoch
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+        worker_init_fn=worker_init if workers > 0 else None,
     )

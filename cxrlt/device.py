@@ -16,22 +16,24 @@ from .errors import InputError
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device ('cuda' means cuda:<local_rank>)."""
+    """The torch device for config key `device` (auto | cpu | cuda | cuda:N; 'cuda' means
+    cuda:<local_rank>); InputError when the name is not one of those or names a GPU this machine
+    does not have."""
+    from .config import coerce
+
+    name = coerce("device", name, "--device")
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"device '{name}': not a device name (auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device '{name}': no CUDA GPU is available here (use --device cpu or auto)")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-        if dev.index >= torch.cuda.device_count():
-            raise InputError(f"device '{name}': only {torch.cuda.device_count()} GPU(s) present")
-    elif dev.type != "cpu":
-        raise InputError(f"device '{name}': only cpu and cuda devices are supported")
+    dev = torch.device(name)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                         f"use --device cpu or auto")
+    dev = torch.device(f"cuda:{local_rank}") if dev.index is None else dev
+    if dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

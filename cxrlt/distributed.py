@@ -71,6 +71,13 @@ def mean_across(value: float, info: DistInfo) -> float:
     return float(t.item()) / info.world
 
 
+def sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place (a no-op in a world of one)."""
+    if info.enabled:
+        dist.all_reduce(t)
+    return t
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -10,6 +10,8 @@ Methods:
   coordinate ascent on val mAP (fit_weights).
 - greedy: Caruana et al. (2004) forward selection with replacement on the validation fold; the
   selection counts are the weights of a weighted mean.
+Fitting uses the selection set of the val fold (cxrlt/validation.py: the test-like proxy by
+default); `cross_fitted` gives the honest number (fit on one patient half, score on the other).
 With a single model every method returns that model's predictions unchanged.
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from .metrics import score
+from .metrics import average_precision_per_label, macro_mean, score
 
 METHODS = ("mean", "rank", "weighted", "greedy")
 
@@ -134,30 +136,69 @@ def greedy_selection(val_preds, y_val, max_steps: int = 25) -> tuple[np.ndarray,
     return counts / counts.sum(), history
 
 
-def combine(method: str, test_preds, val_preds=None, y_val=None, weights=None):
-    """Combine test predictions; returns (test ensemble, weights or None, info dict).
-
-    weights (weighted only): given explicitly, else fitted on (val_preds, y_val).
-    The same weights/method applied to val_preds give the ensemble's val score (info).
-    """
+def fit(method: str, val_preds, y_val) -> tuple[np.ndarray | None, dict]:
+    """Weights of `method` fitted on the validation predictions and labels (None for mean/rank,
+    which need no fitting), and an info dict (greedy_history for greedy)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    info: dict = {}
     if method in ("mean", "rank"):
-        fn = mean_ensemble if method == "mean" else rank_ensemble
-        return fn(test_preds), None, info
-    if method == "weighted" and weights is not None:
-        w = normalise_weights(weights, len(test_preds))
-    elif val_preds is None or y_val is None:
+        return None, {}
+    if val_preds is None or y_val is None:
         raise ValueError(f"--method {method} needs validation predictions and labels"
                          + (" (or --weights)" if method == "weighted" else ""))
-    elif len(val_preds) != len(test_preds):
+    if method == "weighted":
+        return fit_weights(val_preds, y_val), {}
+    w, history = greedy_selection(val_preds, y_val)
+    return w, {"greedy_history": history}
+
+
+def _fit_or_given(method, val_preds, y_val, weights, n_models: int):
+    if method == "weighted" and weights is not None:
+        return normalise_weights(weights, n_models), {}
+    return fit(method, val_preds, y_val)
+
+
+def combine(method: str, test_preds, val_preds=None, y_val=None, weights=None, select=None):
+    """Combine test predictions; returns (test ensemble, weights or None, info dict).
+
+    weights (weighted only): given explicitly, else fitted on (val_preds, y_val) restricted to the
+    val rows `select` (the selection set of cxrlt/validation.py; None = all rows).
+    """
+    if val_preds is not None and len(val_preds) != len(test_preds):
         raise ValueError(f"{len(val_preds)} validation files for {len(test_preds)} test files")
-    elif method == "weighted":
-        w = fit_weights(val_preds, y_val)
-    else:
-        w, info["greedy_history"] = greedy_selection(val_preds, y_val)
-    return weighted_mean(test_preds, w), w, info
+    if val_preds is not None and select is not None:
+        val_preds, y_val = [np.asarray(v)[select] for v in val_preds], np.asarray(y_val)[select]
+    w, info = _fit_or_given(method, val_preds, y_val, weights, len(test_preds))
+    return apply_same(method, test_preds, w), w, info
+
+
+def cross_fitted(method: str, val_preds, y_val, sets: dict, weights=None) -> dict:
+    """The honest val mAP of `method` (cxrlt/validation.py): the ensemble of half B with the
+    weights fitted on half A and of half A with those fitted on B, scored per label on each half;
+    the gain over the equal-weight mean (on the halves basis) is added to the mean's selection-set
+    mAP. {"honest", "honest_gain", "half_weights": [fitted on A, on B] (None: nothing fitted)}.
+    With nothing to fit (mean, rank, given weights) it is the ensemble's selection-set mAP."""
+    from .validation import halves_macro, honest_value
+
+    y_val = np.asarray(y_val)
+    stack = [np.asarray(v) for v in val_preds]
+    a, b = sets["halves"]
+    sel = sets["selection"]
+    w_a, _ = _fit_or_given(method, [v[a] for v in stack], y_val[a], weights, len(stack))
+    w_b, _ = _fit_or_given(method, [v[b] for v in stack], y_val[b], weights, len(stack))
+    fitted = [None if w is None else w.tolist() for w in (w_a, w_b)]
+    if w_a is None or (method == "weighted" and weights is not None):  # nothing was fitted
+        ens = apply_same(method, [v[sel] for v in stack], w_a)
+        return {"honest": macro_mean(average_precision_per_label(y_val[sel], ens)), "honest_gain": 0.0,
+                "half_weights": fitted}
+
+    def ap(rows, w=None):  # weights w fitted elsewhere; None: the equal-weight mean (the reference)
+        part = [v[rows] for v in stack]
+        return average_precision_per_label(y_val[rows], mean_ensemble(part) if w is None else weighted_mean(part, w))
+
+    reference = {"halves": halves_macro(ap(a), ap(b)), "selection": macro_mean(ap(sel))}
+    honest, gain = honest_value(reference, "selection", halves_macro(ap(a, w_b), ap(b, w_a)))
+    return {"honest": honest, "honest_gain": gain, "half_weights": fitted}
 
 
 def apply_same(method: str, preds, weights) -> np.ndarray:

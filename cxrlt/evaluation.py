@@ -9,6 +9,15 @@ Outputs in the output folder (each written atomically):
   `evaluate.py --thresholds` applies such a file instead of tuning.
 - per_label.csv: label, group, train_count, train_fraction, positives, AP, AUC, F1, F1_tuned,
   threshold (floats; empty where undefined).
+  bootstrap: 95% interval of mAP and of head/medium/tail mAP, {name: {value, low, high}, n_boot,
+  seed, level, unit: "studies" | "images", n_units, keys_source}: studies (exact study keys of the
+  cache) are resampled when --labels or --index is a cache index holding the evaluated images,
+  else images.
+  subsets (cache keys only): {"proxy": ..., "proxy_finding": ...} each {n_images, what, mAP, low, high}:
+  the test-like subsets of cxrlt/validation.py (frontal when known, one image per study; and only
+  images with a finding).
+  compare (with --compare OTHER): paired bootstrap of mAP(pred) - mAP(OTHER) on the same images,
+  {other, mAP: {diff, low, high, frac_positive}, head, medium, tail, n_boot, ...}.
 - report.md, ap_vs_frequency.png, pr_curves_rarest.png, training_curves.png (with --train-log).
 
 Label alignment: predictions are matched to the labels by column NAME (the sets must be equal);
@@ -29,7 +38,8 @@ import pandas as pd
 from . import metrics as M
 from .errors import InputError
 from .fileio import atomic_path, read_jsonl, write_csv, write_json, write_text
-from .submission import LabelTable, labels_from_file, read_header, read_label_table, read_predictions
+from .tables import LabelTable, labels_from_file, read_label_table, read_predictions
+from .validation import ValKeys, keys_from_index
 
 N_RAREST_PR = 6
 ECE_BINS = 15
@@ -47,6 +57,8 @@ class EvalData:
     train_counts: np.ndarray  # (C,)
     n_train: int
     frequency_source: str
+    keys: ValKeys | None = None  # study/patient/projection keys of the images, when a cache has them
+    keys_source: str = "none"
 
 
 def load_eval_data(pred_path, labels_path, index_path=None) -> EvalData:
@@ -60,16 +72,18 @@ def load_eval_data(pred_path, labels_path, index_path=None) -> EvalData:
     pred = read_predictions(pred_path, labels)
     table = read_label_table(labels_path, ids=pred.index.tolist(), ids_source=str(pred_path))
     counts, n_train, source = _train_frequencies(table, labels_path, index_path, labels)
-    return EvalData(table.ids, labels, table.y, pred.loc[table.ids].to_numpy(), counts, n_train, source)
+    keys, keys_source = keys_from_index(labels_path if table.is_index else index_path, table.ids, table.y)
+    return EvalData(table.ids, labels, table.y, pred.loc[table.ids].to_numpy(), counts, n_train, source,
+                    keys, keys_source)
 
 
 def _train_frequencies(table: LabelTable, labels_path, index_path, labels):
     if table.is_index:
         return table.train_counts, table.n_train, f"train rows of {labels_path}"
     if index_path:
-        if "split" not in read_header(index_path):
-            raise InputError(f"{index_path}: not a cache index (no 'split' column)")
         index = read_label_table(index_path, ids=[])
+        if not index.is_index:
+            raise InputError(f"{index_path}: not a cache index (no 'split' column)")
         if set(index.labels) != set(labels):
             raise InputError(f"{index_path}: label columns differ from {labels_path}")
         order = [index.labels.index(x) for x in labels]
@@ -137,6 +151,29 @@ def compute_metrics(data: EvalData, thresholds=None) -> tuple[dict, pd.DataFrame
     return summary, per_label
 
 
+def uncertainty(data: EvalData, label_groups, other: np.ndarray | None = None, other_path=None,
+                n_boot: int = M.N_BOOT) -> dict:
+    """bootstrap (+ subsets with cache keys, + compare with other predictions): see the docstring."""
+    from .validation import proxy_subset
+
+    studies = data.keys.study if data.keys is not None else None
+    out = {"bootstrap": {**M.bootstrap_map(data.y, data.p, studies, label_groups, n_boot),
+                         "keys_source": data.keys_source}}
+    if data.keys is not None:
+        out["subsets"] = {}
+        for name, finding in (("proxy", False), ("proxy_finding", True)):
+            idx = proxy_subset(data.keys, data.labels, require_finding=finding)
+            ci = M.bootstrap_map(data.y[idx], data.p[idx], studies[idx], n_boot=n_boot)["mAP"] if len(idx) else {}
+            what = (("frontal, " if data.keys.frontal is not None else "") + "one image per study"
+                    + (", with a finding" if finding else ""))
+            out["subsets"][name] = {"n_images": int(len(idx)), "what": what, "mAP": ci.get("value", float("nan")),
+                                    "low": ci.get("low", float("nan")), "high": ci.get("high", float("nan"))}
+    if other is not None:
+        out["compare"] = {"other": str(other_path),
+                          **M.paired_bootstrap(data.y, data.p, other, studies, label_groups, n_boot)}
+    return out
+
+
 def _nan_to_none(obj):
     """JSON has no NaN: undefined metrics become null."""
     if isinstance(obj, dict):
@@ -171,8 +208,27 @@ def console_table(summary: dict, per_label: pd.DataFrame) -> str:
         f"group mAP: head {_fmt(g['head'])}  medium {_fmt(g['medium'])}  tail {_fmt(g['tail'])}  "
         f"(head >= {M.HEAD_MIN_FRACTION:.1%}, tail < {M.TAIL_MAX_FRACTION:.1%} of "
         f"{summary['group_cutoffs']['n_train_images']} training images; {summary['frequency_source']})",
-    ]
+    ] + uncertainty_lines(summary)
     return "\n".join(lines)
+
+
+def _ci(d: dict) -> str:
+    return f"[{_fmt(d.get('low'))}, {_fmt(d.get('high'))}]"
+
+
+def uncertainty_lines(summary: dict) -> list[str]:
+    """Interval, subset and comparison lines (console and report)."""
+    b = summary["bootstrap"]
+    lines = [f"95% interval ({b['n_boot']} bootstrap resamples of {b['n_units']} {b['unit']}): mAP "
+             f"{_ci(b['mAP'])}; head {_ci(b['head'])}  medium {_ci(b['medium'])}  tail {_ci(b['tail'])}"]
+    for name, s in summary.get("subsets", {}).items():
+        lines.append(f"{name} ({s['what']}): {s['n_images']} images, mAP {_fmt(s['mAP'])} {_ci(s)}")
+    c = summary.get("compare")
+    if c:
+        m = c["mAP"]
+        lines.append(f"vs {c['other']}: mAP difference {m['diff']:+.4f} {_ci(m)} (paired bootstrap); this file "
+                     f"scores higher in {_fmt(m['frac_positive'], 3)} of the resamples")
+    return lines
 
 
 def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) -> str:
@@ -196,6 +252,7 @@ def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) ->
         "",
         f"Labels without a positive here (no AP/F1, left out of the means): "
         f"{', '.join(summary['skipped_labels']) or 'none'}.", "",
+        *[f"- {x}" for x in uncertainty_lines(summary)], "",
         "| label | group | train | positives | AP | AUC | F1@0.5 | F1@thr | thr |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -292,11 +349,17 @@ def plot_training_curves(records: list[dict], path) -> None:
 
 
 # ---- the whole evaluation --------------------------------------------------------------------------
-def evaluate(pred_path, labels_path, out_dir, index_path=None, train_log=None, thresholds_path=None) -> dict:
+def evaluate(pred_path, labels_path, out_dir, index_path=None, train_log=None, thresholds_path=None,
+             compare_path=None, n_boot: int = M.N_BOOT) -> dict:
     """Score, write every output file in out_dir, print the console table; returns metrics.json's dict."""
     data = load_eval_data(pred_path, labels_path, index_path)
     thr = load_thresholds(thresholds_path, data.labels) if thresholds_path else None
+    other = None
+    if compare_path:
+        other = read_predictions(compare_path, data.labels, expected_ids=data.ids, ids_source=str(pred_path))
+        other = other.loc[data.ids].to_numpy()
     summary, per_label = compute_metrics(data, thr)
+    summary.update(uncertainty(data, per_label["group"].to_numpy(), other, compare_path, n_boot))
     summary.update(pred=str(pred_path), labels=str(labels_path),
                    thresholds_source=str(thresholds_path) if thresholds_path else "tuned on these labels (max F1 per label)")
     out = Path(out_dir)

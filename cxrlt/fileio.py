@@ -6,17 +6,19 @@ temporary name in the same directory, fsyncs it, and renames it into place when 
 leave a renamed but empty checkpoint). A crash leaves at most a `.<name>.*.tmp*` file, which
 the next write of the same name deletes.
 
-Output locks: `output_lock(folder)` holds an exclusive flock on `<folder>.lock` (a file beside
-the folder, so moving or deleting the folder never races with the lock) for as long as a stage
-writes into the folder. The file holds one JSON line {"pid", "host", "cmd"} of the holder; a
-second stage on the same folder stops at once with an InputError naming them. The kernel
-drops the lock when the holder dies (kill -9 included), so a stale file never blocks anyone.
+`output_lock(folder)`: one writer per output folder. The lock is an flock on `<folder>.lock`
+beside the folder (the folder itself may be replaced by a rename); while held, the file holds
+the holder's "pid P on HOST (command line)", for the message the second writer gets: "<folder>:
+pid P on HOST (...) is running on this output; wait for it or stop it". The OS drops the lock
+when the holder exits, however it exits (kill -9 included); the file stays (removing it would
+race with a new holder).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -64,8 +66,6 @@ def _fsync(path) -> None:
 
 def _remove_stale_temps(final: Path) -> None:
     """Delete temp files a killed writer of `final` left behind (a big last.pt each time)."""
-    import glob
-
     for p in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
         with contextlib.suppress(OSError):
             if p.is_file():
@@ -74,50 +74,35 @@ def _remove_stale_temps(final: Path) -> None:
 
 def lock_path(folder) -> Path:
     """The lock file of an output folder: `<folder>.lock`, beside it."""
-    folder = Path(folder)
-    return folder.parent / f"{folder.name}.lock"
+    return Path(f"{os.fspath(folder).rstrip(os.sep)}.lock")
 
 
 @contextlib.contextmanager
 def output_lock(folder):
-    """Hold the exclusive lock of output `folder` (see the module docstring) for the block.
-
-    InputError (one line) when another process holds it: "<folder>: pid P on HOST (CMD) is
-    running on this output; wait for it or stop it".
-    """
+    """Hold the lock of output folder `folder` for the block (yields the lock file's path);
+    InputError (one line naming the holder's pid, host and command) if another process holds it."""
     from .errors import InputError
 
-    path = lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+", encoding="utf-8")
+    lock = lock_path(folder)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = _describe_holder(f.read())
-        f.close()
-        raise InputError(f"{folder}: {holder} is running on this output; wait for it or stop it") from None
-    try:
-        f.truncate(0)
-        cmd = " ".join(sys.argv) or sys.executable
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "cmd": cmd}) + "\n")
-        f.flush()
-        yield path
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise InputError(f"{folder}: {holder} is running on this output; wait for it or stop it") from None
+        command = " ".join(sys.argv).replace("\n", " ")[:300]
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only unnamed
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
+        try:
+            yield lock
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
-        with contextlib.suppress(OSError):
-            f.truncate(0)  # the holder's line describes a live holder only
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
-def _describe_holder(text: str) -> str:
-    try:
-        h = json.loads(text.strip().splitlines()[0])
-        cmd = " ".join(str(h["cmd"]).split())  # one line, whatever the command held
-        cmd = cmd if len(cmd) <= 200 else cmd[:197] + "..."
-        return f"pid {int(h['pid'])} on {h['host']} ({cmd})"
-    except (ValueError, KeyError, IndexError, TypeError):
-        return "another process"  # it took the lock and has not written its line yet
+        os.close(fd)  # releases the flock
 
 
 def write_text(path, text: str) -> None:

@@ -29,6 +29,8 @@ Per image (`load_for_cache`): decode -> window limits from a strided subsample -
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 
 import cv2
 import numpy as np
@@ -54,8 +56,9 @@ class ImageReadError(InputError):
 def read_image(path) -> np.ndarray:
     """Decode an image file -> 2-D uint8 or uint16 array (colour converted to gray).
 
-    Raises ImageReadError naming the file for: missing, zero-byte, truncated or corrupt files,
-    non-image files, unsupported pixel types and images smaller than MIN_SIDE pixels.
+    Raises ImageReadError naming the file for: missing, zero-byte, truncated or corrupt files
+    (a JPEG whose data libjpeg reports damaged included), non-image files, unsupported pixel
+    types and images smaller than MIN_SIDE pixels.
     """
     path = os.fspath(path)
     try:
@@ -69,7 +72,7 @@ def read_image(path) -> np.ndarray:
     if data.size == 0:
         raise ImageReadError(path, "image file is empty (0 bytes)")
     _check_complete(path, data)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    img = _decode(path, data)
     if img is None:
         raise ImageReadError(path, f"not a readable image (corrupt, truncated or not an image file; "
                              f"{data.size} bytes)")
@@ -85,11 +88,49 @@ def read_image(path) -> np.ndarray:
 def _check_complete(path, data: np.ndarray) -> None:
     """A JPEG cut short still decodes (libjpeg fills the rest with grey): require its end marker.
     Truncated PNGs already fail to decode."""
-    is_jpeg = data.size >= 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF
-    if is_jpeg:
+    if _is_jpeg(data):
         tail = data[-64:].tobytes().rstrip(b"\x00")  # some writers pad after the marker
         if not tail.endswith(b"\xff\xd9"):
             raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+
+
+def _is_jpeg(data: np.ndarray) -> bool:
+    return data.size >= 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF
+
+
+# libjpeg reports a damaged entropy-coded segment only as a warning on stderr ("Corrupt JPEG data:
+# premature end of data segment", "... bad Huffman code", "Premature end of JPEG file"), and
+# OpenCV then returns an image whose missing part is flat grey: a JPEG cut short with an end
+# marker appended passes the end-marker check. Such images are refused. Two "Corrupt JPEG data"
+# warnings leave the pixels intact and are tolerated: junk bytes between segments, a bad ICC profile.
+_JPEG_HARMLESS = ("extraneous bytes", "icc")
+_warning_sink = None  # a file, not a pipe: a long message can never block the decoder
+
+
+def _decode(path, data: np.ndarray):
+    """cv2.imdecode; for a JPEG, watch what libjpeg writes to file descriptor 2 while it decodes."""
+    global _warning_sink
+    if not _is_jpeg(data):
+        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if _warning_sink is None:
+        _warning_sink = tempfile.TemporaryFile()
+    _warning_sink.seek(0)
+    _warning_sink.truncate()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(_warning_sink.fileno(), 2)
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    _warning_sink.seek(0)
+    for line in _warning_sink.read(4096).decode("utf-8", "replace").splitlines():
+        low = line.lower()
+        if ("corrupt jpeg data" in low and not any(k in low for k in _JPEG_HARMLESS)) \
+                or "premature end of jpeg file" in low:
+            raise ImageReadError(path, f"damaged JPEG data (libjpeg: {line.strip()})")
+    return img
 
 
 def _to_gray(path, img: np.ndarray) -> np.ndarray:
@@ -138,16 +179,6 @@ def apply_window(img: np.ndarray, lo: int, hi: int) -> np.ndarray:
     scale = 255.0 / (hi - lo)
     lut = np.clip(np.rint((np.arange(levels, dtype=np.float64) - lo) * scale), 0, 255).astype(np.uint8)
     return lut[img]
-
-
-def window_to_uint8(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
-                    stride: int = 4) -> np.ndarray:
-    """16-bit -> uint8 by percentile windowing (see module docstring); uint8 is returned as is."""
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype != np.uint16:
-        raise ValueError(f"expected a uint8 or uint16 image, got {img.dtype}")
-    return apply_window(img, *window_limits(img, low_pct, high_pct, stride))
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:

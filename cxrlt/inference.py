@@ -1,4 +1,5 @@
-"""Inference: the one batched forward loop, test-time augmentation, normal gating and study pooling.
+"""Inference: the one batched forward loop and test-time augmentation (post-processing of the
+probabilities: cxrlt/postproc.py).
 
 `batched_forward(model, loader, fn, device, amp)` is the only loop that runs a model over a
 loader without gradients: predict_tta (predictions, also the trainer's validation), cRT's
@@ -17,17 +18,11 @@ normalisation), so a view costs one forward pass and nothing on the CPU:
     medium      flip_scale's four views plus the flipped zooms (6 views)
 
 Views are merged by the mean probability (`prob`) or by the mean logit (`logit`, then sigmoid).
-
-Post-processing (both off by default; predict.py measures them on the val fold):
-- normal gating: p_k <- p_k * (1 - p_Normal)^alpha for every finding k (not Normal itself);
-- study pooling: p <- (1 - w) * p + w * mean of p over the images of the same study
-  (same PatientID and StudyDate_DICOM, e.g. the frontal and lateral view).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -115,34 +110,6 @@ def predict_tta(model, loader, device, tta: str = "none", merge: str = "prob", a
         return acc if merge == "prob" else torch.sigmoid(acc)
 
     return batched_forward(model, loader, merged, device, amp, progress, desc)
-
-
-def normal_gating(p: np.ndarray, labels: list[str], alpha: float, normal: str = "Normal") -> np.ndarray:
-    """p_k <- p_k * (1 - p_Normal)^alpha for findings; unchanged when alpha is 0 or no Normal label."""
-    if alpha == 0 or normal not in labels:
-        return p
-    j = labels.index(normal)
-    gate = (1.0 - p[:, j:j + 1]) ** alpha
-    q = p * gate
-    q[:, j] = p[:, j]
-    return q
-
-
-def study_pool(p: np.ndarray, patient_ids, study_dates, weight: float) -> np.ndarray:
-    """Blend each image's probabilities with the mean over its study (same patient and date)."""
-    if weight == 0:
-        return p
-    key = pd.Series([f"{a}|{b}" for a, b in zip(patient_ids, study_dates)])
-    codes = key.astype("category").cat.codes.to_numpy()
-    sums = np.zeros((codes.max() + 1, p.shape[1]), dtype=np.float64)
-    np.add.at(sums, codes, p)
-    counts = np.bincount(codes)[:, None]
-    mean = (sums / counts)[codes]
-    return ((1.0 - weight) * p + weight * mean).astype(p.dtype)
-
-
-def postprocess(p, labels, patient_ids, study_dates, gating_alpha: float, pool_weight: float):
-    return normal_gating(study_pool(p, patient_ids, study_dates, pool_weight), labels, gating_alpha)
 
 
 def load_trained(path, device="cpu"):

@@ -6,14 +6,14 @@ Conventions shared by every function here:
 - AUC additionally needs at least one negative; labels with a single class are NaN/skipped.
 - Predicted positive means p >= threshold (so ties at the threshold count as positive, the same
   rule sklearn's precision_recall_curve uses).
-- AP is sklearn's average_precision_score (step-wise area under the PR curve, no interpolation);
+- AP equals sklearn's average_precision_score (step-wise area under the PR curve, no interpolation);
   tied scores form one operating point, so AP does not depend on the order of tied rows.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 # Long-tail groups by the fraction of training images that carry the label. On the CXR-LT 2026
 # profile (142,928 training images, max/min ratio ~1000:1) this gives 6 head, 17 medium and
@@ -46,8 +46,10 @@ def _per_label(y, p, fn, need_negative: bool) -> np.ndarray:
 
 
 def average_precision_per_label(y, p) -> np.ndarray:
-    """(C,) AP per label; NaN for labels with no positive."""
-    return _per_label(y, p, average_precision_score, need_negative=False)
+    """(C,) AP per label; NaN for labels with no positive (weighted_ap with unit weights: equal to
+    sklearn's average_precision_score, without its per-call overhead)."""
+    y, p = _check_arrays(y, p)
+    return resampled_ap(y, p, np.ones((1, len(y)), np.int32))[0]
 
 
 def auc_per_label(y, p) -> np.ndarray:
@@ -61,6 +63,11 @@ def _nanmean_skipped(values: np.ndarray, labels=None) -> tuple[float, list]:
     skipped = [labels[i] for i in skipped_idx] if labels is not None else skipped_idx
     kept = values[~np.isnan(values)]
     return (float(kept.mean()) if len(kept) else float("nan")), skipped
+
+
+def macro_mean(per_label) -> float:
+    """Mean of the defined (non-NaN) per-label values; NaN if none (how every macro mean here skips)."""
+    return _nanmean_skipped(np.asarray(per_label, dtype=np.float64))[0]
 
 
 def score(y, p, labels=None, auc: bool = True) -> dict:
@@ -170,10 +177,149 @@ def frequency_groups(
 
 def group_map(per_label_ap, groups) -> dict[str, float]:
     """Mean AP of each group over its labels with a defined AP (NaN for an empty group)."""
-    ap = np.asarray(per_label_ap, dtype=np.float64)
-    groups = np.asarray(groups)
+    means = _summaries(np.asarray(per_label_ap, dtype=np.float64)[None, :], groups)
+    return {g: float(means[g][0]) for g in GROUPS}
+
+
+# ---- bootstrap intervals ------------------------------------------------------------------------------
+# A resample re-weights the evaluation's STUDIES (images of one study share their labels and look
+# alike, so they are not independent draws; resampling images would make the interval too narrow).
+# It is the Bayesian bootstrap (Rubin 1981): each study gets an Exp(1) weight, the continuous
+# analogue of drawing the studies with replacement, with the same coverage on common labels. Unlike
+# integer draws it never leaves a study out, so a label with 1-2 positives never drops out of a
+# resample (which pushed the macro mean, and the interval, above the estimate), and no image is
+# duplicated into a tie with itself (which raised a rare label's AP). AP under weights is sklearn's
+# sample_weight AP; each label is sorted ONCE and every resample is a weighted cumulative sum over
+# that order, vectorised over resamples.
+N_BOOT = 1000
+BOOT_SEED = 0
+_CHUNK_ELEMENTS = 4_000_000  # resamples x images per chunk: bounds memory on a large val fold
+
+
+def group_codes(groups) -> np.ndarray:
+    """(N,) int codes 0..G-1 of the distinct group keys (compared as strings)."""
+    _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return codes.ravel()
+
+
+def resample_weights(groups, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> np.ndarray:
+    """(n_boot, N) float weights: an Exp(1) weight per distinct group (study) and resample, given
+    to every image of the group."""
+    codes = group_codes(groups)
+    g = int(codes.max()) + 1 if len(codes) else 1
+    weights = np.random.default_rng(seed).exponential(size=(n_boot, g)).astype(np.float32)
+    return weights[:, codes]  # float32: 1000 resamples of a 28k-image val fold take 112 MB
+
+
+def weighted_ap(y_c, p_c, w) -> np.ndarray:
+    """(B,) AP of one label under each row of weights w (B, N); NaN where the weighted positives are 0.
+
+    Equals sklearn's average_precision_score(y_c, p_c, sample_weight=w[b]) (tied scores form one
+    operating point: only the last row of a tie run in the sorted order is a threshold)."""
+    y_c = np.asarray(y_c) > 0.5
+    p_c = np.asarray(p_c, dtype=np.float64)
+    order = np.argsort(-p_c, kind="stable")
+    ps, ys = p_c[order], y_c[order]
+    ends = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])
+    w = np.asarray(w)[:, order].astype(np.float64)
+    tp = np.cumsum(w * ys, axis=1)[:, ends]
+    seen = np.cumsum(w, axis=1)[:, ends]
+    pos = tp[:, -1] if len(ends) else np.zeros(len(w))
+    gain = np.diff(tp, axis=1, prepend=0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(seen > 0, tp / seen, 0.0)
+        return np.where(pos > 0, (gain * precision).sum(1) / pos, np.nan)
+
+
+def resampled_ap(y, p, weights) -> np.ndarray:
+    """(B, C) per-label AP of (y, p) under each resample's weights (NaN: no positive drawn)."""
+    y, p = _check_arrays(y, p)
+    weights = np.asarray(weights)
+    b, n = weights.shape
+    out = np.full((b, y.shape[1]), np.nan)
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for c in range(y.shape[1]):
+        if not y[:, c].any():
+            continue
+        for s in range(0, b, step):
+            out[s:s + step, c] = weighted_ap(y[:, c], p[:, c], weights[s:s + step])
+    return out
+
+
+def _summaries(ap: np.ndarray, label_groups) -> dict[str, np.ndarray]:
+    """Macro mAP and the mean AP of each label group, per row of ap (B, C), over the labels with a
+    defined AP."""
+    def mean(cols):
+        ok = ~np.isnan(ap) & cols[None, :]
+        n = ok.sum(1)
+        return np.where(n > 0, np.where(ok, ap, 0.0).sum(1) / np.maximum(n, 1), np.nan)
+
+    out = {"mAP": mean(np.ones(ap.shape[1], bool))}
+    if label_groups is not None:
+        lg = np.asarray(label_groups)
+        for g in GROUPS:
+            out[g] = mean(lg == g)
+    return out
+
+
+def _units(groups, n: int) -> tuple[str, np.ndarray]:
+    """("studies", groups) or, with no groups, ("images", one group per image)."""
+    if groups is None:
+        return "images", np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group keys for {n} images")
+    return "studies", np.asarray(groups)
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` percentile interval of the resampled values (NaN if none is defined)."""
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def bootstrap_map(y, p, groups=None, label_groups=None, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
+                  level: float = 0.95) -> dict:
+    """Bootstrap (percentile) 95% interval of macro mAP, and of head/medium/tail mAP with
+    label_groups.
+
+    groups: (N,) study key per image (resampled together); None resamples images.
+    Returns {name: {"value", "low", "high"}} for mAP (+ each group) and "n_boot", "seed", "level",
+    "unit" ("studies" | "images"), "n_units". value is the statistic on the data as given.
+    """
+    y, p = _check_arrays(y, p)
+    unit, groups = _units(groups, len(y))
+    w = resample_weights(groups, n_boot, seed)
+    point = _summaries(average_precision_per_label(y, p)[None, :], label_groups)
+    boot = _summaries(resampled_ap(y, p, w), label_groups)
+    out = {k: {"value": float(point[k][0]), **dict(zip(("low", "high"), _interval(boot[k], level)))}
+           for k in boot}
+    out.update(n_boot=n_boot, seed=seed, level=level, unit=unit, n_units=int(group_codes(groups).max(initial=-1)) + 1)
+    return out
+
+
+def paired_bootstrap(y, p_a, p_b, groups=None, label_groups=None, n_boot: int = N_BOOT,
+                     seed: int = BOOT_SEED, level: float = 0.95) -> dict:
+    """Paired bootstrap of mAP(p_a) - mAP(p_b) on the same images: both are scored on the same
+    resamples, so the interval is that of the difference (much narrower than the two intervals
+    suggest when the predictions are correlated). Per statistic: {"diff", "low", "high",
+    "frac_positive"} (frac_positive: share of resamples where a beats b), plus n_boot/seed/level/unit."""
+    y, p_a = _check_arrays(y, p_a)
+    _, p_b = _check_arrays(y, p_b)
+    if p_a.shape != p_b.shape:
+        raise ValueError(f"prediction sets differ in shape: {p_a.shape} vs {p_b.shape}")
+    unit, groups = _units(groups, len(y))
+    w = resample_weights(groups, n_boot, seed)
+    point = _summaries((average_precision_per_label(y, p_a) - average_precision_per_label(y, p_b))[None, :],
+                       label_groups)
+    diffs = _summaries(resampled_ap(y, p_a, w) - resampled_ap(y, p_b, w), label_groups)  # same resamples
     out = {}
-    for g in GROUPS:
-        vals = ap[(groups == g) & ~np.isnan(ap)]
-        out[g] = float(vals.mean()) if len(vals) else float("nan")
+    for k in diffs:
+        lo, hi = _interval(diffs[k], level)
+        fin = diffs[k][np.isfinite(diffs[k])]
+        out[k] = {"diff": float(point[k][0]), "low": lo, "high": hi,
+                  "frac_positive": float((fin > 0).mean()) if len(fin) else float("nan")}
+    out.update(n_boot=n_boot, seed=seed, level=level, unit=unit)
     return out

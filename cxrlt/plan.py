@@ -6,12 +6,18 @@ input CSVs, and writes:
 
   .make/vars.mk    TEST_KEY (which test cache the test list maps to), STEMS, and per config
                    stem: SIZE_<stem> (its image size), INIT_<stem> (the stem whose model.pt it
-                   starts from, resolution ladder), CFG_<stem> (its file). A broken config or
+                   starts from, resolution ladder), CFG_<stem> (its file), BASE_<stem> (the stem
+                   whose run trains this config's backbone: configs that differ only in
+                   post-training keys share one trained backbone). A broken config or
                    variable is a one-line error and exit status 2: make stops there.
   .make/<dataset>_<size>/cache-train.stamp    what the train cache is built from
   .make/<dataset>_<size>/cache-test.stamp     what the test cache is built from
   .make/<dataset>_<size>/<stem>/{train,crt,predict-val,predict-test}.stamp
   .make/submissions/<NAME>.stamp              the variables the submission depends on
+  .make/studies/<study>/                       with --study (make study): the study's generated
+                   configs (one per variant, seed and fold; they join CONFIGS' configs in STEMS)
+                   and study.json; vars.mk then also sets STUDY_NAME, STUDY_STEMS, STUDY_MANIFEST
+                   (cxrlt/study.py). The submission stamp only ever depends on CONFIGS.
 
 A stamp holds, as JSON, exactly what its stage reads besides upstream stage outputs: content
 hashes of input files (not their times), the config keys of the stage's group (cxrlt/config.py:
@@ -36,6 +42,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import InputError
+from .fingerprints import json_key
 
 STATE = Path(".make")
 
@@ -94,10 +101,14 @@ def stamp_text(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
 
 
-def test_list_key(test_csv, hashes: HashCache) -> str:
-    """Names the test cache of a test list: the list's content (not its path or time)."""
-    sha = hashes.sha(test_csv)
-    return sha[:10] if sha else "none"
+def test_list_key(test_csv, meta_csv, hashes: HashCache) -> str:
+    """Names the test cache of a test list: the contents of the list and of META_CSV (not their
+    paths or times); `none` when there is no test list."""
+    from .keys import test_cache_key
+
+    if not hashes.sha(test_csv):
+        return "none"
+    return test_cache_key(test_csv, meta_csv or None, sha256=hashes.sha)
 
 
 def config_overrides(args_text: str, source: str) -> dict:
@@ -133,12 +144,17 @@ def plan(a: argparse.Namespace) -> list[str]:
     state = Path(a.state)
     hashes = HashCache(state / "hashes.json")
     mk: list[str] = []
-    test_key = test_list_key(a.test_csv, hashes)
+    test_key = test_list_key(a.test_csv, a.meta_csv, hashes)
     mk.append(f"TEST_KEY := {test_key}")
 
     overrides = config_overrides(a.train_args, "TRAIN_ARGS")
+    study = None
+    if a.study:  # `make study`: the study's generated configs join CONFIGS (cxrlt/study.py)
+        from .study import expand, study_dir
+
+        study = expand(a.study, state)
     stems, cfgs, files = [], {}, {}
-    for f in a.configs.split():
+    for f in a.configs.split() + [r["config"] for r in (study.runs if study else [])]:
         stem = Path(f).stem
         if stem in cfgs:
             raise InputError(f"CONFIGS: {files[stem]} and {f} have the same name '{stem}' (run folders are named "
@@ -147,8 +163,11 @@ def plan(a: argparse.Namespace) -> list[str]:
         files[stem] = f
         stems.append(stem)
     mk.append(f"STEMS := {' '.join(stems)}")
+    mk += [f"STUDY_NAME := {study.name if study else ''}",
+           f"STUDY_STEMS := {' '.join(r['stem'] for r in study.runs) if study else ''}",
+           f"STUDY_MANIFEST := {study_dir(state, study.name) / 'study.json' if study else ''}"]
 
-    sizes = {}
+    sizes, bases, owner = {}, {}, {}
     for stem, cfg in cfgs.items():
         size = int(cfg.get("img_size", 0) or 0) or int(a.img_size)
         sizes[stem] = size
@@ -156,7 +175,11 @@ def plan(a: argparse.Namespace) -> list[str]:
         if init and init not in cfgs:
             raise InputError(f"{files[stem]}: init_from '{init}' is not one of CONFIGS ({' '.join(stems)}): "
                              f"add its config to CONFIGS so that its run is trained first")
-        mk += [f"CFG_{stem} := {files[stem]}", f"SIZE_{stem} := {size}", f"INIT_{stem} := {init}"]
+        # the first config with exactly this training owns the run; later ones reuse its backbone
+        training = json_key({"train": config_mod.train_part(cfg), "size": size, "init": init})
+        bases[stem] = owner.setdefault(training, stem)
+        mk += [f"CFG_{stem} := {files[stem]}", f"SIZE_{stem} := {size}", f"INIT_{stem} := {init}",
+               f"BASE_{stem} := {bases[stem]}"]
     mk.append("SIZES := " + " ".join(str(s) for s in sorted(set(sizes.values()) | {int(a.img_size)})))
 
     preprocess = significant_args(a.preprocess_args, {"--workers": 1})
@@ -185,9 +208,10 @@ def plan(a: argparse.Namespace) -> list[str]:
         write_if_changed(d / "predict-val.stamp", stamp_text(common))
         write_if_changed(d / "predict-test.stamp", stamp_text({**common, "test_key": test_key}))
 
+    ensembled = stems[:len(a.configs.split())]  # CONFIGS' stems; a study's runs are never ensembled
     write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
-        "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in stems],
-        "sizes": sizes, "ensemble": a.ensemble, "postproc": a.postproc, "predict_args": predict_args,
+        "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
+        "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc, "predict_args": predict_args,
         "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"}, "test_key": test_key, "test_labels": hashes.sha(a.test_labels)}))
     hashes.save()
     return mk
@@ -198,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--state", default=str(STATE))
     p.add_argument("--mk", required=True, help="the vars.mk to write")
     for name in ("dataset", "train-csv", "image-dir", "test-csv", "removal-csv", "meta-csv", "labels-file",
-                 "test-labels", "img-size", "folds", "configs", "name", "ensemble", "postproc"):
+                 "test-labels", "img-size", "folds", "configs", "name", "ensemble", "postproc", "study"):
         p.add_argument(f"--{name}", default="")
     for name in ("train-args", "predict-args", "preprocess-args"):
         p.add_argument(f"--{name}", default="")

@@ -6,21 +6,52 @@
                    -> backward -> (every accum_steps) clip, step, EMA update, LR from the step count
         validate on the held-out fold (EMA weights when EMA is on), all ranks' predictions gathered
         log one line to metrics.jsonl; write last.pt (full state) and best.pt (best val mAP)
-    model.pt = the best weights (the file later stages read, written once at the very end)
+    model.pt = the best weights (the file later stages read, written at the end of the run)
 
 Exact resume: every source of randomness is re-seeded from (seed, epoch) at the start of an
 epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row) and the
 LR is a pure function of the optimizer step. So last.pt only needs the model, optimizer, EMA, step
 and epoch for a resumed run to end with the same numbers as an uninterrupted one.
+
+No host stall per step: the running loss and a count of non-finite losses stay on the device;
+the count is read (one sync) every cfg nan_check_steps batches and at the end of the epoch, and
+a non-zero count stops the run (all ranks agree: the count is summed across them). EMA updates
+are one fused foreach lerp over all tensors.
+
+Run folder (--out) and its keys (see DESIGN "Run folder keys"):
+  run.json   {"train_key", "data_key", "tag", "image_size", "world_size", "global_batch",
+              "accum_steps", "epochs_done", "best_epoch", "bad_epochs"} rewritten at the start and
+             after every epoch (after last.pt). train_key = config.train_key of the config (epochs
+             and patience left out, so they can be raised), combined with the content key of
+             init_checkpoint when one is set; data_key = the training cache's content key;
+             tag = 8 hex of both.
+  A start on a folder that holds a run (last.pt) needs resume=True (train.py --resume), then:
+  - same keys: continue from last.pt. A finished run (epochs reached, or stopped by patience)
+    whose epochs/patience were raised continues to the new end (the LR schedule follows the new
+    epoch count) and rewrites model.pt; a finished run not extended is "up to date": model.pt
+    is touched (so that Make settles) and nothing is built.
+  - other keys: the folder is moved aside to `<out>@<its tag>` (said in the log); when
+    `<out>@<tag of the new keys>` exists (an earlier run with exactly these keys) it is moved
+    back and continued, else training starts afresh.
+  A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
+
+World size: last.pt and run.json record the world size W and the global batch
+G = batch_size x W x accum_steps. A resume with another world size W' keeps G (and with it the
+optimizer-step schedule and the samples of every step, see samplers.py) by running
+accum_steps' = G / (batch_size x W') micro-batches per step; when G is not a multiple of
+batch_size x W' the resume stops with a message saying which world sizes fit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 from tqdm import tqdm
 
 from . import config as config_mod
@@ -35,26 +67,23 @@ from . import distributed as D
 from .checkpoint import load_checkpoint, state_dict_of
 from .device import autocast_ctx
 from .errors import InputError
-from .fileio import append_jsonl, read_jsonl, torch_save
+from .fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
+from .fingerprints import file_key, touch
 from .inference import predict_tta
 from .metrics import score
 
 log = logging.getLogger("cxrlt.train")
-
-# Keys that may change between a run and its resume without changing what is computed
-# (or that only extend it).
-RESUME_SAFE_KEYS = {"epochs", "workers", "device", "patience", "max_train_batches", "compile"}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "model.pt", "train.log")
 
 
 # --------------------------------------------------------------------------------------------
 # small pieces
 # --------------------------------------------------------------------------------------------
 class EMA:
-    """Exponential moving average of the model weights (float tensors averaged, others copied).
+    """Exponential moving average of a model's weights (float tensors averaged, others copied).
 
-    The decay ramps up as min(decay, (1 + step) / (10 + step)) so that early, random weights are
-    forgotten quickly; with decay 0.9999 the horizon is ~10k optimizer steps.
+    ema <- d * ema + (1 - d) * w after every optimizer step, with the decay ramped up as
+    d = min(decay, (1 + step) / (10 + step)) so that early, random weights are forgotten quickly
+    (with decay 0.9999 the horizon is ~10k optimizer steps). One fused foreach lerp per update.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -63,25 +92,25 @@ class EMA:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        src, dst = model.state_dict(), self.module.state_dict()  # tensors sharing the weights' storage
+        floats = [k for k, v in dst.items() if v.dtype.is_floating_point]
+        self._avg, self._src = [dst[k] for k in floats], [src[k] for k in floats]
+        self._copy = [(dst[k], src[k]) for k in dst if k not in set(floats)]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
         self.steps += 1
         d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
-        src = model.state_dict()
-        for k, v in self.module.state_dict().items():
-            s = src[k].detach()
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(s.to(v.dtype), alpha=1.0 - d)
-            else:
-                v.copy_(s)
+        torch._foreach_lerp_(self._avg, self._src, 1.0 - d)  # avg + (1-d)(w - avg) = d avg + (1-d) w
+        for a, b in self._copy:
+            a.copy_(b)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "module": self.module.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.steps = int(sd["steps"])
-        self.module.load_state_dict(sd["module"])
+        self.module.load_state_dict(sd["module"])  # in place: the lerp lists stay valid
 
 
 def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
@@ -136,15 +165,100 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# run keys and the run folder
+# --------------------------------------------------------------------------------------------
+def run_train_key(cfg: dict) -> str:
+    """config.train_key, combined with the content key of init_checkpoint when one is set (the
+    starting weights are an input too: a retrained source run means another run)."""
+    train = config_mod.train_key(cfg)
+    if cfg["init_checkpoint"]:
+        if not os.path.isfile(cfg["init_checkpoint"]):
+            raise InputError(f"{cfg['init_checkpoint']}: init_checkpoint not found")
+        train = _hex(f"{train}|{file_key(cfg['init_checkpoint'])}", 16)
+    return train
+
+
+def run_keys(cfg: dict, cache) -> dict:
+    """{"train_key", "data_key", "tag"}: what a run's weights are trained from (module doc);
+    the data key is the cache's content key (rows, labels, folds, pixel sources, size)."""
+    train, data = run_train_key(cfg), cache.key
+    return {"train_key": train, "data_key": data, "tag": _hex(f"{train}|{data}", 8)}
+
+
+def _hex(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def read_run_json(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def aside_path(out: Path, tag: str) -> Path:
+    return out.with_name(f"{out.name}@{tag}")
+
+
+def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume: bool) -> list[str]:
+    """Make `out` hold the run of `keys` (module doc: same keys kept, other keys moved aside,
+    an earlier run with these keys restored). Rank 0 only. Returns what was done, for the log."""
+    said = []
+    has_run = (out / "last.pt").exists()
+    if has_run and not resume:
+        raise InputError(f"{out}: a run already exists here; pass --resume to continue it or choose another --out")
+    state = read_run_json(out) if has_run else None
+    if has_run and state is None:
+        # a run written before run.json: its train key from its config.yaml, its data assumed unchanged
+        old_cfg = {**config_mod.DEFAULTS, **config_mod.load_yaml(out / "config.yaml")}
+        state = {"train_key": run_train_key(old_cfg), "data_key": keys["data_key"], "image_size": image_size}
+    if has_run and state.get("image_size", image_size) != image_size:
+        raise InputError(f"{out}: this run was trained on {state['image_size']} px images but the cache has "
+                         f"{image_size} px; use the cache of its size, or another --out")
+    if has_run and (state["train_key"], state["data_key"]) != (keys["train_key"], keys["data_key"]):
+        old_tag = _hex(f"{state['train_key']}|{state['data_key']}", 8)
+        aside = aside_path(out, old_tag)
+        if aside.exists():
+            raise InputError(f"{out}: its run (other config or data) should move to {aside}, which already "
+                             f"exists; move one of them away")
+        os.replace(out, aside)
+        said.append(f"the run in {out} was trained with another config or data: moved it to {aside}")
+        has_run = False
+    if not has_run:
+        earlier = aside_path(out, keys["tag"])
+        if earlier.is_dir() and (earlier / "last.pt").exists():
+            if out.exists():
+                shutil.rmtree(out)  # no last.pt: a start killed before its first epoch, nothing to keep
+            os.replace(earlier, out)
+            said.append(f"restored the earlier run with this config and data from {earlier}")
+        elif out.exists():
+            # lines left by a start killed before its first last.pt are stale
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg, sort_keys=False)  # as config.save writes it
+    if not (out / "config.yaml").exists() or (out / "config.yaml").read_text(encoding="utf-8") != text:
+        write_text(out / "config.yaml", text)
+    return said
+
+
+def resume_accum_steps(global_batch: int, old_world: int, batch_size: int, world: int, out="run") -> int:
+    """Micro-batches per optimizer step that keep a run's global batch when it resumes with
+    `world` processes of `batch_size` (it ran with `old_world`). InputError when none does."""
+    per_step = batch_size * world
+    if global_batch % per_step == 0:
+        return global_batch // per_step
+    fits = [w for w in range(1, global_batch // batch_size + 1) if global_batch % (batch_size * w) == 0]
+    raise InputError(f"{out}: this run's global batch is {global_batch} images ({old_world} processes); "
+                     f"{world} processes x batch_size {batch_size} cannot form it: resume with "
+                     f"{' or '.join(map(str, fits))} processes")
+
+
+# --------------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: dict, cache_dir: str, out_dir: str, resume: bool = False):
         from .cache import open_cache
-        from .data import AugConfig, CacheDataset
-        from .losses import build_loss
-        from .models import build_model
-        from .samplers import build_sampler
 
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -152,32 +266,59 @@ class Trainer:
         self.device = self.dist.device
         self.amp = cfg["amp"] and self.device.type == "cuda"
         self.channels_last = cfg["channels_last"] and self.device.type == "cuda"
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        D.barrier(self.dist)
-        setup_logging(self.out, self.dist.is_main)
-        self._check_run_folder(resume)
-
-        # ---- data ----
         self.cache_dir = cache_dir
         self.cache = open_cache(cache_dir)
+        if cfg["img_size"] and cfg["img_size"] != self.cache.size:
+            raise InputError(f"{cache_dir}: images are {self.cache.size} px but the config wants img_size "
+                             f"{cfg['img_size']}; use the cache of that size (IMG_SIZE={cfg['img_size']})")
+        if cfg["init_from"] and not cfg["init_checkpoint"]:
+            raise InputError(f"the config starts from the run '{cfg['init_from']}' (init_from) but no "
+                             f"init_checkpoint is given: pass --init_checkpoint <that run>/model.pt (make does)")
+        self.keys = run_keys(cfg, self.cache)
+        said = []
+        if self.dist.is_main:
+            said = prepare_run_folder(self.out, cfg, self.keys, self.cache.size, resume)
+        D.barrier(self.dist)
+        setup_logging(self.out, self.dist.is_main)
+        for line in said:
+            log.info(line)
+        state = read_run_json(self.out) or {}
+        self.start_epoch = int(state.get("epochs_done", 0))
+        self.best_map, self.best_epoch = float(state.get("best_map", -1.0)), int(state.get("best_epoch", -1))
+        self.bad_epochs = int(state.get("bad_epochs", 0))
+        if resume and self._finished() and (self.out / "last.pt").exists() and state.get("tag") == self.keys["tag"]:
+            self.up_to_date = True  # nothing to build: fit() only settles model.pt
+            return
+        self.up_to_date = False
+        self._build(resume)
+
+    def _build(self, resume: bool) -> None:
+        from .data import AugConfig, CacheDataset
+        from .losses import build_loss
+        from .models import build_model
+        from .samplers import build_sampler
+
+        cfg = self.cfg
+        # ---- data ----
         self.labels = list(self.cache.labels)
-        folds = sorted(set(int(f) for f in self.cache.index.loc[self.cache.index["split"] == "train", "fold"]))
-        if cfg["val_fold"] not in folds:
-            raise InputError(f"{cache_dir}/index.csv: val_fold {cfg['val_fold']} not among the folds {folds}")
         self.train_rows = self.cache.rows("train", exclude_fold=cfg["val_fold"])
         self.val_rows = self.cache.rows("train", fold=cfg["val_fold"])
+        if len(self.val_rows) == 0:
+            raise InputError(f"{self.cache_dir}/index.csv: no training rows in val_fold {cfg['val_fold']} "
+                             f"(folds are numbered from 0, FOLDS of them)")
         y_train = self.cache.targets(self.train_rows)
         self.y_val = self.cache.targets(self.val_rows)
         self.class_counts = y_train.sum(0)
-        images = Path(cache_dir) / "images.npy"
-        aug = AugConfig.from_config(cfg)
-        self.train_ds = CacheDataset(images, self.train_rows, y_train, aug=aug, seed=cfg["seed"])
+        images = self.cache.images_path
+        self.train_ds = CacheDataset(images, self.train_rows, y_train, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
         # validation: each rank a strided share of the val rows, no padding, gathered afterwards
         my_val = np.arange(self.dist.rank, len(self.val_rows), self.dist.world)
         self.val_ds = CacheDataset(images, self.val_rows[my_val], self.y_val[my_val])
         self.sampler = build_sampler(cfg["sampler"], y_train, cfg, seed=cfg["seed"],
                                      num_replicas=self.dist.world, rank=self.dist.rank)
+
+        last = load_checkpoint(self.out / "last.pt") if resume and (self.out / "last.pt").exists() else None
+        self.accum = self._accum_steps(last)
         n_batches = len(self.sampler) // cfg["batch_size"]
         if n_batches == 0:
             raise InputError(
@@ -186,7 +327,7 @@ class Trainer:
         if cfg["max_train_batches"]:
             n_batches = min(n_batches, cfg["max_train_batches"])
         self.batches_per_epoch = n_batches
-        self.steps_per_epoch = max(1, n_batches // cfg["accum_steps"])
+        self.steps_per_epoch = max(1, n_batches // self.accum)
 
         # ---- model, loss, optimisation ----
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
@@ -203,31 +344,23 @@ class Trainer:
         self.forward = torch.compile(self.ddp_model) if cfg["compile"] else self.ddp_model
 
         self.start_epoch, self.step, self.best_map, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
-        if resume and (self.out / "last.pt").exists():
-            self._load_last()
-        elif self.dist.is_main and not (self.out / "model.pt").exists():
-            # a fresh start: lines left by a run killed before its first last.pt are stale
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if last is not None:
+            self._load_last(last)
+        self._write_run_json()
 
     # ---- run folder ---------------------------------------------------------------------
-    def _check_run_folder(self, resume: bool) -> None:
-        cfg_path = self.out / "config.yaml"
-        if cfg_path.exists() and (self.out / "last.pt").exists():
-            if not resume:
-                raise InputError(f"{self.out}: a run already exists here; pass --resume to continue it "
-                                 f"or choose another --out")
-            old = config_mod.load_yaml(cfg_path)
-            changed = {k: (old.get(k), v) for k, v in self.cfg.items()
-                       if k not in RESUME_SAFE_KEYS and old.get(k, config_mod.DEFAULTS[k]) != v}
-            if changed:
-                desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                raise InputError(f"{cfg_path}: the config changed since this run started ({desc}); "
-                                 f"delete {self.out} to start over, or train into another --out")
-        if self.dist.is_main:
-            config_mod.save(self.cfg, cfg_path)
+    def _accum_steps(self, last: dict | None) -> int:
+        """accum_steps for this run: the config's, or what last.pt ran with (see resume_accum_steps)."""
+        if last is None or "world_size" not in last:
+            return self.cfg["accum_steps"]
+        old_world, world = int(last["world_size"]), self.dist.world
+        accum = resume_accum_steps(int(last["global_batch"]), old_world, self.cfg["batch_size"], world, self.out)
+        if world != old_world:
+            log.info(f"resuming with {world} processes instead of {old_world}: {accum} micro-batches of "
+                     f"{self.cfg['batch_size']} per process and step keep the global batch of {last['global_batch']}")
+        return accum
 
-    def _load_last(self) -> None:
-        ck = load_checkpoint(self.out / "last.pt")
+    def _load_last(self, ck: dict) -> None:
         self.model.load_state_dict(state_dict_of({"model": ck["train_model"]}))
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.ema is not None and "ema" in ck:
@@ -240,18 +373,31 @@ class Trainer:
         # metrics.jsonl may hold a line for an epoch whose last.pt never landed: drop it
         if self.dist.is_main:
             kept = [r for r in read_jsonl(self.out / "metrics.jsonl") if r.get("epoch", 1e9) < self.start_epoch]
-            from .fileio import write_text
-            import json
             write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         log.info(f"resumed from {self.out / 'last.pt'} at epoch {self.start_epoch} (step {self.step}, "
                  f"best val mAP {self.best_map:.4f})")
+
+    def _finished(self) -> bool:
+        """The run reached its epochs, or early stopping ended it (under the current config)."""
+        patience = self.cfg["patience"]
+        return self.start_epoch >= self.cfg["epochs"] or bool(patience and self.bad_epochs >= patience)
+
+    def _run_state(self) -> dict:
+        return {**self.keys, "image_size": int(self.cache.size), "world_size": self.dist.world,
+                "global_batch": self.cfg["batch_size"] * self.dist.world * self.accum, "accum_steps": self.accum}
+
+    def _write_run_json(self) -> None:
+        if self.dist.is_main:
+            write_json(self.out / "run.json", {**self._run_state(), "epochs_done": self.start_epoch,
+                                               "best_map": self.best_map, "best_epoch": self.best_epoch,
+                                               "bad_epochs": self.bad_epochs})
 
     def _meta(self, epoch: int) -> dict:
         return {
             "config": dict(self.cfg), "labels": self.labels, "epoch": epoch, "step": self.step,
             "best_map": self.best_map, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-            "class_counts": [float(c) for c in self.class_counts],
-            "cache": str(self.cache_dir), "image_size": int(self.cache.size),
+            "class_counts": [float(c) for c in self.class_counts], "cache": str(self.cache_dir),
+            **self._run_state(),
         }
 
     def _eval_model(self):
@@ -268,62 +414,77 @@ class Trainer:
             lr = max(lr, g["lr"])
         return lr
 
+    def _check_finite(self, bad: torch.Tensor, epoch: int, first: int, last: int) -> None:
+        """Stop (on every rank) when a loss since the last check was NaN/inf: one host sync."""
+        bad = bad.clone()
+        D.sum_(bad, self.dist)
+        if int(bad.item()):
+            raise InputError(f"{self.out}: non-finite training loss in epoch {epoch + 1}, between batches "
+                             f"{first + 1} and {last + 1}: lower the LR (lr, head_lr) or check the loss settings")
+
     def train_epoch(self, epoch: int) -> dict:
         from .data import make_loader
 
-        cfg = self.cfg
+        cfg, dev = self.cfg, self.device
         seed_everything(cfg["seed"], epoch, self.dist.rank)
         self.sampler.set_epoch(epoch)
         self.train_ds.set_epoch(epoch)
         self.loss_fn.set_epoch(epoch)
         loader = make_loader(self.train_ds, cfg["batch_size"], sampler=self.sampler, workers=cfg["workers"],
-                             drop_last=True, pin_memory=self.device.type == "cuda")
+                             drop_last=True, pin_memory=dev.type == "cuda")
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, n_seen, t0, wait = 0.0, 0, time.perf_counter(), 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # stays on the device
+        n_bad = torch.zeros((), dtype=torch.int64, device=dev)
+        n_seen, t0, wait, checked = 0, time.perf_counter(), 0.0, 0
+        every = max(1, cfg["nan_check_steps"])
         bar = tqdm(total=self.batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                    disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         t_wait = time.perf_counter()
         lr = self._set_lr()
-        for i, (x, y, _) in enumerate(loader):
-            if i >= self.batches_per_epoch:
-                break
+        i = -1
+        # zip takes the batch count first: the loader is never asked for a batch past the cap
+        for i, (x, y, _) in zip(range(self.batches_per_epoch), loader):
             wait += time.perf_counter() - t_wait
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x = x.to(dev, non_blocking=True)
+            y = y.to(dev, non_blocking=True)
             x = self.model.normalize(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            last_micro = (i + 1) % cfg["accum_steps"] == 0
+            last_micro = (i + 1) % self.accum == 0
             sync = contextlib.nullcontext() if (last_micro or not self.dist.enabled) else self.ddp_model.no_sync()
             with sync:
-                with autocast_ctx(self.device, self.amp):
+                with autocast_ctx(dev, self.amp):
                     logits = self.forward(x)
                 loss = self.loss_fn(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {i}: lower the LR "
-                                             f"or check the loss settings")
-                (loss / cfg["accum_steps"]).backward()
+                (loss / self.accum).backward()
+            loss = loss.detach()
+            n_bad += ~torch.isfinite(loss)
+            loss_sum += loss * len(x)
             if last_micro:
                 if cfg["grad_clip"] > 0:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
-                    self.ema.update(self.model)
+                    self.ema.update()
                 self.step += 1
                 lr = self._set_lr()
-            total_loss += float(loss.detach()) * len(x)
             n_seen += len(x)
+            if (i + 1) % every == 0:
+                self._check_finite(n_bad, epoch, checked, i)
+                checked = i + 1
+                if self.dist.is_main:  # the one sync of these `every` batches already happened
+                    bar.set_postfix(loss=f"{float(loss_sum) / n_seen:.4f}",
+                                    img_s=f"{n_seen * self.dist.world / (time.perf_counter() - t0):.0f}")
             if self.dist.is_main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{total_loss / n_seen:.4f}",
-                                img_s=f"{n_seen * self.dist.world / (time.perf_counter() - t0):.0f}")
             t_wait = time.perf_counter()
         bar.close()
+        self._check_finite(n_bad, epoch, checked, max(i, checked))
         elapsed = time.perf_counter() - t0
         return {
-            "lr": lr, "train_loss": D.mean_across(total_loss / max(1, n_seen), self.dist),
+            "lr": lr, "train_loss": D.mean_across(float(loss_sum) / max(1, n_seen), self.dist),
             "images_per_s": n_seen * self.dist.world / max(elapsed, 1e-9),
             "data_wait_frac": wait / max(elapsed, 1e-9), "train_time_s": elapsed,
         }
@@ -348,16 +509,38 @@ class Trainer:
         return score(self.y_val, p)
 
     # ---- the loop -----------------------------------------------------------------------
+    def _settle(self) -> dict:
+        """A finished run: model.pt from best.pt when missing, else touched (so Make settles)."""
+        model_pt = self.out / "model.pt"
+        if self.dist.is_main:
+            if model_pt.exists():
+                touch(model_pt)
+                log.info(f"{self.out}: up to date ({self.start_epoch} epochs done, best val mAP at epoch "
+                         f"{self.best_epoch + 1}); nothing to train")
+            else:
+                self._write_model_pt()
+        D.barrier(self.dist)
+        D.teardown(self.dist)
+        return {"best_map": self.best_map, "best_epoch": self.best_epoch}
+
+    def _write_model_pt(self) -> None:
+        """model.pt = best.pt's weights, described by the current config (an extended run's
+        best epoch may date from before its epochs/patience were raised)."""
+        best = load_checkpoint(self.out / "best.pt")
+        best["config"] = dict(self.cfg)
+        torch_save(best, self.out / "model.pt")
+        log.info(f"done: best val mAP {float(best['best_map']):.4f} at epoch {int(best['best_epoch']) + 1}; "
+                 f"weights in {self.out / 'model.pt'}")
+
     def fit(self) -> dict:
         cfg = self.cfg
-        if (self.out / "model.pt").exists():
-            log.info(f"{self.out / 'model.pt'} exists: training already finished")
-            D.teardown(self.dist)
-            return {"best_map": self.best_map, "best_epoch": self.best_epoch}
+        if self.up_to_date or self._finished():
+            return self._settle()
         pos = self.class_counts
         log.info(f"train {len(self.train_rows)} images, val {len(self.val_rows)} (fold {cfg['val_fold']}), "
                  f"{len(self.labels)} labels, rarest training label has {int(pos.min())} positives; "
-                 f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch")
+                 f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch, "
+                 f"global batch {cfg['batch_size'] * self.dist.world * self.accum}")
         # chance level of macro AP = mean prevalence of the labels that have val positives
         prev = self.y_val.mean(0)
         chance = float(prev[self.y_val.sum(0) > 0].mean()) if len(self.y_val) else float("nan")
@@ -373,6 +556,7 @@ class Trainer:
                       "chance_mAP": chance,
                       "drw_active": bool(cfg["drw_epoch"] >= 0 and epoch >= cfg["drw_epoch"]),
                       "val_ap": {lab: (None if np.isnan(a) else float(a)) for lab, a in zip(self.labels, v["ap"])}}
+            self.start_epoch = epoch + 1
             if self.dist.is_main:
                 meta = self._meta(epoch)
                 weights = self._eval_model().state_dict()
@@ -384,6 +568,7 @@ class Trainer:
                 if self.ema is not None:
                     last["ema"] = self.ema.state_dict()
                 torch_save(last, self.out / "last.pt")  # written after metrics: it marks the epoch done
+                self._write_run_json()
                 log.info(f"epoch {epoch + 1}/{cfg['epochs']}  loss {stats['train_loss']:.4f}  "
                          f"val mAP {v['mAP']:.4f} (chance {chance:.4f})  mAUC {v['mAUC']:.4f}  "
                          f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}" + ("  *best*" if improved else ""))
@@ -392,10 +577,7 @@ class Trainer:
                 log.info(f"early stop: no val mAP gain for {cfg['patience']} epochs")
                 break
         if self.dist.is_main:
-            best = load_checkpoint(self.out / "best.pt")
-            torch_save({k: v for k, v in best.items()}, self.out / "model.pt")
-            log.info(f"done: best val mAP {self.best_map:.4f} at epoch {self.best_epoch + 1}; "
-                     f"weights in {self.out / 'model.pt'}")
+            self._write_model_pt()
         D.barrier(self.dist)
         D.teardown(self.dist)
         return {"best_map": self.best_map, "best_epoch": self.best_epoch}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from filelock import FileLock
 
@@ -28,7 +29,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~10 s (make test-fast leaves these out)")
+    # `make test` (CI) runs everything; `make test-fast` skips these for a developer's loop
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (end-to-end make runs, training)")
 
 
 def _shared_dir(tmp_path_factory) -> Path:
@@ -41,7 +43,7 @@ def _shared_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
     """A small demo dataset in the CXR-LT 2026 layout (200 train / 40 test images)."""
-    from cxrlt.demo_data import generate
+    from cxrlt.synth import generate
 
     base = _shared_dir(tmp_path_factory)
     out = base / "demo_small"
@@ -51,21 +53,82 @@ def demo_dataset(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def demo_cache(demo_dataset, tmp_path_factory) -> Path:
-    """The demo dataset's cache at 32 px, 4 folds."""
-    from cxrlt.cache import build_cache
+def build_caches(data: Path, root: Path, size: int, folds: int = 4, workers: int = 1, **kw) -> tuple[Path, Path]:
+    """The train cache and the test cache of a demo-layout dataset in cache root `root`, with its
+    metadata CSV when it has one (as `make demo` does) -> (train cache folder, test cache folder)."""
+    from cxrlt import keys
+    from cxrlt.cache_build import build_test_cache, build_train_cache
 
+    test_csv = data / "CXRLT_2026_TEST_ALL_TASK1.csv"
+    meta = data / "padchest_metadata.csv"
+    meta = meta if meta.is_file() else None
+    train, test = root / "train", root / f"test-{keys.test_cache_key(test_csv, meta)}"
+    build_train_cache(data / "train.csv", data / "images", train, size, removal_csv=data / "Removal.csv",
+                      meta_csv=meta, folds=folds, seed=0, workers=workers, **kw)
+    build_test_cache(test_csv, data / "images", test, size, meta_csv=meta, workers=workers, **kw)
+    return train, test
+
+
+@pytest.fixture(scope="session")
+def demo_caches(demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """The demo dataset's train and test caches at 32 px, 4 folds."""
     base = _shared_dir(tmp_path_factory)
-    out = base / f"cache_demo_{TINY_SIZE}"
+    root = base / f"cache_demo_{TINY_SIZE}"
     with FileLock(str(base / "cache_demo.lock")):
-        if not (out / "manifest.json").exists():
-            build_cache(
-                demo_dataset / "train.csv", demo_dataset / "images", out, size=TINY_SIZE,
-                test_csv=demo_dataset / "CXRLT_2026_TEST_ALL_TASK1.csv",
-                removal_csv=demo_dataset / "Removal.csv", folds=4, seed=0, workers=1,
-            )
-    return out
+        return build_caches(demo_dataset, root, TINY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_caches) -> Path:
+    """The demo dataset's train cache folder (32 px, 4 folds)."""
+    return demo_caches[0]
+
+
+@pytest.fixture(scope="session")
+def demo_test_cache(demo_caches) -> Path:
+    """The demo dataset's test cache folder (32 px)."""
+    return demo_caches[1]
+
+
+class IndexCache:
+    """The Cache API (rows, targets, ids, study/patient keys, projections, frontal) over a hand-made
+    index DataFrame (row == position; columns split, fold, ImageID, study, patient, projection and
+    the labels), for tests of code that reads keys without building a cache."""
+
+    def __init__(self, index, labels):
+        self.index, self.labels = index.reset_index(drop=True), list(labels)
+
+    @property
+    def has_projection(self) -> bool:
+        return bool((self.index["projection"] != "").any())
+
+    def rows(self, split=None, fold=None):
+        keep = (self.index["split"] == split).to_numpy() if split else np.ones(len(self.index), bool)
+        if fold is not None:
+            keep &= (self.index["fold"] == fold).to_numpy()
+        return np.flatnonzero(keep)
+
+    def _col(self, name, rows):
+        return self.index[name].to_numpy()[np.asarray(rows)]
+
+    def ids(self, rows):
+        return self._col("ImageID", rows)
+
+    def study_keys(self, rows):
+        return self._col("study", rows)
+
+    def patient_keys(self, rows):
+        return self._col("patient", rows)
+
+    def projections(self, rows):
+        return self._col("projection", rows)
+
+    def frontal(self, rows):
+        proj = self.projections(rows)
+        return np.isin(proj, ["PA", "AP", "AP_horizontal"]) | (not self.has_projection)
+
+    def targets(self, rows):
+        return self.index[self.labels].to_numpy(np.float32)[np.asarray(rows)]
 
 
 def tiny_cfg(**kw) -> dict:
@@ -76,6 +139,22 @@ def tiny_cfg(**kw) -> dict:
                 lr=2e-3, warmup_epochs=0.5, workers=0, device="cpu", aug_rotate=3.0, crt_epochs=3)
     over.update(kw)
     return config.resolve([], over)
+
+
+def run_script_inprocess(capsys, script: str, *args) -> tuple[int, str, str]:
+    """Run a top-level script in this process as `python script args` would (runpy, its own
+    main_wrapper), without the interpreter and torch start-up; -> (exit status, stdout, stderr)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
 
 
 def run_script(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:

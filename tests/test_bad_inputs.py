@@ -6,14 +6,14 @@ run at least once as a real subprocess; the other script-level cases run the scr
 process (runpy, same main_wrapper) to avoid paying the torch/timm import each time.
 
 Cases already covered elsewhere are not repeated here; the table in the hardening report maps
-every case of the corpus to its test (e.g. the training-CSV cell values are in test_csvio.py, the
+every case of the corpus to its test (e.g. the training-CSV cell values are in test_tables.py, the
 submission values and rows in test_submission.py).
 """
 
 from __future__ import annotations
 
-import runpy
-import sys
+import errno
+import shutil
 from pathlib import Path
 
 import cv2
@@ -22,10 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_script
-from cxrlt.cache import build_cache, open_cache
+from conftest import run_script, run_script_inprocess
+from cxrlt.cache import open_cache
+from cxrlt.cache_build import build_test_cache, build_train_cache
 from cxrlt.checkpoint import load_checkpoint
-from cxrlt.csvio import read_training_csv
+from cxrlt.tables import read_training_csv
 from cxrlt.errors import InputError
 from cxrlt.imaging import load_for_cache
 
@@ -55,15 +56,8 @@ def script_fails(*args) -> str:
 
 def script_fails_inprocess(capsys, script: str, *args) -> str:
     """Run a top-level script in this process (same entry point); assert status 2, one error line."""
-    old = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = old
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
+    code, _, err = run_script_inprocess(capsys, script, *args)
+    assert code == 2, err
     return one_error_line(err)
 
 
@@ -90,10 +84,11 @@ def write_dataset(root: Path, n=12, seed=0, images=None) -> dict:
     return {"train_csv": root / "train.csv", "image_dir": img_dir, "test_csv": root / "test.csv", "ids": ids}
 
 
-def build(ds, out, **kw):
-    args = dict(size=SIZE, test_csv=ds["test_csv"], folds=2, seed=0, workers=1)
-    args.update(kw)
-    return build_cache(ds["train_csv"], ds["image_dir"], out, **args)
+def build(ds, root, **kw):
+    """The train cache (root/train) and the test cache (root/test) -> their manifests."""
+    common = dict(workers=1, **kw)
+    return (build_train_cache(ds["train_csv"], ds["image_dir"], root / "train", SIZE, folds=2, seed=0, **common),
+            build_test_cache(ds["test_csv"], ds["image_dir"], root / "test", SIZE, **common))
 
 
 @pytest.fixture
@@ -134,7 +129,7 @@ def test_renamed_label_column_is_named_with_the_close_match(tmp_path):
 def test_preprocess_missing_label_column_exits_2(ds, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("Normal\nMass\nHernia\nPneumothorax\n")
-    line = script_fails("preprocess.py", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
+    line = script_fails("preprocess.py", "train", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
                         "--labels-file", labels, "--size", SIZE, "--out", tmp_path / "cache")
     assert line.startswith(f"error: {ds['train_csv']}: row 1 (header): missing label column 'Pneumothorax'")
     assert not (tmp_path / "cache").exists()
@@ -147,9 +142,9 @@ def test_bom_and_crlf_csvs_give_the_same_cache(ds, tmp_path):
         text = ds[key].read_text()
         ds[key].write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     build(ds, tmp_path / "windows")
-    for name in ("index.csv", "labels.txt", "images.npy"):
+    for name in ("train/index.csv", "train/labels.txt", "train/images.npy", "test/index.csv", "test/images.npy"):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "windows" / name).read_bytes(), name
-    assert open_cache(tmp_path / "windows").index.columns[1] == "ImageID"  # not '\ufeffImageID'
+    assert open_cache(tmp_path / "windows/train").index.columns[1] == "ImageID"  # not '\ufeffImageID'
 
 
 # ---- images -----------------------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def test_bom_and_crlf_csvs_give_the_same_cache(ds, tmp_path):
 def test_preprocess_truncated_png_exits_2_naming_image_row_and_file(ds, tmp_path):
     bad = ds["image_dir"] / ds["ids"][4]
     bad.write_bytes(bad.read_bytes()[:300])
-    line = script_fails("preprocess.py", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
+    line = script_fails("preprocess.py", "train", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"],
                         "--size", SIZE, "--folds", 2, "--out", tmp_path / "cache", "--workers", 1)
     assert f"error: {bad}: " in line and "truncated" in line
     assert f"ImageID '{ds['ids'][4]}', row 6 of {ds['train_csv']}" in line and "--skip-bad" in line
@@ -192,12 +187,153 @@ def test_mixed_bit_depths_and_channels_work(tmp_path):
         if kind.startswith("rgb"):
             img = np.dstack([g, g, g] + ([np.full_like(g, 3)] if kind.startswith("rgba") else []))
         cv2.imwrite(str(ds["image_dir"] / iid), img)
-    m = build(ds, tmp_path / "cache")
-    assert m["counts"]["failed"] == 0 and m["counts"]["train"] == 12 and m["counts"]["test"] == 3
-    cache = open_cache(tmp_path / "cache")
-    for row, iid in zip(cache.index["row"], cache.index["ImageID"]):
-        expected = load_for_cache(ref_dir / iid, SIZE).astype(int)
-        assert np.abs(cache.images[row].astype(int) - expected).max() <= 1, iid
+    m_train, m_test = build(ds, tmp_path / "cache")
+    assert m_train["counts"]["failed"] == 0 and m_train["counts"]["images"] == 12 and m_test["counts"]["images"] == 3
+    for kind in ("train", "test"):
+        cache = open_cache(tmp_path / "cache" / kind)
+        for row, iid in zip(cache.index["row"], cache.index["ImageID"]):
+            expected = load_for_cache(ref_dir / iid, SIZE).astype(int)
+            assert np.abs(cache.images[row].astype(int) - expected).max() <= 1, iid
+
+
+# ---- images and the caches: hostile inputs, round 2 (issue 14) ---------------------------------------
+
+
+def preprocess_train_args(ds, out, *extra) -> list:
+    return ["preprocess.py", "train", "--train-csv", ds["train_csv"], "--image-dir", ds["image_dir"], "--size", SIZE,
+            "--folds", 2, "--out", out, "--workers", 1, *extra]
+
+
+@pytest.mark.parametrize("bad_id", ["../outside.png", "sub/../../outside.png", "ABSOLUTE"])
+def test_image_id_outside_the_image_folder_is_refused(ds, tmp_path, bad_id):
+    outside = tmp_path / "data" / "outside.png"
+    cv2.imwrite(str(outside), gray16(np.random.default_rng(3)))  # a real image: the old code cached it
+    bad_id = str(outside) if bad_id == "ABSOLUTE" else bad_id
+    ds["train_csv"].write_text(ds["train_csv"].read_text().replace(ds["ids"][2], bad_id))
+    with pytest.raises(InputError) as e:
+        build_train_cache(ds["train_csv"], ds["image_dir"], tmp_path / "c", SIZE, folds=2, workers=1)
+    msg = str(e.value)
+    assert msg.startswith(f"{ds['train_csv']}: row 4, column 'ImageID': {bad_id!r} ")
+    assert ("absolute path" in msg) if bad_id.startswith("/") else ("'..'" in msg)
+    assert "\n" not in msg and not (tmp_path / "c").exists()
+
+
+def test_newline_inside_an_image_id_gives_one_line(ds, tmp_path):
+    text = ds["train_csv"].read_text().replace(ds["ids"][1], f'"{ds["ids"][1]}\nsecond line.png"')
+    ds["train_csv"].write_text(text)
+    line = script_fails(*preprocess_train_args(ds, tmp_path / "c"))
+    assert line.startswith(f"error: {ds['train_csv']}: row 3, column 'ImageID': "
+                           f"'{ds['ids'][1]}\\nsecond line.png' holds a control character")
+
+
+def test_skip_bad_never_drops_a_test_image(ds, tmp_path):
+    bad = ds["image_dir"] / ds["ids"][13]
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(InputError) as e:
+        build_test_cache(ds["test_csv"], ds["image_dir"], tmp_path / "test", SIZE, skip_bad=True, workers=1)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad}: ") and f"row 3 of {ds['test_csv']}" in msg
+    assert "a test image cannot be left out" in msg and not (tmp_path / "test").exists()
+    bad.unlink()
+    with pytest.raises(InputError, match=r"1 image file\(s\) not found.*a test image cannot be left out"):
+        build_test_cache(ds["test_csv"], ds["image_dir"], tmp_path / "test", SIZE, skip_bad=True, workers=1)
+
+
+def test_skipped_images_are_in_the_fingerprint_and_a_fixed_image_comes_back(ds, tmp_path, capsys):
+    bad = ds["image_dir"] / ds["ids"][4]
+    good = bad.read_bytes()
+    bad.write_bytes(good[:300])
+    out = tmp_path / "train"
+    skipped = build_train_cache(ds["train_csv"], ds["image_dir"], out, SIZE, folds=2, workers=1, skip_bad=True)
+    assert skipped["counts"]["images"] == 11
+    with pytest.raises(InputError, match="--skip-bad"):  # without --skip-bad the cache is not "up to date"
+        build_train_cache(ds["train_csv"], ds["image_dir"], out, SIZE, folds=2, workers=1)
+    bad.write_bytes(good)  # fixed
+    fixed = build_train_cache(ds["train_csv"], ds["image_dir"], out, SIZE, folds=2, workers=1)
+    assert fixed["counts"]["images"] == 12 and fixed["decoded_this_run"] == 1 and fixed["failures"] == []
+    assert fixed["key"] != skipped["key"]
+    cache = open_cache(out)
+    row = cache.rows()[cache.ids(cache.rows()) == ds["ids"][4]]
+    assert (cache.images[row[0]] == load_for_cache(bad, SIZE)).all()
+
+
+def test_jpeg_cut_short_with_an_end_marker_appended_is_refused(ds, tmp_path):
+    """libjpeg decodes it with a grey lower part; the old check (end marker present) let it through."""
+    img = (gray16(np.random.default_rng(4), 120, 100) // 64).astype(np.uint8)
+    jpg = ds["image_dir"] / "cut.jpg"
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    jpg.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    ds["train_csv"].write_text(ds["train_csv"].read_text().replace(ds["ids"][6], "cut.jpg"))
+    line = script_fails(*preprocess_train_args(ds, tmp_path / "c"))
+    assert line.startswith(f"error: {jpg}: damaged JPEG data (libjpeg: Corrupt JPEG data: premature end")
+    assert f"row 8 of {ds['train_csv']}" in line
+    jpg.write_bytes(data)  # the whole file is fine
+    assert build_train_cache(ds["train_csv"], ds["image_dir"], tmp_path / "c", SIZE, folds=2,
+                             workers=1)["counts"]["failed"] == 0
+
+
+def test_full_disk_one_worker_one_line_with_the_sizes(ds, tmp_path, monkeypatch):
+    """The array cannot be allocated (old: a sparse file, then SIGBUS in the middle of the build)."""
+    import cxrlt.cache_build as cb
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(cb.os, "posix_fallocate", no_space)
+    monkeypatch.setattr(cb.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=41_000))
+    with pytest.raises(InputError) as e:
+        build_train_cache(ds["train_csv"], ds["image_dir"], tmp_path / "c", SIZE, folds=2, workers=1)
+    need = 12 * SIZE * SIZE + 128
+    assert str(e.value) == (f"{tmp_path / 'c.partial' / 'images.npy'}: no space left on the device: "
+                            f"{need / 1000:.3g} kB needed, 41 kB free; free some space, or use a smaller --size or "
+                            f"another --out")
+    monkeypatch.setattr(cb.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=100))
+    with pytest.raises(InputError, match=r"images\.npy: no space left on the device: .* needed, 100 B free"):
+        build_train_cache(ds["train_csv"], ds["image_dir"], tmp_path / "c", SIZE, folds=2, workers=1)
+
+
+def test_full_disk_two_workers_names_the_file_it_could_not_write(ds, tmp_path, monkeypatch):
+    """The disk fills while two workers decode: saving the progress mask fails (old: that second
+    ENOSPC hid the real error behind a traceback)."""
+    import cxrlt.cache_build as cb
+
+    real_save, calls = np.save, []
+
+    def save(f, arr, *a, **k):
+        if getattr(f, "name", "").endswith(".done.npy.tmp"):
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(f, arr, *a, **k)
+
+    monkeypatch.setattr(cb, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(cb.np, "save", save)
+    with pytest.raises(InputError) as e:
+        build_train_cache(ds["train_csv"], ds["image_dir"], tmp_path / "c", SIZE, folds=2, workers=2)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'c.partial' / 'done.npy'}: no space left on the device: 140 B needed, ")
+    assert "\n" not in msg and " free; " in msg
+
+
+def test_an_error_on_its_way_out_is_not_replaced_by_a_failing_progress_save(ds, tmp_path, monkeypatch):
+    import cxrlt._decode as dec
+    import cxrlt.cache_build as cb
+
+    real_save = np.save
+
+    def save(f, arr, *a, **k):
+        if getattr(f, "name", "").endswith(".done.npy.tmp") and (tmp_path / "c.partial" / "plan.json").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")  # every save after the set-up
+        return real_save(f, arr, *a, **k)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cb.np, "save", save)
+    monkeypatch.setattr(dec, "load_for_cache", interrupted)  # this process's first image (workers decode on)
+    with pytest.raises(KeyboardInterrupt):
+        build_train_cache(ds["train_csv"], ds["image_dir"], tmp_path / "c", SIZE, folds=2, workers=2)
 
 
 # ---- test list vs predictions -----------------------------------------------------------------------
@@ -343,8 +479,8 @@ def test_train_missing_cache_says_run_preprocess(tmp_path, capsys):
 
 def test_predict_incomplete_cache_says_run_preprocess(ds, tmp_path, capsys):
     """A cache whose build was interrupted: the folder holds arrays but no manifest.json."""
-    cache = tmp_path / "cache"
-    build(ds, cache)
+    build(ds, tmp_path)
+    cache = tmp_path / "test"
     (cache / "manifest.json").unlink()
     capsys.readouterr()  # the build's progress bar
     ck = cxrlt_checkpoint(tmp_path / "model.pt")

@@ -71,16 +71,33 @@ def test_flop_count_of_a_known_model():
 
 
 def test_gpu_section_code_path_runs_on_cpu(tmp_path):
-    r = bench_train_step.run_gpu(model="test_resnet", size=32, batch=4, steps=2, workers=1, device="cpu",
-                                 variants=((False, False),), workdir=tmp_path)
-    assert r["flops_per_image"] > 0 and len(r["rows"]) == 1
-    g = r["rows"][0]
-    assert g["images_per_s"] > 0 and 0.0 <= g["data_wait_frac"] <= 1.0
-    assert g["mfu"] is None and g["device_name"] == "cpu"  # no known peak on a CPU
-    r2 = bench_train_step.run_gpu(model="test_resnet", size=32, batch=4, steps=2, workers=0, device="cpu",
-                                  variants=((False, False),), peak_tflops=1.0, workdir=tmp_path)
+    rows = [dict(model="test_convnext", head=h, size=32, batch=4, channels_last=False, compile=False,
+                 grad_checkpointing=gc) for h, gc in (("linear", False), ("csra", True))]
+    r = bench_train_step.run_gpu(rows, steps=2, workers=1, device="cpu", workdir=tmp_path)
+    assert [(g["head"], g["grad_checkpointing"], g["oom"]) for g in r["rows"]] == [("linear", False, False),
+                                                                                  ("csra", True, False)]
+    for g in r["rows"]:
+        assert g["flops_per_image"] > 0 and g["images_per_s"] > 0 and 0.0 <= g["data_wait_frac"] <= 1.0
+        assert g["mfu"] is None and g["device_name"] == "cpu"  # no known peak on a CPU
+        assert g["host_syncs_per_step"] is None and g["max_mem_gb"] is None  # GPU-only columns
+    r2 = bench_train_step.run_gpu(rows[:1], steps=2, workers=0, device="cpu", peak_tflops=1.0, workdir=tmp_path)
     g2 = r2["rows"][0]
-    assert g2["mfu"] == pytest.approx(g2["images_per_s"] * r2["flops_per_image"] / 1e12)
+    assert g2["mfu"] == pytest.approx(g2["images_per_s"] * g2["flops_per_image"] / 1e12)
+    table = bench_train_step.gpu_lines(r)
+    assert len(table) == 4 + 2 and "| test_convnext + CSRA | 32 | 4 | False | False | True |" in table[-1]
+
+
+def test_gpu_matrix_has_the_issue_rows_and_the_cli_selects_them():
+    m = bench_train_step.GPU_MATRIX
+    for model in ("convnext_large", "convnextv2_base"):
+        at512 = {(r["channels_last"], r["compile"], r["grad_checkpointing"]) for r in m
+                 if r["model"] == model and r["size"] == 512 and r["batch"] == 32}
+        assert {(False, False, False), (True, False, False), (True, True, False), (True, False, True)} <= at512
+        assert {r["size"] for r in m if r["model"] == model and r["grad_checkpointing"]} == {512, 768, 1024}
+    assert all(r["head"] == "csra" for r in m if r["model"] == "convnextv2_base")
+    smoke = bench_train_step.select_rows("test_resnet", 64, 4)
+    assert smoke and all((r["model"], r["size"], r["batch"]) == ("test_resnet", 64, 4) for r in smoke)
+    assert {r["size"] for r in bench_train_step.select_rows("convnext_large", 768)} == {768}
 
 
 def test_predict_bench_tiny(tmp_path):
@@ -160,8 +177,8 @@ def _stage(result, others=0.3):
 
 FAKE = {
     "preprocess": {"n_images": 8, "size": 512, "bare_decode_img_s": 10.0, "cache_w1_img_s": 9.0, "cache_w2_img_s": 12.0,
-                   "w1_vs_decode": 0.9, "w2_vs_w1": 1.333, "w2_worker_start_s": 0.8, "w1_cores_busy": 1.0,
-                   "w2_cores_busy": 1.3},
+                   "w1_vs_decode": 0.9, "w2_vs_w1": 1.333, "w2_vs_w1_call": 1.2, "w1_cpu_s_per_img": 0.1,
+                   "w2_cpu_s_per_img": 0.1, "w1_cores_busy": 1.0, "w2_cores_busy": 1.3},
     "loader": {"size": 512, "cache_images_per_s": 400.0, "decode_resize_images_per_s": 5.0, "ratio": 80.0,
                "target_ratio": 20.0},
     "train_step": {"model": "m", "size": 128, "batch": 32, "workers": 1, "torch_threads": 1, "steps": 6, "repeats": 2,

@@ -43,21 +43,6 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
         config.resolve([f])
 
 
-@pytest.mark.parametrize("text,match", [
-    ("epochs: three\n", "must be int"),
-    ("lr: [1, 2]\n", "must be float"),
-    ("ema: maybe\n", "must be bool"),
-    ("loss: hinge\n", "not one of"),
-    ("- a\n- b\n", "mapping"),
-    ("lr: [\n", "not valid YAML"),
-])
-def test_bad_values(tmp_path, text, match):
-    f = tmp_path / "c.yaml"
-    f.write_text(text)
-    with pytest.raises(ConfigError, match=match):
-        config.resolve([f])
-
-
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         config.resolve(["configs/nope.yaml"])
@@ -84,3 +69,34 @@ def test_config_groups_split_train_post_and_run_keys():
         assert config.train_key({**cfg, k: v}) != key, k
     assert config.train_key({**cfg, "epochs": 99}, exclude=()) != config.train_key(cfg, exclude=())
     assert {config.group(k) for k in config.SCHEMA} == {"train", "post", "run"}
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("select_on", "test", "not one of"), ("patient_context_weight", 1.5, "must be in \\[0, 1\\]"),
+    ("normal_gating_alpha", 9, "must be in \\[-8, 8\\]"), ("proxy_require_finding", "maybe", "must be bool")])
+def test_selection_keys_are_checked(key, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        config.resolve([], {key: value})
+
+
+def test_selection_and_postprocessing_keys_are_post_keys():
+    cfg = config.resolve([], {"select_on": "full", "proxy_require_finding": True, "normal_gating_alpha": -1,
+                              "patient_context_weight": 0.3})
+    assert cfg["select_on"] == "full" and cfg["proxy_require_finding"] is True
+    for k in ("select_on", "proxy_require_finding", "patient_context_weight", "study_pool_weight"):
+        assert config.group(k) == "post"
+    assert config.train_key(cfg) == config.train_key(config.DEFAULTS)
+
+
+LADDER_KEYS = {"img_size", "init_from", "grad_checkpointing", "batch_size", "accum_steps", "epochs", "lr",
+               "warmup_epochs", "drw_epoch"}
+
+
+@pytest.mark.parametrize("name,size,source", [("paper_ldam_drw_768", 768, "paper_ldam_drw"),
+                                              ("paper_ldam_drw_1024", 1024, "paper_ldam_drw_768")])
+def test_resolution_ladder_is_the_paper_recipe_at_a_larger_size(name, size, source):
+    base, cfg = config.resolve(["configs/paper_ldam_drw.yaml"]), config.resolve([f"configs/{name}.yaml"])
+    assert {k for k in cfg if cfg[k] != base[k]} == LADDER_KEYS  # nothing else drifts from the recipe
+    assert (cfg["img_size"], cfg["init_from"], cfg["grad_checkpointing"]) == (size, source, True)
+    assert cfg["batch_size"] * cfg["accum_steps"] == base["batch_size"]  # the same global batch
+    assert cfg["lr"] < base["lr"] and cfg["epochs"] < base["epochs"]  # a short fine-tune

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from cxrlt import config
-from cxrlt.cache import build_cache, open_cache
+from cxrlt.cache import open_cache
+from cxrlt.cache_build import build_train_cache
 from cxrlt.crt import run as run_crt
 from cxrlt.data import CacheDataset, make_loader
-from cxrlt.demo_data import generate
+from cxrlt.synth import generate
 from cxrlt.inference import load_trained, predict_tta
 from cxrlt.metrics import average_precision_per_label, frequency_groups, group_map
 from cxrlt.trainer import train
@@ -33,8 +34,8 @@ def _val_group_map(ckpt, cache_dir, rows, y, groups):
 def test_crt_retrains_the_head_from_scratch_and_keeps_the_tail_map_on_the_demo_set(tmp_path):
     data, cache, run = tmp_path / "demo", tmp_path / "cache", tmp_path / "run"
     generate(data, min_side=64, max_side=128, progress=False)
-    build_cache(data / "train.csv", data / "images", cache, size=64, test_csv=data / "CXRLT_2026_TEST_ALL_TASK1.csv",
-                removal_csv=data / "Removal.csv", folds=5, seed=0, workers=1)
+    build_train_cache(data / "train.csv", data / "images", cache, 64, removal_csv=data / "Removal.csv", folds=5,
+                      seed=0, workers=1)
     cfg = config.resolve(["configs/demo.yaml"], {"workers": 0, "device": "cpu"})
     train(cfg, str(cache), str(run))
     s = run_crt(run, cache, run / "crt", {"workers": 0, "device": "cpu"}, config_files=["configs/demo.yaml"],

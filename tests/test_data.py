@@ -62,3 +62,20 @@ def test_atomic_write_cleans_temps_left_by_a_killed_writer(tmp_path):
     other.write_bytes(b"y")
     write_text(tmp_path / "last.pt", "new")
     assert not stale.exists() and other.exists() and (tmp_path / "last.pt").read_text() == "new"
+
+
+class _CvThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import cv2
+
+        return torch.tensor(cv2.getNumThreads()), torch.zeros(1), i
+
+
+def test_loader_workers_run_opencv_single_threaded():
+    from cxrlt.data import make_loader
+
+    threads = [int(x.max()) for x, _, _ in make_loader(_CvThreads(), 1, workers=1)]
+    assert threads == [1, 1]  # one OpenCV thread per worker process (the workers are the parallelism)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from cxrlt import ensembling as E
+from cxrlt import metrics as M
 from cxrlt.cli import main_wrapper
 from cxrlt.metrics import macro_map
 from cxrlt.submission import validate_submission
@@ -149,9 +150,11 @@ def test_combine_greedy_and_fitted_weighted_print_val_scores(setup, capsys):
         assert code == 0, err
         lines = [x for x in stdout.splitlines() if x.startswith("val mAP")]
         assert len(lines) == 3 and "ensemble" in lines[-1]
-        single = [float(x.split()[2]) for x in lines[:2]]
-        assert float(lines[-1].split()[2]) >= max(single)
-        w = [float(x.split("=")[1]) for x in stdout.splitlines()[0].removeprefix("weights: ").split(", ")]
+        single = [float(x.split()[3]) for x in lines[:2]]  # val mAP full X  proxy Y  honest Z  name
+        assert float(lines[-1].split()[3]) >= max(single)
+        assert "selection on full" in stdout  # no cache keys, no projection: the full fold
+        weights_line = next(x for x in stdout.splitlines() if x.startswith("weights: "))
+        w = [float(x.split("=")[1]) for x in weights_line.removeprefix("weights: ").split(", ")]
         assert w[0] > w[1]  # the good model (val0) gets the larger weight
 
 
@@ -164,6 +167,69 @@ def test_combine_weighted_with_given_weights_and_rank(setup, capsys):
     assert run(combine_args(s, "rank", s["tmp"] / "r.csv"), capsys)[0] == 0
     r = pd.read_csv(s["tmp"] / "r.csv").set_index("ImageID").loc[s["test_ids"]].to_numpy()
     assert r.min() >= 0 and r.max() <= 1
+
+
+def _weights(stdout):
+    line = next(x for x in stdout.splitlines() if x.startswith("weights: "))
+    return [float(x.split("=")[1]) for x in line.removeprefix("weights: ").split(", ")]
+
+
+def test_weights_are_fitted_on_the_selection_set_with_an_honest_number(setup, capsys, monkeypatch):
+    # PA + lateral pairs: model 0 is good on the frontal images only, model 1 is fair on all. On the
+    # test-like proxy (frontal, one per study) greedy takes model 0; on the full fold, model 1.
+    from conftest import IndexCache
+
+    import cxrlt.cache
+
+    s = setup
+    rng = np.random.default_rng(7)
+    n = 60
+    y = np.repeat((rng.random((n // 2, 3)) < [0.4, 0.3, 0.3]).astype(int), 2, 0)
+    frontal = np.tile([True, False], n // 2)
+    good_on_pa = np.where(frontal[:, None], 0.5 * y + 0.5 * rng.random(y.shape), rng.random(y.shape))
+    fair = 0.3 * y + 0.7 * rng.random(y.shape)
+    val_ids = [f"v{i:03d}.png" for i in range(n)]
+    table = pd.DataFrame(y, columns=LABELS)
+    table.insert(0, "ImageID", val_ids)
+    table = table.assign(split="train", fold=0, study=[f"s{i // 2}" for i in range(n)],
+                         patient=[f"p{i // 4}" for i in range(n)], projection=np.where(frontal, "PA", "L"))
+    monkeypatch.setattr(cxrlt.cache, "open_cache", lambda path: IndexCache(table, LABELS))
+    index = pd.read_csv(s["index"], dtype=str, keep_default_na=False)
+    index.loc[:n - 1, LABELS] = y.astype(str)  # the labels the cache's index.csv holds
+    index.to_csv(s["index"], index=False)
+    s["val"] = [write_pred(s["tmp"] / f"pv{k}.csv", val_ids, m) for k, m in enumerate([good_on_pa, fair])]
+    val_args = ["--val", *s["val"], "--val-labels", s["index"]]
+    code, stdout, err = run(combine_args(s, "greedy", s["tmp"] / "g.csv", *val_args), capsys)
+    assert code == 0, err
+    assert "proxy 30 (frontal, one per study); selection on proxy, halves 16/14 images" in stdout
+    assert _weights(stdout) == [1.0, 0.0]
+    lines = [x.split() for x in stdout.splitlines() if x.startswith("val mAP")]
+    assert [lines[-1][k] for k in (2, 4, 6)] == ["full", "proxy", "honest"] and "ensemble" in lines[-1]
+    assert lines[-1][3:8] == lines[0][3:8]  # the ensemble is model 0 (so is each half's choice)
+    assert float(lines[0][5]) > float(lines[1][5]) and float(lines[0][3]) < float(lines[1][3])
+    code, stdout, err = run(combine_args(s, "greedy", s["tmp"] / "g2.csv", *val_args, "--select_on", "full"), capsys)
+    assert code == 0, err
+    assert "selection on full" in stdout and _weights(stdout)[1] > 0
+
+
+def test_cross_fitted_weights_never_see_the_half_they_are_scored_on():
+    y, models = toy_models(n=80)
+    a, b = np.arange(0, 40), np.arange(40, 80)
+    sets = {"halves": (a, b), "selection": np.arange(80)}
+    res = E.cross_fitted("weighted", models, y, sets)
+    w_a = E.fit_weights([m[a] for m in models], y[a])
+    w_b = E.fit_weights([m[b] for m in models], y[b])
+    assert res["half_weights"] == [w_a.tolist(), w_b.tolist()]
+    ap_a = M.average_precision_per_label(y[a], E.weighted_mean([m[a] for m in models], w_b))
+    ap_b = M.average_precision_per_label(y[b], E.weighted_mean([m[b] for m in models], w_a))
+    ens = E.mean_ensemble(models)  # the reference: equal weights, nothing fitted
+    ref_halves = np.nanmean(np.nanmean([M.average_precision_per_label(y[a], ens[a]),
+                                        M.average_precision_per_label(y[b], ens[b])], 0))
+    gain = np.nanmean(np.nanmean([ap_a, ap_b], 0)) - ref_halves
+    assert res["honest_gain"] == pytest.approx(gain) and gain > 0.1  # the bad model is dropped
+    assert res["honest"] == pytest.approx(macro_map(y, ens)[0] + gain)
+    mean = E.cross_fitted("mean", models, y, sets)  # nothing fitted: the selection set's mAP
+    assert mean["honest"] == pytest.approx(macro_map(y, ens)[0]) and mean["honest_gain"] == 0
 
 
 @pytest.mark.parametrize("case,expected", [

@@ -191,3 +191,57 @@ def test_cli_subprocess_bad_input_no_traceback(tmp_path):
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr == f"error: {tmp_path / 'x.csv'}: file not found\n"
+
+
+def test_bootstrap_interval_and_paired_comparison(tmp_path, capsys):
+    index, ids, y = make_index(tmp_path)
+    pred, worse = tmp_path / "pred.csv", tmp_path / "worse.csv"
+    make_pred(pred, ids[:40], y[:40], noise=0.6)
+    make_pred(worse, ids[:40], y[:40], seed=2, noise=0.95)
+    code, stdout, err = run_inprocess("evaluate.py", ["--pred", str(pred), "--labels", str(index), "--out",
+                                                      str(tmp_path / "e"), "--compare", str(worse)], capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    b = m["bootstrap"]
+    assert b["unit"] == "images" and b["n_units"] == 40 and b["n_boot"] == 1000  # no cache: no study keys
+    assert b["mAP"]["value"] == pytest.approx(m["mAP"]) and b["mAP"]["low"] < m["mAP"] < b["mAP"]["high"]
+    assert b["medium"]["value"] is None  # Hernia has no val positive
+    worse_map = json.loads((tmp_path / "e" / "metrics.json").read_text())["compare"]
+    assert worse_map["other"] == str(worse) and worse_map["mAP"]["diff"] > 0
+    assert "paired bootstrap" in stdout and "95% interval" in stdout
+    assert "95% interval" in (tmp_path / "e" / "report.md").read_text()
+    code, _, err = run_inprocess("evaluate.py", ["--pred", str(pred), "--labels", str(index), "--out",
+                                                 str(tmp_path / "same"), "--compare", str(pred), "--n-boot", "50"],
+                                 capsys)
+    same = json.loads((tmp_path / "same" / "metrics.json").read_text())["compare"]["mAP"]
+    assert code == 0 and (same["diff"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    make_pred(worse, ids[:39], y[:39])  # another image set cannot be compared
+    code, _, err = run_inprocess("evaluate.py", ["--pred", str(pred), "--labels", str(index), "--out",
+                                                 str(tmp_path / "bad"), "--compare", str(worse)], capsys)
+    assert code == 2 and str(worse) in err
+
+
+def test_study_keys_of_the_cache_drive_the_resampling_and_the_proxy(tmp_path, capsys, monkeypatch):
+    from conftest import IndexCache
+
+    import cxrlt.cache
+
+    index, ids, y = make_index(tmp_path)
+    table = pd.read_csv(index, dtype=str).fillna("")
+    table["study"] = [f"s{i // 2}" for i in range(len(table))]  # PA + lateral pairs
+    table["patient"] = [f"p{i // 6}" for i in range(len(table))]
+    table["projection"] = ["PA" if i % 2 == 0 else "L" for i in range(len(table))]
+    table["fold"] = table["fold"].astype(int)
+    table[LABELS] = table[LABELS].replace("", "0").astype(int)
+    monkeypatch.setattr(cxrlt.cache, "open_cache", lambda path: IndexCache(table, LABELS))
+    pred = tmp_path / "pred.csv"
+    make_pred(pred, ids[:40], y[:40])
+    code, stdout, err = run_inprocess("evaluate.py", ["--pred", str(pred), "--labels", str(index), "--out",
+                                                      str(tmp_path / "e"), "--n-boot", "200"], capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["bootstrap"]["unit"] == "studies" and m["bootstrap"]["n_units"] == 20
+    assert m["subsets"]["proxy"]["n_images"] == 20  # the PA of each of the 20 studies
+    finding = [i for i in range(0, 40, 2) if y[i, 1:].any()]
+    assert m["subsets"]["proxy_finding"]["n_images"] == len(finding)
+    assert "proxy (frontal, one image per study)" in stdout

@@ -31,7 +31,7 @@ def _make(tmp, *args):
 
 
 def test_make_all_on_a_14_label_dataset_then_nothing_to_redo(tmp_path):
-    from cxrlt.demo_data import generate
+    from cxrlt.synth import generate
 
     _mirror(tmp_path)
     (tmp_path / "nih.txt").write_text("\n".join(NIH_LABELS) + "\n")

@@ -23,6 +23,12 @@ def setup(tmp_path):
     return tmp_path
 
 
+def with_values(cfg: Path, **values) -> str:
+    """The text of a YAML config with each key's line set to the value (a key may appear once)."""
+    lines = [x for x in cfg.read_text().splitlines() if x.split(":")[0].strip() not in values]
+    return "\n".join(lines + [f"{k}: {v}" for k, v in values.items()]) + "\n"
+
+
 def run_plan(d: Path, **over) -> dict[str, int]:
     """Run the plan with the given Make variables; -> {stamp: mtime_ns} (plus the submission's)."""
     args = dict(state=d / ".make", mk=d / ".make" / "vars.mk", dataset="demo", train_csv=d / "train.csv",
@@ -61,11 +67,11 @@ def test_each_edit_changes_exactly_the_stamps_of_the_stages_that_read_it(setup):
     cfg = d / "demo.yaml"
     cfg.write_text(cfg.read_text() + "\n# a comment\n")
     edit(set())
-    cfg.write_text(cfg.read_text() + "tta: flip\n")
+    cfg.write_text(with_values(cfg, tta="flip"))
     edit({"demo/predict-val", "demo/predict-test"})
-    cfg.write_text(cfg.read_text() + "crt_lr: 0.5\n")
+    cfg.write_text(with_values(cfg, crt_lr=0.5))
     edit({"demo/crt"})
-    cfg.write_text(cfg.read_text() + "lr: 0.01\n")
+    cfg.write_text(with_values(cfg, lr=0.01))
     edit({"demo/train"})
     (d / "removal.csv").write_text("ImageID\nother.png\n")
     edit({"cache-train"})
@@ -86,7 +92,10 @@ def test_vars_mk_names_the_test_cache_by_content_and_each_config_size(setup):
     run_plan(d)
     mk = (d / ".make" / "vars.mk").read_text()
     key = next(line.split(":= ")[1] for line in mk.splitlines() if line.startswith("TEST_KEY"))
-    assert len(key) == 10 and "SIZE_demo := 64" in mk and "STEMS := demo" in mk
+    from cxrlt.keys import test_cache_key
+
+    assert key == test_cache_key(d / "test.csv")  # the folder preprocess.py and the plan agree on
+    assert len(key) == 12 and "SIZE_demo := 64" in mk and "STEMS := demo" in mk
     shutil.copy(d / "test.csv", d / "test_copy.csv")  # same content elsewhere: same cache
     run_plan(d, test_csv=d / "test_copy.csv")
     assert f"TEST_KEY := {key}" in (d / ".make" / "vars.mk").read_text()
@@ -105,3 +114,12 @@ def test_bad_variables_and_configs_are_one_line_errors(setup):
     shutil.copy(d / "demo.yaml", d / "x" / "demo.yaml")
     with pytest.raises(InputError, match="same name"):
         run_plan(d, configs=f"{d / 'demo.yaml'} {d / 'x' / 'demo.yaml'}")
+
+
+def test_configs_differing_only_in_post_training_keys_share_one_backbone(setup):
+    d = setup
+    (d / "tta.yaml").write_text(with_values(d / "demo.yaml", tta="flip", crt_lr=0.5))
+    (d / "other.yaml").write_text(with_values(d / "demo.yaml", lr=0.5))
+    run_plan(d, configs=f"{d / 'demo.yaml'} {d / 'tta.yaml'} {d / 'other.yaml'}")
+    mk = (d / ".make" / "vars.mk").read_text().splitlines()
+    assert {"BASE_demo := demo", "BASE_tta := demo", "BASE_other := other"} <= set(mk)

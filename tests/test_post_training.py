@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_script, tiny_cfg
+from conftest import run_script, run_script_inprocess, tiny_cfg
 from cxrlt.cache import open_cache
 from cxrlt.checkpoint import load_checkpoint
 from cxrlt.data import CacheDataset, make_loader
@@ -54,9 +54,9 @@ def test_crt_refuses_to_write_into_the_run(trained_run, demo_cache):
     assert p.returncode == 2 and "never writes into the backbone run folder" in p.stderr
 
 
-def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_dataset, tmp_path):
+def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_test_cache, demo_dataset, tmp_path):
     out = tmp_path / "pred_test.csv"
-    run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_cache, "--split", "test",
+    run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_test_cache, "--split", "test",
                "--out", out, "--workers", "0", "--tta", "flip_scale")
     df = pd.read_csv(out)
     cache = open_cache(demo_cache)
@@ -67,17 +67,56 @@ def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_dataset
     assert np.isfinite(vals).all() and vals.min() >= 0 and vals.max() <= 1
 
 
-def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp_path):
+def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp_path, capsys):
     import json
 
     out = tmp_path / "pred_val.csv"
-    p = run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_cache, "--split", "val",
-                   "--out", out, "--workers", "0", "--tta", "none")
+    code, stdout, err = run_script_inprocess(capsys, "predict.py", "--checkpoint", trained_run / "model.pt", "--cache",
+                                             demo_cache, "--split", "val", "--out", out, "--workers", "0", "--tta", "none")
+    assert code == 0, err
     info = json.loads(open(str(out) + ".postproc.json").read())
-    assert info["best"]["val_mAP"] >= info["raw"]["val_mAP"]
-    assert "val mAP" in p.stdout
-    # the val mAP predict.py reports equals the trainer's val mAP for the same weights (no TTA)
-    assert info["raw"]["val_mAP"] == pytest.approx(load_checkpoint(trained_run / "model.pt")["best_map"], abs=1e-5)
+    sel = info["select_on"]
+    assert info["chosen"][sel] >= info["raw"][sel]  # chosen on the selection set
+    assert {"full", "proxy", "half_a", "half_b"} <= set(info["grid"][0]) and len(info["grid"]) >= 24
+    assert info["sets"]["half_a"] + info["sets"]["half_b"] == info["sets"][sel]
+    assert "honest (cross-fitted" in stdout and "selection on proxy" in stdout  # the demo has projections
+    # the full-fold mAP predict.py reports equals the trainer's val mAP for the same weights (no TTA)
+    assert info["raw"]["full"] == pytest.approx(load_checkpoint(trained_run / "model.pt")["best_map"], abs=1e-5)
+
+
+def test_postproc_from_applies_the_val_choice_to_test_predictions(trained_run, demo_test_cache, tmp_path, capsys):
+    import json
+
+    from cxrlt.postproc import Context, normal_gating
+    from cxrlt.validation import val_keys
+
+    raw, gated = tmp_path / "raw.csv", tmp_path / "gated.csv"
+    choice = tmp_path / "pred_val.csv.postproc.json"
+    choice.write_text(json.dumps({"choice": {"normal_gating_alpha": 2.0, "study_pool_weight": 0.0,
+                                             "patient_context_weight": 0.0}}))
+    common = ["--checkpoint", trained_run / "model.pt", "--cache", demo_test_cache, "--split", "test", "--workers", "0",
+              "--tta", "none"]
+    assert run_script_inprocess(capsys, "predict.py", *common, "--out", raw)[0] == 0
+    assert run_script_inprocess(capsys, "predict.py", *common, "--out", gated, "--postproc-from", choice)[0] == 0
+    a, b = pd.read_csv(raw), pd.read_csv(gated)
+    labels = list(a.columns[1:])
+    expected = normal_gating(a[labels].to_numpy(), labels, 2.0)
+    assert not np.allclose(a[labels].to_numpy(), b[labels].to_numpy(), atol=1e-4)
+    assert np.allclose(b[labels].to_numpy(), expected, atol=2e-6)
+    # patient context on the test list: the training labels come from the sibling train cache
+    choice.write_text(json.dumps({"choice": {"normal_gating_alpha": 0.0, "study_pool_weight": 0.0,
+                                             "patient_context_weight": 0.5}}))
+    ctx = tmp_path / "ctx.csv"
+    assert run_script_inprocess(capsys, "predict.py", *common, "--out", ctx, "--postproc-from", choice)[0] == 0
+    c = pd.read_csv(ctx)
+    test_cache = open_cache(demo_test_cache)
+    keys = val_keys(test_cache, test_cache.rows("test"))
+    mean, has = Context.from_cache(open_cache(demo_test_cache.parent / "train")).mean_labels(keys.patient, keys.study)
+    assert 0 < has.sum() < len(has)  # the demo's test patients with earlier training studies
+    assert list(c["ImageID"]) == list(keys.ids)
+    q = a[labels].to_numpy()
+    assert np.allclose(c[labels].to_numpy()[~has], q[~has], atol=2e-6)
+    assert np.allclose(c[labels].to_numpy()[has], 0.5 * q[has] + 0.5 * mean[has], atol=2e-6)
 
 
 def test_flip_tta_is_invariant_to_flipping_the_input(trained_run, demo_cache, tmp_path):
@@ -93,3 +132,28 @@ def test_flip_tta_is_invariant_to_flipping_the_input(trained_run, demo_cache, tm
     loader = make_loader(CacheDataset(tmp_path / "a.npy", np.arange(12), num_classes=30), 6, workers=0)
     none = predict_tta(model, loader, torch.device("cpu"), "none", progress=False)[1]
     assert not np.allclose(none, res[0], atol=1e-5)  # the flip view really contributes
+
+
+def test_predict_reads_post_keys_from_the_current_config_and_settles(trained_run, demo_test_cache, tmp_path):
+    """Make passes the config file: its post keys apply (not the checkpoint's copy), train keys are
+    ignored, and a re-run with the same inputs only touches the output."""
+    import os
+
+    from cxrlt.fingerprints import recorded_inputs
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("tta: none\nworkers: 0\n")
+    out = tmp_path / "pred.csv"
+    args = ["predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_test_cache, "--split", "test",
+            "--out", out, "--config", cfg, "--epochs", "7"]
+    first = run_script(*args)
+    assert "ignoring train keys" in first.stdout + first.stderr and "epochs" in first.stdout + first.stderr
+    assert recorded_inputs(out)["post"]["tta"] == "none"
+    content, t = out.read_bytes(), out.stat().st_mtime_ns
+    os.utime(out, ns=(t - 10**9, t - 10**9))
+    again = run_script(*args)
+    assert "up to date" in again.stdout and out.read_bytes() == content
+    assert out.stat().st_mtime_ns > t - 10**9  # touched, so that make settles
+    cfg.write_text("tta: flip\nworkers: 0\n")
+    run_script(*args)
+    assert recorded_inputs(out)["post"]["tta"] == "flip"

@@ -1,4 +1,4 @@
-"""Submission validator (`ensemble.py check`), CSV readers and the zip."""
+"""Submission validator (`ensemble.py check`), writer and the zip (the readers: test_tables.py)."""
 
 import importlib.util
 import subprocess
@@ -12,13 +12,8 @@ import pytest
 from cxrlt.cli import main_wrapper
 from cxrlt.errors import InputError
 from cxrlt.labels import CXRLT2026_LABELS
-from cxrlt.submission import (
-    read_id_list,
-    read_label_table,
-    read_predictions,
-    validate_submission,
-    write_zip,
-)
+from cxrlt.submission import validate_submission, write_zip
+from cxrlt.tables import read_id_list
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["Normal", "Mass", "Hernia"]
@@ -54,7 +49,7 @@ def test_valid_submission_passes(files):
     write_rows(sub, good_rows())
     df = validate_submission(sub, lst, LABELS)
     assert list(df.index) == IDS and list(df.columns) == LABELS
-    assert read_id_list(lst) == IDS  # trailing empty columns tolerated
+    assert read_id_list(lst)["ImageID"].tolist() == IDS  # trailing empty columns tolerated
 
 
 def _set(rows, r, c, v):
@@ -140,37 +135,6 @@ def test_check_cli_labels_file_and_labels_from(tmp_path, capsys):
     train.write_text("ImageID,StudyDate_DICOM,PatientID,Mass,Normal,Hernia\nx.png,1,2,0,1,0\n")
     code, _, err = check_inprocess(capsys, sub, "--test-list", lst, "--labels-from", train)
     assert code == 2 and "wrong column order" in err
-
-
-def test_read_predictions_matches_by_name_unless_strict(tmp_path):
-    rows = good_rows()
-    swapped = write_rows(tmp_path / "p.csv", [[x[0], x[3], x[1], x[2]] for x in rows])
-    df = read_predictions(swapped, LABELS)
-    assert list(df.columns) == LABELS
-    assert df.loc["b.png", "Mass"] == pytest.approx(float(rows[2][2]))
-    with pytest.raises(InputError, match="wrong column order"):
-        read_predictions(swapped, LABELS, strict_order=True)
-
-
-def test_label_table_index_and_training_layout(tmp_path):
-    index = tmp_path / "index.csv"
-    index.write_text(
-        "row,ImageID,StudyDate_DICOM,PatientID,split,fold,A,B\n"
-        "0,a.png,1,007,train,0,1,0\n1,b.png,1,008,train,1,1,1\n2,c.png,1,009,test,-1,,\n"
-    )
-    t = read_label_table(index, ids=["b.png"])
-    assert t.is_index and t.labels == ["A", "B"] and t.y.tolist() == [[1, 1]]
-    assert t.train_counts.tolist() == [2, 1] and t.n_train == 2
-    with pytest.raises(InputError, match=r"row 4, column 'A': blank label"):
-        read_label_table(index, ids=["c.png"])
-    with pytest.raises(InputError, match=r"no row for ImageID 'zz.png'"):
-        read_label_table(index, ids=["zz.png"])
-    train = tmp_path / "labels.csv"
-    train.write_text("ImageID,StudyDate_DICOM,PatientID,A,B\na.png,1,2,1,0\nb.png,1,2,0,2\n")
-    with pytest.raises(InputError, match=r"row 3, column 'B': label '2' is not 0 or 1"):
-        read_label_table(train, ids=["a.png", "b.png"])
-    with pytest.raises(InputError, match=r"row 3: ImageID 'b.png' has no row in"):
-        read_label_table(train, ids=["a.png"])
 
 
 def test_zip_has_csv_at_top_and_code(tmp_path):

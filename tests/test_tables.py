@@ -1,4 +1,4 @@
-"""Reading and validating the challenge CSVs (cxrlt.csvio)."""
+"""Reading and validating the challenge tables (cxrlt.tables)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlt.csvio import read_id_list, read_labelled_csv, read_training_csv
+from cxrlt.tables import read_id_list, read_label_table, read_predictions, read_training_csv
 from cxrlt.errors import InputError
 
 HEADER = "ImageID,StudyDate_DICOM,PatientID,Normal,Mass,Hernia\n"
@@ -88,9 +88,10 @@ def test_nih_style_14_labels(tmp_path):
     (HEADER + "a.png,1,1,0,2,0\n", r"row 2, column 'Mass': '2'"),
     (HEADER + "a.png,1,1,0,0,0\nb.png,1,1,,0,0\n", r"row 3, column 'Normal': a blank cell"),
     (HEADER + "a.png,1,1,0,0,1.0\n", r"row 2, column 'Hernia': '1.0'"),
-    (HEADER + "a.png,1,1,0,0,0\nb.png,1,1,0,0,0\na.png,1,1,1,0,0\n", r"duplicate ImageID 'a.png' \(rows 2, 4\)"),
+    (HEADER + "a.png,1,1,0,0,0\nb.png,1,1,0,0,0\na.png,1,1,1,0,0\n",
+     r"row 4, column 1 \('ImageID'\): duplicate ImageID 'a.png' \(first at row 2\)"),
     (HEADER + "a.png,1,1,0,0,0,1\n", r"row 2 has 7 fields but the header has 6"),
-    (HEADER + ",1,1,0,0,0\n", r"row 2, column 'ImageID': blank"),
+    (HEADER + ",1,1,0,0,0\n", r"row 2, column 1 \('ImageID'\): blank ImageID"),
 ])
 def test_bad_training_csv_names_file_and_row(tmp_path, text, pattern):
     path = write(tmp_path, text)
@@ -128,7 +129,7 @@ def test_id_list_without_optional_columns(tmp_path):
 
 
 @pytest.mark.parametrize("text, pattern", [
-    ("ImageID\nx.png\ny.png\nx.png\n", r"duplicate ImageID 'x.png' \(rows 2, 4\)"),
+    ("ImageID\nx.png\ny.png\nx.png\n", r"row 4, column 1 \('ImageID'\): duplicate ImageID 'x.png' \(first at row 2\)"),
     ("Image,PatientID\nx.png,1\n", r"missing column 'ImageID'; did you mean 'Image'"),
     ("ImageID\n", r"no data rows"),
 ])
@@ -141,20 +142,37 @@ def test_removal_list_may_be_empty_when_allowed(tmp_path):
     assert len(read_id_list(write(tmp_path, "ImageID\n", "r.csv"), allow_empty=True)) == 0
 
 
-def test_labelled_csv_skips_unlabelled_rows_only_when_asked(tmp_path):
-    text = ("row,ImageID,StudyDate_DICOM,PatientID,split,fold,Mass,Hernia\n"
-            "0,a.png,1,1.90E+38,train,0,1,0\n"
-            "1,b.png,1,2,test,-1,,\n")
-    path = write(tmp_path, text, "index.csv")
-    df = read_labelled_csv(path, ["Hernia", "Mass"], skip_unlabelled=True)
-    assert df["ImageID"].tolist() == ["a.png"]
-    assert list(df.columns)[-2:] == ["Hernia", "Mass"]
-    assert df["split"].tolist() == ["train"] and df["PatientID"].tolist() == ["1.90E+38"]
-    with pytest.raises(InputError, match=r"row 3, column 'Hernia': a blank cell"):
-        read_labelled_csv(path, ["Hernia", "Mass"])
+def test_label_table_index_and_training_layout(tmp_path):
+    index = write(tmp_path, "row,ImageID,StudyDate_DICOM,PatientID,split,fold,A,B\n0,a.png,1,007,train,0,1,0\n"
+                            "1,b.png,1,008,train,1,1,1\n2,c.png,1,009,test,-1,,\n", "index.csv")
+    t = read_label_table(index, ids=["b.png"])
+    assert t.is_index and t.labels == ["A", "B"] and t.y.tolist() == [[1, 1]]
+    assert t.train_counts.tolist() == [2, 1] and t.n_train == 2
+    with pytest.raises(InputError, match=r"row 4: blank label cells: no ground truth for ImageID 'c.png'"):
+        read_label_table(index, ids=["c.png"])
+    with pytest.raises(InputError, match=r"no row for ImageID 'zz.png'"):
+        read_label_table(index, ids=["zz.png"])
+    train = write(tmp_path, "ImageID,StudyDate_DICOM,PatientID,A,B\na.png,1,2,1,0\nb.png,1,2,0,2\n", "labels.csv")
+    with pytest.raises(InputError, match=r"row 3, column 'B': '2'"):
+        read_label_table(train, ids=["a.png", "b.png"])
+    with pytest.raises(InputError, match=r"row 3: ImageID 'b.png' has no row in"):
+        read_label_table(train, ids=["a.png"])
 
 
-def test_labelled_csv_partly_blank_row_is_an_error(tmp_path):
-    path = write(tmp_path, "ImageID,Mass,Hernia\na.png,1,\n", "lab.csv")
-    with pytest.raises(InputError, match=r"row 2, column 'Hernia'"):
-        read_labelled_csv(path, ["Mass", "Hernia"], skip_unlabelled=True)
+def test_label_table_of_an_index_with_key_columns(tmp_path):
+    """The index gains study/patient/projection columns: they are not labels."""
+    index = write(tmp_path, "row,ImageID,StudyDate_DICOM,PatientID,study,patient,projection,split,fold,A,B\n"
+                            "0,a.png,1,007,s1,p1,PA,train,0,1,0\n1,b.png,1,008,s2,p2,L,train,1,0,1\n", "index.csv")
+    t = read_label_table(index)
+    assert t.labels == ["A", "B"] and t.ids == ["a.png", "b.png"] and t.train_counts.tolist() == [1, 1]
+
+
+def test_read_predictions_matches_by_name_unless_strict(tmp_path):
+    path = write(tmp_path, "ImageID,Hernia,Normal,Mass\na.png,0.1,0.2,0.3\n\nb.png,0.4,0.5,0.6\n", "p.csv")
+    df = read_predictions(path, ["Normal", "Mass", "Hernia"])
+    assert list(df.columns) == ["Normal", "Mass", "Hernia"] and df.loc["b.png", "Mass"] == pytest.approx(0.6)
+    with pytest.raises(InputError, match="wrong column order"):
+        read_predictions(path, ["Normal", "Mass", "Hernia"], strict_order=True)
+    bad = write(tmp_path, "ImageID,A\na.png,0.1\n\nb.png,x\n", "bad.csv")
+    with pytest.raises(InputError, match=r"row 4, column 2 \('A'\): not a number"):  # blank line counted
+        read_predictions(bad)
