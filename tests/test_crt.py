@@ -73,8 +73,9 @@ def test_crt_trains_from_the_fresh_head_or_from_the_trained_one(name, tmp_path):
     va, y_va = _inputs(name, tmp_path, 16, 5)
     fresh = starting_head(trained, reinit=True, seed=7)
     for reinit, begins_at in ((True, fresh), (False, trained)):
-        # lr 0: the head never moves, so the last head is the head training started from
-        cfg = _cfg(name, crt_reinit=reinit, crt_lr=0.0)
+        # lr 0 (set past the config's check, which wants > 0): the head never moves, so the last
+        # head is the head training started from
+        cfg = {**_cfg(name, crt_reinit=reinit), "crt_lr": 0.0}
         _, last, info = train_head(model, tr, y_tr, va, y_va, cfg, torch.device("cpu"), tmp_path, log=lambda *_: None)
         assert _same(last, begins_at), reinit
         assert info["reinit"] is reinit
