@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Peak memory of train.py and predict.py on caches of N images: must not grow with N.
+"""Peak memory of train.py, predict.py and retrain_head.py on caches of N images: must not grow with N.
 
     python bench/bench_memory.py [--sizes 2000 20000] [--size 256] [--json OUT.json] [--keep DIR]
+    python bench/bench_memory.py --crt [--sizes 2000 20000] [--size 64] [--model test_efficientnet]
 
 For each N a synthetic cache of N images at --size px is written (images.npy through a memmap, plus
 index/labels/manifest; see bench_train_step.write_synthetic_cache), then run as subprocesses:
@@ -18,6 +19,16 @@ Measured per run:
   main_anon_mb   peak RssAnon of that process (heap: arrays, tensors, the index)
   main_file_mb   peak RssFile (mapped files: shared libraries and touched pages of images.npy)
   worker_rss_mb  peak VmRSS over its child processes (DataLoader workers)
+--crt measures retrain_head.py instead (cRT, 1 head epoch, crt_feature_cache auto), for a pooled
+head (linear: float32 features of every image on disk) and a map head (csra: the float16 maps),
+on a run of that head trained for 2 batches (not measured). Here the work grows with N (every
+image goes through the backbone once, every head epoch covers all train rows), the memory must
+not: features are written and read back batch by batch (cxrlt.rowfile). Defaults: 64 px and
+test_efficientnet (256 features; 2x2 maps), where the features of 20,000 images are 20 MB (pooled)
+and 40 MB (maps). Held in memory they show as growth of the main process's peak RssAnon (the cRT
+of before this bench: +30 MB pooled, +107 MB csra from 2,000 to 20,000), less so of its peak RSS,
+which is set earlier (imports, model build): run_all's rows 6c/6d judge both.
+
 Each (script, N) runs twice: with MALLOC_MMAP_THRESHOLD_=65536 (glibc then returns every large
 block on free, so a peak is the live memory and repeats agree to the MB; the growth verdict uses
 these) and with the default allocator (what a user sees; its peaks vary by +-30 MB run to run).
@@ -203,23 +214,75 @@ def run(sizes=(2000, 20000), size: int = 256, n_val: int = 64, n_test: int = 64,
             "parent_hwm_mb": own_hwm_mb(), "load_avg_1min": os.getloadavg()[0]}
 
 
+def run_crt(sizes=(2000, 20000), size: int = 64, n_val: int = 64, model: str = "test_efficientnet",
+            heads=("linear", "csra"), epochs: int = 1, workers: int = 1, keep=None, workdir=None) -> dict:
+    """Peak memory of retrain_head.py for each cache size N and head -> per-N figures and growth.
+
+    Runs with the fixed malloc threshold only (the figures the verdict uses; see FIXED_MALLOC).
+    Keys of runs[N]: index_mb, images_npy_mb, and per head "crt_<head>" (measure()'s figures plus
+    feature_mb, the size of the feature files it wrote, and feature_cache, the mode it chose).
+    """
+    py = sys.executable
+    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench_memory_crt_", dir=workdir))
+    runs = {}
+    try:
+        for n in sizes:
+            d = tmp / f"n{n}"
+            cache = d / "cache"
+            runs[str(n)] = {"index_mb": prepare(cache, n, size, n_val, 0),
+                            "images_npy_mb": (cache / "images.npy").stat().st_size / MB}
+            for head in heads:
+                run_dir = d / f"run_{head}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                train_cmd = [py, "train.py", "--cache", str(cache), "--out", str(run_dir), "--model", model,
+                             "--pretrained", "false", "--head", head, "--loss", "bce", "--epochs", "1",
+                             "--max_train_batches", "2", "--batch_size", "8", "--workers", "0", "--device", "cpu"]
+                subprocess.run(train_cmd, cwd=ROOT, check=True, capture_output=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+                crt_cmd = [py, "retrain_head.py", "--run", str(run_dir), "--cache", str(cache), "--out",
+                           str(run_dir / "crt"), "--crt_epochs", str(epochs), "--workers", str(workers),
+                           "--device", "cpu"]
+                m = measure(crt_cmd, d / f"crt_{head}.log", FIXED_MALLOC)
+                summary = json.loads((run_dir / "crt" / "summary.json").read_text())
+                m.update(feature_cache=summary["feature_cache"], head_input=summary["head_input"],
+                         feature_mb=sum(p.stat().st_size for p in (run_dir / "crt").glob("features_*.npy")) / MB)
+                runs[str(n)][f"crt_{head}"] = m
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    lo, hi = str(min(sizes)), str(max(sizes))
+    keys = ("maxrss_mb", "main_hwm_mb", "main_anon_mb", "main_file_mb", "worker_rss_mb")
+    growth = {s: {k: runs[hi][s][k] - runs[lo][s][k] for k in keys} for s in runs[lo] if s.startswith("crt_")}
+    return {"sizes": list(sizes), "size": size, "val_images": n_val, "model": model, "epochs": epochs,
+            "workers": workers, "fixed_malloc_env": FIXED_MALLOC, "runs": runs, "growth_mb": growth,
+            "index_allowance_mb": runs[hi]["index_mb"] - runs[lo]["index_mb"],
+            "parent_hwm_mb": own_hwm_mb(), "load_avg_1min": os.getloadavg()[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--crt", action="store_true", help="measure retrain_head.py (pooled and csra heads) instead")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], help="cache sizes N (images)")
-    ap.add_argument("--size", type=int, default=256, help="image side")
+    ap.add_argument("--size", type=int, default=None, help="image side (default 256; 64 with --crt)")
     ap.add_argument("--val", type=int, default=64, help="val-fold images (fixed for every N)")
     ap.add_argument("--test", type=int, default=64, help="test-list images (fixed for every N)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--train-batches", type=int, default=2)
-    ap.add_argument("--model", default="test_resnet")
+    ap.add_argument("--model", default=None, help="timm model (default test_resnet; test_efficientnet with --crt)")
+    ap.add_argument("--crt-epochs", type=int, default=1, help="--crt: head epochs")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--keep", default=None, help="write the caches here and keep them (reused next time)")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = ap.parse_args()
-    r = run(a.sizes, a.size, a.val, a.test, a.batch, a.train_batches, a.model, a.workers, a.keep)
+    if a.crt:
+        r = run_crt(a.sizes, a.size or 64, a.val, a.model or "test_efficientnet", epochs=a.crt_epochs,
+                    workers=a.workers, keep=a.keep)
+    else:
+        r = run(a.sizes, a.size or 256, a.val, a.test, a.batch, a.train_batches, a.model or "test_resnet",
+                a.workers, a.keep)
     print(f"{'N':>7} {'script':23} {'maxrss':>7} {'main HWM':>9} {'anon':>6} {'file':>6} {'worker':>7}  (MB)")
     for n, v in r["runs"].items():
-        for s in [k for k in v if k.startswith(("train", "pred"))]:
+        for s in [k for k in v if k.startswith(("train", "pred", "crt_"))]:
             m = v[s]
             print(f"{n:>7} {s:23} {m['maxrss_mb']:7.0f} {m['main_hwm_mb']:9.0f} {m['main_anon_mb']:6.0f} "
                   f"{m['main_file_mb']:6.0f} {m['worker_rss_mb']:7.0f}")

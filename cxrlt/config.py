@@ -96,6 +96,9 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "crt_reinit": (True, bool, "cRT: re-initialise the head (else fine-tune it)"),
     "crt_sampler": ("class_aware", str, "cRT: sampler"),
     "crt_loss": ("bce", str, "cRT: loss"),
+    "crt_feature_cache": ("auto", str, "cRT: head inputs cached on disk: float32 | float16 | off (backbone every "
+                                       "cRT epoch) | auto (pooled heads float32, csra maps float16, off when the "
+                                       "disk lacks room)"),
     "tta": ("flip", str, "none | flip | flip_scale | medium"),
     "tta_merge": ("prob", str, "prob | logit: average probabilities or logits"),
     "normal_gating_alpha": (0.0, float, "p_k *= (1 - p_Normal)^alpha for findings; 0 = off"),
@@ -222,6 +225,7 @@ CHOICES = {
     "crt_loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
     "sampler": {"instance", "class_aware", "repeat_factor"},
     "crt_sampler": {"instance", "class_aware", "repeat_factor"},
+    "crt_feature_cache": {"auto", "float32", "float16", "off"},
     "tta": {"none", "flip", "flip_scale", "medium"},
     "tta_merge": {"prob", "logit"},
     "in_chans": {1, 3},

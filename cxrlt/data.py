@@ -1,10 +1,12 @@
-"""Data loading for training and inference: a Dataset over the cache memmap.
+"""Data loading for training and inference: a Dataset over the image cache.
 
 The cache (see cxrlt/cache.py) holds every image as uint8 (size x size). A sample is read
-straight from the memmap, augmented cheaply on the CPU in uint8 (one affine warp that does
-flip + rotation + zoom + shift, then a brightness/contrast lookup table) and handed to the
-device as uint8: conversion to float and normalisation happen on the device in the training
-step (`model.normalize`), which keeps the loader's work and the host->device copy 4x smaller.
+straight from images.npy (a pread of its row, cxrlt.rowfile: nothing stays mapped, so a loader
+worker's resident memory does not grow with the number of images it has read), augmented
+cheaply on the CPU in uint8 (one affine warp that does flip + rotation + zoom + shift, then a
+brightness/contrast lookup table) and handed to the device as uint8: conversion to float and
+normalisation happen on the device in the training step (`model.normalize`), which keeps the
+loader's work and the host->device copy 4x smaller.
 
 Augmentation randomness is a pure function of (seed, epoch, row): the same sample gets the
 same augmentation whatever the number of workers, the DDP rank or an interruption and resume.
@@ -67,8 +69,8 @@ def augment(img: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.nda
 class CacheDataset(Dataset):
     """Samples of cache rows: (uint8 tensor (1, S, S), float32 targets (C,), row).
 
-    `images_path` is the cache's images.npy; it is opened lazily with mmap in each worker
-    (a memmap must not be pickled into workers: that would copy the whole array).
+    `images_path` is the cache's images.npy; each process opens it itself on first use and
+    reads one row per sample (cxrlt.rowfile.RowFile).
     `targets` may be None (test rows): then a zero vector of length `num_classes` is returned.
     """
 
@@ -88,9 +90,11 @@ class CacheDataset(Dataset):
         self.epoch = epoch
 
     @property
-    def images(self) -> np.ndarray:
+    def images(self):
         if self._images is None:
-            self._images = np.load(self.images_path, mmap_mode="r")
+            from .rowfile import RowFile
+
+            self._images = RowFile(self.images_path)
         return self._images
 
     def __len__(self) -> int:
@@ -98,12 +102,12 @@ class CacheDataset(Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_images"] = None  # re-open the memmap in the worker
+        state["_images"] = None  # each worker opens the file itself
         return state
 
     def __getitem__(self, i: int):
         row = int(self.rows[i])
-        img = np.array(self.images[row])  # copy out of the read-only memmap
+        img = self.images[row]  # a fresh (writable) array
         if self.aug is not None:
             rng = np.random.default_rng([self.seed, self.epoch, row])
             img = augment(img, self.aug, rng)

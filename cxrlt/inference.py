@@ -4,8 +4,10 @@ probabilities: cxrlt/postproc.py).
 `batched_forward(model, loader, fn, device, amp)` is the only loop that runs a model over a
 loader without gradients: predict_tta (predictions, also the trainer's validation), cRT's
 feature extraction and its head scoring all go through it. fn maps a device batch to a tensor;
-the loop returns (rows, outputs as float32 numpy). A model's output is real logits (the head
-holds LDAM's scale, see models.py), so a probability is just sigmoid(model(x)).
+the loop returns (rows, outputs as float32 numpy); `forward_batches` is the same loop handing out
+one batch at a time (cRT writes features to disk as they come: they never all sit in memory).
+A model's output is real logits (the head holds LDAM's scale, see models.py), so a probability
+is just sigmoid(model(x)).
 
 TTA views are applied on the device to whole uint8 batches (as float 0..255, before the model's
 normalisation), so a view costs one forward pass and nothing on the CPU:
@@ -49,24 +51,31 @@ def apply_view(x: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:
     return x
 
 
-@torch.no_grad()
+def forward_batches(model, loader, fn, device, amp: bool = False, progress: bool = False, desc: str = "predict"):
+    """The loop of batched_forward, one batch at a time: yields (rows (b,) int64, fn's output on
+    `device` as float32) for every batch, computed without gradients (and under autocast when amp),
+    for a consumer that writes each batch away (cRT's feature files) or trains on it at once."""
+    from tqdm import tqdm
+
+    from .device import autocast_ctx
+
+    model.eval()
+    for x, _, r in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        with torch.no_grad(), autocast_ctx(device, amp):
+            y = fn(x.to(device, non_blocking=True))
+        yield np.asarray(r, dtype=np.int64), y.float()
+
+
 def batched_forward(model, loader, fn, device, amp: bool = False, progress: bool = False, desc: str = "predict"):
     """fn(batch on `device`) for every (x, _, rows) batch of `loader`, in eval mode, without
     gradients, under bf16 autocast when amp (GPU only) -> (rows (n,) int64, outputs (n, ...) float32).
 
     `model` is only switched to eval mode here; fn does the work (see model_input).
     """
-    from tqdm import tqdm
-
-    from .device import autocast_ctx
-
-    model.eval()
     rows, out = [], []
-    for x, _, r in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-        with autocast_ctx(device, amp):
-            y = fn(x.to(device, non_blocking=True))
-        out.append(y.float().cpu().numpy())
-        rows.append(np.asarray(r, dtype=np.int64))
+    for r, y in forward_batches(model, loader, fn, device, amp, progress, desc):
+        out.append(y.cpu().numpy())
+        rows.append(r)
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     return np.concatenate(rows), np.concatenate(out)

@@ -120,14 +120,28 @@ def test_crt_bench_tiny(tmp_path):
     r = bench_crt.run(model="test_resnet", size=32, n_train=16, n_val=8, epochs=2, batch=8, workers=0,
                       workdir=tmp_path)
     _positive(r, "extract_s", "head_epochs_s", "backbone_every_epoch_s", "speedup_incl_extract",
-              "speedup_excl_scoring")
+              "speedup_excl_scoring", "uncached_head_epochs_s")
     assert (r["train_images"], r["val_images"]) == (16, 8)
-    # cRT scores the original head and then every epoch; the uncached loop scores every epoch
-    assert r["val_scoring_calls_cached"] == 3 and r["val_scoring_calls_uncached"] == 2
+    # each cRT call scores the original head, every epoch and the final head
+    assert r["val_scoring_calls_cached"] == r["val_scoring_calls_uncached"] == 4
     assert r["speedup_incl_extract"] == pytest.approx(r["backbone_every_epoch_s"] / r["cached_total_s"])
+    assert r["val_mAP_cached"] == pytest.approx(r["val_mAP_uncached"], abs=1e-5)  # the same head either way
     import cxrlt.metrics
 
     assert cxrlt.metrics.score.__name__ == "score"  # the timing wrapper was removed
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # four script runs (two train.py, two retrain_head.py)
+def test_crt_memory_bench_tiny(tmp_path):
+    r = bench_memory.run_crt(sizes=(30,), size=16, n_val=6, model="test_resnet", workers=0, workdir=tmp_path)
+    run = r["runs"]["30"]
+    for head, mode, shape in (("linear", "float32", 1), ("csra", "float16", 3)):
+        m = run[f"crt_{head}"]
+        _positive(m, "maxrss_mb", "main_hwm_mb", "main_anon_mb", "feature_mb")
+        assert m["feature_cache"] == mode and len(m["head_input"]) == shape
+        assert r["growth_mb"][f"crt_{head}"]["maxrss_mb"] == 0  # one size: no growth
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_memory_measure_sees_a_known_allocation(tmp_path):
@@ -203,6 +217,22 @@ def test_memory_rows_use_the_index_allowance():
     assert [(x.key, x.met) for x in rows] == [("6a", "yes"), ("6b", "no")]  # 10 <= 8 + 5; 300 > 13
     notes = run_all.notes_markdown({"memory": _stage(r)})
     assert "1.0 -> 1.0 MB" in notes and "; default allocator" not in notes  # those runs were not made
+
+
+def test_crt_memory_rows_use_the_index_allowance():
+    def m(v, feat):
+        return {"maxrss_mb": v, "main_hwm_mb": v, "main_anon_mb": v / 2, "main_file_mb": v / 2, "worker_rss_mb": 10.0,
+                "feature_mb": feat, "feature_cache": "float32", "head_input": [256]}
+
+    r = {"sizes": [20, 200], "size": 64, "model": "m", "epochs": 1, "index_allowance_mb": 2.0,
+         "runs": {"20": {"crt_linear": m(900, 2.0), "crt_csra": m(950, 4.0)},
+                  "200": {"crt_linear": m(906, 20.0), "crt_csra": m(990, 40.0)}},
+         "growth_mb": {"crt_linear": {"maxrss_mb": 6.0, "main_anon_mb": 3.0},
+                       "crt_csra": {"maxrss_mb": 4.0, "main_anon_mb": 40.0}}}
+    rows = run_all.rows_crt_memory(r)
+    assert [(x.key, x.met) for x in rows] == [("6c", "yes"), ("6d", "no")]  # 6 <= 2 + 5; heap 40 > 7
+    assert "2.0 -> 20.0 MB" in rows[0].what
+    assert "6c/6d" in run_all.notes_markdown({"crt_memory": _stage(r)})
 
 
 def test_render_has_machine_versions_and_gpu_line():

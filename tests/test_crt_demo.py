@@ -1,10 +1,15 @@
-"""cRT on the demo set: the re-trained head must not lower the tail labels' mAP of its source run.
+"""cRT on the demo recipe: a real re-training that does not lower the tail labels' mAP of its source run.
 
-This is the one test that trains the real demo recipe (configs/demo.yaml: test_resnet, LDAM-DRW,
-15 epochs at 64 px on the default-size demo set), so it takes a minute or two.
+The one test that trains the real demo recipe (configs/demo.yaml: test_resnet, cosine head, LDAM-DRW,
+15 epochs at 64 px) on the default-size demo set. The images are rendered at 64-128 px instead of
+`make demo`'s 256-640 (the cache is 64 px either way): generating the set is then ~6x cheaper. Still
+a few minutes on a busy 2-core machine, so it is marked slow.
 """
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from cxrlt import config
@@ -25,14 +30,23 @@ def _val_group_map(ckpt, cache_dir, rows, y, groups):
     return group_map(average_precision_per_label(y, p), groups)
 
 
-def test_crt_matches_or_improves_tail_map_on_the_demo_set(tmp_path):
+@pytest.mark.slow
+def test_crt_retrains_the_head_from_scratch_and_keeps_the_tail_map_on_the_demo_set(tmp_path):
     data, cache, run = tmp_path / "demo", tmp_path / "cache", tmp_path / "run"
-    generate(data, progress=False)  # the default demo set, as `make demo` makes it
+    generate(data, min_side=64, max_side=128, progress=False)
     build_train_cache(data / "train.csv", data / "images", cache, 64, removal_csv=data / "Removal.csv", folds=5,
                       seed=0, workers=1)
     cfg = config.resolve(["configs/demo.yaml"], {"workers": 0, "device": "cpu"})
     train(cfg, str(cache), str(run))
-    run_crt(run, cache, run / "crt", {"workers": 0}, device_name="cpu", log=lambda *a: None)
+    s = run_crt(run, cache, run / "crt", {"workers": 0, "device": "cpu"}, config_files=["configs/demo.yaml"],
+                log=lambda *a: None)
+
+    # a re-training, not a fine-tune: the head started from a fresh initialisation (a fine-tune starts
+    # at distance 0 from the trained head) ...
+    assert s["reinit"] and s["head_distance"]["start_to_trained"] > 1.0, s["head_distance"]
+    # ... and learnt the task from there: from near chance to within 15% of the trained head's val mAP
+    curve = [json.loads(x)["val_mAP"] for x in (run / "crt" / "metrics.jsonl").read_text().splitlines()]
+    assert len(curve) == cfg["crt_epochs"] and curve[0] < 0.5 * s["original_mAP"] < 0.85 * s["original_mAP"] < curve[-1]
 
     c = open_cache(cache)
     rows = c.rows("train", fold=cfg["val_fold"])

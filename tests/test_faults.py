@@ -216,8 +216,8 @@ def test_crt_killed_twice_then_rerun_equals_uninterrupted(fx, ref_run, ref_crt, 
     out = tmp_path / "crt"
     stage = Stage(fx["server"], fx["base"], ["retrain_head.py", "--run", ref_run, "--cache", fx["cache"], "--out", out],
                   [out])
-    # early: the val features half written (the train features are complete)
-    stage.interrupt({"mode": "midwrite", "target": "numpy:save", "match": "features_val"})
+    # early: the val features being written (under their temporary name; the train features are complete)
+    stage.interrupt({"mode": "pause", "target": "numpy.lib.format:open_memmap", "match": "features_val", "nth": 2})
     assert (out / "features_train.npy").exists() and not (out / "features_val.npy").exists()
     # late: every head epoch done, summary.json half written; then model.pt (make's target) half written
     stage.interrupt({"mode": "midwrite", "target": "pathlib:Path.write_text", "match": "summary.json"})

@@ -23,17 +23,25 @@ def trained_run(demo_cache, tmp_path_factory):
 
 
 def _digest(folder):
+    """sha256 of each file in folder (new files may appear beside: fingerprint caches, output locks)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_crt_writes_beside_the_run_and_never_loses_val_map(trained_run, demo_cache):
+def test_crt_writes_beside_the_run_and_never_loses_val_map(trained_run, demo_cache, tmp_path):
     before = _digest(trained_run)
-    run_script("retrain_head.py", "--run", trained_run, "--cache", demo_cache, "--out", trained_run / "crt",
-               "--workers", "0", "--crt_epochs", "4")
-    assert _digest(trained_run) == before  # the backbone run's files are untouched
+    cfg = tmp_path / "current.yaml"  # as Make passes it: the post keys come from here, not from the run
+    cfg.write_text("crt_epochs: 2\ncrt_lr: 0.01\n")
+    p = run_script("retrain_head.py", "--run", trained_run, "--cache", demo_cache, "--out", trained_run / "crt",
+                   "--config", cfg, "--workers", "0", "--epochs", "7")
+    after = _digest(trained_run)
+    assert {k: after[k] for k in before} == before  # the backbone run's files are untouched
     ck = load_checkpoint(trained_run / "crt" / "model.pt")
     src = load_checkpoint(trained_run / "model.pt")
     assert ck["crt"]["val_mAP"] >= src["best_map"] - 1e-4
+    assert ck["crt"]["original_mAP"] == pytest.approx(src["best_map"], abs=1e-6)  # float32 features: exact
+    assert (ck["config"]["crt_epochs"], ck["config"]["crt_lr"]) == (2, 0.01) and src["config"]["crt_epochs"] == 4
+    assert "ignoring train keys given on the command line (the run's values apply): epochs" in p.stdout
+    assert len((trained_run / "crt" / "metrics.jsonl").read_text().splitlines()) == 2
     assert (trained_run / "crt" / "features_train.npy").exists()
     # backbone weights are the source run's, bit for bit
     for k, v in src["model"].items():
@@ -44,15 +52,6 @@ def test_crt_writes_beside_the_run_and_never_loses_val_map(trained_run, demo_cac
 def test_crt_refuses_to_write_into_the_run(trained_run, demo_cache):
     p = run_script("retrain_head.py", "--run", trained_run, "--cache", demo_cache, "--out", trained_run, check=False)
     assert p.returncode == 2 and "never writes into the backbone run folder" in p.stderr
-
-
-def test_tau_normalisation_picks_tau_on_val(trained_run, demo_cache, tmp_path):
-    from cxrlt.crt import run
-
-    s = run(trained_run, demo_cache, tmp_path / "tau", {"workers": 0}, method="tau", device_name="cpu",
-            log=lambda *_: None)
-    assert s["best"]["val_mAP"] == max(g["val_mAP"] for g in s["grid"])
-    assert s["val_mAP"] == pytest.approx(s["best"]["val_mAP"], abs=1e-6)
 
 
 def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_test_cache, demo_dataset, tmp_path):
