@@ -28,7 +28,8 @@ def main() -> int:
     ap.add_argument("--run", required=True, help="trained run folder (holds model.pt)")
     ap.add_argument("--cache", required=True, help="the train cache folder written by preprocess.py")
     ap.add_argument("--out", required=True, help="output folder, e.g. <run>/crt")
-    ap.add_argument("--method", choices=["crt", "tau"], default="crt")
+    ap.add_argument("--method", choices=["crt", "tau", "none"], default=None,
+                    help="default: the config's crt_method (crt)")
     config.add_config_flags(ap)
     args = ap.parse_args()
     from cxrlt.crt import run

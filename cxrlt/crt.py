@@ -66,29 +66,6 @@ DISK_SPARE = 1 << 30  # free disk a feature cache must leave
 
 # ---- configuration and fingerprints --------------------------------------------------------------
 
-def crt_config(run_cfg: dict, config_files=(), overrides: dict | None = None, log=print) -> dict:
-    """The config cRT runs with: the run's config (its train keys define the model and the val
-    fold) with the post keys, run keys and `seed` taken from the current config files + overrides,
-    or, when no file is given, from the run's own copy + overrides. Overrides of other (train)
-    keys are ignored, and said so: they would describe another run."""
-    from . import config
-
-    overrides = dict(overrides or {})
-    mine = {k for k in config.SCHEMA if config.group(k) in ("post", "run")} | {"seed"}
-    ignored = sorted(k for k in overrides if k not in mine)
-    if ignored:
-        log(f"cRT: ignoring train keys given on the command line (the run's values apply): {', '.join(ignored)}")
-    if config_files:
-        current = config.resolve(list(config_files), overrides)
-        return {**run_cfg, **{k: current[k] for k in mine}}
-    return config.apply_overrides(run_cfg, {k: v for k, v in overrides.items() if k in mine})
-
-
-def post_part(cfg: dict) -> dict:
-    """What a cRT result depends on besides the weights and the cache: crt_* keys and seed."""
-    return {k: cfg[k] for k in sorted(cfg) if k.startswith("crt_") or k == "seed"}
-
-
 def rows_key(rows) -> str:
     return hashlib.sha256(np.asarray(rows, dtype="<i8").tobytes()).hexdigest()[:16]
 
@@ -398,12 +375,13 @@ def prepare_inputs(model, cache, splits: dict, out: Path, cfg: dict, model_key: 
     return inputs, {"feature_cache": mode, "head_input": list(shape), "feature_seconds": time.perf_counter() - t0}
 
 
-def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: str = "crt",
+def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: str | None = None,
         device_name: str | None = None, config_files=(), log=print) -> dict:
-    """retrain_head.py: cRT (or tau) of the run in run_dir on cache_dir, written to out_dir -> summary."""
+    """retrain_head.py: cRT, tau or nothing (`method`, default: the config's crt_method) for the run in
+    run_dir on cache_dir, written to out_dir -> summary."""
+    from . import config
     from .cache import open_cache
     from .checkpoint import load_checkpoint
-    from .config import check_dict
     from .fileio import output_lock
     from .fingerprints import file_key, inputs_match, touch
     from .inference import check_cache_size
@@ -411,15 +389,18 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
         raise InputError(f"{out}: retrain_head.py never writes into the backbone run folder; use e.g. {run_dir}/crt")
-    if method not in ("crt", "tau"):
-        raise InputError(f"--method {method}: choose crt or tau")
+    if method not in (None, "crt", "tau", "none"):
+        raise InputError(f"--method {method}: choose crt, tau or none")
     src = run_dir / "model.pt"
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         ck = load_checkpoint(src)
         if "config" not in ck or "labels" not in ck:
             raise InputError(f"{src}: not a cxrlt checkpoint (no 'config' or 'labels' entry)")
-        cfg = crt_config(check_dict(ck["config"], str(src)), config_files, cfg_overrides, log=log)
+        cfg = config.stage_config(config.check_dict(ck["config"], str(src)), config_files, cfg_overrides, log=log,
+                                  stage="cRT")
+        method = method or cfg["crt_method"]
+        cfg["crt_method"] = method
         if method == "tau":
             check_tau_applies(cfg)
         cache = open_cache(cache_dir)
@@ -427,15 +408,31 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
         if list(cache.labels) != list(ck["labels"]):
             raise InputError(f"{cache_dir}: cache labels differ from the run's ({src})")
         model_key = file_key(src)
-        stage_inputs = {"model": model_key, "cache": cache.key, "post": post_part(cfg), "method": method}
+        stage_inputs = {"model": model_key, "cache": cache.key, "method": method,
+                        "post": {**config.post_part(cfg, prefix="crt_"), "seed": cfg["seed"]}}
         target = out / "model.pt"
         if inputs_match(target, stage_inputs) and (out / "summary.json").is_file():
             touch(target)
             log(f"{target}: up to date (same weights, cache and crt_* keys)")
             return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        if method == "none":
+            return _keep_head(src, ck, out, cfg, stage_inputs, log)
         del ck
         return _build(src, cache, out, cfg, method, stage_inputs, model_key,
                       device_name or cfg["device"], log)
+
+
+def _keep_head(src: Path, ck: dict, out: Path, cfg: dict, stage_inputs: dict, log) -> dict:
+    """crt_method none: the run's own model, as trained, is the head stage's output (a study's
+    "no post-training" variant shares the backbone run with the cRT variants)."""
+    from .fingerprints import record_inputs
+
+    summary = {"method": "none", "source": str(src), "original_mAP": ck.get("best_map"), "val_mAP": ck.get("best_map")}
+    write_json(out / "summary.json", summary)
+    torch_save({**ck, "config": cfg, "crt": summary}, out / "model.pt")
+    record_inputs(out / "model.pt", stage_inputs)
+    log(f"wrote {out / 'model.pt'}: the run's own head (crt_method none)")
+    return summary
 
 
 def _build(src: Path, cache, out: Path, cfg: dict, method: str, stage_inputs: dict, model_key: str,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cxrlt import config
-from cxrlt.crt import (CachedInputs, check_tau_applies, choose_feature_cache, crt_config, head_distance,
+from cxrlt.crt import (CachedInputs, check_tau_applies, choose_feature_cache, head_distance,
                        starting_head, tau_normalise, train_head)
 from cxrlt.errors import InputError
 from cxrlt.metrics import average_precision_per_label
@@ -164,14 +164,14 @@ def test_feature_cache_dtype_without_room_says_how_much_is_needed():
     assert "3.00 GB is free" in str(e.value) and "off" in str(e.value)
 
 
-def test_crt_config_takes_post_and_run_keys_from_the_current_config(tmp_path):
+def test_stage_config_takes_post_and_run_keys_from_the_current_config(tmp_path):
     run_cfg = config.resolve([], {"head": "csra", "lr": 1e-3, "crt_epochs": 4, "seed": 1, "workers": 3})
     f = tmp_path / "c.yaml"
     f.write_text("head: linear\nlr: 0.5\ncrt_epochs: 9\ncrt_lr: 0.25\nseed: 5\n")
     said = []
-    cfg = crt_config(run_cfg, [f], {"workers": 0, "epochs": 2}, log=said.append)
+    cfg = config.stage_config(run_cfg, [f], {"workers": 0, "epochs": 2}, log=said.append, stage="cRT")
     assert (cfg["crt_epochs"], cfg["crt_lr"], cfg["seed"], cfg["workers"]) == (9, 0.25, 5, 0)  # current config
     assert (cfg["head"], cfg["lr"]) == ("csra", 1e-3)  # the run's: they define its weights
     assert said == ["cRT: ignoring train keys given on the command line (the run's values apply): epochs"]
-    cfg = crt_config(run_cfg, [], {"crt_lr": 0.5, "lr": 9.0}, log=said.append)
+    cfg = config.stage_config(run_cfg, [], {"crt_lr": 0.5, "lr": 9.0}, log=said.append, stage="cRT")
     assert (cfg["crt_epochs"], cfg["crt_lr"], cfg["lr"]) == (4, 0.5, 1e-3)  # no file: the run's copy + flags

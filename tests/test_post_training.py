@@ -157,3 +157,17 @@ def test_predict_reads_post_keys_from_the_current_config_and_settles(trained_run
     cfg.write_text("tta: flip\nworkers: 0\n")
     run_script(*args)
     assert recorded_inputs(out)["post"]["tta"] == "flip"
+
+
+def test_crt_method_none_from_the_config_keeps_the_runs_own_head(trained_run, demo_cache, tmp_path):
+    """A study's "no post-training" variant: crt_method none in the current config writes the run's
+    model unchanged as the head stage's output (and the config's choice is what counts)."""
+    from cxrlt.crt import run
+
+    cfg = tmp_path / "none.yaml"
+    cfg.write_text("crt_method: none\nworkers: 0\n")
+    s = run(trained_run, demo_cache, tmp_path / "none", {}, config_files=[cfg], log=lambda *_: None)
+    src, out = load_checkpoint(trained_run / "model.pt"), load_checkpoint(tmp_path / "none" / "model.pt")
+    assert s["method"] == "none" and out["config"]["crt_method"] == "none"
+    assert all(torch.equal(v, out["model"][k]) for k, v in src["model"].items())
+    assert not (tmp_path / "none" / "features_train.npy").exists()
