@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     from cxrlt.errors import InputError
     from cxrlt.fileio import write_csv, write_json
     from cxrlt.labels import read_labels_file
-    from cxrlt.zeroshot import file_sha256, load_encoder, load_prompts, score_cache
+    from cxrlt.fingerprints import file_sha256
+    from cxrlt.zeroshot import load_encoder, load_prompts, score_cache
 
     t0 = time.time()
     if a.batch_size < 1 or a.workers < 0:

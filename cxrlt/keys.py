@@ -23,6 +23,8 @@ import os
 import re
 import sys
 
+from .fingerprints import file_sha256
+
 FRONTAL = ("PA", "AP", "AP_horizontal")
 _UNKNOWN_PROJECTION = {"", "UNK", "UNKNOWN", "NAN", "NONE"}
 _PADCHEST_ID = re.compile(r"^\d{15,}[^/\\]*_[^_/\\]+\.png$", re.IGNORECASE)
@@ -61,7 +63,7 @@ def test_cache_key(test_csv, meta_csv=None, sha256=None) -> str:
     """Names the test cache of a test list (`<root>/test-<key>`): 12 hex digits of the contents
     of the test list and of the metadata CSV (whose projection and keys the cache stores). Fast:
     one read of each file, no parsing. `sha256(path) -> hex` may supply (cached) file digests."""
-    sha256 = sha256 or (lambda p: _file_sha256(p).hex())
+    sha256 = sha256 or file_sha256
     h = hashlib.sha256(b"cxrlt test cache\0")
     for path in (test_csv, meta_csv):
         h.update(bytes.fromhex(sha256(path)) if path else b"-")
@@ -69,14 +71,6 @@ def test_cache_key(test_csv, meta_csv=None, sha256=None) -> str:
 
 
 test_cache_key.__test__ = False  # a function, not a test, when a test module imports it
-
-
-def _file_sha256(path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.digest()
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,6 @@ Runs in well under a second: no torch, no pandas; file hashes are cached by (pat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -44,7 +43,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import InputError
-from .fingerprints import json_key
+from .fingerprints import file_sha256, json_key
 
 STATE = Path(".make")
 
@@ -71,13 +70,10 @@ class HashCache:
         hit = self.known.get(key)
         if hit and hit[0] == stamp:
             return hit[1]
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        self.known[key] = [stamp, h.hexdigest()]
+        digest = file_sha256(file)
+        self.known[key] = [stamp, digest]
         self.dirty = True
-        return h.hexdigest()
+        return digest
 
     def save(self) -> None:
         if self.dirty:
