@@ -350,10 +350,6 @@ def load_yaml(path: str | Path) -> dict:
     return {k: coerce(k, v, str(path)) for k, v in data.items()}
 
 
-class _DuplicateKey(Exception):
-    """A key given twice in one YAML mapping (PyYAML silently keeps the last)."""
-
-
 def _unique_key_loader():
     """yaml.SafeLoader that refuses a key given twice in one mapping (built lazily: yaml is
     imported only when a config file is read)."""

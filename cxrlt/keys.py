@@ -55,10 +55,6 @@ def projection(meta_projection: str = "") -> str:
     return "" if p.upper() in _UNKNOWN_PROJECTION else p
 
 
-def is_frontal(proj: str) -> bool:
-    return proj in FRONTAL
-
-
 def test_cache_key(test_csv, meta_csv=None, sha256=None) -> str:
     """Names the test cache of a test list (`<root>/test-<key>`): 12 hex digits of the contents
     of the test list and of the metadata CSV (whose projection and keys the cache stores). Fast:

@@ -227,10 +227,6 @@ class CXRModel(nn.Module):
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
 
-    def reset_head(self) -> None:
-        """Re-initialise the head's weights (e.g. before classifier re-training)."""
-        self.head.reset_parameters()
-
 
 def _pretrained_mean_std(backbone: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
     pcfg = getattr(backbone, "pretrained_cfg", None) or {}

@@ -81,7 +81,6 @@ def test_patient_and_projection_rules():
     assert keys.patient_key("a.png", "1.90E+38", "") == "1.90E+38"
     assert keys.patient_key("a.png", " ", "") == "a.png"
     assert [keys.projection(p) for p in ("PA", " L ", "UNK", "", "AP_horizontal")] == ["PA", "L", "", "", "AP_horizontal"]
-    assert [keys.is_frontal(p) for p in ("PA", "AP", "AP_horizontal", "L", "COSTAL", "")] == [True] * 3 + [False] * 3
 
 
 def test_test_cache_key_follows_the_content_of_the_test_list_and_metadata(tmp_path):
