@@ -196,6 +196,16 @@ def _jit(rng, c, s=0.025):
     return c[0] + rng.uniform(-s, s), c[1] + rng.uniform(-s, s)
 
 
+def _region(cv, pr, rng, size):
+    """The grid window of a pattern's ellipse (centre pr["c"] jittered, semi-axes pr["ab"] x
+    size) -> (slices, dp, dq, a, b) as Canvas.window gives them plus the semi-axes, or None
+    when it falls outside the image."""
+    p, q = _jit(rng, pr["c"], 0.025)
+    a, b = pr["ab"][0] * size, pr["ab"][1] * size
+    win = cv.window(p, q, a, b)
+    return None if win is None else (*win, a, b)
+
+
 # One drawer per pattern kind: f(canvas, params, rng, anatomy, gain, size). `gain` and `size`
 # are the per-image contrast and size jitter factors.
 
@@ -238,12 +248,10 @@ def _pat_rings(cv, pr, rng, an, gain, size):
 
 def _pat_patchy(cv, pr, rng, an, gain, size):
     """Alveolar pattern: a fluffy, blotchy opacity."""
-    p, q = _jit(rng, pr["c"], 0.025)
-    a, b = pr["ab"][0] * size, pr["ab"][1] * size
-    win = cv.window(p, q, a, b)
-    if win is None:
+    region = _region(cv, pr, rng, size)
+    if region is None:
         return
-    sl, dp, dq = win
+    sl, dp, dq, a, b = region
     env = np.clip(1 - (dp / a) ** 2 - (dq / b) ** 2, 0, None) ** 2
     blot = cv2.resize(rng.uniform(0.3, 1.0, (6, 6)).astype(np.float32),
                       (env.shape[1], env.shape[0]), interpolation=cv2.INTER_CUBIC)
@@ -252,12 +260,10 @@ def _pat_patchy(cv, pr, rng, an, gain, size):
 
 def _pat_reticular(cv, pr, rng, an, gain, size):
     """Interstitial pattern: a fine net-like texture."""
-    p, q = _jit(rng, pr["c"], 0.025)
-    a, b = pr["ab"][0] * size, pr["ab"][1] * size
-    win = cv.window(p, q, a, b)
-    if win is None:
+    region = _region(cv, pr, rng, size)
+    if region is None:
         return
-    sl, dp, dq = win
+    sl, dp, dq, a, b = region
     env = np.clip(1 - (dp / a) ** 2 - (dq / b) ** 2, 0, None)
     f = 2 * np.pi * rng.uniform(16, 20)
     net = np.maximum(np.cos(f * dp) ** 8, np.cos(f * dq + rng.uniform(0, 6)) ** 8)
@@ -293,12 +299,10 @@ def _pat_azygos(cv, pr, rng, an, gain, size):
 
 def _pat_hydro(cv, pr, rng, an, gain, size):
     """Air-fluid level: dark above, bright below a sharp horizontal line."""
-    p, q = _jit(rng, pr["c"], 0.025)
-    a, b = pr["ab"][0] * size, pr["ab"][1] * size
-    win = cv.window(p, q, a, b)
-    if win is None:
+    region = _region(cv, pr, rng, size)
+    if region is None:
         return
-    sl, dp, dq = win
+    sl, dp, dq, a, b = region
     inside = np.clip((1 - np.sqrt((dp / a) ** 2 + (dq / b) ** 2)) / 0.2, 0, 1)
     level = rng.uniform(-0.02, 0.03)
     cv.add(sl, inside * np.where(dq > level, 0.34, -0.14).astype(np.float32) * gain)
