@@ -30,9 +30,7 @@ A finished cache whose inputs (the CSVs' rows, labels, folds and keys; each imag
 mtime_ns; size and windowing) are unchanged is left as it is (its manifest is touched, for Make).
 
 Decoding runs in `workers` processes: this one and workers - 1 worker processes
-(cxrlt/_decode.py, started with a plain interpreter so that they import nothing heavy). Tasks
-are handed out one image at a time, a few ahead per worker, so every process stays busy until
-the last image whatever the images' sizes.
+(cxrlt/decode_pool.py hands out the images; cxrlt/_decode.py is the worker).
 """
 
 from __future__ import annotations
@@ -42,9 +40,7 @@ import errno
 import hashlib
 import json
 import os
-import select
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +52,7 @@ from tqdm import tqdm
 
 from . import _decode, keys
 from .cache import CACHE_VERSION, partial_dir
+from .decode_pool import DecodePool
 from .errors import InputError
 from .fileio import output_lock, write_json, write_text
 from .fingerprints import file_sha256, json_key
@@ -650,8 +647,6 @@ def _human_bytes(n: float) -> str:
 
 # ---- decoding -----------------------------------------------------------------------------------------
 
-AHEAD = 3  # tasks queued per worker process: it never waits for the next one, a stop waits for few
-
 
 def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels: dict, workers: int,
                 skip: bool) -> list[dict]:
@@ -662,7 +657,7 @@ def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels
     if not tasks:
         return failures
     last_flush = time.time()
-    pool = _DecodePool(partial / "images.npy", pixels, tasks, workers)
+    pool = DecodePool(partial / "images.npy", pixels, tasks, workers)
     stream = pool.results()
     finished = False
     with tqdm(total=len(tasks), unit="img", desc="preprocess", dynamic_ncols=True) as bar:
@@ -693,114 +688,6 @@ def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels
         raise InputError(f"{_describe_failure(failures[0])}. {hint}; the {int(done.sum())} images done so far "
                          f"are kept for the re-run")
     return failures
-
-
-class _DecodePool:
-    """This process plus `workers - 1` worker processes (cxrlt/_decode.py) decoding `tasks`.
-
-    results() yields (row, None | reason) as images finish, in any order. This process takes
-    the next task itself between looking after the workers, whose pipes always hold AHEAD
-    tasks, so all `workers` processes decode until the tasks run out. A worker that dies
-    (killed by the OS when out of memory) stops the build with the file it was decoding.
-    """
-
-    def __init__(self, images_path: Path, pixels: dict, tasks, workers: int):
-        self.params = {"images": os.fspath(images_path), "size": pixels["size"], "low": pixels["low_pct"],
-                       "high": pixels["high_pct"]}
-        self.tasks = tasks
-        self.next = 0
-        self.procs: list[subprocess.Popen] = []
-        self.in_flight: dict[int, list[int]] = {}  # pid -> rows sent, not yet answered
-        self.partial_line: dict[int, bytes] = {}
-        n_workers = max(1, min(int(workers), len(tasks)))
-        for _ in range(n_workers - 1):
-            self._start_worker()
-
-    def _start_worker(self) -> None:
-        root = os.fspath(Path(__file__).resolve().parents[1])
-        code = f"import sys; sys.path.insert(0, {root!r}); from cxrlt._decode import serve; serve()"
-        # its own session: a Ctrl-C in the terminal reaches only this process, which stops the workers
-        p = subprocess.Popen([sys.executable, "-c", code, json.dumps(self.params)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
-        self.procs.append(p)
-        self.in_flight[p.pid] = []
-        self.partial_line[p.pid] = b""
-        self._feed(p)
-
-    def _feed(self, p: subprocess.Popen) -> None:
-        queue = self.in_flight[p.pid]
-        lines = []
-        while len(queue) < AHEAD and self.next < len(self.tasks):
-            row, path = self.tasks[self.next]
-            self.next += 1
-            queue.append(row)
-            lines.append(json.dumps([row, path]) + "\n")
-        if lines:
-            try:
-                p.stdin.write("".join(lines).encode())
-            except BrokenPipeError:
-                pass  # it died: its pipe's end of file says so in _collect
-
-    def results(self):
-        images = None
-        threads = _decode.cv2.getNumThreads()
-        try:
-            while self.next < len(self.tasks) or any(self.in_flight.values()):
-                yield from self._collect(timeout=0)
-                if self.next < len(self.tasks):
-                    if images is None:
-                        _decode.quiet_opencv()
-                        images = np.load(self.params["images"], mmap_mode="r+")
-                    row, path = self.tasks[self.next]
-                    self.next += 1
-                    yield row, _decode.decode_into(images, row, path, self.params["size"], self.params["low"],
-                                                   self.params["high"])
-                elif any(self.in_flight.values()):
-                    yield from self._collect(timeout=None)
-        finally:
-            del images
-            _decode.cv2.setNumThreads(threads)
-
-    def _collect(self, timeout):
-        """Answers that the workers have sent (waiting up to `timeout` s for one; None: forever)."""
-        busy = {p.stdout.fileno(): p for p in self.procs if self.in_flight[p.pid]}
-        if not busy:
-            return
-        ready, _, _ = select.select(list(busy), [], [], timeout)
-        for fd in ready:
-            p = busy[fd]
-            data = os.read(fd, 1 << 16)
-            if not data:
-                self._died(p)
-            *lines, self.partial_line[p.pid] = (self.partial_line[p.pid] + data).split(b"\n")
-            for line in lines:
-                row, reason = json.loads(line)
-                self.in_flight[p.pid].remove(row)
-                yield row, reason
-            self._feed(p)
-
-    def _died(self, p: subprocess.Popen) -> None:
-        code = p.wait()
-        row = self.in_flight[p.pid][0]
-        path = next(t for r, t in self.tasks if r == row)
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        raise InputError(f"a decode worker process {how} while decoding {path}; re-run to continue (finished "
-                         f"images are kept), with fewer --workers if it ran out of memory")
-
-    def stop(self) -> None:
-        """End the workers: at once when tasks are left (their unreported rows are simply not
-        marked done), else after they answered everything."""
-        for p in self.procs:
-            if self.next < len(self.tasks) or self.in_flight[p.pid]:
-                p.kill()
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-        for p in self.procs:
-            p.wait()
-            p.stdout.close()
-        self.procs = []
 
 
 # ---- finishing --------------------------------------------------------------------------------------

@@ -461,6 +461,30 @@ def test_two_workers_give_the_same_cache(ds, tmp_path):
     assert (tmp_path / "one/train/images.npy").read_bytes() == (tmp_path / "two/train/images.npy").read_bytes()
 
 
+def test_a_decode_worker_that_dies_stops_the_build_naming_its_file(tmp_path):
+    import threading
+
+    from cxrlt.decode_pool import DecodePool
+
+    # the worker blocks opening a named pipe (no writer) until it is killed, as by the OOM killer
+    fifo, fifo2 = tmp_path / "stuck.png", tmp_path / "next.png"
+    os.mkfifo(fifo)
+    os.mkfifo(fifo2)
+    images = tmp_path / "images.npy"
+    np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=(2, SIZE, SIZE)).flush()
+    pool = DecodePool(images, {"size": SIZE, "low_pct": 0.5, "high_pct": 99.5}, [(0, str(fifo)), (1, str(fifo2))], 2)
+    assert len(pool.procs) == 1  # both tasks went to the worker: this process only waits
+    threading.Timer(0.5, pool.procs[0].kill).start()
+    try:
+        with pytest.raises(InputError) as e:
+            list(pool.results())
+    finally:
+        pool.stop()
+    assert str(e.value) == (f"a decode worker process was killed by signal {signal.SIGKILL.value} while decoding "
+                            f"{fifo}; re-run to continue (finished images are kept), with fewer --workers if it "
+                            f"ran out of memory")
+
+
 def test_a_second_build_of_the_same_cache_is_refused_naming_the_first(ds, tmp_path):
     with output_lock(tmp_path / "train"):
         with pytest.raises(InputError) as e:
