@@ -29,13 +29,13 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "init_from": ("", str, "Make: start from the model.pt of the run of this config stem (sets init_checkpoint)"),
     "img_size": (0, int, "the cache image size this config needs (0 = the Make default IMG_SIZE)"),
     "in_chans": (3, int, "3: replicate grayscale to RGB; 1: timm sums the first conv's weights"),
-    "head": ("linear", str, "linear | cosine | csra"),
+    "head": ("linear", str, "classifier head (cxrlt/models.py)"),
     "cosine_scale": (1.0, float, "cosine head output scale (keep 1 with LDAM, whose s scales)"),
     "csra_lambda": (0.1, float, "CSRA: weight of the class-specific attention term"),
     "csra_temperature": (1.0, float, "CSRA: softmax temperature of the spatial attention"),
     "drop_path": (0.0, float, "stochastic depth rate"),
     # --- loss --------------------------------------------------------------------------
-    "loss": ("bce", str, "bce | bce_pw | focal | asl | cb | ldam | db"),
+    "loss": ("bce", str, "training loss (cxrlt/losses.py)"),
     "focal_gamma": (2.0, float, "focal loss gamma"),
     "asl_gamma_neg": (4.0, float, "asymmetric loss gamma for negatives"),
     "asl_gamma_pos": (1.0, float, "asymmetric loss gamma for positives"),
@@ -53,7 +53,7 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "db_init_bias": (0.05, float, "DB loss: kappa (bias init scale)"),
     "db_focal_gamma": (2.0, float, "DB loss: focal gamma (0 = off)"),
     # --- sampling ----------------------------------------------------------------------
-    "sampler": ("instance", str, "instance | class_aware | repeat_factor"),
+    "sampler": ("instance", str, "training sampler (cxrlt/samplers.py)"),
     "rfs_threshold": (0.001, float, "repeat-factor sampling threshold t"),
     # --- optimisation ------------------------------------------------------------------
     "epochs": (15, int, "training epochs"),
@@ -99,8 +99,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "crt_feature_cache": ("auto", str, "cRT: head inputs cached on disk: float32 | float16 | off (backbone every "
                                        "cRT epoch) | auto (pooled heads float32, csra maps float16, off when the "
                                        "disk lacks room)"),
-    "tta": ("flip", str, "none | flip | flip_scale | medium"),
-    "tta_merge": ("prob", str, "prob | logit: average probabilities or logits"),
+    "tta": ("flip", str, "test-time augmentation views (cxrlt/inference.py)"),
+    "tta_merge": ("prob", str, "average the views' probabilities (prob) or logits (logit)"),
     "normal_gating_alpha": (0.0, float, "p_k *= (1 - p_Normal)^alpha for findings; 0 = off"),
     "study_pool_weight": (0.0, float, "blend with the mean over the same study (exact study key); 0 = off"),
     "patient_context_weight": (0.0, float, "blend with the training labels of the patient's other studies; 0 = off"),
@@ -218,19 +218,38 @@ def train_key(cfg: dict, exclude=EXTENDABLE_KEYS) -> str:
 ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "bs": "batch_size",
            "num_workers": "workers", "arch": "model", "backbone": "model"}
 
+# The names of the heads, losses, samplers and TTA presets: each tuple is the key set of the
+# registry that builds them (models.HEADS, losses.LOSSES, samplers.SAMPLERS, inference.TTA_VIEWS),
+# which checks at import that it holds exactly these names (check_registry). They are spelt here,
+# not read from those modules, because those import torch and this module must not: Make's plan
+# (cxrlt/plan.py) checks every config at parse time, in well under a second.
+HEAD_NAMES = ("linear", "cosine", "csra")
+LOSS_NAMES = ("bce", "bce_pw", "focal", "asl", "cb", "ldam", "db")
+SAMPLER_NAMES = ("instance", "class_aware", "repeat_factor")
+TTA_NAMES = ("none", "flip", "flip_scale", "medium")
+
+# key -> its allowed values; --help lists them after the key's help text
 CHOICES = {
-    "head": {"linear", "cosine", "csra"},
-    "loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
-    "crt_method": {"crt", "tau", "none"},
-    "crt_loss": {"bce", "bce_pw", "focal", "asl", "cb", "ldam", "db"},
-    "sampler": {"instance", "class_aware", "repeat_factor"},
-    "crt_sampler": {"instance", "class_aware", "repeat_factor"},
-    "crt_feature_cache": {"auto", "float32", "float16", "off"},
-    "tta": {"none", "flip", "flip_scale", "medium"},
-    "tta_merge": {"prob", "logit"},
-    "in_chans": {1, 3},
-    "select_on": {"auto", "proxy", "full"},
+    "head": HEAD_NAMES,
+    "loss": LOSS_NAMES,
+    "crt_loss": LOSS_NAMES,
+    "sampler": SAMPLER_NAMES,
+    "crt_sampler": SAMPLER_NAMES,
+    "tta": TTA_NAMES,
+    "tta_merge": ("prob", "logit"),
+    "crt_method": ("crt", "tau", "none"),
+    "crt_feature_cache": ("auto", "float32", "float16", "off"),
+    "in_chans": (1, 3),
+    "select_on": ("auto", "proxy", "full"),
 }
+
+
+def check_registry(key: str, registry) -> None:
+    """For a registry module at import: its names must be CHOICES[key] (a name added in one
+    place only would be refused by every config, or accepted and then fail to build)."""
+    if set(registry) != set(CHOICES[key]):
+        raise RuntimeError(f"the {key} registry has {sorted(registry)} but cxrlt/config.py CHOICES[{key!r}] "
+                           f"has {sorted(CHOICES[key])}: name each choice in both")
 
 
 def coerce(key: str, value, source: str):
@@ -464,14 +483,29 @@ def load_postproc(path) -> dict:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, keys: list[str] | None = None) -> None:
-    """Add one `--key value` flag per config key (values parsed and checked by resolve)."""
+    """Add one `--key-name VALUE` flag per config key (values parsed and checked by resolve).
+
+    Flags are spelt with dashes like every script flag (`--batch-size 8`); the key's own spelling
+    (`--batch_size 8`) is accepted too (configs, TRAIN_ARGS and older commands use it), but only
+    the dash form is listed in --help. A dash form the parser already has (predict.py's own
+    --batch-size) is left to it: that key then takes only its underscore form.
+    """
     group = parser.add_argument_group("config overrides (any key of cxrlt/config.py)")
     for key in keys or SCHEMA:
         default, typ, help_ = SCHEMA[key]
-        group.add_argument(
-            f"--{key}", dest=f"cfg__{key}", default=None, metavar=typ.__name__.upper(),
-            help=f"{help_} [default: {default!r}]",
-        )
+        if key in CHOICES and " | " not in help_:  # (a help text with " | " describes each choice)
+            help_ += f"; one of: {', '.join(map(str, CHOICES[key]))}"
+        dest, dash, plain = f"cfg__{key}", f"--{key.replace('_', '-')}", f"--{key}"
+        shown = dict(dest=dest, default=None, metavar=typ.__name__.upper(), help=f"{help_} [default: {default!r}]")
+        if dash == plain:
+            group.add_argument(plain, **shown)
+            continue
+        try:
+            group.add_argument(dash, **shown)
+        except argparse.ArgumentError:  # the script's own flag of that name wins
+            group.add_argument(plain, **shown)
+            continue
+        group.add_argument(plain, dest=dest, default=None, help=argparse.SUPPRESS)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -26,12 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import check_registry
+
 TTA_VIEWS = {
     "none": [(False, 1.0)],
     "flip": [(False, 1.0), (True, 1.0)],
     "flip_scale": [(False, 1.0), (True, 1.0), (False, 1.1), (False, 0.9)],
     "medium": [(False, 1.0), (True, 1.0), (False, 1.1), (False, 0.9), (True, 1.1), (True, 0.9)],
 }
+check_registry("tta", TTA_VIEWS)
 
 
 def apply_view(x: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:

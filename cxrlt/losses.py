@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_registry
 from .errors import ConfigError
 
-LOSS_NAMES = ("bce", "bce_pw", "focal", "asl", "cb", "ldam", "db")
 # losses whose own definition already weights each label by its frequency
 _CLASS_WEIGHTED = {"bce_pw", "cb", "db"}
 BCE_PW_MAX = 1000.0
@@ -268,6 +268,21 @@ def bce_pos_weights(counts, num_samples: int) -> np.ndarray:
     return np.clip(negatives / n, BCE_PW_MIN, BCE_PW_MAX)
 
 
+# cfg loss -> (cfg, clamped positive counts per label, training images) -> the loss; its names are
+# config.LOSS_NAMES
+LOSSES = {
+    "bce": lambda cfg, counts, n: BCELoss(),
+    "bce_pw": lambda cfg, counts, n: BCELoss(pos_weight=bce_pos_weights(counts, n)),
+    "focal": lambda cfg, counts, n: FocalLoss(cfg["focal_gamma"]),
+    "asl": lambda cfg, counts, n: AsymmetricLoss(cfg["asl_gamma_neg"], cfg["asl_gamma_pos"], cfg["asl_clip"]),
+    "cb": lambda cfg, counts, n: ClassBalancedLoss(counts, cfg["cb_beta"]),
+    "ldam": lambda cfg, counts, n: LDAMLoss(counts, cfg["ldam_max_m"], cfg["ldam_s"]),
+    "db": lambda cfg, counts, n: DBLoss(counts, n, cfg["db_alpha"], cfg["db_beta"], cfg["db_mu"], cfg["db_neg_scale"],
+                                        cfg["db_init_bias"], cfg["db_focal_gamma"]),
+}
+check_registry("loss", LOSSES)
+
+
 def build_loss(cfg: dict, class_counts: np.ndarray, num_samples: int, name: str | None = None) -> LossBase:
     """The loss named `name` (default cfg["loss"]), parameterised by the training-fold counts.
 
@@ -275,24 +290,10 @@ def build_loss(cfg: dict, class_counts: np.ndarray, num_samples: int, name: str 
     DRW is enabled from cfg drw_epoch (>= 0) with cfg drw_beta; call loss.set_epoch(e) each epoch.
     """
     name = cfg["loss"] if name is None else name
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss '{name}' (choose one of: {', '.join(LOSSES)})")
     counts = _clamped_counts(class_counts)
-    if name == "bce":
-        loss = BCELoss()
-    elif name == "bce_pw":
-        loss = BCELoss(pos_weight=bce_pos_weights(counts, num_samples))
-    elif name == "focal":
-        loss = FocalLoss(cfg["focal_gamma"])
-    elif name == "asl":
-        loss = AsymmetricLoss(cfg["asl_gamma_neg"], cfg["asl_gamma_pos"], cfg["asl_clip"])
-    elif name == "cb":
-        loss = ClassBalancedLoss(counts, cfg["cb_beta"])
-    elif name == "ldam":
-        loss = LDAMLoss(counts, cfg["ldam_max_m"], cfg["ldam_s"])
-    elif name == "db":
-        loss = DBLoss(counts, num_samples, cfg["db_alpha"], cfg["db_beta"], cfg["db_mu"],
-                      cfg["db_neg_scale"], cfg["db_init_bias"], cfg["db_focal_gamma"])
-    else:
-        raise ConfigError(f"unknown loss '{name}' (choose one of: {', '.join(LOSS_NAMES)})")
+    loss = LOSSES[name](cfg, counts, num_samples)
     drw_epoch = int(cfg.get("drw_epoch", -1))
     if drw_epoch >= 0:
         if name in _CLASS_WEIGHTED:

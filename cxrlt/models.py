@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_registry
 from .errors import ConfigError, InputError
 
 CSRA_MAX_TEMPERATURE = 99.0  # csra_temperature >= this means max pooling over locations
@@ -144,16 +145,20 @@ def logit_scale_for(cfg: dict) -> float:
     return float(cfg["ldam_s"]) if cfg["loss"] == "ldam" else 1.0
 
 
+# cfg head -> (cfg, num_features, num_classes) -> the head; its names are config.HEAD_NAMES
+HEADS = {
+    "linear": lambda cfg, f, c: LinearHead(f, c),
+    "cosine": lambda cfg, f, c: CosineHead(f, c, cfg["cosine_scale"]),
+    "csra": lambda cfg, f, c: CSRAHead(f, c, cfg["csra_lambda"], cfg["csra_temperature"]),
+}
+check_registry("head", HEADS)
+
+
 def build_head(cfg: dict, num_features: int, num_classes: int) -> Head:
     name = cfg["head"]
-    if name == "linear":
-        head = LinearHead(num_features, num_classes)
-    elif name == "cosine":
-        head = CosineHead(num_features, num_classes, cfg["cosine_scale"])
-    elif name == "csra":
-        head = CSRAHead(num_features, num_classes, cfg["csra_lambda"], cfg["csra_temperature"])
-    else:
-        raise ConfigError(f"unknown head '{name}' (choose one of: linear, cosine, csra)")
+    if name not in HEADS:
+        raise ConfigError(f"unknown head '{name}' (choose one of: {', '.join(HEADS)})")
+    head = HEADS[name](cfg, num_features, num_classes)
     head.logit_scale = logit_scale_for(cfg)
     return head
 

@@ -30,9 +30,8 @@ import math
 import numpy as np
 from torch.utils.data import Sampler
 
+from .config import check_registry
 from .errors import ConfigError
-
-SAMPLER_NAMES = ("instance", "class_aware", "repeat_factor")
 
 
 class EpochSampler(Sampler[int]):
@@ -134,16 +133,22 @@ class RepeatFactorSampler(EpochSampler):
         return rng.permutation(expanded)[: self.num_rows]
 
 
+# cfg sampler -> (targets, cfg, seed, num_replicas, rank) -> the sampler; its names are
+# config.SAMPLER_NAMES
+SAMPLERS = {
+    "instance": lambda y, cfg, seed, n, r: InstanceSampler(len(y), seed, n, r),
+    "class_aware": lambda y, cfg, seed, n, r: ClassAwareSampler(y, seed, n, r),
+    "repeat_factor": lambda y, cfg, seed, n, r: RepeatFactorSampler(y, float(cfg["rfs_threshold"]), seed, n, r),
+}
+check_registry("sampler", SAMPLERS)
+
+
 def build_sampler(name: str, targets: np.ndarray, cfg: dict, seed: int,
                   num_replicas: int = 1, rank: int = 0) -> EpochSampler:
     """Sampler `name` over the training rows; targets (N, C) 0/1 of those rows."""
     targets = np.asarray(targets)
     if targets.ndim != 2:
         raise ValueError(f"targets must be (N, C), got shape {targets.shape}")
-    if name == "instance":
-        return InstanceSampler(len(targets), seed, num_replicas, rank)
-    if name == "class_aware":
-        return ClassAwareSampler(targets, seed, num_replicas, rank)
-    if name == "repeat_factor":
-        return RepeatFactorSampler(targets, float(cfg["rfs_threshold"]), seed, num_replicas, rank)
-    raise ConfigError(f"unknown sampler '{name}' (choose one of: {', '.join(SAMPLER_NAMES)})")
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler '{name}' (choose one of: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name](targets, cfg, seed, num_replicas, rank)

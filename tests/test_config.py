@@ -100,3 +100,46 @@ def test_resolution_ladder_is_the_paper_recipe_at_a_larger_size(name, size, sour
     assert (cfg["img_size"], cfg["init_from"], cfg["grad_checkpointing"]) == (size, source, True)
     assert cfg["batch_size"] * cfg["accum_steps"] == base["batch_size"]  # the same global batch
     assert cfg["lr"] < base["lr"] and cfg["epochs"] < base["epochs"]  # a short fine-tune
+
+
+def test_config_flags_take_the_dash_and_the_key_spelling_and_list_the_dash_form():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    config.add_config_flags(ap)
+    for argv in (["--batch-size", "8", "--max-train-batches=2"], ["--batch_size", "8", "--max_train_batches", "2"]):
+        assert config.overrides_from_args(ap.parse_args(argv)) == {"batch_size": "8", "max_train_batches": "2"}
+    text = " ".join(ap.format_help().split())  # (unwrapped)
+    assert "--batch-size INT" in text and "--batch_size" not in text and "--lr FLOAT" in text
+    assert "one of: linear, cosine, csra" in text  # the choices, from config.CHOICES
+    # a script's own flag of the dash name keeps it (predict.py's inference --batch-size)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-size", type=int, default=64)
+    config.add_config_flags(ap)
+    ns = ap.parse_args(["--batch-size", "5", "--batch_size", "7"])
+    assert ns.batch_size == 5 and config.overrides_from_args(ns) == {"batch_size": "7"}
+
+
+def test_a_registry_and_config_choices_must_name_the_same_things():
+    from cxrlt.inference import TTA_VIEWS
+    from cxrlt.losses import LOSSES
+    from cxrlt.models import HEADS
+    from cxrlt.samplers import SAMPLERS
+
+    for key, registry in (("head", HEADS), ("loss", LOSSES), ("sampler", SAMPLERS), ("tta", TTA_VIEWS)):
+        config.check_registry(key, registry)
+        with pytest.raises(RuntimeError, match=f"the {key} registry has .* name each choice in both"):
+            config.check_registry(key, {**registry, "new": None})
+    assert config.CHOICES["crt_loss"] == config.CHOICES["loss"]
+    assert config.CHOICES["crt_sampler"] == config.CHOICES["sampler"]
+
+
+def test_config_and_the_make_plan_do_not_import_torch():
+    # Make runs cxrlt/plan.py, which checks every config, at parse time: it must stay fast
+    import subprocess
+    import sys
+
+    code = ("import sys; from cxrlt import config, plan; config.resolve(['configs/demo.yaml'], {'head': 'csra'}); "
+            "print(sorted(m for m in ('torch', 'timm', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

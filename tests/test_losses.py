@@ -6,7 +6,7 @@ import torch
 
 from cxrlt import config
 from cxrlt.errors import ConfigError
-from cxrlt.losses import LOSS_NAMES, build_loss, effective_number_weights
+from cxrlt.losses import LOSSES, build_loss, effective_number_weights
 
 Z = np.array([[2.0, -1.0, 0.5, -3.0], [-0.3, 1.5, -2.0, 4.0], [0.0, 0.7, 3.0, -0.8]])
 Y = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]], dtype=float)
@@ -183,7 +183,7 @@ def test_distribution_balanced(gamma):
     assert run(loss, Z, y) == pytest.approx(ref.mean(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", LOSSES)
 def test_stable_for_extreme_logits_and_empty_labels(name):
     loss = build_loss(cfg(loss=name), np.array([0, 0, 7]), 10)
     z = torch.tensor([[1e4, -1e4, 80.0], [-90.0, 1e4, -1e4]], requires_grad=True)

@@ -5,7 +5,7 @@ import pytest
 
 from cxrlt import config
 from cxrlt.errors import ConfigError
-from cxrlt.samplers import SAMPLER_NAMES, build_sampler, repeat_factors
+from cxrlt.samplers import SAMPLERS, build_sampler, repeat_factors
 
 CFG = dict(config.DEFAULTS)
 
@@ -26,7 +26,7 @@ def epoch_list(s, epoch):
     return list(s)
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_deterministic_under_seed_and_epochs_differ(name):
     t = skewed_targets()
     a = build_sampler(name, t, CFG, seed=3)
@@ -47,7 +47,7 @@ def test_instance_is_a_permutation():
     assert sorted(epoch_list(build_sampler("instance", t, CFG, seed=0), 7)) == list(range(50))
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("replicas", [2, 3])
 @pytest.mark.parametrize("n", [400, 401])
 def test_ddp_shares_rebuild_the_single_process_list(name, replicas, n):
