@@ -149,7 +149,6 @@ def expected_calibration_error(y, p, n_bins: int = 15) -> float:
     if len(p) == 0:
         return float("nan")
     bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins)
     sum_y = np.bincount(bins, weights=y, minlength=n_bins)
     sum_p = np.bincount(bins, weights=p, minlength=n_bins)
     # |sum_y - sum_p| / N equals (n_b/N) * |mean y - mean p| and is 0 for empty bins.
