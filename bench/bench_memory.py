@@ -6,7 +6,7 @@
 
 For each N a synthetic cache of N images at --size px is written (images.npy through a memmap, plus
 index/labels/manifest; see bench_train_step.write_synthetic_cache), then run as subprocesses:
-  train.py    1 epoch, --max_train_batches 2, batch 8, test_resnet, 1 loader worker, CPU
+  train.py    1 epoch, --max-train-batches 2, batch 8, test_resnet, 1 loader worker, CPU
   predict.py  --split test, --tta none, on that run's model.pt
 The work is the same for every N (2 training batches; val fold and test list are fixed at
 --val/--test images), so any growth comes from what scales with N: the index (pandas DataFrame,
@@ -32,8 +32,8 @@ which is set earlier (imports, model build): run_all's rows 6c/6d judge both.
 Each (script, N) runs twice: with MALLOC_MMAP_THRESHOLD_=65536 (glibc then returns every large
 block on free, so a peak is the live memory and repeats agree to the MB; the growth verdict uses
 these) and with the default allocator (what a user sees; its peaks vary by +-30 MB run to run).
-The allowance is the growth of the index in memory between the two N (open_cache's DataFrame
-deep size + the float32 label matrix + the row map).
+The allowance is the growth of the index in memory between the two N (Cache.index_nbytes: the
+DataFrame's deep size + the float32 label matrix + the row map).
 
 The caches are written and the index measured in a separate process: a child's ru_maxrss starts
 from the RSS of the process that spawned it (Linux carries the pre-exec high-water mark over), so
@@ -54,9 +54,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, add_json_flag, write_result
 
 MB = 1024 * 1024
 
@@ -137,22 +135,14 @@ def measure(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
             "main_file_mb": pk["RssFile"] / MB, "worker_rss_mb": pk["worker"] / MB}
 
 
-def index_bytes(cache_dir) -> int:
-    """What open_cache keeps in memory for the index: DataFrame (deep) + label matrix + row map."""
-    from cxrlt.cache import open_cache
-
-    c = open_cache(cache_dir)
-    return int(c.index.memory_usage(deep=True).sum() + c._y.nbytes + c._pos.nbytes)
-
-
 def prepare(cache, n: int, size: int, n_val: int, n_test: int) -> float:
     """Write the cache (unless there) and measure its index, in a child process -> index MB."""
-    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from pathlib import Path; "
-            "from bench_train_step import write_synthetic_cache; from bench_memory import index_bytes; "
-            "c, n, s, v, t = Path(sys.argv[3]), *map(int, sys.argv[4:8]); "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+            "from common import write_synthetic_cache; from cxrlt.cache import open_cache; "
+            "c, n, s, v, t = Path(sys.argv[2]), *map(int, sys.argv[3:7]); "
             "(c / 'manifest.json').exists() or write_synthetic_cache(c, n_train=n - v - t, size=s, n_val=v, n_test=t); "
-            "print(index_bytes(c))")
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(ROOT), str(cache),
+            "print(open_cache(c).index_nbytes)")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(cache),
                           str(n), str(size), str(n_val), str(n_test)], check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1]) / MB
 
@@ -194,7 +184,7 @@ def run(sizes=(2000, 20000), size: int = 256, n_val: int = 64, n_test: int = 64,
                 shutil.rmtree(d / "run", ignore_errors=True)
                 train_cmd = [py, "train.py", "--cache", str(cache), "--out", str(d / "run"), "--model", model,
                              "--pretrained", "false", "--head", "linear", "--loss", "bce", "--epochs", "1",
-                             "--max_train_batches", str(train_batches), "--batch_size", str(batch),
+                             "--max-train-batches", str(train_batches), "--batch-size", str(batch),
                              "--workers", str(workers), "--device", "cpu"]
                 pred_cmd = [py, "predict.py", "--checkpoint", str(d / "run" / "model.pt"), "--cache", str(cache),
                             "--split", "test", "--out", str(d / "run" / "pred_test.csv"), "--tta", "none",
@@ -236,11 +226,11 @@ def run_crt(sizes=(2000, 20000), size: int = 64, n_val: int = 64, model: str = "
                 shutil.rmtree(run_dir, ignore_errors=True)
                 train_cmd = [py, "train.py", "--cache", str(cache), "--out", str(run_dir), "--model", model,
                              "--pretrained", "false", "--head", head, "--loss", "bce", "--epochs", "1",
-                             "--max_train_batches", "2", "--batch_size", "8", "--workers", "0", "--device", "cpu"]
+                             "--max-train-batches", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
                 subprocess.run(train_cmd, cwd=ROOT, check=True, capture_output=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
                 crt_cmd = [py, "retrain_head.py", "--run", str(run_dir), "--cache", str(cache), "--out",
-                           str(run_dir / "crt"), "--crt_epochs", str(epochs), "--workers", str(workers),
+                           str(run_dir / "crt"), "--crt-epochs", str(epochs), "--workers", str(workers),
                            "--device", "cpu"]
                 m = measure(crt_cmd, d / f"crt_{head}.log", FIXED_MALLOC)
                 summary = json.loads((run_dir / "crt" / "summary.json").read_text())
@@ -272,7 +262,7 @@ def main() -> None:
     ap.add_argument("--crt-epochs", type=int, default=1, help="--crt: head epochs")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--keep", default=None, help="write the caches here and keep them (reused next time)")
-    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    add_json_flag(ap)
     a = ap.parse_args()
     if a.crt:
         r = run_crt(a.sizes, a.size or 64, a.val, a.model or "test_efficientnet", epochs=a.crt_epochs,
@@ -289,9 +279,7 @@ def main() -> None:
     for s, g in r["growth_mb"].items():
         print(f"growth {s}: maxrss {g['maxrss_mb']:+.1f} MB, main anon {g['main_anon_mb']:+.1f} MB "
               f"(index allowance {r['index_allowance_mb']:.1f} MB)")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+    write_result(a.json, r)
 
 
 if __name__ == "__main__":

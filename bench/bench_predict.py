@@ -17,19 +17,14 @@ reported apart). tta "none" (1 view) and "flip_scale" (4 views) alternate with t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_train_step import write_synthetic_cache  # noqa: E402
+from common import add_json_flag, children_cpu_seconds, set_torch_threads, write_result, write_synthetic_cache
 
 
 class ForwardClock:
@@ -50,11 +45,6 @@ class ForwardClock:
         return list(np.diff(ends))
 
 
-def _children_cpu() -> float:
-    t = os.times()
-    return t.children_user + t.children_system
-
-
 def tta_pass(model, images_path, rows, num_classes, batch, workers, tta: str) -> dict:
     """One predict_tta call over `rows` -> steady-state seconds per batch, wall, start-up."""
     import torch
@@ -65,11 +55,11 @@ def tta_pass(model, images_path, rows, num_classes, batch, workers, tta: str) ->
     views = len(TTA_VIEWS[tta])
     loader = make_loader(CacheDataset(images_path, rows, num_classes=num_classes), batch, workers=workers)
     clock = ForwardClock(model)
-    c0, t0 = _children_cpu(), time.perf_counter()
+    c0, t0 = children_cpu_seconds(), time.perf_counter()
     got, probs = predict_tta(model, loader, torch.device("cpu"), tta=tta, amp=False, progress=False)
     wall = time.perf_counter() - t0
     del loader  # joins the worker, so its CPU time is counted below
-    worker_cpu = _children_cpu() - c0
+    worker_cpu = children_cpu_seconds() - c0
     clock.handle.remove()
     assert len(got) == len(rows) and probs.shape == (len(rows), num_classes)
     first = clock.stamps[views - 1] - t0  # loader start-up + the first batch's views
@@ -95,14 +85,13 @@ def bare_pass(model, batches) -> dict:
 def run(model: str = "test_resnet", size: int = 128, batch: int = 32, batches: int = 8, repeats: int = 3,
         workers: int = 1, threads: int = 1, workdir=None) -> dict:
     """predict_tta(tta none / flip_scale) vs bare forward -> ms per view per image and ratios.
-    threads: torch threads (0 = torch's default; 1 on a shared 2-core CPU, see bench_train_step)."""
+    threads: torch threads (see common.set_torch_threads)."""
     import torch
 
     from cxrlt import config
     from cxrlt.models import build_model
 
-    if threads:
-        torch.set_num_threads(threads)
+    threads = set_torch_threads(threads)
     n = batch * batches
     with tempfile.TemporaryDirectory(prefix="bench_predict_", dir=workdir) as tmp:
         cache = write_synthetic_cache(Path(tmp) / "cache", n_train=0, size=size, n_test=n)
@@ -123,7 +112,7 @@ def run(model: str = "test_resnet", size: int = 128, batch: int = 32, batches: i
             res["none"].append(tta_pass(net, images, rows, 30, batch, workers, "none"))
             res["flip_scale"].append(tta_pass(net, images, rows, 30, batch, workers, "flip_scale"))
     return _summarise(res, batch, dict(model=model, size=size, batch=batch, images=n, repeats=repeats,
-                                       workers=workers, torch_threads=torch.get_num_threads(),
+                                       workers=workers, torch_threads=threads,
                                        load_avg_1min=os.getloadavg()[0]))
 
 
@@ -160,7 +149,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
-    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    add_json_flag(ap)
     a = ap.parse_args()
     r = run(a.model, a.size, a.batch, a.batches, a.repeats, a.workers, a.threads)
     print(f"predict, {r['model']} @ {r['size']} px, batch {r['batch']}: bare forward {r['bare_ms_per_image']:.2f} "
@@ -168,9 +157,7 @@ def main() -> None:
           f"flip_scale {r['flip_scale_ms_per_view_image']:.2f} ms/view/image ({r['flip_scale_ratio']:.3f}x) "
           f"(target <= 1.10); CPU-time ratios {r['none_cpu_ratio']:.3f}x / {r['flip_scale_cpu_ratio']:.3f}x; "
           f"loader start-up per call {r['none_startup_s']:.2f} s")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+    write_result(a.json, r)
 
 
 if __name__ == "__main__":

@@ -19,42 +19,21 @@ the cores kept busy).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cxrlt.cache_build import build_train_cache  # noqa: E402
-
-
-def synthetic_xray(rng: np.random.Generator, h: int = 2500, w: int = 2000) -> np.ndarray:
-    """Smooth low-frequency structure + rib-like stripes + sensor noise, 12 bits used."""
-    base = cv2.resize(rng.random((h // 100, w // 100)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-    yy = np.arange(h, dtype=np.float32)[:, None]
-    stripes = 0.15 * np.sin(yy / rng.uniform(25, 45) + rng.uniform(0, 6))
-    img = base + stripes + rng.normal(0, 0.02, (h, w)).astype(np.float32)
-    img -= img.min()
-    return (img / img.max() * 4095).astype(np.uint16)
+from common import add_json_flag, cpu_seconds, write_result, write_xray_pngs
 
 
 def write_dataset(root: Path, n: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    img_dir = root / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = img_dir / f"img{i:04d}.png"
-        if not p.exists():
-            cv2.imwrite(str(p), synthetic_xray(rng))
-        paths.append(p)
+    """n synthetic films in root/images (kept between runs) and the training CSVs that list all of
+    them (train.csv) and the first half (train_half.csv)."""
+    paths = write_xray_pngs(root / "images", n, seed=seed)
     lines = ["ImageID,StudyDate_DICOM,PatientID,A,B"] + [f"{p.name},20200101,{i}.00E+38,{i % 2},{int(i % 7 == 0)}"
                                                         for i, p in enumerate(paths)]
     (root / "train.csv").write_text("\n".join(lines) + "\n")
@@ -78,13 +57,15 @@ def bare_decode_rate(paths: list[Path], repeats: int = 2) -> float:
 def build_seconds(root: Path, csv: str, size: int, workers: int, repeats: int) -> tuple[float, float]:
     """-> (wall, CPU) seconds of the fastest of `repeats` builds from scratch, each in a cache
     root of its own (nothing to reuse); the CPU time is this process's plus its workers'."""
+    from cxrlt.cache_build import build_train_cache
+
     best = (float("inf"), float("inf"))
     for _ in range(repeats):
         out = Path(tempfile.mkdtemp(prefix="cache_", dir=root))
         try:
-            c0, t0 = _cpu_seconds(), time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             build_train_cache(root / csv, root / "images", out / "train", size, folds=2, workers=workers)
-            best = min(best, (time.perf_counter() - t0, _cpu_seconds() - c0))
+            best = min(best, (time.perf_counter() - t0, cpu_seconds() - c0))
         finally:
             shutil.rmtree(out, ignore_errors=True)
     return best
@@ -99,18 +80,12 @@ def cache_rates(root: Path, n: int, size: int, workers: int, repeats: int) -> di
             "cpu_s_per_img": (cpu - half_cpu) / extra, "cores_busy": cpu / wall}
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the pool's workers are joined)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=40, help="number of synthetic images (at least 4)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
-    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    add_json_flag(ap)
     ap.add_argument("--keep", default=None, help="keep the synthetic images in this folder (reused next time)")
     a = ap.parse_args()
     if a.n < 4:
@@ -152,10 +127,7 @@ def main() -> None:
           f"average before the runs {load:.2f} on {os.cpu_count()} cores. If workers=2 got well under 2 cores, the "
           f"machine was shared and the 2-worker ratio measures the contention; equal CPU s/img for 1 and 2 "
           f"workers means the orchestration costs nothing.")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"\nwrote {a.json}")
+    write_result(a.json, res)
 
 
 if __name__ == "__main__":

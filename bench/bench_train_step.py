@@ -24,24 +24,20 @@ host syncs per step (torch.cuda.set_sync_debug_mode counts every op that waits f
 Trainer's only one is the NaN/loss check every nan_check_steps batches). A row that does not fit
 in memory is reported as OOM.
 
-This module also holds `write_synthetic_cache`, the cache writer the other bench scripts share.
+The synthetic cache: bench/common.py (write_synthetic_cache).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cxrlt.labels import CXRLT2026_LABELS  # noqa: E402
+from common import add_json_flag, children_cpu_seconds, set_torch_threads, write_result, write_synthetic_cache
 
 # Dense bf16 tensor-core peak (FLOP/s) by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first. Sources: the vendors' data sheets.
@@ -50,80 +46,6 @@ GPU_PEAK_BF16 = [
     ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
     ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("V100", 125e12),
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# synthetic cache (shared by the bench scripts)
-# ----------------------------------------------------------------------------------------------
-def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: int = 0, num_labels: int = 30,
-                          seed: int = 0, chunk: int = 512) -> Path:
-    """Write a complete cache folder that cxrlt.cache.open_cache accepts, without any decoding.
-
-    Files (the layout of cxrlt/cache.py):
-      images.npy     uint8 (n_train + n_val + n_test, size, size), written through a memmap in
-                     chunks (so 20,000 x 256 px never sits in memory): a smooth chest-like blob
-                     plus per-image noise (no all-zero pages, which the OS could share)
-      index.csv      row, ImageID, StudyDate_DICOM, PatientID, study, patient, projection, split,
-                     fold, one 0/1 column per label (one image per study and patient, PA).
-                     Rows 0..n_val-1: train split, fold 0 (the default val_fold); then n_train train
-                     rows in folds 1..4; then n_test test rows (fold -1, labels empty)
-      labels.txt     the first `num_labels` CXR-LT 2026 labels
-      manifest.json  labels, pixels (size), counts, a key, "synthetic": true (written last)
-    Label prevalences fall off geometrically (a long tail); every label has a positive among
-    the training rows and among the val rows (when there are any).
-    """
-    import pandas as pd
-
-    from cxrlt.cache import CACHE_VERSION
-    from cxrlt.fileio import write_csv, write_json, write_text
-    from cxrlt.tables import INDEX_FIXED_COLUMNS
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    labels = CXRLT2026_LABELS[:num_labels]
-    n = n_val + n_train + n_test
-    _write_images(out / "images.npy", n, size, rng, chunk)
-
-    split = ["train"] * (n_val + n_train) + ["test"] * n_test
-    fold = [0] * n_val + [1 + i % 4 for i in range(n_train)] + [-1] * n_test
-    ids, patients = [f"syn{i:07d}.png" for i in range(n)], [f"P{i:07d}" for i in range(n)]
-    index = pd.DataFrame({"row": np.arange(n), "ImageID": ids, "StudyDate_DICOM": "20200101", "PatientID": patients,
-                          "study": ids, "patient": patients, "projection": "PA", "split": split, "fold": fold})
-    y = _long_tail_labels(rng, n_val, n_train, len(labels))
-    for j, lab in enumerate(labels):
-        col = pd.array(np.concatenate([y[:, j], np.zeros(n_test, np.int8)]), dtype="Int8")
-        col[n_val + n_train:] = pd.NA  # test rows have no labels
-        index[lab] = col
-    assert list(index.columns[:len(INDEX_FIXED_COLUMNS)]) == INDEX_FIXED_COLUMNS
-    write_csv(out / "index.csv", index)
-    write_text(out / "labels.txt", "".join(f"{lab}\n" for lab in labels))
-    write_json(out / "manifest.json", {
-        "format": "cxrlt image cache", "version": CACHE_VERSION, "kind": "synthetic", "synthetic": True,
-        "key": f"synthetic-{seed}-{n_val}-{n_train}-{n_test}-{size}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "array_rows": n, "dtype": "uint8", "pixels": {"size": int(size)}, "labels": labels,
-        "counts": {"train": n_val + n_train, "test": n_test, "val_fold0": n_val}})
-    return out
-
-
-def _write_images(path: Path, n: int, size: int, rng: np.random.Generator, chunk: int) -> None:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    blob = (180 * np.exp(-(xx**2 / 0.08 + yy**2 / 0.12))).astype(np.uint8)  # 0..180, + noise < 256
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size))
-    for i in range(0, n, chunk):
-        k = min(chunk, n - i)
-        arr[i:i + k] = blob + rng.integers(0, 64, size=(k, size, size), dtype=np.uint8)
-    arr.flush()
-    del arr
-
-
-def _long_tail_labels(rng: np.random.Generator, n_val: int, n_train: int, c: int) -> np.ndarray:
-    prevalence = np.maximum(0.3 * 0.8 ** np.arange(c), 0.005)
-    y = (rng.random((n_val + n_train, c)) < prevalence).astype(np.int8)
-    for lo, hi in ((0, n_val), (n_val, n_val + n_train)):
-        if hi > lo:  # at least one positive per label in each part
-            y[lo + rng.integers(0, hi - lo, size=c), np.arange(c)] = 1
-    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,20 +103,14 @@ def trainer_epoch(trainer, epoch: int) -> dict:
     """One Trainer.train_epoch -> per-step gaps (s) of the steady state, the epoch's wall time and
     the Trainer's own stats (images_per_s, data_wait_frac)."""
     clock = StepClock(trainer.optimizer, trainer.device)
-    c0, t0 = _children_cpu(), time.perf_counter()
+    c0, t0 = children_cpu_seconds(), time.perf_counter()
     stats = trainer.train_epoch(epoch)  # its loader's workers are joined when it returns
     _sync(trainer.device)
     wall = time.perf_counter() - t0
     clock.handle.remove()
     first = clock.stamps[0] - t0 if clock.stamps else wall  # loader start-up + first step
     return {"gaps": clock.gaps(), "cpu_gaps": clock.cpu_gaps(), "wall_s": wall, "first_step_s": first,
-            "steps": len(clock.stamps), "worker_cpu_s": _children_cpu() - c0, **stats}
-
-
-def _children_cpu() -> float:
-    """CPU seconds of this process's finished children (the DataLoader workers, once joined)."""
-    t = os.times()
-    return t.children_user + t.children_system
+            "steps": len(clock.stamps), "worker_cpu_s": children_cpu_seconds() - c0, **stats}
 
 
 def bare_batches(model, cache_dir: Path, rows, targets, batch: int, steps: int, device):
@@ -248,16 +164,8 @@ def _bare_setup(trainer, cfg: dict, steps: int):
 def run(model: str = "test_resnet", size: int = 128, batch: int = 32, steps: int = 6, repeats: int = 5,
         workers: int = 1, device: str = "cpu", threads: int = 1, workdir=None) -> dict:
     """Trainer vs bare loop, alternating, `repeats` epochs of `steps` steps each -> numbers (ms).
-
-    threads: torch intra-op threads for both (0 = torch's default). 1 by default on the CPU: on a
-    shared 2-core machine two OpenMP threads stall each other whenever another process takes a
-    core (steps 2-4x slower and wildly variable), and 1 compute thread + 1 loader worker is the
-    layout that fits 2 cores.
-    """
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
+    threads: torch intra-op threads for both (see common.set_torch_threads)."""
+    threads = set_torch_threads(threads)
     from cxrlt.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench_train_", dir=workdir) as tmp:
@@ -274,7 +182,7 @@ def run(model: str = "test_resnet", size: int = 128, batch: int = 32, steps: int
             tr.append(trainer_epoch(trainer, r + 1))
         close_trainer_log()
     return _summarise(tr, ba, dict(model=model, size=size, batch=batch, steps=steps, repeats=repeats,
-                                   workers=workers, device=str(device), torch_threads=torch.get_num_threads(),
+                                   workers=workers, device=str(device), torch_threads=threads,
                                    load_avg_1min=os.getloadavg()[0]))
 
 
@@ -484,7 +392,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu (default) | cuda")
     ap.add_argument("--gpu", action="store_true", help="the GPU section (GPU_MATRIX rows, bf16)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="GPU dense bf16 peak if the card is not known")
-    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    add_json_flag(ap)
     a = ap.parse_args()
     if a.gpu:
         res = run_gpu(select_rows(a.model, a.size, a.batch), a.steps or 20, a.workers or 0, a.device or "cuda", peak_tflops=a.peak_tflops)
@@ -497,9 +405,7 @@ def main() -> None:
               f"{res['ratio']:.3f}x (target <= 1.10); CPU time {res['trainer_cpu_ms_per_step']:.0f} vs "
               f"{res['bare_cpu_ms_per_step']:.0f} ms/step -> {res['cpu_ratio']:.3f}x; whole epoch incl. loader "
               f"start-up {res['epoch_ratio']:.3f}x; data wait {100 * res['data_wait_frac']:.1f}%")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    write_result(a.json, res)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ class Cache:
         return self.manifest["key"]
 
     @property
+    def index_nbytes(self) -> int:
+        """Memory the opened index holds (DataFrame deep size, label matrix, row map): what grows
+        with the number of images besides the memmap (bench/bench_memory.py's allowance)."""
+        return int(self.index.memory_usage(deep=True).sum() + self._y.nbytes + self._pos.nbytes)
+
+    @property
     def has_projection(self) -> bool:
         """Whether the projection of the images is known (a metadata CSV was given)."""
         return bool((self.index["projection"] != "").any())

@@ -1,8 +1,8 @@
 """Smoke tests of the benchmark scripts (bench/): each runs with tiny settings and returns numbers.
 
-No timing assertions: the numbers are checked for shape and internal consistency only (a ratio is
-the quotient of the figures beside it, counts match the work done, memory peaks see a known
-allocation), and bench/run_all.py's table is checked on known inputs.
+No timing assertions: the numbers are checked for what the code guarantees (positive, counts match
+the work done, temporary files gone, memory peaks see a known allocation, the FLOP count of a known
+model), and bench/run_all.py's table and budget are checked on known inputs.
 """
 
 import json
@@ -22,6 +22,7 @@ import bench_crt  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_train_step  # noqa: E402
+import common  # noqa: E402
 import run_all  # noqa: E402
 
 
@@ -40,8 +41,7 @@ def _restore_threads():
 def test_synthetic_cache_is_a_valid_cache(tmp_path):
     from cxrlt.cache import open_cache
 
-    out = bench_train_step.write_synthetic_cache(tmp_path / "c", n_train=20, size=16, n_val=6, n_test=5,
-                                                 num_labels=7, chunk=8)
+    out = common.write_synthetic_cache(tmp_path / "c", n_train=20, size=16, n_val=6, n_test=5, num_labels=7, chunk=8)
     c = open_cache(out)
     assert c.images.shape == (31, 16, 16) and c.images.dtype == np.uint8
     assert c.images.min() > 0 or c.images.max() > 0  # real content, not a sparse zero file
@@ -56,8 +56,6 @@ def test_train_step_bench_tiny(tmp_path):
                              workdir=tmp_path)
     _positive(r, "trainer_ms_per_step", "bare_ms_per_step", "trainer_cpu_ms_per_step", "bare_cpu_ms_per_step",
               "trainer_images_per_s")
-    assert r["ratio"] == pytest.approx(r["trainer_ms_per_step"] / r["bare_ms_per_step"])  # one repeat
-    assert r["cpu_ratio"] == pytest.approx(r["trainer_cpu_ms_per_step"] / r["bare_cpu_ms_per_step"])
     assert 0.0 <= r["data_wait_frac"] <= 1.0 and r["torch_threads"] == 1
     assert r["trainer_worker_cpu_ms_per_step"] > 0  # the loader worker's CPU was counted
     assert list(tmp_path.iterdir()) == []  # the temporary cache and run folder are gone
@@ -80,9 +78,6 @@ def test_gpu_section_code_path_runs_on_cpu(tmp_path):
         assert g["flops_per_image"] > 0 and g["images_per_s"] > 0 and 0.0 <= g["data_wait_frac"] <= 1.0
         assert g["mfu"] is None and g["device_name"] == "cpu"  # no known peak on a CPU
         assert g["host_syncs_per_step"] is None and g["max_mem_gb"] is None  # GPU-only columns
-    r2 = bench_train_step.run_gpu(rows[:1], steps=2, workers=0, device="cpu", peak_tflops=1.0, workdir=tmp_path)
-    g2 = r2["rows"][0]
-    assert g2["mfu"] == pytest.approx(g2["images_per_s"] * g2["flops_per_image"] / 1e12)
     table = bench_train_step.gpu_lines(r)
     assert len(table) == 4 + 2 and "| test_convnext + CSRA | 32 | 4 | False | False | True |" in table[-1]
 
@@ -104,9 +99,7 @@ def test_predict_bench_tiny(tmp_path):
     r = bench_predict.run(model="test_resnet", size=32, batch=4, batches=3, repeats=1, workers=1, workdir=tmp_path)
     _positive(r, "bare_ms_per_image", "none_ms_per_view_image", "flip_scale_ms_per_view_image",
               "none_cpu_ms_per_view_image", "flip_scale_cpu_ms_per_view_image")
-    assert r["images"] == 12
-    for k in ("none", "flip_scale"):
-        assert r[f"{k}_ratio"] == pytest.approx(r[f"{k}_ms_per_view_image"] / r["bare_ms_per_image"])
+    assert r["images"] == 12 and list(tmp_path.iterdir()) == []
 
 
 def test_forward_clock_groups_views_into_batches():
@@ -121,14 +114,8 @@ def test_crt_bench_tiny(tmp_path):
                       workdir=tmp_path)
     _positive(r, "extract_s", "head_epochs_s", "backbone_every_epoch_s", "speedup_incl_extract",
               "speedup_excl_scoring", "uncached_head_epochs_s")
-    assert (r["train_images"], r["val_images"]) == (16, 8)
-    # each cRT call scores the original head, every epoch and the final head
-    assert r["val_scoring_calls_cached"] == r["val_scoring_calls_uncached"] == 4
-    assert r["speedup_incl_extract"] == pytest.approx(r["backbone_every_epoch_s"] / r["cached_total_s"])
+    assert (r["train_images"], r["val_images"]) == (16, 8) and r["val_scoring_s_per_call"] > 0
     assert r["val_mAP_cached"] == pytest.approx(r["val_mAP_uncached"], abs=1e-5)  # the same head either way
-    import cxrlt.metrics
-
-    assert cxrlt.metrics.score.__name__ == "score"  # the timing wrapper was removed
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,6 +145,7 @@ def test_memory_measure_sees_a_known_allocation(tmp_path):
         bench_memory.measure([sys.executable, "-c", "raise SystemExit('boom')"], tmp_path / "log2.txt")
 
 
+@pytest.mark.slow  # train.py and predict.py as scripts
 def test_memory_bench_tiny(tmp_path):
     r = bench_memory.run(sizes=(40,), size=16, n_val=4, n_test=4, batch=4, train_batches=1, workdir=tmp_path,
                          default_malloc=False)
@@ -238,7 +226,8 @@ def test_crt_memory_rows_use_the_index_allowance():
 def test_render_has_machine_versions_and_gpu_line():
     stages = {k: _stage(v) for k, v in FAKE.items()}
     meta = run_all.machine_info()
-    meta.update(date="2026-01-01 00:00:00", quick=False, load_start=1.0, load_end=2.0, total_s=700.0)
+    meta.update(date="2026-01-01 00:00:00", quick=False, load_start=1.0, load_end=2.0, total_s=700.0,
+                budget_used_s=700.0, budget_s=600.0)
     md = run_all.render(run_all.build_rows(stages), stages, meta, run_all.gpu_markdown(None, False))
     assert f"torch {torch.__version__}" in md and f"{meta['cores']} cores" in md
     assert "OVER the 600 s budget" in md and "no GPU here: GPU rows skipped" in md
@@ -257,3 +246,20 @@ def test_run_all_cli_writes_results(tmp_path):
     bad = subprocess.run([sys.executable, "bench/run_all.py", "--only", "nosuch", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+def test_run_all_stops_a_stage_at_the_budget_and_starts_none_without_enough_left(tmp_path, monkeypatch):
+    import time
+
+    # a stage is a command that writes its JSON result to the path given after --json
+    nap = lambda s: [sys.executable, "-c", f"import sys, time; time.sleep({s}); open(sys.argv[-1], 'w').write('{{}}')"]  # noqa: E731
+    monkeypatch.setattr(run_all, "MIN_STAGE_S", 1.0)
+    cmds = {"quick": nap(0), "slow": nap(30), "late": nap(0)}
+    t0 = time.perf_counter()
+    st = run_all.run_stages(list(cmds), cmds, tmp_path, deadline=t0 + 3.0, budget=3.0, limit=300.0)
+    assert time.perf_counter() - t0 < 10  # the slow stage was stopped at the deadline, not at its 30 s
+    assert st["quick"]["ok"] and st["quick"]["result"] == {}
+    assert not st["slow"]["ok"] and st["slow"]["error"].startswith("timed out after ")
+    assert not st["late"]["ok"] and st["late"]["error"] == "not run: 0 s of the 3 s budget left"
+    rows = run_all.build_rows({"crt_memory": st["late"]})
+    assert (rows[0].key, rows[0].met) == ("6c", "failed") and "not run" in rows[0].what
