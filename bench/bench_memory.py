@@ -151,6 +151,21 @@ def own_hwm_mb() -> float:
     return proc_status(os.getpid()).get("VmHWM", 0) / MB
 
 
+def new_cache(d: Path, n: int, size: int, n_val: int, n_test: int) -> dict:
+    """d/cache written (see prepare) -> {"index_mb", "images_npy_mb"}, the start of runs[N]."""
+    cache = d / "cache"
+    return {"index_mb": prepare(cache, n, size, n_val, n_test), "images_npy_mb": (cache / "images.npy").stat().st_size / MB}
+
+
+def growth_between(runs: dict, sizes, scripts: tuple[str, ...]) -> tuple[dict, float]:
+    """-> ({script: {figure: growth MB from the smallest N to the largest}}, index allowance MB)
+    for the entries of runs[N] whose name starts with one of `scripts`."""
+    lo, hi = str(min(sizes)), str(max(sizes))
+    keys = ("maxrss_mb", "main_hwm_mb", "main_anon_mb", "main_file_mb", "worker_rss_mb")
+    growth = {s: {k: runs[hi][s][k] - runs[lo][s][k] for k in keys} for s in runs[lo] if s.startswith(scripts)}
+    return growth, runs[hi]["index_mb"] - runs[lo]["index_mb"]
+
+
 # ----------------------------------------------------------------------------------------------
 # glibc's malloc moves its mmap threshold up as large blocks are freed, after which big tensors come
 # from the heap and stay resident after free; when that happens varies from run to run (peaks differ
@@ -173,10 +188,7 @@ def run(sizes=(2000, 20000), size: int = 256, n_val: int = 64, n_test: int = 64,
     runs = {}
     try:
         for n in sizes:
-            d = tmp / f"n{n}"
-            cache = d / "cache"
-            runs[str(n)] = {"index_mb": prepare(cache, n, size, n_val, n_test),
-                            "images_npy_mb": (cache / "images.npy").stat().st_size / MB}
+            runs[str(n)] = new_cache(tmp / f"n{n}", n, size, n_val, n_test)
         for mode, env in (("fixed", FIXED_MALLOC), ("default", {}))[:2 if default_malloc else 1]:
             for n in sizes:
                 d = tmp / f"n{n}"
@@ -195,12 +207,10 @@ def run(sizes=(2000, 20000), size: int = 256, n_val: int = 64, n_test: int = 64,
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    lo, hi = str(min(sizes)), str(max(sizes))
-    keys = ("maxrss_mb", "main_hwm_mb", "main_anon_mb", "main_file_mb", "worker_rss_mb")
-    growth = {s: {k: runs[hi][s][k] - runs[lo][s][k] for k in keys} for s in runs[lo] if s.startswith(("train", "pred"))}
+    growth, allowance = growth_between(runs, sizes, ("train", "predict"))
     return {"sizes": list(sizes), "size": size, "val_images": n_val, "test_images": n_test, "batch": batch,
             "train_batches": train_batches, "model": model, "workers": workers, "fixed_malloc_env": FIXED_MALLOC,
-            "runs": runs, "growth_mb": growth, "index_allowance_mb": runs[hi]["index_mb"] - runs[lo]["index_mb"],
+            "runs": runs, "growth_mb": growth, "index_allowance_mb": allowance,
             "parent_hwm_mb": own_hwm_mb(), "load_avg_1min": os.getloadavg()[0]}
 
 
@@ -217,10 +227,8 @@ def run_crt(sizes=(2000, 20000), size: int = 64, n_val: int = 64, model: str = "
     runs = {}
     try:
         for n in sizes:
-            d = tmp / f"n{n}"
-            cache = d / "cache"
-            runs[str(n)] = {"index_mb": prepare(cache, n, size, n_val, 0),
-                            "images_npy_mb": (cache / "images.npy").stat().st_size / MB}
+            d, cache = tmp / f"n{n}", tmp / f"n{n}" / "cache"
+            runs[str(n)] = new_cache(d, n, size, n_val, 0)
             for head in heads:
                 run_dir = d / f"run_{head}"
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -240,12 +248,10 @@ def run_crt(sizes=(2000, 20000), size: int = 64, n_val: int = 64, model: str = "
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    lo, hi = str(min(sizes)), str(max(sizes))
-    keys = ("maxrss_mb", "main_hwm_mb", "main_anon_mb", "main_file_mb", "worker_rss_mb")
-    growth = {s: {k: runs[hi][s][k] - runs[lo][s][k] for k in keys} for s in runs[lo] if s.startswith("crt_")}
+    growth, allowance = growth_between(runs, sizes, ("crt_",))
     return {"sizes": list(sizes), "size": size, "val_images": n_val, "model": model, "epochs": epochs,
             "workers": workers, "fixed_malloc_env": FIXED_MALLOC, "runs": runs, "growth_mb": growth,
-            "index_allowance_mb": runs[hi]["index_mb"] - runs[lo]["index_mb"],
+            "index_allowance_mb": allowance,
             "parent_hwm_mb": own_hwm_mb(), "load_avg_1min": os.getloadavg()[0]}
 
 
