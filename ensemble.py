@@ -2,8 +2,8 @@
 """Combine model predictions into a submission, and validate submissions.
 
     python ensemble.py combine --method mean|rank|weighted|greedy --test T1.csv [T2.csv ...]
-        [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5] [--select_on auto|proxy|full]
-        [--proxy_require_finding false]
+        [--val V1.csv ... --val-labels index.csv] [--weights 0.5 0.5] [--select-on auto|proxy|full]
+        [--proxy-require-finding false]
         --test-list CXRLT_2026_TEST_ALL_TASK1.csv --out submissions/NAME.csv [--zip submissions/NAME.zip]
         [--labels-file labels.txt]
     python ensemble.py check submissions/NAME.csv --test-list LIST.csv

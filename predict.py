@@ -2,8 +2,8 @@
 """Predict probabilities for the val fold or the test list, with test-time augmentation.
 
     python predict.py --checkpoint runs/x/crt/model.pt --cache data/cache/cxrlt2026_512/test-<key> \
-        --split test --out runs/x/pred_test.csv [--tta flip_scale] [--tta_merge logit]
-        [--normal_gating_alpha 1] [--study_pool_weight 0.5] [--patient_context_weight 0.2]
+        --split test --out runs/x/pred_test.csv [--tta flip_scale] [--tta-merge logit]
+        [--normal-gating-alpha 1] [--study-pool-weight 0.5] [--patient-context-weight 0.2]
         [--postproc-from runs/x/pred_val.csv.postproc.json] [--train-cache data/cache/x/train]
 
 Output CSV (leaderboard format): `ImageID` + the label columns in the training CSV's order, one

@@ -3,7 +3,7 @@
 
     python retrain_head.py --run runs/cxrlt2026_512/paper_ldam_drw --cache data/cache/cxrlt2026_512/train \
         --out runs/cxrlt2026_512/paper_ldam_drw/crt [--config configs/paper_ldam_drw.yaml] [--method crt|tau] \
-        [--crt_epochs 10 --crt_lr 1e-3 --crt_feature_cache auto ...]
+        [--crt-epochs 10 --crt-lr 1e-3 --crt-feature-cache auto ...]
 
 Reads <run>/model.pt; writes into --out (never into the run folder itself): features_{train,val}.npy
 (the cached head inputs, unless crt_feature_cache is off), metrics.jsonl (one line per head epoch),

@@ -7,7 +7,7 @@
 
 Writes to --out: config.yaml (resolved), metrics.jsonl (one line per epoch), train.log,
 last.pt (full state, for --resume), best.pt (best val mAP) and, at the end, model.pt (the
-weights later stages read). Any config key can be overridden with --<key> VALUE.
+weights later stages read). Any config key can be overridden with --key-name VALUE (or --key_name VALUE).
 While it runs it holds <out>.lock: a second train.py on the same --out stops with a message
 naming the first one.
 """
