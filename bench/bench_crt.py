@@ -75,7 +75,8 @@ def run(model: str = "test_resnet", size: int = 128, n_train: int = 256, n_val: 
         cache = open_cache(cache_dir)
         per_call = score_seconds(cache.targets(cache.rows("train", fold=cfg["val_fold"])))
         same = {"crt_epochs": epochs, "crt_batch_size": batch, "workers": workers, "device": "cpu"}
-        t_cached, s_cached = timed_crt(tmp / "run", cache_dir, tmp / "crt_cached", {**same, "crt_feature_cache": "float32"})
+        t_cached, s_cached = timed_crt(tmp / "run", cache_dir, tmp / "crt_cached",
+                                       {**same, "crt_feature_cache": "float32"})
         t_base, s_base = timed_crt(tmp / "run", cache_dir, tmp / "crt_off", {**same, "crt_feature_cache": "off"})
     assert s_cached["feature_cache"] == "float32" and s_base["feature_cache"] == "off"
     t_extract, t_head = s_cached["feature_seconds"], s_cached["head_train_seconds"]

@@ -154,7 +154,8 @@ def own_hwm_mb() -> float:
 def new_cache(d: Path, n: int, size: int, n_val: int, n_test: int) -> dict:
     """d/cache written (see prepare) -> {"index_mb", "images_npy_mb"}, the start of runs[N]."""
     cache = d / "cache"
-    return {"index_mb": prepare(cache, n, size, n_val, n_test), "images_npy_mb": (cache / "images.npy").stat().st_size / MB}
+    index_mb = prepare(cache, n, size, n_val, n_test)
+    return {"index_mb": index_mb, "images_npy_mb": (cache / "images.npy").stat().st_size / MB}
 
 
 def growth_between(runs: dict, sizes, scripts: tuple[str, ...]) -> tuple[dict, float]:

@@ -421,7 +421,8 @@ def render(rows, stages, meta, gpu_md: str) -> str:
         f"- versions: python {v['python']}, torch {v['torch']}, timm {v.get('timm', '?')}, numpy {v['numpy']}, "
         f"opencv {v.get('cv2', '?')}",
         f"- total time: {meta['total_s']:.0f} s ({'within' if meta['budget_used_s'] <= meta['budget_s'] else 'OVER'} "
-        f"the {meta['budget_s']:.0f} s budget of the CPU stages){' - QUICK settings, numbers meaningless' if meta['quick'] else ''}",
+        f"the {meta['budget_s']:.0f} s budget of the CPU stages)"
+        + (" - QUICK settings, numbers meaningless" if meta["quick"] else ""),
         f"- load: 1-min load average {meta['load_start']:.2f} at the start, {meta['load_end']:.2f} at the end; CPU "
         f"used by other processes during each stage (cores of {meta['cores']}): {', '.join(others)}. "
         + load_sentence(stages), "",

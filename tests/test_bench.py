@@ -252,7 +252,9 @@ def test_run_all_stops_a_stage_at_the_budget_and_starts_none_without_enough_left
     import time
 
     # a stage is a command that writes its JSON result to the path given after --json
-    nap = lambda s: [sys.executable, "-c", f"import sys, time; time.sleep({s}); open(sys.argv[-1], 'w').write('{{}}')"]  # noqa: E731
+    def nap(s):
+        return [sys.executable, "-c", f"import sys, time; time.sleep({s}); open(sys.argv[-1], 'w').write('{{}}')"]
+
     monkeypatch.setattr(run_all, "MIN_STAGE_S", 1.0)
     cmds = {"quick": nap(0), "slow": nap(30), "late": nap(0)}
     t0 = time.perf_counter()
