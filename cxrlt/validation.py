@@ -51,6 +51,7 @@ import numpy as np
 from .labels import NORMAL_LABEL
 
 SELECT_ON = ("auto", "proxy", "full")
+SELECTION_KEYS = ("select_on", "proxy_require_finding")  # the config keys that define the val subsets
 SPLIT_SEED = 0  # fixed: every stage must see the same proxy and halves, whatever the training seed
 SUBSETS = ("full", "proxy", "half_a", "half_b")
 
@@ -256,6 +257,16 @@ def cross_fit(n_candidates: int, predict, y, sets: dict, per_label=_ap) -> dict:
     """choose() over the rows of candidates 0..n-1; predict(i, idx) -> predictions of candidate i."""
     table = [score_row(y, sets, lambda idx, i=i: predict(i, idx), per_label) for i in range(n_candidates)]
     return choose(table, sets["select_on"])
+
+
+def selection_part(cfg: dict) -> dict:
+    """The config's selection keys (what a stage that chooses on val must record and be re-run for)."""
+    return {k: cfg[k] for k in SELECTION_KEYS}
+
+
+def set_sizes(sets: dict) -> dict[str, int]:
+    """{"full", "proxy", "half_a", "half_b"}: image counts of a val_sets() result."""
+    return {k: len(v) for k, v in subsets_of(sets).items()}
 
 
 def public_row(row: dict) -> dict:
