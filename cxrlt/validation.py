@@ -48,10 +48,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import SELECTION_KEYS
 from .labels import NORMAL_LABEL
 
 SELECT_ON = ("auto", "proxy", "full")
-SELECTION_KEYS = ("select_on", "proxy_require_finding")  # the config keys that define the val subsets
 SPLIT_SEED = 0  # fixed: every stage must see the same proxy and halves, whatever the training seed
 SUBSETS = ("full", "proxy", "half_a", "half_b")
 
@@ -267,6 +267,26 @@ def selection_part(cfg: dict) -> dict:
 def set_sizes(sets: dict) -> dict[str, int]:
     """{"full", "proxy", "half_a", "half_b"}: image counts of a val_sets() result."""
     return {k: len(v) for k, v in subsets_of(sets).items()}
+
+
+def json_float(x) -> float | None:
+    """A score for a JSON file: None for NaN (json would write NaN, which is not JSON; NaN != NaN)."""
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def named_scores(row: dict, select_on: str) -> dict:
+    """A score-table row as the stages name its values in metrics.jsonl / summary.json:
+    {"val_mAP" (full), "val_proxy_mAP", "val_select_mAP" (on the selection set)}."""
+    return {"val_mAP": json_float(row["full"]), "val_proxy_mAP": json_float(row["proxy"]),
+            "val_select_mAP": json_float(row[select_on])}
+
+
+def unlabelled_sets(y, cfg: dict | None = None) -> dict:
+    """val_sets for labelled rows without keys (each image its own study and patient, projection
+    unknown: the selection set is the full set). For callers that hold only predictions and labels."""
+    y = np.asarray(y)
+    ids = np.arange(len(y)).astype(str)
+    return val_sets_from_keys(make_keys(ids, y), [], cfg or {})
 
 
 def public_row(row: dict) -> dict:
