@@ -173,5 +173,8 @@ def test_crt_method_none_from_the_config_keeps_the_runs_own_head(trained_run, de
     s = run(trained_run, demo_cache, tmp_path / "none", {}, config_files=[cfg], log=lambda *_: None)
     src, out = load_checkpoint(trained_run / "model.pt"), load_checkpoint(tmp_path / "none" / "model.pt")
     assert s["method"] == "none" and out["config"]["crt_method"] == "none"
+    sel = src["selection"]  # the run's own numbers: how it chose its epoch, and the honest value of that
+    assert (s["select_on"], s["val_proxy_mAP"], s["val_honest_mAP"]) == (sel["select_on"], sel["val_proxy_mAP"],
+                                                                       sel["val_honest_mAP"])
     assert all(torch.equal(v, out["model"][k]) for k, v in src["model"].items())
     assert not (tmp_path / "none" / "features_train.npy").exists()
