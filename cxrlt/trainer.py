@@ -100,7 +100,7 @@ from .fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
 from .fingerprints import file_key, touch
 from .inference import predict_tta
 from .metrics import score
-from .validation import choose, public_row, score_row, selection_part, set_sizes, val_sets
+from .validation import choose, json_float, named_scores, score_row, selection_part, set_sizes, val_sets
 
 log = logging.getLogger("cxrlt.train")
 
@@ -429,9 +429,9 @@ class Trainer:
         so = self.sets["select_on"]
         return {"improved": improved, "best_map": self.best_map, "best_epoch": self.best_epoch,
                 "bad_epochs": self.bad_epochs, "selection": self.selection, "v": v,
-                "record": {"val_mAP": v["mAP"], "val_mAUC": v["mAUC"], "val_proxy_mAP": row["proxy"],
-                           "val_select_mAP": row[so], "select_on": so, "val_honest_mAP": sel["honest"],
-                           "best_epoch": self.best_epoch}}
+                "record": {"val_mAP": json_float(v["mAP"]), "val_mAUC": json_float(v["mAUC"]),
+                           "val_proxy_mAP": json_float(row["proxy"]), "val_select_mAP": json_float(row[so]),
+                           "select_on": so, "val_honest_mAP": json_float(sel["honest"]), "best_epoch": self.best_epoch}}
 
     def _selection(self, sel: dict | None = None) -> dict:
         """The run's "selection" summary (module doc): the best epoch's scores and the honest number."""
@@ -440,9 +440,8 @@ class Trainer:
             sel = self._choose()
         best = self.table[self.best_epoch] if 0 <= self.best_epoch < len(self.table) else None
         return {**self.selection_keys, "select_on": so, "best_epoch": self.best_epoch,
-                "val_mAP": _num(best["full"]) if best else None, "val_proxy_mAP": _num(best["proxy"]) if best else None,
-                "val_select_mAP": _num(best[so]) if best else None,
-                "val_honest_mAP": _num(sel["honest"]) if sel else None,
+                **(named_scores(best, so) if best else dict.fromkeys(("val_mAP", "val_proxy_mAP", "val_select_mAP"))),
+                "val_honest_mAP": json_float(sel["honest"]) if sel else None,
                 "sets": set_sizes(self.sets), "describe": self.sets["describe"]}
 
     # ---- run folder ---------------------------------------------------------------------
@@ -660,9 +659,9 @@ class Trainer:
             self.start_epoch = epoch + 1
             if self.dist.is_main:
                 v, r = d["v"], d["record"]
-                record = {"epoch": epoch, **stats, **{k: _num(x) if isinstance(x, float) else x for k, x in r.items()}, "chance_mAP": chance,
+                record = {"epoch": epoch, **stats, **r, "chance_mAP": chance,
                           "drw_active": bool(cfg["drw_epoch"] >= 0 and epoch >= cfg["drw_epoch"]),
-                          "val_ap": {lab: _num(a) for lab, a in zip(self.labels, v["ap"])}}
+                          "val_ap": {lab: json_float(a) for lab, a in zip(self.labels, v["ap"])}}
                 meta = self._meta(epoch)
                 weights = self._eval_model().state_dict()
                 if d["improved"]:
@@ -677,8 +676,9 @@ class Trainer:
                 self._write_run_json()
                 log.info(f"epoch {epoch + 1}/{cfg['epochs']}  loss {stats['train_loss']:.4f}  "
                          f"val mAP {_fmt(r['val_mAP'])} (chance {chance:.4f})  proxy {_fmt(r['val_proxy_mAP'])}  "
-                         f"honest {_fmt(r['val_honest_mAP'])} ({so})  mAUC {_fmt(v['mAUC'])}  "
-                         f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}" + ("  *best*" if d["improved"] else ""))
+                         f"honest {_fmt(r['val_honest_mAP'])} ({so})  mAUC {_fmt(r['val_mAUC'])}  "
+                         f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}"
+                         + ("  *best*" if d["improved"] else ""))
             D.barrier(self.dist)
             if cfg["patience"] and self.bad_epochs >= cfg["patience"]:
                 log.info(f"early stop: no val mAP gain on {so} for {cfg['patience']} epochs")
@@ -688,11 +688,6 @@ class Trainer:
         D.barrier(self.dist)
         D.teardown(self.dist)
         return self._result()
-
-
-def _num(x) -> float | None:
-    """A float for a JSON file; None for NaN (json writes NaN, which is not JSON, and NaN != NaN)."""
-    return None if x is None or np.isnan(x) else float(x)
 
 
 def _fmt(x) -> str:

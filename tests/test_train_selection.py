@@ -80,14 +80,16 @@ def test_best_epoch_is_chosen_on_the_proxy_with_the_honest_number_beside(script,
     recs = read_jsonl(out / "metrics.jsonl")
     assert [r["select_on"] for r in recs] == ["proxy"] * 3 and [r["best_epoch"] for r in recs] == [0, 0, 0]
     for e, r in enumerate(recs):
-        assert r["val_mAP"] == pytest.approx(table[e]["full"]) and r["val_proxy_mAP"] == pytest.approx(table[e]["proxy"])
+        assert r["val_mAP"] == pytest.approx(table[e]["full"])
+        assert r["val_proxy_mAP"] == pytest.approx(table[e]["proxy"])
         assert r["val_select_mAP"] == r["val_proxy_mAP"]
         honest = V.choose(table[:e + 1], "proxy", reference=e)["honest"]
         assert r["val_honest_mAP"] == pytest.approx(honest)
     assert recs[0]["val_honest_mAP"] == pytest.approx(recs[0]["val_select_mAP"])  # one epoch: no choice
     sel = json.loads((out / "run.json").read_text())["selection"]
     assert (sel["select_on"], sel["best_epoch"]) == ("proxy", 0)
-    assert sel["val_mAP"] == pytest.approx(table[0]["full"]) and sel["val_proxy_mAP"] == pytest.approx(table[0]["proxy"])
+    assert sel["val_mAP"] == pytest.approx(table[0]["full"])
+    assert sel["val_proxy_mAP"] == pytest.approx(table[0]["proxy"])
     assert sel["val_honest_mAP"] == pytest.approx(recs[-1]["val_honest_mAP"])
     assert sel["sets"]["proxy"] < sel["sets"]["full"]
     assert load_checkpoint(out / "model.pt")["selection"] == sel
