@@ -9,11 +9,13 @@ Keys of a checkpoint written by train.py / retrain_head.py:
   config       the resolved run config (dict, see cxrlt/config.py)
   labels       label names in output order
   epoch        last finished epoch (0-based)
-  best_map     best val mAP so far
+  best_map     full val mAP of the best epoch so far (chosen on the selection set; cRT: of the head kept)
+  selection    how the best epoch was chosen and its full / proxy / honest val mAP (cxrlt/trainer.py)
   image_size   side of the cache images it was trained on (predict/cRT/resume refuse another size)
   train_key, data_key  what the weights were trained from (config.train_key, the cache's key)
   (old files only) logit_scale: LDAM's s, now held by the model's head (load_trained sets it)
-  (last.pt only) optimizer, scheduler, ema, rng, ... for exact resume
+  (last.pt only) optimizer, scheduler, ema, rng, ... for exact resume; selection_keys and
+               val_table (the per-epoch scores the epoch choice needs)
 """
 
 from __future__ import annotations

@@ -22,6 +22,15 @@ def main_wrapper(main, resume_hint: str | None = None) -> None:
         hint = resume_hint or "re-run the same command to continue where it stopped"
         print(f"\ninterrupted: {hint}", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        from .fileio import disk_full, free_space
+
+        where = Path(e.filename).parent if e.filename else Path.cwd()
+        if not disk_full(e, where):
+            raise
+        print(f"error: {e.filename or 'a file'}: the disk is full ({free_space(where)} free) while writing; "
+              f"free some space and re-run the same command (finished work is kept)", file=sys.stderr)
+        sys.exit(2)
     sys.exit(rc or 0)
 
 

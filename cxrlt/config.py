@@ -190,6 +190,9 @@ PATTERNS = {"device": r"auto|cpu|cuda(:\d+)?"}
 POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
     "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "patient_context_weight", "select_on",
     "proxy_require_finding"}
+# post keys that define the val subsets every choice on val is made on (cxrlt/validation.py): an
+# input of each stage that chooses on val (cRT's head, predict's post-processing, the ensemble)
+SELECTION_KEYS = ("select_on", "proxy_require_finding")
 RUN_KEYS = {"workers", "device", "compile", "grad_checkpointing", "nan_check_steps"}
 # train keys that may be raised after a run finished: the run is then extended, not redone
 EXTENDABLE_KEYS = {"epochs", "patience"}

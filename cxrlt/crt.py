@@ -33,13 +33,35 @@ our heads only CSRA's spatial attention (softmax over locations, csra_temperatur
 it runs on such a head and is refused, with the reason, on the others (cosine: every class
 weight is normalised, all norms are 1; linear and max-pooling CSRA: a positive factor per label).
 
-The source run's original head is always a candidate: the output keeps whichever head scores
-the best val mAP, so re-training never makes the val mAP worse than the source run.
+The source run's original head is always a candidate (the first: the no-choice default), then
+each cRT epoch's head (or each tau of the grid). Every candidate's val predictions are scored on
+the val subsets of cxrlt/validation.py (full fold, test-like proxy, the two patient halves of the
+selection set); the output keeps the head with the best mAP on the selection set (config select_on:
+the proxy when the cache knows projections, else full; ties keep the earlier candidate), so
+re-training never makes the selection-set mAP worse than the source run's. The honest number of
+that choice is cross-fitted: the head chosen on half A scored on half B and vice versa, as a gain
+over the original head (cxrlt/validation.py choose()).
 
-Output folder (never the run folder itself): the feature files, metrics.jsonl (one line per head
-epoch), summary.json (choices, val mAPs, timings, head distances) and model.pt (the full model
-with the chosen head, written last; its sidecar `.model.pt.inputs.json` records what it was built
-from: the stage is up to date, and only touches model.pt, when those inputs match).
+Output folder (never the run folder itself): the feature files, metrics.jsonl, summary.json and
+model.pt (the full model with the chosen head, written last; its sidecar `.model.pt.inputs.json`
+records what it was built from: weights, cache, crt_* keys, seed and the selection keys select_on /
+proxy_require_finding; the stage is up to date, and only touches model.pt, when those match).
+
+metrics.jsonl (cRT), one line per head epoch: epoch, train_loss, val_mAP (full val fold), val_mAUC
+(full), val_proxy_mAP, val_select_mAP (selection set), select_on, val_honest_mAP (the honest number
+of the choice among the original head and the epochs so far), best (the head kept so far: -1 the
+original head, else the 0-based cRT epoch), time_s. Undefined values (no positive) are null.
+
+summary.json: method, source, feature_cache, head_input, feature_seconds, head_train_seconds,
+  select_on, describe (the val subsets in words), sets {full, proxy, half_a, half_b: images};
+  original {val_mAP, val_proxy_mAP, val_select_mAP} (the source run's head) and original_mAP (its
+  val_mAP); best {epoch (-1: original head) and source, or tau; val_mAP, val_proxy_mAP,
+  val_select_mAP}: the head kept; half_choices [chosen on half A, chosen on half B] (epochs or taus);
+  val_mAP, val_mAUC (full val fold, of the head kept), val_proxy_mAP, val_select_mAP,
+  val_honest_mAP (the number to quote), honest_gain (its gain over the original head, halves
+  basis); cRT also reinit and head_distance {start_to_trained, end_to_start, end_to_trained},
+  tau also grid [{tau, val_mAP, val_proxy_mAP, val_select_mAP}]. crt_method none: method, source,
+  original_mAP = val_mAP (the run's best_map), and the run's val_proxy_mAP / val_honest_mAP.
 """
 
 from __future__ import annotations
@@ -264,15 +286,54 @@ def _feature_file_ok(path: Path, fp: dict, n_rows: int) -> bool:
 
 # ---- cRT -------------------------------------------------------------------------------------------
 
-def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path, log=print):
+class HeadChoice:
+    """The candidates' score table and the head kept so far (module doc: chosen on the selection
+    set; candidate 0 is the original head, the no-choice default of the honest number)."""
+
+    def __init__(self, y_val, sets: dict):
+        self.y, self.sets, self.so = y_val, sets, sets["select_on"]
+        self.table: list[dict] = []
+
+    def add(self, probs: np.ndarray) -> tuple[dict, dict, bool]:
+        """Score one candidate's val probabilities -> (metrics.score of the full fold, choose()
+        over the candidates so far, whether this candidate is now the one kept)."""
+        from .metrics import score
+        from .validation import choose, score_row
+
+        self.table.append(score_row(self.y, self.sets, lambda idx: probs[idx]))
+        sel = choose(self.table, self.so)
+        return score(self.y, probs), sel, sel["choice"] == len(self.table) - 1
+
+    def scores(self, i: int) -> dict:
+        from .validation import named_scores
+
+        return named_scores(self.table[i], self.so)
+
+    def summary(self, sel: dict) -> dict:
+        """The selection fields every head method's summary has (module doc)."""
+        from .validation import json_float, set_sizes
+
+        return {"select_on": self.so, "describe": self.sets["describe"], "sets": set_sizes(self.sets),
+                "original": self.scores(0), "val_honest_mAP": json_float(sel["honest"]),
+                "honest_gain": json_float(sel["honest_gain"])}
+
+
+def _val_sets(y_val, sets):
+    from .validation import unlabelled_sets
+
+    return sets if sets is not None else unlabelled_sets(y_val)
+
+
+def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path, log=print, sets=None):
     """cRT of model.head on the head inputs train_in / val_in (CachedInputs or BackboneInputs).
 
-    Returns (best head, last re-trained head, info dict). Logs one line per epoch to
-    out_dir/metrics.jsonl.
+    sets: cxrlt.validation.val_sets of the val rows (None: every val image its own patient, the
+    full set is the selection set). Returns (kept head, last re-trained head, info dict). Logs one
+    line per epoch to out_dir/metrics.jsonl.
     """
     from .losses import build_loss
-    from .metrics import score
     from .samplers import build_sampler
+    from .validation import json_float
 
     counts = y_tr.sum(0)
     start = starting_head(model.head, cfg["crt_reinit"], cfg["seed"])
@@ -286,11 +347,12 @@ def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path,
     opt = torch.optim.AdamW(head.parameters(), lr=cfg["crt_lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
 
-    base = score(y_val, val_in.probs(model.head.to(device), device))
-    best = {"epoch": -1, "mAP": base["mAP"], "source": "original head"}
-    best_head = copy.deepcopy(model.head).cpu()
+    choice = HeadChoice(y_val, _val_sets(y_val, sets))
+    base, sel, _ = choice.add(val_in.probs(model.head.to(device), device))
+    kept, best_head = -1, copy.deepcopy(model.head).cpu()
     how = f"re-initialised (seed {cfg['seed']})" if cfg["crt_reinit"] else "fine-tuned from the trained weights"
-    log(f"cRT: original head val mAP {base['mAP']:.4f}; the re-trained head is {how}")
+    log(f"cRT: original head val mAP {_fmt(base['mAP'])} (proxy {_fmt(choice.table[0]['proxy'])}); the re-trained "
+        f"head is {how}; the head kept is chosen on {choice.so}: {choice.sets['describe']}")
     y_t = torch.from_numpy(y_tr.astype(np.float32))
     for epoch in range(cfg["crt_epochs"]):
         sampler.set_epoch(epoch)
@@ -305,34 +367,44 @@ def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path,
             opt.step()
             sched.step()
             tot += float(loss.detach())
-        v = score(y_val, val_in.probs(head, device))
-        rec = {"epoch": epoch, "train_loss": tot / steps_per_epoch, "val_mAP": v["mAP"], "val_mAUC": v["mAUC"],
-               "time_s": time.perf_counter() - t0}
+        v, sel, improved = choice.add(val_in.probs(head, device))
+        if improved:
+            kept, best_head = epoch, copy.deepcopy(head).cpu()
+        rec = {"epoch": epoch, "train_loss": tot / steps_per_epoch, **choice.scores(epoch + 1),
+               "val_mAUC": json_float(v["mAUC"]), "select_on": choice.so, "val_honest_mAP": json_float(sel["honest"]),
+               "best": kept, "time_s": time.perf_counter() - t0}
         append_jsonl(out_dir / "metrics.jsonl", rec)
-        if v["mAP"] > best["mAP"]:
-            best = {"epoch": epoch, "mAP": v["mAP"], "source": "cRT"}
-            best_head = copy.deepcopy(head).cpu()
-        log(f"cRT epoch {epoch + 1}/{cfg['crt_epochs']}  loss {rec['train_loss']:.4f}  val mAP {v['mAP']:.4f}")
+        log(f"cRT epoch {epoch + 1}/{cfg['crt_epochs']}  loss {rec['train_loss']:.4f}  val mAP {_fmt(rec['val_mAP'])}"
+            f"  proxy {_fmt(rec['val_proxy_mAP'])}  honest {_fmt(rec['val_honest_mAP'])} ({choice.so})"
+            + ("  *kept*" if improved else ""))
     last = head.cpu()
     trained = model.head.cpu()
-    info = {"original_mAP": base["mAP"], "best": best, "reinit": bool(cfg["crt_reinit"]),
+    name = lambda i: {"epoch": i - 1, "source": "original head" if i == 0 else "cRT"}  # noqa: E731 (table index)
+    info = {"original_mAP": json_float(base["mAP"]), "best": {**name(kept + 1), **choice.scores(kept + 1)},
+            **choice.summary(sel), "half_choices": [name(i) for i in sel["half_choices"]],
+            "reinit": bool(cfg["crt_reinit"]),
             "head_distance": {"start_to_trained": head_distance(start, trained),
                               "end_to_start": head_distance(last, start),
                               "end_to_trained": head_distance(last, trained)}}
     return best_head, last, info
 
 
-def _tau_search(model, val_in, y_va, device, log):
-    from .metrics import score
+def _fmt(x) -> str:
+    return "n/a" if x is None or np.isnan(x) else f"{x:.4f}"
 
-    grid = []
+
+def _tau_search(model, val_in, y_va, device, log, sets=None):
+    """The tau of TAU_GRID (tau 0, the original head, first) kept on the selection set -> (head, info)."""
+    choice = HeadChoice(y_va, _val_sets(y_va, sets))
     for tau in TAU_GRID:
-        h = tau_normalise(model.head, tau).to(device)
-        grid.append({"tau": tau, "val_mAP": score(y_va, val_in.probs(h, device))["mAP"]})
-    best = max(grid, key=lambda g: g["val_mAP"])
-    log(f"tau-normalisation: best tau {best['tau']} val mAP {best['val_mAP']:.4f} (tau 0: {grid[0]['val_mAP']:.4f})")
-    return tau_normalise(model.head, best["tau"]).cpu(), {"grid": grid, "best": best,
-                                                           "original_mAP": grid[0]["val_mAP"]}
+        _, sel, _ = choice.add(val_in.probs(tau_normalise(model.head, tau).to(device), device))
+    grid = [{"tau": tau, **choice.scores(i)} for i, tau in enumerate(TAU_GRID)]
+    best = grid[sel["choice"]]
+    log(f"tau-normalisation: tau {best['tau']} kept on {choice.so} (val mAP {_fmt(best['val_select_mAP'])}; tau 0: "
+        f"{_fmt(grid[0]['val_select_mAP'])}); honest {_fmt(sel['honest'])}")
+    return tau_normalise(model.head, best["tau"]).cpu(), {
+        "grid": grid, "best": best, "original_mAP": grid[0]["val_mAP"], **choice.summary(sel),
+        "half_choices": [{"tau": TAU_GRID[i]} for i in sel["half_choices"]]}
 
 
 def prepare_inputs(model, cache, splits: dict, out: Path, cfg: dict, model_key: str, device, amp: bool, log=print):
@@ -385,6 +457,7 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
     from .fileio import output_lock
     from .fingerprints import file_key, inputs_match, touch
     from .inference import check_cache_size
+    from .validation import selection_part
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
@@ -409,7 +482,7 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
             raise InputError(f"{cache_dir}: cache labels differ from the run's ({src})")
         model_key = file_key(src)
         stage_inputs = {"model": model_key, "cache": cache.key, "method": method,
-                        "post": {**config.post_part(cfg, prefix="crt_"), "seed": cfg["seed"]}}
+                        "post": {**config.post_part(cfg, prefix="crt_"), "seed": cfg["seed"], **selection_part(cfg)}}
         target = out / "model.pt"
         if inputs_match(target, stage_inputs) and (out / "summary.json").is_file():
             touch(target)
@@ -427,7 +500,9 @@ def _keep_head(src: Path, ck: dict, out: Path, cfg: dict, stage_inputs: dict, lo
     "no post-training" variant shares the backbone run with the cRT variants)."""
     from .fingerprints import record_inputs
 
-    summary = {"method": "none", "source": str(src), "original_mAP": ck.get("best_map"), "val_mAP": ck.get("best_map")}
+    trained = ck.get("selection") or {}  # how the run chose its epoch (cxrlt/trainer.py)
+    summary = {"method": "none", "source": str(src), "original_mAP": ck.get("best_map"), "val_mAP": ck.get("best_map"),
+               **{k: trained.get(k) for k in ("select_on", "val_proxy_mAP", "val_honest_mAP")}}
     write_json(out / "summary.json", summary)
     torch_save({**ck, "config": cfg, "crt": summary}, out / "model.pt")
     record_inputs(out / "model.pt", stage_inputs)
@@ -441,6 +516,7 @@ def _build(src: Path, cache, out: Path, cfg: dict, method: str, stage_inputs: di
     from .fingerprints import record_inputs
     from .inference import load_trained
     from .metrics import score
+    from .validation import val_sets
 
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a re-run starts the head log afresh
     device = pick_device(device_name)
@@ -453,14 +529,19 @@ def _build(src: Path, cache, out: Path, cfg: dict, method: str, stage_inputs: di
     amp = bool(cfg["amp"]) and device.type == "cuda"
     inputs, summary = prepare_inputs(model, cache, splits, out, cfg, model_key, device, amp, log)
     summary = {"method": method, "source": str(src), **summary}
+    sets = val_sets(cache, splits["val"], cfg)
+    _say_backbone_selection(ck, sets, cfg, log)
     t1 = time.perf_counter()
     if method == "tau":
-        new_head, info = _tau_search(model, inputs["val"], y_va, device, log)
+        new_head, info = _tau_search(model, inputs["val"], y_va, device, log, sets)
     else:
-        new_head, _, info = train_head(model, inputs["train"], y_tr, inputs["val"], y_va, cfg, device, out, log=log)
+        new_head, _, info = train_head(model, inputs["train"], y_tr, inputs["val"], y_va, cfg, device, out, log=log,
+                                       sets=sets)
     summary.update(info, head_train_seconds=time.perf_counter() - t1)
     final = score(y_va, inputs["val"].probs(new_head.to(device), device))
-    summary.update(val_mAP=final["mAP"], val_mAUC=final["mAUC"])
+    best = info["best"]
+    summary.update(val_mAP=final["mAP"], val_mAUC=final["mAUC"], val_proxy_mAP=best["val_proxy_mAP"],
+                   val_select_mAP=best["val_select_mAP"])
     model = model.cpu()
     model.head = new_head.cpu()
     meta = {k: v for k, v in ck.items() if k != "model"}
@@ -469,5 +550,21 @@ def _build(src: Path, cache, out: Path, cfg: dict, method: str, stage_inputs: di
     # model.pt is make's target: written last, so that its presence means the stage is complete
     torch_save({**meta, "model": model.state_dict()}, out / "model.pt")
     record_inputs(out / "model.pt", stage_inputs)
-    log(f"wrote {out / 'model.pt'}: val mAP {final['mAP']:.4f} (source run {summary['original_mAP']:.4f})")
+    o = summary["original"]
+    log(f"wrote {out / 'model.pt'}: head chosen on {sets['select_on']}: val mAP full {_fmt(final['mAP'])}, proxy "
+        f"{_fmt(best['val_proxy_mAP'])}, honest {_fmt(summary['val_honest_mAP'])} (source run: full "
+        f"{_fmt(o['val_mAP'])}, proxy {_fmt(o['val_proxy_mAP'])})")
     return summary
+
+
+def _say_backbone_selection(ck: dict, sets: dict, cfg: dict, log) -> None:
+    """A line when the backbone run chose its epoch on other subsets than this stage chooses on:
+    select_on is a post key, and a trained run keeps the epoch it chose (cxrlt/trainer.py)."""
+    trained = ck.get("selection")
+    if not trained:
+        return
+    then = (trained.get("select_on"), bool(trained.get("proxy_require_finding")))
+    now = (sets["select_on"], bool(cfg["proxy_require_finding"]))
+    if then != now:
+        log(f"cRT: the backbone run chose its best epoch on {then[0]} (proxy_require_finding {then[1]}); the head is "
+            f"chosen on {now[0]} (proxy_require_finding {now[1]}); retrain the run to choose its epoch that way too")

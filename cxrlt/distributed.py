@@ -61,6 +61,15 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank src's obj on every rank (obj itself in a world of one): a decision one rank makes."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def mean_across(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value

@@ -332,7 +332,10 @@ def plot_training_curves(records: list[dict], path) -> None:
     """train_loss, val mAP/mAUC and lr per epoch from a training metrics.jsonl."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = [("train_loss", ["train_loss"]), ("validation", ["val_mAP", "val_mAUC"]), ("learning rate", ["lr"])]
+    # val_mAP is the full val fold; the proxy and the honest (cross-fitted) mAP of the epoch choice,
+    # when the log has them (cxrlt/trainer.py), show how far the full fold is from the test-like numbers
+    panels = [("train_loss", ["train_loss"]), ("validation", ["val_mAP", "val_proxy_mAP", "val_honest_mAP", "val_mAUC"]),
+              ("learning rate", ["lr"])]
     for ax, (title, keys) in zip(axes, panels):
         for k in keys:
             pts = [(r["epoch"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "epoch" in r]

@@ -44,10 +44,41 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
             _fsync(tmp)
         os.replace(tmp, final)
         _fsync(final.parent)  # the rename itself
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if disk_full(e, final.parent):
+            from .errors import InputError
+
+            raise InputError(f"{final}: the disk is full ({free_space(final.parent)} free on that filesystem) "
+                             f"while writing it; free some space and re-run the same command (finished work "
+                             f"is kept)") from None
         raise
+
+
+def disk_full(e: BaseException, where) -> bool:
+    """Whether a write failed for want of space: ENOSPC/EDQUOT, or a library's own write error (torch
+    says "file write failed") while the filesystem has (nearly) nothing left."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(e, (OSError, RuntimeError)) and "write" in str(e).lower():
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(where).free < (64 << 20)
+    return False
+
+
+def free_space(where) -> str:
+    """Free bytes on the filesystem of `where`, written for a person (exact below 10 MB)."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return "unknown"
+    return f"{free} bytes" if free < 10_000_000 else f"{free / 1e9:.2f} GB"
 
 
 def _fsync(path) -> None:

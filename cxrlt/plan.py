@@ -23,7 +23,8 @@ input CSVs, and writes:
 
 A stamp holds, as JSON, exactly what its stage reads besides upstream stage outputs: content
 hashes of input files (not their times), the config keys of the stage's group (cxrlt/config.py:
-train keys for training, crt_* for cRT, the other post keys for predict) and the Make variables
+train keys for training, crt_* and the selection keys (select_on, proxy_require_finding) for
+cRT, the post keys other than crt_* for predict) and the Make variables
 it uses. It is rewritten only when that content changes, so Make's time comparison re-runs a
 stage exactly when something it reads changed: a comment in a config, `touch train.csv` or a
 post-training key edit leave the training stamp alone. Upstream outputs are ordinary
@@ -200,7 +201,8 @@ def plan(a: argparse.Namespace) -> list[str]:
             "train": config_mod.train_part(cfg), "size": sizes[stem],
             "init_from": config_mod.train_part(init) if init else None}))
         post = {k: v for k, v in cfg.items() if config_mod.group(k) == "post"}
-        crt = {k: v for k, v in post.items() if k.startswith("crt_")}
+        # cRT chooses the head it keeps on the selection set: the selection keys are its inputs too
+        crt = {k: v for k, v in post.items() if k.startswith("crt_") or k in config_mod.SELECTION_KEYS}
         pred = {k: v for k, v in post.items() if not k.startswith("crt_")}
         write_if_changed(d / "crt.stamp", stamp_text({"crt": crt}))
         common = {"post": pred, "predict_args": predict_args, "postproc": a.postproc}

@@ -5,13 +5,38 @@
         for batch: uint8 -> device -> normalise -> forward (bf16 autocast on GPU) -> loss
                    -> backward -> (every accum_steps) clip, step, EMA update, LR from the step count
         validate on the held-out fold (EMA weights when EMA is on), all ranks' predictions gathered
-        log one line to metrics.jsonl; write last.pt (full state) and best.pt (best val mAP)
-    model.pt = the best weights (the file later stages read, written at the end of the run)
+        score them on the val subsets; rank 0 chooses the best epoch so far on the selection set
+        log one line to metrics.jsonl; write last.pt (full state) and best.pt (the chosen epoch)
+    model.pt = the chosen epoch's weights (the file later stages read, written at the end of the run)
+
+Best epoch (cxrlt/validation.py): every epoch's val predictions are scored on the full val fold,
+the test-like proxy subset and the two patient halves of the selection set (config select_on:
+the proxy when the cache knows projections, else full). The best epoch (best.pt, model.pt,
+patience) is the one with the highest selection-set mAP; ties keep the earlier epoch. The honest
+number of that choice is cross-fitted over the epochs so far: the epoch chosen on half A scored
+on half B and vice versa, added as a gain to the last epoch's selection-set mAP (the last epoch
+is the no-choice default: what training for a fixed number of epochs would keep).
+select_on and proxy_require_finding are post keys (editing them never retrains): a run chooses
+its epochs with the values it STARTED with (recorded in last.pt; a resume or an extension keeps
+them and says so when the config now differs). Changing them later changes cRT, predict and the
+ensemble, not a trained run's best epoch: that needs a retrain (another --out). Re-deriving
+model.pt for another select_on would need every epoch's weights kept (or one best.pt per subset,
+and patience would still have stopped on the old subset), so it is not done.
+
+metrics.jsonl, one line per epoch: epoch, lr, train_loss, images_per_s, data_wait_frac,
+train_time_s, val_mAP (full val fold), val_mAUC (full), val_proxy_mAP, val_select_mAP (on the
+selection set), select_on ("proxy" | "full"), val_honest_mAP (the cross-fitted number of the
+best-epoch choice so far), best_epoch (the choice so far, 0-based), chance_mAP, drw_active,
+val_ap {label: AP on the full fold}. A value that is undefined (a subset without any positive)
+is null.
 
 Exact resume: every source of randomness is re-seeded from (seed, epoch) at the start of an
 epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row) and the
 LR is a pure function of the optimizer step. So last.pt only needs the model, optimizer, EMA, step
-and epoch for a resumed run to end with the same numbers as an uninterrupted one.
+and epoch for a resumed run to end with the same numbers as an uninterrupted one, plus what the
+epoch choice needs: the selection keys the run started with and the score table of the epochs so
+far ("val_table": per epoch the macro mAPs and the per-label APs of the two halves, 2 x C floats,
+which the cross-fitted honest number needs).
 
 No host stall per step: the running loss and a count of non-finite losses stay on the device;
 the count is read (one sync) every cfg nan_check_steps batches and at the end of the epoch, and
@@ -20,8 +45,12 @@ are one fused foreach lerp over all tensors.
 
 Run folder (--out) and its keys (see DESIGN "Run folder keys"):
   run.json   {"train_key", "data_key", "tag", "image_size", "world_size", "global_batch",
-              "accum_steps", "epochs_done", "best_epoch", "bad_epochs"} rewritten at the start and
-             after every epoch (after last.pt). train_key = config.train_key of the config (epochs
+              "accum_steps", "epochs_done", "best_map" (full val mAP of the best epoch), "best_epoch",
+              "bad_epochs", "selection"} rewritten at the start and after every epoch (after
+             last.pt). "selection" (also in every checkpoint): {"select_on", "proxy_require_finding",
+             "best_epoch", "val_mAP", "val_proxy_mAP", "val_select_mAP", "val_honest_mAP" (of the
+             best epoch; honest: of the choice over the epochs so far), "sets" {full, proxy,
+             half_a, half_b: images}, "describe"}. train_key = config.train_key of the config (epochs
              and patience left out, so they can be raised), combined with the content key of
              init_checkpoint when one is set; data_key = the training cache's content key;
              tag = 8 hex of both.
@@ -71,6 +100,7 @@ from .fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
 from .fingerprints import file_key, touch
 from .inference import predict_tta
 from .metrics import score
+from .validation import choose, json_float, named_scores, score_row, selection_part, set_sizes, val_sets
 
 log = logging.getLogger("cxrlt.train")
 
@@ -283,6 +313,7 @@ class Trainer:
         for line in said:
             log.info(line)
         state = read_run_json(self.out) or {}
+        self.selection = state.get("selection")
         self.start_epoch = int(state.get("epochs_done", 0))
         self.best_map, self.best_epoch = float(state.get("best_map", -1.0)), int(state.get("best_epoch", -1))
         self.bad_epochs = int(state.get("bad_epochs", 0))
@@ -344,9 +375,74 @@ class Trainer:
         self.forward = torch.compile(self.ddp_model) if cfg["compile"] else self.ddp_model
 
         self.start_epoch, self.step, self.best_map, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
+        self.table: list[dict] = []  # score_row of every epoch so far (index = epoch): the epoch choice
+        self.selection_keys = self._selection_keys(last)
+        self.sets = val_sets(self.cache, self.val_rows, self.selection_keys)
         if last is not None:
             self._load_last(last)
+        self.selection = self._selection()
         self._write_run_json()
+
+    # ---- the epoch choice (module doc "Best epoch") --------------------------------------------
+    def _selection_keys(self, last: dict | None) -> dict:
+        """select_on / proxy_require_finding of this run: those it started with (in last.pt), else
+        the config's. A resume never changes the subsets its earlier epochs were scored on."""
+        now = selection_part(self.cfg)
+        then = (last or {}).get("selection_keys")
+        if then is None:
+            return now
+        if then != now:
+            log.info(f"this run chooses its best epoch with {then} (as it started); the config's {now} applies "
+                     f"to cRT, predict and the ensemble; retrain (another --out) to choose the epoch with it")
+        return dict(then)
+
+    def _load_table(self, ck: dict, n_epochs: int) -> list[dict]:
+        """The score table of last.pt (NaN rows for epochs it lacks: a run saved before tables)."""
+        rows = [{k: (np.asarray(v, dtype=np.float64) if k.startswith("ap_") else float(v)) for k, v in r.items()}
+                for r in ck.get("val_table", [])][:n_epochs]
+        if len(rows) < n_epochs:
+            log.info(f"last.pt holds no val scores of epochs {len(rows) + 1}-{n_epochs} (saved by an older "
+                     f"version): they no longer compete for the best epoch")
+            c = len(self.labels)
+            nan = {"full": np.nan, "proxy": np.nan, "half_a": np.nan, "half_b": np.nan, "halves": np.nan,
+                   "ap_half_a": np.full(c, np.nan), "ap_half_b": np.full(c, np.nan)}
+            rows += [dict(nan) for _ in range(n_epochs - len(rows))]
+        return rows
+
+    def _choose(self) -> dict:
+        """choose() over the epochs so far; the reference (no-choice default) is the last epoch."""
+        return choose(self.table, self.sets["select_on"], reference=len(self.table) - 1)
+
+    def _select(self, epoch: int, p: np.ndarray) -> dict:
+        """Score epoch's val predictions p (val-row order), add them to the table and update the
+        best epoch (rank 0 only: the caller broadcasts the decision)."""
+        v = score(self.y_val, p)
+        row = score_row(self.y_val, self.sets, lambda idx: p[idx])
+        self.table.append(row)
+        sel = self._choose()
+        improved = sel["choice"] == epoch
+        if improved:
+            self.best_map, self.best_epoch, self.bad_epochs = v["mAP"], epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.selection = self._selection(sel)
+        so = self.sets["select_on"]
+        return {"improved": improved, "best_map": self.best_map, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "selection": self.selection, "v": v,
+                "record": {"val_mAP": json_float(v["mAP"]), "val_mAUC": json_float(v["mAUC"]),
+                           "val_proxy_mAP": json_float(row["proxy"]), "val_select_mAP": json_float(row[so]),
+                           "select_on": so, "val_honest_mAP": json_float(sel["honest"]), "best_epoch": self.best_epoch}}
+
+    def _selection(self, sel: dict | None = None) -> dict:
+        """The run's "selection" summary (module doc): the best epoch's scores and the honest number."""
+        so = self.sets["select_on"]
+        if sel is None and self.table:
+            sel = self._choose()
+        best = self.table[self.best_epoch] if 0 <= self.best_epoch < len(self.table) else None
+        return {**self.selection_keys, "select_on": so, "best_epoch": self.best_epoch,
+                **(named_scores(best, so) if best else dict.fromkeys(("val_mAP", "val_proxy_mAP", "val_select_mAP"))),
+                "val_honest_mAP": json_float(sel["honest"]) if sel else None,
+                "sets": set_sizes(self.sets), "describe": self.sets["describe"]}
 
     # ---- run folder ---------------------------------------------------------------------
     def _accum_steps(self, last: dict | None) -> int:
@@ -370,6 +466,7 @@ class Trainer:
         self.best_map = float(ck["best_map"])
         self.best_epoch = int(ck["best_epoch"])
         self.bad_epochs = int(ck["bad_epochs"])
+        self.table = self._load_table(ck, self.start_epoch)
         # metrics.jsonl may hold a line for an epoch whose last.pt never landed: drop it
         if self.dist.is_main:
             kept = [r for r in read_jsonl(self.out / "metrics.jsonl") if r.get("epoch", 1e9) < self.start_epoch]
@@ -390,14 +487,14 @@ class Trainer:
         if self.dist.is_main:
             write_json(self.out / "run.json", {**self._run_state(), "epochs_done": self.start_epoch,
                                                "best_map": self.best_map, "best_epoch": self.best_epoch,
-                                               "bad_epochs": self.bad_epochs})
+                                               "bad_epochs": self.bad_epochs, "selection": self.selection})
 
     def _meta(self, epoch: int) -> dict:
         return {
             "config": dict(self.cfg), "labels": self.labels, "epoch": epoch, "step": self.step,
             "best_map": self.best_map, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "class_counts": [float(c) for c in self.class_counts], "cache": str(self.cache_dir),
-            **self._run_state(),
+            "selection": self.selection, **self._run_state(),
         }
 
     def _eval_model(self):
@@ -489,7 +586,8 @@ class Trainer:
             "data_wait_frac": wait / max(elapsed, 1e-9), "train_time_s": elapsed,
         }
 
-    def validate(self) -> dict:
+    def validate(self) -> np.ndarray:
+        """(n_val, C) val probabilities in val-row order, on every rank."""
         from .data import make_loader
 
         loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"])
@@ -506,7 +604,7 @@ class Trainer:
             raise RuntimeError("validation predictions lost or duplicated rows across ranks")
         p = np.empty_like(probs)
         p[pos] = probs
-        return score(self.y_val, p)
+        return p
 
     # ---- the loop -----------------------------------------------------------------------
     def _settle(self) -> dict:
@@ -515,21 +613,26 @@ class Trainer:
         if self.dist.is_main:
             if model_pt.exists():
                 touch(model_pt)
-                log.info(f"{self.out}: up to date ({self.start_epoch} epochs done, best val mAP at epoch "
+                log.info(f"{self.out}: up to date ({self.start_epoch} epochs done, best epoch "
                          f"{self.best_epoch + 1}); nothing to train")
             else:
                 self._write_model_pt()
         D.barrier(self.dist)
         D.teardown(self.dist)
-        return {"best_map": self.best_map, "best_epoch": self.best_epoch}
+        return self._result()
+
+    def _result(self) -> dict:
+        return {"best_map": self.best_map, "best_epoch": self.best_epoch, "selection": self.selection}
 
     def _write_model_pt(self) -> None:
         """model.pt = best.pt's weights, described by the current config (an extended run's
         best epoch may date from before its epochs/patience were raised)."""
         best = load_checkpoint(self.out / "best.pt")
         best["config"] = dict(self.cfg)
+        if self.selection is not None:  # the honest number of the whole run's choice, not best.pt's
+            best["selection"] = self.selection
         torch_save(best, self.out / "model.pt")
-        log.info(f"done: best val mAP {float(best['best_map']):.4f} at epoch {int(best['best_epoch']) + 1}; "
+        log.info(f"done: {_selection_text(best.get('selection'), int(best['best_epoch']))}; "
                  f"weights in {self.out / 'model.pt'}")
 
     def fit(self) -> dict:
@@ -544,43 +647,64 @@ class Trainer:
         # chance level of macro AP = mean prevalence of the labels that have val positives
         prev = self.y_val.mean(0)
         chance = float(prev[self.y_val.sum(0) > 0].mean()) if len(self.y_val) else float("nan")
+        log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
+        so = self.sets["select_on"]
         for epoch in range(self.start_epoch, cfg["epochs"]):
             stats = self.train_epoch(epoch)
-            v = self.validate()
-            improved = v["mAP"] > self.best_map
-            if improved:
-                self.best_map, self.best_epoch, self.bad_epochs = v["mAP"], epoch, 0
-            else:
-                self.bad_epochs += 1
-            record = {"epoch": epoch, **stats, "val_mAP": v["mAP"], "val_mAUC": v["mAUC"],
-                      "chance_mAP": chance,
-                      "drw_active": bool(cfg["drw_epoch"] >= 0 and epoch >= cfg["drw_epoch"]),
-                      "val_ap": {lab: (None if np.isnan(a) else float(a)) for lab, a in zip(self.labels, v["ap"])}}
+            p = self.validate()
+            # rank 0 decides; every rank takes its decision (patience must stop all of them together)
+            d = D.broadcast_object(self._select(epoch, p) if self.dist.is_main else None, self.dist)
+            self.best_map, self.best_epoch, self.bad_epochs = d["best_map"], d["best_epoch"], d["bad_epochs"]
+            self.selection = d["selection"]
             self.start_epoch = epoch + 1
             if self.dist.is_main:
+                v, r = d["v"], d["record"]
+                record = {"epoch": epoch, **stats, **r, "chance_mAP": chance,
+                          "drw_active": bool(cfg["drw_epoch"] >= 0 and epoch >= cfg["drw_epoch"]),
+                          "val_ap": {lab: json_float(a) for lab, a in zip(self.labels, v["ap"])}}
                 meta = self._meta(epoch)
                 weights = self._eval_model().state_dict()
-                if improved:
+                if d["improved"]:
                     torch_save({**meta, "model": weights}, self.out / "best.pt")
                 append_jsonl(self.out / "metrics.jsonl", record)
                 last = {**meta, "model": weights, "train_model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict()}
+                        "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
+                        "val_table": [_plain_row(t) for t in self.table]}
                 if self.ema is not None:
                     last["ema"] = self.ema.state_dict()
                 torch_save(last, self.out / "last.pt")  # written after metrics: it marks the epoch done
                 self._write_run_json()
                 log.info(f"epoch {epoch + 1}/{cfg['epochs']}  loss {stats['train_loss']:.4f}  "
-                         f"val mAP {v['mAP']:.4f} (chance {chance:.4f})  mAUC {v['mAUC']:.4f}  "
-                         f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}" + ("  *best*" if improved else ""))
+                         f"val mAP {_fmt(r['val_mAP'])} (chance {chance:.4f})  proxy {_fmt(r['val_proxy_mAP'])}  "
+                         f"honest {_fmt(r['val_honest_mAP'])} ({so})  mAUC {_fmt(r['val_mAUC'])}  "
+                         f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}"
+                         + ("  *best*" if d["improved"] else ""))
             D.barrier(self.dist)
             if cfg["patience"] and self.bad_epochs >= cfg["patience"]:
-                log.info(f"early stop: no val mAP gain for {cfg['patience']} epochs")
+                log.info(f"early stop: no val mAP gain on {so} for {cfg['patience']} epochs")
                 break
         if self.dist.is_main:
             self._write_model_pt()
         D.barrier(self.dist)
         D.teardown(self.dist)
-        return {"best_map": self.best_map, "best_epoch": self.best_epoch}
+        return self._result()
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or np.isnan(x) else f"{x:.4f}"
+
+
+def _plain_row(row: dict) -> dict:
+    """A score-table row as plain floats and lists (checkpoints load with weights_only=True)."""
+    return {k: ([float(a) for a in v] if k.startswith("ap_") else float(v)) for k, v in row.items()}
+
+
+def _selection_text(sel: dict | None, best_epoch: int) -> str:
+    """'epoch N chosen on proxy: val mAP full X, proxy Y, honest Z' (the run's final line)."""
+    if not sel:
+        return f"best epoch {best_epoch + 1}"
+    return (f"epoch {best_epoch + 1} chosen on {sel['select_on']}: val mAP full {_fmt(sel['val_mAP'])}, proxy "
+            f"{_fmt(sel['val_proxy_mAP'])}, honest {_fmt(sel['val_honest_mAP'])} (cross-fitted over the epochs)")
 
 
 def train(cfg: dict, cache_dir: str, out_dir: str, resume: bool = False) -> dict:

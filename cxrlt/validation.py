@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import SELECTION_KEYS
 from .labels import NORMAL_LABEL
 
 SELECT_ON = ("auto", "proxy", "full")
@@ -256,6 +257,36 @@ def cross_fit(n_candidates: int, predict, y, sets: dict, per_label=_ap) -> dict:
     """choose() over the rows of candidates 0..n-1; predict(i, idx) -> predictions of candidate i."""
     table = [score_row(y, sets, lambda idx, i=i: predict(i, idx), per_label) for i in range(n_candidates)]
     return choose(table, sets["select_on"])
+
+
+def selection_part(cfg: dict) -> dict:
+    """The config's selection keys (what a stage that chooses on val must record and be re-run for)."""
+    return {k: cfg[k] for k in SELECTION_KEYS}
+
+
+def set_sizes(sets: dict) -> dict[str, int]:
+    """{"full", "proxy", "half_a", "half_b"}: image counts of a val_sets() result."""
+    return {k: len(v) for k, v in subsets_of(sets).items()}
+
+
+def json_float(x) -> float | None:
+    """A score for a JSON file: None for NaN (json would write NaN, which is not JSON; NaN != NaN)."""
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def named_scores(row: dict, select_on: str) -> dict:
+    """A score-table row as the stages name its values in metrics.jsonl / summary.json:
+    {"val_mAP" (full), "val_proxy_mAP", "val_select_mAP" (on the selection set)}."""
+    return {"val_mAP": json_float(row["full"]), "val_proxy_mAP": json_float(row["proxy"]),
+            "val_select_mAP": json_float(row[select_on])}
+
+
+def unlabelled_sets(y, cfg: dict | None = None) -> dict:
+    """val_sets for labelled rows without keys (each image its own study and patient, projection
+    unknown: the selection set is the full set). For callers that hold only predictions and labels."""
+    y = np.asarray(y)
+    ids = np.arange(len(y)).astype(str)
+    return val_sets_from_keys(make_keys(ids, y), [], cfg or {})
 
 
 def public_row(row: dict) -> dict:

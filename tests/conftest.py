@@ -70,6 +70,28 @@ def build_caches(data: Path, root: Path, size: int, folds: int = 4, workers: int
 
 
 @pytest.fixture(scope="session")
+def demo_recipe_run(tmp_path_factory) -> dict:
+    """The real demo recipe (configs/demo.yaml: test_resnet, cosine head, LDAM-DRW, 15 epochs at 64 px)
+    trained once on a default-size demo set (1,500 + 300 images, rendered at 64-128 px instead of
+    256-640: ~6x cheaper to generate, the 64 px cache is the same kind), with its metadata (so
+    selection uses the proxy, as `make demo` does). Shared by the slow tests that need a model that
+    has learnt the demo (cRT, explain); treat it as read-only. -> {"data", "cache", "run", "cfg"}."""
+    from cxrlt import config
+    from cxrlt.synth import generate
+    from cxrlt.trainer import train
+
+    base = _shared_dir(tmp_path_factory)
+    out = base / "demo_recipe"
+    cfg = config.resolve(["configs/demo.yaml"], {"workers": 0, "device": "cpu"})
+    with FileLock(str(base / "demo_recipe.lock")):
+        if not (out / "run" / "model.pt").exists():
+            generate(out / "demo", min_side=64, max_side=128, progress=False)
+            build_caches(out / "demo", out / "cache", 64, folds=5)
+            train(cfg, str(out / "cache" / "train"), str(out / "run"))
+    return {"data": out / "demo", "cache": out / "cache" / "train", "run": out / "run", "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
 def demo_caches(demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
     """The demo dataset's train and test caches at 32 px, 4 folds."""
     base = _shared_dir(tmp_path_factory)

@@ -1,5 +1,6 @@
 """cxrlt.crt pieces on small tensors: head re-initialisation, tau, the feature cache choice, the config."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -175,3 +176,101 @@ def test_stage_config_takes_post_and_run_keys_from_the_current_config(tmp_path):
     assert said == ["cRT: ignoring train keys given on the command line (the run's values apply): epochs"]
     cfg = config.stage_config(run_cfg, [], {"crt_lr": 0.5, "lr": 9.0}, log=said.append, stage="cRT")
     assert (cfg["crt_epochs"], cfg["crt_lr"], cfg["lr"]) == (4, 0.5, 1e-3)  # no file: the run's copy + flags
+
+
+# ---- the head kept: chosen on the selection set, with the honest number ---------------------------
+
+def _paired_val(n_studies=20, seed=0):
+    """A val fold of PA + lateral pairs (two studies per patient) as an IndexCache, and its labels."""
+    import pandas as pd
+
+    from conftest import IndexCache
+
+    labels = [f"l{j}" for j in range(C)]
+    y = (np.random.default_rng(seed).random((2 * n_studies, C)) < 0.35).astype(np.float32)
+    y[:2 * C:2, :] = np.eye(C)  # every label has frontal positives
+    y[1:2 * C:2, :] = np.eye(C)
+    df = pd.DataFrame(y, columns=labels)
+    df["ImageID"] = [f"s{i // 2}_{'pa' if i % 2 == 0 else 'l'}" for i in range(len(y))]
+    df["study"] = [f"s{i // 2}" for i in range(len(y))]
+    df["patient"] = [f"p{i // 4}" for i in range(len(y))]
+    df["projection"] = ["PA" if i % 2 == 0 else "L" for i in range(len(y))]
+    df["split"], df["fold"] = "train", 0
+    return IndexCache(df, labels), y
+
+
+class ScriptedVal:
+    """Val head inputs whose probabilities are scripted per call (call 0: the original head, then
+    one call per candidate), whatever the head."""
+
+    def __init__(self, preds):
+        self.preds, self.calls = preds, 0
+
+    def __len__(self):
+        return len(self.preds[0])
+
+    def probs(self, head, device):
+        self.calls += 1
+        return self.preds[self.calls - 1]
+
+
+def _frontal_vs_lateral(y, frontal, n_after):
+    """Candidate 0 ranks the frontal images well and the laterals at random; the later candidates
+    rank the laterals well and the frontals worse, the last one best of them on the full set."""
+    rng = np.random.default_rng(1)
+    good, f = lambda w: w * y + (1 - w) * rng.random(y.shape), frontal[:, None]
+    first = np.where(f, good(0.8), rng.random(y.shape))
+    later = [np.where(f, good(0.3), good(0.4 + 0.4 * k / max(1, n_after - 1))) for k in range(n_after)]
+    return [p.astype(np.float32) for p in [first, *later]]
+
+
+@pytest.mark.parametrize("select_on", ["auto", "full"])
+def test_crt_keeps_the_head_the_selection_set_prefers(select_on, tmp_path):
+    from cxrlt import validation as V
+
+    cache, y_va = _paired_val()
+    rows = cache.rows("train")
+    sets = V.val_sets(cache, rows, {"select_on": select_on})
+    preds = _frontal_vs_lateral(y_va, cache.frontal(rows), 2)
+    table = [V.score_row(y_va, sets, lambda idx, p=p: p[idx]) for p in preds]
+    assert np.argmax([t["proxy"] for t in table]) == 0 and np.argmax([t["full"] for t in table]) == 2  # premise
+    trained = _trained_head("linear")
+    tr, y_tr = _inputs("linear", tmp_path, 32, 0)
+    cfg = _cfg("linear", crt_epochs=2, crt_lr=0.05)
+    kept, last, info = train_head(SimpleNamespace(head=trained), tr, y_tr, ScriptedVal(preds), y_va, cfg,
+                                  torch.device("cpu"), tmp_path, log=lambda *_: None, sets=sets)
+    want = {"auto": (-1, "original head", trained, "proxy"), "full": (1, "cRT", last, "full")}[select_on]
+    assert (info["best"]["epoch"], info["best"]["source"], info["select_on"]) == (want[0], want[1], want[3])
+    assert _same(kept, want[2])
+    assert info["best"]["val_mAP"] == pytest.approx(table[want[0] + 1]["full"])
+    assert info["original"]["val_proxy_mAP"] == pytest.approx(table[0]["proxy"])
+    assert info["val_honest_mAP"] == pytest.approx(V.choose(table, want[3])["honest"])
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["best"] for r in recs] == ([-1, -1] if select_on == "auto" else [0, 1])
+    assert [r["val_proxy_mAP"] for r in recs] == pytest.approx([t["proxy"] for t in table[1:]])
+    assert recs[-1]["val_honest_mAP"] == pytest.approx(info["val_honest_mAP"])
+
+
+def test_tau_is_kept_on_the_selection_set(tmp_path):
+    from cxrlt import validation as V
+    from cxrlt.crt import TAU_GRID, _tau_search
+
+    cache, y_va = _paired_val()
+    rows = cache.rows("train")
+    sets = V.val_sets(cache, rows, {"select_on": "auto"})
+    # tau 0 (the original head) mediocre everywhere, tau 0.25 the best frontals, the larger taus the
+    # best laterals
+    preds = _frontal_vs_lateral(y_va, cache.frontal(rows), len(TAU_GRID) - 1)
+    rng = np.random.default_rng(2)
+    preds.insert(0, (0.2 * y_va + 0.8 * rng.random(y_va.shape)).astype(np.float32))
+    preds.pop()
+    table = [V.score_row(y_va, sets, lambda idx, p=p: p[idx]) for p in preds]
+    head = build_head(_cfg("csra"), F, C)
+    kept, info = _tau_search(SimpleNamespace(head=head), ScriptedVal(preds), y_va, torch.device("cpu"),
+                             lambda *_: None, sets)
+    assert info["best"]["tau"] == TAU_GRID[int(np.argmax([t["proxy"] for t in table]))] == 0.25
+    assert TAU_GRID[int(np.argmax([t["full"] for t in table]))] != 0.25  # the full fold would keep another
+    assert _same(kept, tau_normalise(head, 0.25))
+    assert [g["val_select_mAP"] for g in info["grid"]] == pytest.approx([t["proxy"] for t in table])
+    assert info["val_honest_mAP"] == pytest.approx(V.choose(table, "proxy")["honest"])
+    assert len(info["half_choices"]) == 2 and info["sets"]["proxy"] == 20

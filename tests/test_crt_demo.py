@@ -1,9 +1,8 @@
 """cRT on the demo recipe: a real re-training that does not lower the mAP of the rare labels of its source run.
 
-The one test that trains the real demo recipe (configs/demo.yaml: test_resnet, cosine head, LDAM-DRW,
-15 epochs at 64 px) on the default-size demo set. The images are rendered at 64-128 px instead of
-`make demo`'s 256-640 (the cache is 64 px either way): generating the set is then ~6x cheaper. Still
-a few minutes on a busy 2-core machine, so it is marked slow.
+On the real demo recipe (configs/demo.yaml: test_resnet, cosine head, LDAM-DRW, 15 epochs at 64 px)
+trained on the default-size demo set (conftest's demo_recipe_run, shared with the explain test). A
+few minutes on a busy 2-core machine, so it is marked slow.
 
 "Rare" is every label below the head group's 5% training frequency (medium and tail): the val fold
 holds a single positive of each tail label, so a tail-only mAP is a coin flip (on this set it moves
@@ -16,15 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlt import config
 from cxrlt.cache import open_cache
-from cxrlt.cache_build import build_train_cache
 from cxrlt.crt import run as run_crt
 from cxrlt.data import CacheDataset, make_loader
-from cxrlt.synth import generate
 from cxrlt.inference import load_trained, predict_tta
 from cxrlt.metrics import average_precision_per_label, frequency_groups
-from cxrlt.trainer import train
 
 
 def _val_ap(ckpt, cache, rows, y):
@@ -35,21 +30,17 @@ def _val_ap(ckpt, cache, rows, y):
 
 
 @pytest.mark.slow
-def test_crt_retrains_the_head_from_scratch_and_keeps_the_rare_labels_map_on_the_demo_set(tmp_path):
-    data, cache, run = tmp_path / "demo", tmp_path / "cache", tmp_path / "run"
-    generate(data, min_side=64, max_side=128, progress=False)
-    build_train_cache(data / "train.csv", data / "images", cache, 64, removal_csv=data / "Removal.csv", folds=5,
-                      seed=0, workers=1)
-    cfg = config.resolve(["configs/demo.yaml"], {"workers": 0, "device": "cpu"})
-    train(cfg, str(cache), str(run))
-    s = run_crt(run, cache, run / "crt", {"workers": 0, "device": "cpu"}, config_files=["configs/demo.yaml"],
+def test_crt_retrains_the_head_from_scratch_and_keeps_the_rare_labels_map_on_the_demo_set(demo_recipe_run, tmp_path):
+    cache, run, cfg = demo_recipe_run["cache"], demo_recipe_run["run"], demo_recipe_run["cfg"]
+    out = tmp_path / "crt"
+    s = run_crt(run, cache, out, {"workers": 0, "device": "cpu"}, config_files=["configs/demo.yaml"],
                 log=lambda *a: None)
 
     # a re-training, not a fine-tune: the head started from a fresh initialisation (a fine-tune starts
     # at distance 0 from the trained head) ...
     assert s["reinit"] and s["head_distance"]["start_to_trained"] > 1.0, s["head_distance"]
     # ... and learnt the task from there: from near chance to within 15% of the trained head's val mAP
-    curve = [json.loads(x)["val_mAP"] for x in (run / "crt" / "metrics.jsonl").read_text().splitlines()]
+    curve = [json.loads(x)["val_mAP"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(curve) == cfg["crt_epochs"]
     assert curve[0] < 0.5 * s["original_mAP"] < 0.85 * s["original_mAP"] < curve[-1], (s["original_mAP"], curve)
 
@@ -60,5 +51,5 @@ def test_crt_retrains_the_head_from_scratch_and_keeps_the_rare_labels_map_on_the
     rare = np.array(frequency_groups(train_y.sum(0), len(train_y))) != "head"
     assert rare.sum() >= 10 and (y[:, rare].sum(0) > 0).sum() >= 10
     src = np.nanmean(_val_ap(run / "model.pt", c, rows, y)[rare])
-    crt = np.nanmean(_val_ap(run / "crt" / "model.pt", c, rows, y)[rare])
+    crt = np.nanmean(_val_ap(out / "model.pt", c, rows, y)[rare])
     assert crt >= src - 1e-6, (src, crt)

@@ -108,6 +108,9 @@ def test_an_up_to_date_output_is_only_touched(csra_run, demo_cache, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     _, said = _crt(csra_run, demo_cache, out, crt_epochs=2)  # a crt_* key changed: built again
     assert not any("up to date" in x for x in said) and len(_jsonl(out / "metrics.jsonl")) == 2
+    s, said = _crt(csra_run, demo_cache, out, crt_epochs=2, select_on="full")  # so does the selection set
+    assert not any("up to date" in x for x in said) and s["select_on"] == "full"
+    assert any("the backbone run chose its best epoch on proxy" in x for x in said)
 
 
 def test_tau_on_a_csra_head_keeps_the_best_tau_of_the_grid(csra_run, demo_cache, tmp_path):
@@ -115,7 +118,9 @@ def test_tau_on_a_csra_head_keeps_the_best_tau_of_the_grid(csra_run, demo_cache,
                                                          "crt_feature_cache": "float32"}, method="tau",
                 log=lambda *_: None)
     assert [g["tau"] for g in s["grid"]][0] == 0.0 and s["original_mAP"] == s["grid"][0]["val_mAP"]
-    assert s["best"]["val_mAP"] == max(g["val_mAP"] for g in s["grid"])
+    # kept on the selection set (the demo knows projections: the proxy), the honest number beside it
+    assert s["select_on"] == "proxy" and s["best"]["val_select_mAP"] == max(g["val_select_mAP"] for g in s["grid"])
+    assert s["best"]["val_select_mAP"] == s["best"]["val_proxy_mAP"] and 0 < s["val_honest_mAP"] <= 1
     assert s["val_mAP"] == pytest.approx(s["best"]["val_mAP"], abs=1e-6)
     model, _ = load_trained(csra_run / "model.pt")
     want = tau_normalise(model.head, s["best"]["tau"]).state_dict()

@@ -47,3 +47,38 @@ def test_atomic_write_leaves_no_temp_and_replaces(tmp_path):
     write_text(f, "one")
     write_text(f, "two")
     assert f.read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_full_disk_during_an_atomic_write_is_one_line_naming_the_file(tmp_path):
+    import errno
+
+    import pytest
+
+    from cxrlt.errors import InputError
+    from cxrlt.fileio import atomic_path
+
+    final = tmp_path / "model.pt"
+    with pytest.raises(InputError) as e:
+        with atomic_path(final) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    msg = str(e.value)
+    assert msg.startswith(f"{final}: the disk is full") and "free on that filesystem" in msg and "\n" not in msg
+    assert not final.exists() and list(tmp_path.iterdir()) == []  # nothing half-written is left
+
+
+def test_a_full_disk_outside_an_atomic_write_exits_2_with_one_line(tmp_path, capsys):
+    import errno
+
+    import pytest
+
+    from cxrlt.cli import main_wrapper
+
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    with pytest.raises(SystemExit) as e:
+        main_wrapper(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'metrics.jsonl'}: the disk is full")
+    assert err.count("\n") == 1

@@ -37,7 +37,11 @@ def test_crt_writes_beside_the_run_and_never_loses_val_map(trained_run, demo_cac
     assert {k: after[k] for k in before} == before  # the backbone run's files are untouched
     ck = load_checkpoint(trained_run / "crt" / "model.pt")
     src = load_checkpoint(trained_run / "model.pt")
-    assert ck["crt"]["val_mAP"] >= src["best_map"] - 1e-4
+    # the head kept is never worse than the source run's on the selection set (the demo: the proxy)
+    s = ck["crt"]
+    assert s["select_on"] == "proxy" and s["val_select_mAP"] >= s["original"]["val_select_mAP"]
+    assert s["original"]["val_proxy_mAP"] == pytest.approx(src["selection"]["val_proxy_mAP"], abs=1e-6)
+    assert 0 < s["val_honest_mAP"] <= 1 and s["val_proxy_mAP"] == s["best"]["val_proxy_mAP"]
     assert ck["crt"]["original_mAP"] == pytest.approx(src["best_map"], abs=1e-6)  # float32 features: exact
     assert (ck["config"]["crt_epochs"], ck["config"]["crt_lr"]) == (2, 0.01) and src["config"]["crt_epochs"] == 4
     assert "ignoring train keys given on the command line (the run's values apply): epochs" in p.stdout
@@ -169,5 +173,8 @@ def test_crt_method_none_from_the_config_keeps_the_runs_own_head(trained_run, de
     s = run(trained_run, demo_cache, tmp_path / "none", {}, config_files=[cfg], log=lambda *_: None)
     src, out = load_checkpoint(trained_run / "model.pt"), load_checkpoint(tmp_path / "none" / "model.pt")
     assert s["method"] == "none" and out["config"]["crt_method"] == "none"
+    sel = src["selection"]  # the run's own numbers: how it chose its epoch, and the honest value of that
+    assert (s["select_on"], s["val_proxy_mAP"], s["val_honest_mAP"]) == (sel["select_on"], sel["val_proxy_mAP"],
+                                                                       sel["val_honest_mAP"])
     assert all(torch.equal(v, out["model"][k]) for k, v in src["model"].items())
     assert not (tmp_path / "none" / "features_train.npy").exists()

@@ -47,7 +47,13 @@ def test_run_folder_and_learning(demo_cache, tmp_path):
     ck = load_checkpoint(out / "model.pt")
     assert ck["best_map"] == pytest.approx(res["best_map"])
     assert load_trained(out / "model.pt")[0].logit_scale == 30.0  # LDAM's s, inside the model
-    assert res["best_map"] == max(r["val_mAP"] for r in recs)
+    # the best epoch: the highest mAP on the selection set (the demo knows projections: the proxy);
+    # best_map is that epoch's full val mAP
+    assert recs[0]["select_on"] == "proxy" and res["selection"]["select_on"] == "proxy"
+    select = [r["val_select_mAP"] for r in recs]
+    assert res["best_epoch"] == select.index(max(select)) == recs[-1]["best_epoch"]
+    assert res["best_map"] == pytest.approx(recs[res["best_epoch"]]["val_mAP"])
+    assert all(0 < r["val_honest_mAP"] <= 1 for r in recs)
     # the run's keys, in run.json and in every checkpoint
     run = json.loads((out / "run.json").read_text())
     manifest = json.loads((demo_cache / "manifest.json").read_text())
