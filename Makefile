@@ -250,7 +250,7 @@ study: $(if $(STUDY_NAME),$(REPORTS_DIR)/$(STUDY_NAME)/table.md) ## train, evalu
 	@echo "study report: $(REPORTS_DIR)/$(STUDY_NAME)/table.md (table.csv, per_label.csv, map.png, groups.png, per_label_ap.png)"
 
 demo-study: $(VENV)/.installed $(DEMO_DIR)/train.csv ## a small loss study on the demo dataset (CPU, minutes) -> reports/demo_losses/
-	$(MAKE) --no-print-directory study $(DEMO_VARS) STUDY=studies/demo_losses.yaml
+	$(MAKE) --no-print-directory study $(DEMO_VARS) STUDY=studies/demo_losses.yaml POSTPROC=off
 # ==== end of studies ============================================================================
 # ==== Task 2: zero-shot scores for the six unseen findings (issue 15; one block) ============
 # `make task2` scores TEST_CSV's images (the test cache of the first config's image size, the one
