@@ -234,6 +234,7 @@ def test_render_has_machine_versions_and_gpu_line():
     assert "| 3a |" in md and "## Notes" in md
 
 
+@pytest.mark.slow  # an end-to-end run: make test runs it, make test-fast skips it
 def test_run_all_cli_writes_results(tmp_path):
     out = tmp_path / "results.md"
     p = subprocess.run([sys.executable, "bench/run_all.py", "--quick", "--only", "loader", "--out", str(out),

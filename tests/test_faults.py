@@ -297,6 +297,7 @@ def test_ensemble_killed_then_rerun_equals_uninterrupted(fx, tmp_path, point):
 # ---- make ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end run: make test runs it, make test-fast skips it
 def test_make_all_killed_mid_training_then_rerun_finishes(fx, ref_run, tmp_path):
     """`make all` on the tiny dataset, the whole process group killed while train.py writes the
     second epoch's last.pt; a second `make all` resumes training from the first epoch and finishes

@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pandas as pd
+import pytest
 
 from conftest import ROOT
 
@@ -30,6 +31,7 @@ def _make(tmp, *args):
                           text=True, timeout=900)
 
 
+@pytest.mark.slow  # an end-to-end run: make test runs it, make test-fast skips it
 def test_make_all_on_a_14_label_dataset_then_nothing_to_redo(tmp_path):
     from cxrlt.synth import generate
 

@@ -27,6 +27,7 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow  # an end-to-end run: make test runs it, make test-fast skips it
 def test_crt_writes_beside_the_run_and_never_loses_val_map(trained_run, demo_cache, tmp_path):
     before = _digest(trained_run)
     cfg = tmp_path / "current.yaml"  # as Make passes it: the post keys come from here, not from the run
@@ -58,6 +59,7 @@ def test_crt_refuses_to_write_into_the_run(trained_run, demo_cache):
     assert p.returncode == 2 and "never writes into the backbone run folder" in p.stderr
 
 
+@pytest.mark.slow  # an end-to-end run: make test runs it, make test-fast skips it
 def test_predict_writes_leaderboard_format(trained_run, demo_cache, demo_test_cache, demo_dataset, tmp_path):
     out = tmp_path / "pred_test.csv"
     run_script("predict.py", "--checkpoint", trained_run / "model.pt", "--cache", demo_test_cache, "--split", "test",
@@ -138,6 +140,7 @@ def test_flip_tta_is_invariant_to_flipping_the_input(trained_run, demo_cache, tm
     assert not np.allclose(none, res[0], atol=1e-5)  # the flip view really contributes
 
 
+@pytest.mark.slow  # an end-to-end run: make test runs it, make test-fast skips it
 def test_predict_reads_post_keys_from_the_current_config_and_settles(trained_run, demo_test_cache, tmp_path):
     """Make passes the config file: its post keys apply (not the checkpoint's copy), train keys are
     ignored, and a re-run with the same inputs only touches the output."""
