@@ -19,7 +19,10 @@ input CSVs, and writes:
   .make/studies/<study>/                       with --study (make study): the study's generated
                    configs (one per variant, seed and fold; they join CONFIGS' configs in STEMS)
                    and study.json; vars.mk then also sets STUDY_NAME, STUDY_STEMS, STUDY_MANIFEST
-                   (cxrlt/study.py). The submission stamp only ever depends on CONFIGS.
+                   (cxrlt/study.py). The study's plan writes the CONFIGS' train and crt
+                   stamps (its variants may share their backbones) but not their predict
+                   stamps nor the submission stamp: `make study POSTPROC=off` between two
+                   `make all` leaves `make all` nothing to redo.
 
 A stamp holds, as JSON, exactly what its stage reads besides upstream stage outputs: content
 hashes of input files (not their times), the config keys of the stage's group (cxrlt/config.py:
@@ -194,6 +197,7 @@ def plan(a: argparse.Namespace) -> list[str]:
             "preprocess_args": preprocess}))
 
     predict_args = significant_args(a.predict_args, {"--workers": 1, "--batch-size": 1, "--device": 1})
+    study_stems = {r["stem"] for r in study.runs} if study else set()
     for stem, cfg in cfgs.items():
         d = state / f"{a.dataset}_{sizes[stem]}" / stem
         init = cfgs.get(str(cfg.get("init_from", "") or ""))
@@ -205,15 +209,22 @@ def plan(a: argparse.Namespace) -> list[str]:
         crt = {k: v for k, v in post.items() if k.startswith("crt_") or k in config_mod.SELECTION_KEYS}
         pred = {k: v for k, v in post.items() if not k.startswith("crt_")}
         write_if_changed(d / "crt.stamp", stamp_text({"crt": crt}))
+        if study and stem not in study_stems:
+            # `make study` predicts only its variants (CONFIGS are there to share their backbones):
+            # its POSTPROC / PREDICT_ARGS must not re-stamp the predictions `make all` made
+            continue
         common = {"post": pred, "predict_args": predict_args, "postproc": a.postproc}
         write_if_changed(d / "predict-val.stamp", stamp_text(common))
         write_if_changed(d / "predict-test.stamp", stamp_text({**common, "test_key": test_key}))
 
     ensembled = stems[:len(a.configs.split())]  # CONFIGS' stems; a study's runs are never ensembled
-    write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
-        "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
-        "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc, "predict_args": predict_args,
-        "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"}, "test_key": test_key, "test_labels": hashes.sha(a.test_labels)}))
+    if not study:  # `make study` builds no submission: leave its stamp as `make all` wrote it
+        write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
+            "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
+            "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc,
+            "predict_args": predict_args,
+            "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"},
+            "test_key": test_key, "test_labels": hashes.sha(a.test_labels)}))
     for item in a.stamp:
         name, _, text = item.partition("=")
         write_if_changed(state / "stamps" / f"{name}.stamp", text + "\n")

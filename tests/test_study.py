@@ -86,10 +86,10 @@ def test_every_study_in_the_repo_expands(tmp_path):
         assert s.baseline in s.variants and len(s.runs) == len(s.variants), f
 
 
-def run_plan(d: Path, study_file) -> dict[str, str]:
+def run_plan(d: Path, study_file, postproc: str = "off") -> dict[str, str]:
     argv = [f"--state={d / 'state'}", f"--mk={d / 'state' / 'vars.mk'}", "--dataset=demo", f"--train-csv={d / 't.csv'}",
             f"--image-dir={d}", f"--test-csv={d / 'test.csv'}", "--img-size=64", "--folds=5", "--name=demo",
-            f"--configs={ROOT / 'configs' / 'demo.yaml'}", "--ensemble=mean", "--postproc=off",
+            f"--configs={ROOT / 'configs' / 'demo.yaml'}", "--ensemble=mean", f"--postproc={postproc}",
             f"--study={study_file}"]
     assert plan.main(argv) == 0
     lines = (d / "state" / "vars.mk").read_text().splitlines()
@@ -110,11 +110,29 @@ def test_plan_adds_the_study_to_stems_and_post_only_variants_share_one_backbone(
     # none/tau differ from configs/demo.yaml only in post keys: demo's run trains the backbone once
     assert v["BASE_post.none"] == v["BASE_post.tau"] == "demo" and v["BASE_post.bce"] == "post.bce"
     assert Path(v["STUDY_MANIFEST"]).is_file()
-    sub = tmp_path / "state" / "submissions" / "demo.stamp"
-    before = sub.read_text()
-    run_plan(tmp_path, "")  # the same make without the study: the submission's stamp is unchanged
-    assert sub.read_text() == before
+    assert not (tmp_path / "state" / "submissions" / "demo.stamp").exists()  # make study builds no submission
 
+
+
+def test_make_study_leaves_the_stamps_of_make_all_alone(tmp_path):
+    """`make demo` (POSTPROC=auto), then `make demo-study` (POSTPROC=off, same CONFIGS to share their
+    backbones), then `make demo` again must find nothing to redo: the study's plan must not re-stamp
+    the CONFIGS' predictions nor the submission with its own POSTPROC."""
+    f = write_study(tmp_path, """
+        name: post
+        variants:
+          none: {crt_method: none}
+          bce: {loss: bce, head: linear, drw_epoch: -1}
+        """)
+    run_plan(tmp_path, "", postproc="auto")  # make all
+    state = tmp_path / "state"
+    watched = [state / "demo_64" / "demo" / f"{s}.stamp" for s in ("train", "crt", "predict-val", "predict-test")]
+    watched.append(state / "submissions" / "demo.stamp")
+    before = {p: (p.read_text(), p.stat().st_mtime_ns) for p in watched}
+    v = run_plan(tmp_path, f, postproc="off")  # make study
+    assert {p: (p.read_text(), p.stat().st_mtime_ns) for p in watched} == before
+    assert v["BASE_post.none"] == "demo"  # the study still shares demo's backbone
+    assert json.loads((state / "demo_64" / "post.none" / "predict-val.stamp").read_text())["postproc"] == "off"
 
 # ---- the report ---------------------------------------------------------------------------------------------
 LABELS4 = ["effusion", "nodule", "mass", "Normal"]
