@@ -127,7 +127,10 @@ $(STATE)/vars.mk: FORCE | $(VENV)/.installed
 		--test-labels '$(TEST_LABELS)' --img-size '$(IMG_SIZE)' --folds '$(FOLDS)' --configs '$(CONFIGS)' \
 		--name '$(NAME)' --ensemble '$(ENSEMBLE)' --postproc '$(POSTPROC)' --train-args='$(TRAIN_ARGS)' \
 		--predict-args='$(PREDICT_ARGS)' --preprocess-args='$(PREPROCESS_ARGS)' \
-		--stamp='$(DATASET)_zeroshot=$(subst ','\'',$(ZS_INPUTS))' --study='$(STUDY_PLAN)'
+		--stamp='$(DATASET)_zeroshot=$(subst ','\'',$(ZS_INPUTS))' \
+		--stamp-inputs='$(DATASET)_zeroshot=$(ZS_PROMPTS) $(TASK2_LABEL_SET)' \
+		--stamp-inputs='$(NAME)_score=$(TEST_LABELS)' --stamp-inputs='$(NAME)_task2_score=$(TASK2_LABELS)' \
+		--study='$(STUDY_PLAN)'
 
 FORCE:
 
@@ -183,6 +186,7 @@ $(R_$(1))/eval/metrics.json: $(R_$(1))/pred_val.csv
 endef
 
 STEMS ?=
+ENSEMBLE_SELECT ?=
 SIZES ?=
 TEST_KEY ?= none
 FIRST ?=
@@ -205,10 +209,10 @@ preprocess: $(foreach s,$(STEMS),$(C_$(s))/train/manifest.json $(C_$(s))/test-$(
 $(SUB).csv: $(STATE)/submissions/$(NAME).stamp $(call runs_of,pred_test.csv) $(call runs_of,pred_val.csv) \
 		$(call runs_of,eval/metrics.json)
 	$(PY) ensemble.py combine --method $(ENSEMBLE) --test $(call runs_of,pred_test.csv) \
-		--val $(call runs_of,pred_val.csv) --val-labels $(C_$(FIRST))/train/index.csv \
+		--val $(call runs_of,pred_val.csv) --val-labels $(C_$(FIRST))/train/index.csv $(ENSEMBLE_SELECT) \
 		--test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt --out $@ --zip $(SUB).zip
 
-$(SUB).score.json: $(SUB).csv $(TEST_LABELS)
+$(SUB).score.json: $(SUB).csv $(STATE)/stamps/$(NAME)_score.stamp
 	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(C_$(FIRST))/train/index.csv
 	cp $(SUB)_eval/metrics.json $@.tmp && mv $@.tmp $@
 
@@ -273,23 +277,24 @@ ZS_PRED   := $(ZS_DIR)/pred_test.csv
 ZS_CACHE  := $(if $(FIRST),$(C_$(FIRST)),$(CACHE_ROOT)/$(DATASET)_$(IMG_SIZE))/test-$(TEST_KEY)
 SUB2      := $(SUB)_task2
 ZS_FOLDER := $(patsubst local-dir:%,%,$(filter local-dir:%,$(ZS_MODEL)))
-# what zeroshot.py reads besides files: the plan writes it into a stamp (rewritten only when it changes)
+# what zeroshot.py reads: the plan writes it, with the content hashes of the prompt and label
+# files, into a stamp (rewritten only when it changes; TEST_CSV's content is in the cache's key)
 ZS_INPUTS = model=$(ZS_MODEL) weights=$(ZS_WEIGHTS) method=$(ZS_METHOD) args=$(ZS_ARGS) cache=$(ZS_CACHE)
 ZS_STAMP  := $(STATE)/stamps/$(DATASET)_zeroshot.stamp
 
 .PHONY: task2 demo-task2
 
-$(ZS_PRED): $(ZS_STAMP) $(ZS_PROMPTS) $(TASK2_LABEL_SET) $(ZS_WEIGHTS) \
+$(ZS_PRED): $(ZS_STAMP) $(ZS_WEIGHTS) \
 		$(if $(ZS_FOLDER),$(ZS_FOLDER)/open_clip_config.json) $(ZS_CACHE)/manifest.json | $(VENV)/.installed
 	$(PY) zeroshot.py --cache $(ZS_CACHE) --split test --model $(ZS_MODEL) $(if $(ZS_WEIGHTS),--weights $(ZS_WEIGHTS)) \
 		--prompts $(ZS_PROMPTS) --labels-file $(TASK2_LABEL_SET) --method $(ZS_METHOD) \
 		--embeddings $(ZS_DIR)/embeddings --out $@ $(ZS_ARGS)
 
-$(SUB2).csv: $(ZS_PRED) $(TEST_CSV)
+$(SUB2).csv: $(ZS_PRED)
 	$(PY) ensemble.py combine --method mean --test $< --test-list $(TEST_CSV) --labels-file $(TASK2_LABEL_SET) \
 		--out $@ --zip $(SUB2).zip
 
-$(SUB2).score.json: $(SUB2).csv $(TASK2_LABELS)
+$(SUB2).score.json: $(SUB2).csv $(STATE)/stamps/$(NAME)_task2_score.stamp
 	$(PY) evaluate.py --pred $< --labels $(TASK2_LABELS) --out $(SUB2)_eval
 	cp $(SUB2)_eval/metrics.json $@.tmp && mv $@.tmp $@
 

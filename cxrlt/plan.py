@@ -8,14 +8,17 @@ input CSVs, and writes:
                    stem: SIZE_<stem> (its image size), INIT_<stem> (the stem whose model.pt it
                    starts from, resolution ladder), CFG_<stem> (its file), BASE_<stem> (the stem
                    whose run trains this config's backbone: configs that differ only in
-                   post-training keys share one trained backbone). A broken config or
+                   post-training keys share one trained backbone); ENSEMBLE_SELECT (the
+                   first config's selection keys, for the ensemble). A broken config or
                    variable is a one-line error and exit status 2: make stops there.
   .make/<dataset>_<size>/cache-train.stamp    what the train cache is built from
   .make/<dataset>_<size>/cache-test.stamp     what the test cache is built from
   .make/<dataset>_<size>/<stem>/{train,crt,predict-val,predict-test}.stamp
   .make/submissions/<NAME>.stamp              the variables the submission depends on
   .make/stamps/<name>.stamp                   any other stage's variables (`--stamp name=TEXT`,
-                                              e.g. Task 2's model, method and test cache)
+                                              e.g. Task 2's model, method and test cache) and
+                                              input files (`--stamp-inputs name=FILES`: their
+                                              content hashes, e.g. the scoring labels)
   .make/studies/<study>/                       with --study (make study): the study's generated
                    configs (one per variant, seed and fold; they join CONFIGS' configs in STEMS)
                    and study.json; vars.mk then also sets STUDY_NAME, STUDY_STEMS, STUDY_MANIFEST
@@ -218,16 +221,26 @@ def plan(a: argparse.Namespace) -> list[str]:
         write_if_changed(d / "predict-test.stamp", stamp_text({**common, "test_key": test_key}))
 
     ensembled = stems[:len(a.configs.split())]  # CONFIGS' stems; a study's runs are never ensembled
+    # the ensemble's weights are chosen on the first config's selection set
+    selection = {k: cfgs[ensembled[0]][k] for k in config_mod.SELECTION_KEYS} if ensembled else {}
+    mk.append("ENSEMBLE_SELECT := " + " ".join(
+        f"--{k.replace('_', '-')} {str(v).lower()}" for k, v in selection.items()))
     if not study:  # `make study` builds no submission: leave its stamp as `make all` wrote it
         write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
             "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
             "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc,
-            "predict_args": predict_args,
+            "predict_args": predict_args, "selection": selection,
             "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"},
-            "test_key": test_key, "test_labels": hashes.sha(a.test_labels)}))
+            "test_key": test_key}))
+    generic: dict[str, dict] = {}
     for item in a.stamp:
         name, _, text = item.partition("=")
-        write_if_changed(state / "stamps" / f"{name}.stamp", text + "\n")
+        generic.setdefault(name, {})["text"] = text
+    for item in a.stamp_inputs:  # content hashes, so that a touch re-runs nothing
+        name, _, paths = item.partition("=")
+        generic.setdefault(name, {})["inputs"] = {f: hashes.sha(f) for f in shlex.split(paths)}
+    for name, content in generic.items():
+        write_if_changed(state / "stamps" / f"{name}.stamp", stamp_text(content))
     hashes.save()
     return mk
 
@@ -243,6 +256,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", default="")
     p.add_argument("--stamp", action="append", default=[], metavar="NAME=TEXT",
                    help="also write STATE/stamps/NAME.stamp holding TEXT (rewritten only when it changes)")
+    p.add_argument("--stamp-inputs", action="append", default=[], metavar="NAME=FILES",
+                   help="the content hashes of FILES (space-separated; a missing or empty one is null) "
+                        "join STATE/stamps/NAME.stamp")
     return p.parse_args(argv)
 
 

@@ -57,3 +57,14 @@ def test_make_all_on_a_14_label_dataset_then_nothing_to_redo(tmp_path):
     assert q.returncode == 0, q.stdout + q.stderr
     for script in ("preprocess.py", "train.py", "retrain_head.py", "predict.py", "evaluate.py", "ensemble.py"):
         assert script not in q.stdout, q.stdout
+    # a touch on any input, the test labels included, re-runs nothing; new test labels re-score only
+    for f in ("train.csv", "CXRLT_2026_TEST_ALL_TASK1.csv", "Removal.csv", "test_labels.csv"):
+        os.utime(d / f)
+    q = _make(tmp_path, "all", *vars_, "--dry-run")
+    assert q.returncode == 0 and ".py" not in q.stdout, q.stdout
+    labels = pd.read_csv(d / "test_labels.csv")
+    labels.iloc[0, 1:] = 1 - labels.iloc[0, 1:]
+    labels.to_csv(d / "test_labels.csv", index=False)
+    q = _make(tmp_path, "all", *vars_, "--dry-run")
+    ran = [x for x in q.stdout.splitlines() if ".py" in x]
+    assert q.returncode == 0 and len(ran) == 1 and "evaluate.py --pred submissions/nih.csv" in ran[0], q.stdout

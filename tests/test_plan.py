@@ -71,11 +71,13 @@ def test_each_edit_changes_exactly_the_stamps_of_the_stages_that_read_it(setup):
     edit({"demo/predict-val", "demo/predict-test"})
     cfg.write_text(with_values(cfg, crt_lr=0.5))
     edit({"demo/crt"})
-    # the selection keys: cRT chooses its head on the selection set, predict its post-processing
+    # the selection keys: cRT chooses its head on the selection set, predict its post-processing,
+    # the ensemble its weights (with the first config's keys, passed on by vars.mk)
     cfg.write_text(with_values(cfg, select_on="full"))
-    edit({"demo/crt", "demo/predict-val", "demo/predict-test"})
+    edit({"demo/crt", "demo/predict-val", "demo/predict-test", "submission"})
     cfg.write_text(with_values(cfg, proxy_require_finding="true"))
-    edit({"demo/crt", "demo/predict-val", "demo/predict-test"})
+    edit({"demo/crt", "demo/predict-val", "demo/predict-test", "submission"})
+    assert "ENSEMBLE_SELECT := --select-on full --proxy-require-finding true" in (d / ".make" / "vars.mk").read_text()
     cfg.write_text(with_values(cfg, lr=0.01))
     edit({"demo/train"})
     (d / "removal.csv").write_text("ImageID\nother.png\n")

@@ -5,6 +5,7 @@ the image-embedding cache, prompt-file and model errors, and the Task-2 label se
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -351,15 +352,23 @@ def test_make_task2_writes_a_checked_submission_then_settles(demo_dataset, tiny_
     labels = pd.DataFrame(y, columns=TASK2)
     labels.insert(0, "ImageID", ids)
     labels.to_csv(tmp_path / "task2_labels.csv", index=False)
+    # copies of the test list and the prompts, so that the test may touch them
+    shutil.copy(d / "CXRLT_2026_TEST_ALL_TASK1.csv", tmp_path / "test.csv")
+    shutil.copy(ROOT / "prompts" / "task2.yaml", tmp_path / "prompts.yaml")
     vars_ = ["DATASET=t2", f"TRAIN_CSV={d}/train.csv", f"IMAGE_DIR={d}/images",
-             f"TEST_CSV={d}/CXRLT_2026_TEST_ALL_TASK1.csv", f"REMOVAL_CSV={d}/Removal.csv", "IMG_SIZE=32",
-             "FOLDS=2", "NAME=t2", f"ZS_MODEL=local-dir:{tiny_model}", f"TASK2_LABELS={tmp_path}/task2_labels.csv"]
+             f"TEST_CSV={tmp_path}/test.csv", f"REMOVAL_CSV={d}/Removal.csv", "IMG_SIZE=32",
+             "FOLDS=2", "NAME=t2", f"ZS_MODEL=local-dir:{tiny_model}", f"TASK2_LABELS={tmp_path}/task2_labels.csv",
+             f"ZS_PROMPTS={tmp_path}/prompts.yaml"]
     p = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     sub = pd.read_csv(tmp_path / "submissions" / "t2_task2.csv")
     assert list(sub.columns) == ["ImageID", *TASK2] and sub["ImageID"].tolist() == ids.tolist()
     assert (tmp_path / "submissions" / "t2_task2.zip").exists()
     assert "Task-2 test mAP" in p.stdout
+    again = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0")
+    assert again.returncode == 0 and ".py" not in again.stdout, again.stdout
+    for f in ("test.csv", "prompts.yaml", "task2_labels.csv"):  # a touch re-runs nothing
+        os.utime(tmp_path / f)
     again = _make(tmp_path, "task2", *vars_, "ZS_ARGS=--device cpu --workers 0")
     assert again.returncode == 0 and ".py" not in again.stdout, again.stdout
     # another scoring choice: only the scoring re-runs, on the cached image embeddings
