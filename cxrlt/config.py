@@ -15,6 +15,7 @@ import argparse
 import difflib
 import math
 import re
+import shlex
 from pathlib import Path
 
 from .errors import ConfigError
@@ -485,6 +486,17 @@ def load_postproc(path) -> dict:
     return {k: coerce(k, choice[k], f"{path}: choice") for k in keys}
 
 
+def flag(key: str) -> str:
+    """The command-line flag of a config key: `batch_size` -> `--batch-size`."""
+    return f"--{key.replace('_', '-')}"
+
+
+def as_flags(values: dict) -> str:
+    """Config values as the flags add_config_flags reads back (`--select-on full --ema true`)."""
+    return " ".join(f"{flag(k)} {shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))}"
+                    for k, v in values.items())
+
+
 def add_config_flags(parser: argparse.ArgumentParser, keys: list[str] | None = None) -> None:
     """Add one `--key-name VALUE` flag per config key (values parsed and checked by resolve).
 
@@ -498,7 +510,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: list[str] | None = N
         default, typ, help_ = SCHEMA[key]
         if key in CHOICES and " | " not in help_:  # (a help text with " | " describes each choice)
             help_ += f"; one of: {', '.join(map(str, CHOICES[key]))}"
-        dest, dash, plain = f"cfg__{key}", f"--{key.replace('_', '-')}", f"--{key}"
+        dest, dash, plain = f"cfg__{key}", flag(key), f"--{key}"
         shown = dict(dest=dest, default=None, metavar=typ.__name__.upper(), help=f"{help_} [default: {default!r}]")
         if dash == plain:
             group.add_argument(plain, **shown)

@@ -223,8 +223,7 @@ def plan(a: argparse.Namespace) -> list[str]:
     ensembled = stems[:len(a.configs.split())]  # CONFIGS' stems; a study's runs are never ensembled
     # the ensemble's weights are chosen on the first config's selection set
     selection = {k: cfgs[ensembled[0]][k] for k in config_mod.SELECTION_KEYS} if ensembled else {}
-    mk.append("ENSEMBLE_SELECT := " + " ".join(
-        f"--{k.replace('_', '-')} {str(v).lower()}" for k, v in selection.items()))
+    mk.append(f"ENSEMBLE_SELECT := {config_mod.as_flags(selection)}")
     if not study:  # `make study` builds no submission: leave its stamp as `make all` wrote it
         write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
             "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],

@@ -113,7 +113,6 @@ def test_plan_adds_the_study_to_stems_and_post_only_variants_share_one_backbone(
     assert not (tmp_path / "state" / "submissions" / "demo.stamp").exists()  # make study builds no submission
 
 
-
 def test_make_study_leaves_the_stamps_of_make_all_alone(tmp_path):
     """`make demo` (POSTPROC=auto), then `make demo-study` (POSTPROC=off, same CONFIGS to share their
     backbones), then `make demo` again must find nothing to redo: the study's plan must not re-stamp
