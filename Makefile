@@ -5,7 +5,7 @@
 #
 # `make all` is always right: every stage is a real file target that depends on its upstream
 # outputs and on a content stamp of everything else it reads (config keys of its group, input
-# CSV contents, the Make variables it uses). The stamps are written by cxrlt/plan.py, which runs
+# CSV contents, the Make variables it uses). The stamps are written by cxrlt/pipeline/plan.py, which runs
 # at the start of every make (the rule for $(STATE)/vars.mk) and rewrites a stamp only when its
 # content changes. A stage that runs and finds its output already built from the same inputs only
 # touches it, so a second `make all` has nothing to do. README.md: "What re-runs when you change X".
@@ -121,7 +121,7 @@ include $(STATE)/vars.mk
 endif
 
 $(STATE)/vars.mk: FORCE | $(VENV)/.installed
-	@$(VENV)/bin/python -m cxrlt.plan --mk $@ --state $(STATE) --dataset '$(DATASET)' \
+	@$(VENV)/bin/python -m cxrlt.pipeline.plan --mk $@ --state $(STATE) --dataset '$(DATASET)' \
 		--train-csv '$(TRAIN_CSV)' --image-dir '$(IMAGE_DIR)' --test-csv '$(TEST_CSV)' \
 		--removal-csv '$(REMOVAL_CSV)' --meta-csv '$(META_CSV)' --labels-file '$(LABELS_FILE)' \
 		--test-labels '$(TEST_LABELS)' --img-size '$(IMG_SIZE)' --folds '$(FOLDS)' --configs '$(CONFIGS)' \
@@ -223,7 +223,7 @@ all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: caches, tr
 	$(if $(TEST_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB).score.json')); print(f\"test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TEST_LABELS))\")")
 
 # ==== studies (issue 12) ===============================================================
-# make study STUDY=studies/<name>.yaml: cxrlt/plan.py expands the study file into one generated
+# make study STUDY=studies/<name>.yaml: cxrlt/pipeline/plan.py expands the study file into one generated
 # config per variant (x seed x fold) under $(STATE)/studies/<name>/ and adds them to STEMS, so
 # every variant goes through the stage rules above (shared caches; a finished run is not redone;
 # variants differing only in post-training keys share one backbone via BASE_). The report then
@@ -309,7 +309,7 @@ DEMO_ZS_MODEL := $(DEMO_DIR)/tiny_clip
 DEMO_VARS += ZS_MODEL=local-dir:$(DEMO_ZS_MODEL)
 
 $(DEMO_ZS_MODEL)/open_clip_config.json: | $(VENV)/.installed
-	$(VENV)/bin/python -m cxrlt.tiny_clip --out $(DEMO_ZS_MODEL)
+	$(VENV)/bin/python -m cxrlt.zeroshot.tiny_clip --out $(DEMO_ZS_MODEL)
 
 demo-task2: $(VENV)/.installed $(DEMO_DIR)/train.csv ## Task 2 on the demo with a tiny random model (checks the plumbing; its scores mean nothing)
 	$(MAKE) --no-print-directory task2 $(DEMO_VARS)

@@ -11,7 +11,7 @@
 
 combine: the --test (and --val) files must have the same ImageIDs and the same columns in the same
 order; --val files pair with --test files in order. weighted without --weights fits weights on
-the val fold's selection set (cxrlt/validation.py: the test-like proxy subset when the cache at
+the val fold's selection set (cxrlt/evaluation/selection.py: the test-like proxy subset when the cache at
 --val-labels knows the projections, else the full fold); greedy needs --val. With --val, the val
 mAP of each model and of the ensemble is printed on the full fold, the proxy subset, and the
 honest number (selection set; the weights' gain cross-fitted: fitted on one patient half, scored
@@ -31,13 +31,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from cxrlt import config
-from cxrlt.cli import main_wrapper
-from cxrlt.errors import InputError
+from cxrlt.core import config
+from cxrlt.core.cli import main_wrapper
+from cxrlt.core.errors import InputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cxrlt.ensembling import METHODS
+    from cxrlt.evaluation.ensembling import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _check_args(a) -> None:
-    from cxrlt.cli import check_output_file
+    from cxrlt.core.cli import check_output_file
 
     check_output_file(a.out, "--out")
     if a.zip:
@@ -79,7 +79,7 @@ def _check_args(a) -> None:
     if a.method == "weighted" and a.weights is None and not a.val:
         raise InputError("--method weighted needs --weights or --val/--val-labels to fit them")
     if a.weights is not None:
-        from cxrlt.ensembling import normalise_weights
+        from cxrlt.evaluation.ensembling import normalise_weights
 
         try:
             normalise_weights(a.weights, len(a.test))
@@ -89,7 +89,7 @@ def _check_args(a) -> None:
 
 def read_aligned(paths: list[str]):
     """Read prediction CSVs that must share one ID set and one column list; aligned to the first."""
-    from cxrlt.tables import read_predictions
+    from cxrlt.data.tables import read_predictions
 
     first = read_predictions(paths[0])
     frames = [first]
@@ -107,8 +107,8 @@ def read_aligned(paths: list[str]):
 def combine(a) -> int:
     import pandas as pd
 
-    from cxrlt import ensembling
-    from cxrlt.tables import ID, read_id_list
+    from cxrlt.evaluation import ensembling
+    from cxrlt.data.tables import ID, read_id_list
 
     _check_args(a)
     test_list = read_id_list(a.test_list)[ID].tolist()
@@ -148,9 +148,9 @@ def combine(a) -> int:
 
 
 def read_val(a, labels):
-    """Val predictions aligned with their labels, and the val subsets (cxrlt.validation.val_sets)."""
-    from cxrlt.tables import read_label_table
-    from cxrlt.validation import keys_from_index, make_keys, val_sets_from_keys
+    """Val predictions aligned with their labels, and the val subsets (cxrlt.evaluation.selection.val_sets)."""
+    from cxrlt.data.tables import read_label_table
+    from cxrlt.evaluation.selection import keys_from_index, make_keys, val_sets_from_keys
 
     val_ids, val_labels, val = read_aligned(a.val)
     if val_labels != labels:
@@ -170,7 +170,7 @@ def read_val(a, labels):
 
 def val_line(y, sets, ens_val, honest: dict, name: str) -> str:
     """'val mAP full X  proxy Y  honest Z  name' for one model or the ensemble."""
-    from cxrlt.metrics import macro_map
+    from cxrlt.evaluation.metrics import macro_map
 
     full = macro_map(y, ens_val)[0]
     proxy = macro_map(y[sets["proxy"]], ens_val[sets["proxy"]])[0] if len(sets["proxy"]) else float("nan")
@@ -182,7 +182,7 @@ def submission_order(labels: list[str], labels_file, source) -> list[int]:
 
     Without a labels file the inputs' own order, checked against the official label set (a set
     nearly equal to it is a mistake); with one, that file's order (the same set required)."""
-    from cxrlt.labels import check_label_set, read_labels_file
+    from cxrlt.core.labels import check_label_set, read_labels_file
 
     if not labels_file:
         check_label_set(labels, f"{source}: row 1 (header)")
@@ -201,7 +201,7 @@ def write_outputs(df, a, labels) -> int:
 
     The CSV is make's target, so it is renamed into place last: a run killed while zipping leaves
     no CSV, and the next `make` redoes both instead of keeping a submission without its zip."""
-    from cxrlt.submission import write_submission, write_zip
+    from cxrlt.evaluation.submission import write_submission, write_zip
 
     if not a.zip:
         write_submission(df, a.out, a.test_list, labels)
@@ -217,9 +217,9 @@ def write_outputs(df, a, labels) -> int:
 
 
 def check(a) -> int:
-    from cxrlt.labels import CXRLT2026_LABELS, read_labels_file
-    from cxrlt.submission import validate_submission
-    from cxrlt.tables import labels_from_file
+    from cxrlt.core.labels import CXRLT2026_LABELS, read_labels_file
+    from cxrlt.evaluation.submission import validate_submission
+    from cxrlt.data.tables import labels_from_file
 
     if a.labels_from:
         labels = labels_from_file(a.labels_from)

@@ -10,14 +10,14 @@ from its train rows) or a training-layout label CSV (every labelled image must b
 frequencies from --index if given, else from these labels). Every mAP comes with a 95% bootstrap
 interval (studies resampled when the cache knows them); --compare OTHER.csv (predictions of the
 same images) adds the paired-bootstrap difference mAP(--pred) - mAP(OTHER) and its interval: a
-change is real when that interval excludes 0. Outputs: see cxrlt/evaluation.py.
+change is real when that interval excludes 0. Outputs: see cxrlt/evaluation/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,9 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cxrlt.cli import check_output_dir
-    from cxrlt.errors import InputError
-    from cxrlt.evaluation import evaluate
+    from cxrlt.core.cli import check_output_dir
+    from cxrlt.core.errors import InputError
+    from cxrlt.evaluation.report import evaluate
 
     check_output_dir(args.out, "--out")
     if args.n_boot < 1:

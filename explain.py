@@ -21,7 +21,7 @@ instead (e.g. layer3: finer maps). Outputs and methods: cxrlt/explain.py.
 
 import argparse
 
-from cxrlt.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,21 +45,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from cxrlt.errors import InputError
+    from cxrlt.core.errors import InputError
 
     if not a.files and not a.cache:
         raise InputError("give --cache (images by ImageID / the val fold) or --files")
     if a.n < 1 or a.top < 1:
         raise InputError("--n and --top must be at least 1")
-    from cxrlt.distributed import pick_device
+    from cxrlt.training.distributed import pick_device
     from cxrlt.explain import explain_images, images_from_cache, images_from_files
-    from cxrlt.inference import load_trained
+    from cxrlt.post.inference import load_trained
 
     device = pick_device(a.device)
     model, ck = load_trained(a.checkpoint, device)
     truth = None
     if a.files:
-        from cxrlt.cache import open_cache
+        from cxrlt.data.cache import open_cache
 
         size = a.size or (open_cache(a.cache).size if a.cache else ck.get("image_size"))
         if not size:
@@ -79,9 +79,9 @@ def main(argv=None) -> int:
 def pointing(a, model, ck, device) -> None:
     from pathlib import Path
 
-    from cxrlt.errors import InputError
+    from cxrlt.core.errors import InputError
     from cxrlt.explain import image_size, images_from_cache, pointing_game, read_boxes
-    from cxrlt.fileio import write_json
+    from cxrlt.core.fileio import write_json
 
     if not a.cache or not a.image_dir:
         raise InputError("--boxes needs --cache (the run's train cache) and --image-dir (the original images)")

@@ -9,7 +9,7 @@
 Output CSV (leaderboard format): `ImageID` + the label columns in the training CSV's order, one
 row per image (in the cache index order), probabilities in [0, 1].
 
-For --split val it also writes `<out>.postproc.json` (format: cxrlt/postproc.py): the val mAP of
+For --split val it also writes `<out>.postproc.json` (format: cxrlt/post/postproc.py): the val mAP of
 every post-processing grid point (normal gating, study pooling, patient context) on the full val
 fold, the test-like proxy subset and two patient-disjoint halves, the choice made on the
 selection set (config select_on) and its honest, cross-fitted mAP. Pass that file to a test run
@@ -25,8 +25,8 @@ the same weights, cache, split and post keys it is only touched, so that make se
 import argparse
 import time
 
-from cxrlt import config
-from cxrlt.cli import main_wrapper
+from cxrlt.core import config
+from cxrlt.core.cli import main_wrapper
 
 
 def main(argv=None) -> int:
@@ -53,15 +53,15 @@ def main(argv=None) -> int:
     import numpy as np
     import pandas as pd
 
-    from cxrlt import postproc
-    from cxrlt.cache import open_cache
-    from cxrlt.data import CacheDataset, make_loader
-    from cxrlt.device import pick_device
-    from cxrlt.errors import InputError
-    from cxrlt.fileio import write_csv, write_json
-    from cxrlt.fingerprints import file_key, inputs_match, record_inputs, touch
-    from cxrlt.inference import check_cache_size, load_trained, predict_tta
-    from cxrlt.validation import val_keys, val_sets_from_keys
+    from cxrlt.post import postproc
+    from cxrlt.data.cache import open_cache
+    from cxrlt.data.dataset import CacheDataset, make_loader
+    from cxrlt.training.device import pick_device
+    from cxrlt.core.errors import InputError
+    from cxrlt.core.fileio import write_csv, write_json
+    from cxrlt.pipeline.fingerprints import file_key, inputs_match, record_inputs, touch
+    from cxrlt.post.inference import check_cache_size, load_trained, predict_tta
+    from cxrlt.evaluation.selection import val_keys, val_sets_from_keys
 
     t0 = time.time()
     device = pick_device(args.cfg__device or "auto")
@@ -120,8 +120,8 @@ def context_cache(args, cache):
     """The cache whose training labels give the patient context (see the module docstring)."""
     from pathlib import Path
 
-    from cxrlt.cache import open_cache
-    from cxrlt.errors import InputError
+    from cxrlt.data.cache import open_cache
+    from cxrlt.core.errors import InputError
 
     if args.train_cache:
         return open_cache(args.train_cache)

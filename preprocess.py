@@ -3,11 +3,11 @@
     python preprocess.py train --train-csv T.csv --image-dir DIR [--removal-csv Removal.csv]
         [--meta-csv META.csv[.gz]] [--labels-file L.txt] --size 512 --folds 5 --out ROOT/train
     python preprocess.py test --test-csv TEST.csv --image-dir DIR [--meta-csv META.csv[.gz]]
-        --size 512 --out ROOT/test-<key>        (key: python -m cxrlt.keys TEST.csv [META.csv])
+        --size 512 --out ROOT/test-<key>        (key: python -m cxrlt.data.identity TEST.csv [META.csv])
 
 ROOT is data/cache/<dataset>_<size>: the caches in it reuse each other's decoded images (by
 ImageID, when the file is unchanged), so a new test list, a label or Removal edit, or another
-IMAGE_DIR decodes only what it must. Layout: cxrlt/cache.py; building: cxrlt/cache_build.py.
+IMAGE_DIR decodes only what it must. Layout: cxrlt/data/cache.py; building: cxrlt/data/cache_build.py.
 Resumable: re-run the same command after an interruption. Bad input exits with status 2 and a
 one-line message naming the file (and row).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from cxrlt.cache_build import build_test_cache, build_train_cache
+    from cxrlt.data.cache_build import build_test_cache, build_train_cache
 
     a = parse_args(argv)
     common = dict(meta_csv=a.meta_csv, workers=a.workers, skip_bad=a.skip_bad, low=a.window_low,

@@ -8,7 +8,7 @@
 Reads <run>/model.pt; writes into --out (never into the run folder itself): features_{train,val}.npy
 (the cached head inputs, unless crt_feature_cache is off), metrics.jsonl (one line per head epoch),
 summary.json and model.pt (the full model with the new head; the original head is kept when nothing
-beats it on val). See cxrlt/crt.py for the feature cache choices and when tau applies.
+beats it on val). See cxrlt/post/retrain_head.py for the feature cache choices and when tau applies.
 
 The post keys (crt_*, ...), run keys (workers, device) and seed come from --config (+ flags), as Make
 passes them; without --config from the run's own config.yaml copy (+ flags). The train keys always
@@ -18,8 +18,8 @@ only touched (so that make settles).
 
 import argparse
 
-from cxrlt import config
-from cxrlt.cli import main_wrapper
+from cxrlt.core import config
+from cxrlt.core.cli import main_wrapper
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
                     help="default: the config's crt_method (crt)")
     config.add_config_flags(ap)
     args = ap.parse_args()
-    from cxrlt.crt import run
+    from cxrlt.post.retrain_head import run
 
     ov = config.overrides_from_args(args)
     config.apply_overrides(config.DEFAULTS, ov)  # a bad value stops here, before --out is touched

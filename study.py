@@ -9,12 +9,12 @@
 `expand` writes the generated configs and study.json under <state>/studies/<name>/ and prints
 one line per run (stem, variant, seed, fold, config file). `report` reads each run's
 pred_val.csv and its train cache and writes table.md, table.csv, per_label.csv, map.png,
-groups.png and per_label_ap.png into --out. File formats and statistics: cxrlt/study.py.
+groups.png and per_label_ap.png into --out. File formats and statistics: cxrlt/studies/spec.py.
 """
 
 import argparse
 
-from cxrlt.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,24 +28,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--out", required=True, help="report folder, e.g. reports/<study>")
     r.add_argument("--run", nargs=3, action="append", default=[], metavar=("STEM", "RUN_DIR", "CACHE_DIR"),
                    help="a run of the study: its stem, run folder (holds pred_val.csv) and train cache folder")
-    r.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: cxrlt.metrics.N_BOOT)")
+    r.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: cxrlt.evaluation.metrics.N_BOOT)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from cxrlt import study
+    from cxrlt.studies import spec
 
     if a.cmd == "expand":
-        s = study.expand(a.study, a.state)
+        s = spec.expand(a.study, a.state)
         for r in s.runs:
             print(f"{r['stem']}\t{r['variant']}\tseed {r['seed']}\tfold {r['fold']}\t{r['config']}")
         return 0
     if a.n_boot is not None and a.n_boot < 10:
-        from cxrlt.errors import InputError
+        from cxrlt.core.errors import InputError
 
         raise InputError(f"--n-boot {a.n_boot}: use at least 10 resamples (1000 for a real report)")
-    study.report(a.manifest, [tuple(r) for r in a.run], a.out, a.n_boot)
+    spec.report(a.manifest, [tuple(r) for r in a.run], a.out, a.n_boot)
     return 0
 
 

@@ -16,9 +16,9 @@ import argparse
 import contextlib
 import os
 
-from cxrlt import config
-from cxrlt.cli import main_wrapper
-from cxrlt.fileio import output_lock
+from cxrlt.core import config
+from cxrlt.core.cli import main_wrapper
+from cxrlt.core.fileio import output_lock
 
 
 def main() -> int:
@@ -34,7 +34,7 @@ def main() -> int:
     # under torchrun only the global rank 0 takes the lock: a second launch on the same folder
     # stops there (before the slow imports), and torchrun then stops its other ranks
     with output_lock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        from cxrlt.trainer import train
+        from cxrlt.training.trainer import train
 
         train(cfg, args.cache, args.out, resume=args.resume)
     return 0

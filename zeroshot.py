@@ -13,7 +13,7 @@ one row per scored cache row (cache order), probabilities in [0, 1]; beside it `
 records the inputs and choices. `ensemble.py combine --test OUT --test-list LIST` turns it into a
 submission in test-list order. Image embeddings are cached in --embeddings (default: an
 `embeddings` folder beside --out), so another prompt file or method costs seconds.
-Scoring and file formats: see cxrlt/zeroshot.py.
+Scoring and file formats: see cxrlt/zeroshot/scoring.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cxrlt.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = ROOT / "prompts" / "task2.yaml"
@@ -30,7 +30,7 @@ DEFAULT_LABELS = ROOT / "prompts" / "cxrlt2026_task2_labels.txt"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cxrlt.zeroshot import CENTERS, METHODS, POOLS
+    from cxrlt.zeroshot.scoring import CENTERS, METHODS, POOLS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, help="image cache folder (preprocess.py)")
@@ -54,12 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from cxrlt.cache import open_cache
-    from cxrlt.errors import InputError
-    from cxrlt.fileio import write_csv, write_json
-    from cxrlt.labels import read_labels_file
-    from cxrlt.fingerprints import file_sha256
-    from cxrlt.zeroshot import load_encoder, load_prompts, score_cache
+    from cxrlt.data.cache import open_cache
+    from cxrlt.core.errors import InputError
+    from cxrlt.core.fileio import write_csv, write_json
+    from cxrlt.core.labels import read_labels_file
+    from cxrlt.pipeline.fingerprints import file_sha256
+    from cxrlt.zeroshot.scoring import load_encoder, load_prompts, score_cache
 
     t0 = time.time()
     if a.batch_size < 1 or a.workers < 0:

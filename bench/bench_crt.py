@@ -4,7 +4,7 @@
     python bench/bench_crt.py [--model test_resnet] [--head linear] [--size 128] [--train 256] [--val 64]
         [--epochs 5] [--batch 32] [--workers 1] [--threads 1] [--json OUT.json]
 
-Both sides are the library's own cRT (cxrlt.crt.run, what retrain_head.py runs) on the same run and
+Both sides are the library's own cRT (cxrlt.post.retrain_head.run, what retrain_head.py runs) on the same run and
 cache, differing only in crt_feature_cache:
   cached    float32: the backbone runs once over the train and val rows (features written to disk as
             row files), then E head epochs read batches of features back by index;
@@ -14,7 +14,7 @@ The run is a synthetic cache (bench/common.py) and a backbone trained for one ba
 weights do not matter for the timing). Reported: wall seconds of each cRT call, the speed-up of
 the head epochs alone (summary head_train_seconds) and of the whole call (ideal: about E x, one
 backbone pass instead of E), and the same without the val scoring: cRT scores the val rows
-(cxrlt.metrics.score, sklearn AP/AUC per label) for the original head, after every epoch and for
+(cxrlt.evaluation.metrics.score, sklearn AP/AUC per label) for the original head, after every epoch and for
 the final head, identical work in both that a tiny val set makes a large share of the cached
 run. That share is measured from outside: one metrics.score call on the same val labels, timed
 SCORE_REPEATS times, times the E + 2 calls.
@@ -36,8 +36,8 @@ SCORE_REPEATS = 5  # metrics.score timings per measurement (median)
 
 
 def timed_crt(run_dir, cache_dir, out, overrides: dict) -> tuple[float, dict]:
-    """One cxrlt.crt.run call -> (wall seconds, its summary)."""
-    from cxrlt.crt import run as run_crt
+    """One cxrlt.post.retrain_head.run call -> (wall seconds, its summary)."""
+    from cxrlt.post.retrain_head import run as run_crt
 
     t0 = time.perf_counter()
     summary = run_crt(run_dir, cache_dir, out, overrides, log=lambda *_: None)
@@ -46,7 +46,7 @@ def timed_crt(run_dir, cache_dir, out, overrides: dict) -> tuple[float, dict]:
 
 def score_seconds(y_val: np.ndarray, repeats: int = SCORE_REPEATS) -> float:
     """Seconds of one metrics.score call on these labels (median of `repeats`; random scores)."""
-    from cxrlt.metrics import score
+    from cxrlt.evaluation.metrics import score
 
     p = np.random.default_rng(0).random(y_val.shape)
     score(y_val, p)  # warm-up: imports sklearn
@@ -61,9 +61,9 @@ def score_seconds(y_val: np.ndarray, repeats: int = SCORE_REPEATS) -> float:
 def run(model: str = "test_resnet", size: int = 128, n_train: int = 256, n_val: int = 64, epochs: int = 5,
         batch: int = 32, workers: int = 1, threads: int = 1, head: str = "linear", workdir=None) -> dict:
     """Time cRT with the feature cache (float32) and without it (off) on the same run and data."""
-    from cxrlt import config
-    from cxrlt.cache import open_cache
-    from cxrlt.trainer import train
+    from cxrlt.core import config
+    from cxrlt.data.cache import open_cache
+    from cxrlt.training.trainer import train
 
     threads = set_torch_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench_crt_", dir=workdir) as tmp:
@@ -95,7 +95,7 @@ def run(model: str = "test_resnet", size: int = 128, n_train: int = 256, n_val: 
 
 
 def main() -> None:
-    from cxrlt.config import HEAD_NAMES
+    from cxrlt.core.config import HEAD_NAMES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="test_resnet")

@@ -4,8 +4,8 @@
     python bench/bench_loader.py [--n 8] [--size 512] [--src-h 2500 --src-w 2000] [--passes 5] [--json OUT.json]
 
 The baseline is what a loader without a cache does for every image of every epoch: read the
-16-bit PNG, window it and resize it (cxrlt.imaging.load_for_cache, the cache builder's own
-decode), then augment. The fast path is cxrlt.data.CacheDataset over the cached images. Both run
+16-bit PNG, window it and resize it (cxrlt.data.imaging.load_for_cache, the cache builder's own
+decode), then augment. The fast path is cxrlt.data.dataset.CacheDataset over the cached images. Both run
 in this process (images/s per loader worker), with the same augmentations on the same images
 (synthetic films, bench/common.py). Target: >= 20x.
 """
@@ -28,8 +28,8 @@ def run(n: int = 8, size: int = 512, src_h: int = 2500, src_w: int = 2000, passe
     """Images/s of decode + resize + augment vs the cache Dataset (augment included) -> numbers."""
     import cv2
 
-    from cxrlt.data import AugConfig, CacheDataset, augment
-    from cxrlt.imaging import load_for_cache
+    from cxrlt.data.dataset import AugConfig, CacheDataset, augment
+    from cxrlt.data.imaging import load_for_cache
 
     cv2.setNumThreads(1)
     aug = AugConfig()

@@ -23,7 +23,7 @@ Measured per run:
 head (linear: float32 features of every image on disk) and a map head (csra: the float16 maps),
 on a run of that head trained for 2 batches (not measured). Here the work grows with N (every
 image goes through the backbone once, every head epoch covers all train rows), the memory must
-not: features are written and read back batch by batch (cxrlt.rowfile). Defaults: 64 px and
+not: features are written and read back batch by batch (cxrlt.data.rowfile). Defaults: 64 px and
 test_efficientnet (256 features; 2x2 maps), where the features of 20,000 images are 20 MB (pooled)
 and 40 MB (maps). Held in memory they show as growth of the main process's peak RssAnon (the cRT
 of before this bench: +30 MB pooled, +107 MB csra from 2,000 to 20,000), less so of its peak RSS,
@@ -138,7 +138,7 @@ def measure(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
 def prepare(cache, n: int, size: int, n_val: int, n_test: int) -> float:
     """Write the cache (unless there) and measure its index, in a child process -> index MB."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
-            "from common import write_synthetic_cache; from cxrlt.cache import open_cache; "
+            "from common import write_synthetic_cache; from cxrlt.data.cache import open_cache; "
             "c, n, s, v, t = Path(sys.argv[2]), *map(int, sys.argv[3:7]); "
             "(c / 'manifest.json').exists() or write_synthetic_cache(c, n_train=n - v - t, size=s, n_val=v, n_test=t); "
             "print(open_cache(c).index_nbytes)")

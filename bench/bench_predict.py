@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inference time per TTA view: cxrlt.inference.predict_tta vs a bare forward pass.
+"""Inference time per TTA view: cxrlt.post.inference.predict_tta vs a bare forward pass.
 
     python bench/bench_predict.py [--model test_resnet] [--size 128] [--batch 32] [--batches 8]
         [--repeats 3] [--workers 1] [--threads 1] [--json OUT.json]
@@ -49,8 +49,8 @@ def tta_pass(model, images_path, rows, num_classes, batch, workers, tta: str) ->
     """One predict_tta call over `rows` -> steady-state seconds per batch, wall, start-up."""
     import torch
 
-    from cxrlt.data import CacheDataset, make_loader
-    from cxrlt.inference import TTA_VIEWS, predict_tta
+    from cxrlt.data.dataset import CacheDataset, make_loader
+    from cxrlt.post.inference import TTA_VIEWS, predict_tta
 
     views = len(TTA_VIEWS[tta])
     loader = make_loader(CacheDataset(images_path, rows, num_classes=num_classes), batch, workers=workers)
@@ -88,8 +88,8 @@ def run(model: str = "test_resnet", size: int = 128, batch: int = 32, batches: i
     threads: torch threads (see common.set_torch_threads)."""
     import torch
 
-    from cxrlt import config
-    from cxrlt.models import build_model
+    from cxrlt.core import config
+    from cxrlt.models.model import build_model
 
     threads = set_torch_threads(threads)
     n = batch * batches

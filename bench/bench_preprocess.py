@@ -57,7 +57,7 @@ def bare_decode_rate(paths: list[Path], repeats: int = 2) -> float:
 def build_seconds(root: Path, csv: str, size: int, workers: int, repeats: int) -> tuple[float, float]:
     """-> (wall, CPU) seconds of the fastest of `repeats` builds from scratch, each in a cache
     root of its own (nothing to reuse); the CPU time is this process's plus its workers'."""
-    from cxrlt.cache_build import build_train_cache
+    from cxrlt.data.cache_build import build_train_cache
 
     best = (float("inf"), float("inf"))
     for _ in range(repeats):

@@ -5,11 +5,11 @@
         [--repeats 2] [--workers 1] [--json OUT.json]
     python bench/bench_train_step.py --gpu [--model convnext_large] [--size 512] ...   # GPU section
 
-Trainer: cxrlt.trainer.Trainer on a synthetic cache (uint8 images, augmentation on, DataLoader with
+Trainer: cxrlt.training.trainer.Trainer on a synthetic cache (uint8 images, augmentation on, DataLoader with
 --workers processes), timed through Trainer.train_epoch: an optimizer step post-hook stamps the time
 of every step, so the steady-state ms/step is the median gap between consecutive steps and the
 loader's per-epoch start-up (worker fork, first batch) is reported apart.
-Bare loop: the same architecture (cxrlt.models.build_model), the same loss module and batch size,
+Bare loop: the same architecture (cxrlt.models.model.build_model), the same loss module and batch size,
 AdamW, the batches pre-stacked in memory as float tensors already normalised; forward, backward,
 step and nothing else. Trainer and bare loop alternate, `--repeats` times each, so background load
 hits both alike. Target: Trainer / bare <= 1.10.
@@ -53,7 +53,7 @@ GPU_PEAK_BF16 = [
 # ----------------------------------------------------------------------------------------------
 def bench_cfg(model: str, size: int, batch: int, steps: int, workers: int, device: str, **kw) -> dict:
     """A resolved config for timing: random init, BCE + linear head, augmentation on (the default)."""
-    from cxrlt import config
+    from cxrlt.core import config
 
     over = dict(model=model, pretrained=False, head="linear", loss="bce", batch_size=batch, workers=workers,
                 device=device, epochs=100, warmup_epochs=0.0, max_train_batches=steps, lr=1e-4)
@@ -148,8 +148,8 @@ def _bare_setup(trainer, cfg: dict, steps: int):
     """A second model of the same architecture with the same loss, AdamW and batches."""
     import torch
 
-    from cxrlt.losses import build_loss
-    from cxrlt.models import build_model
+    from cxrlt.models.losses import build_loss
+    from cxrlt.models.model import build_model
 
     dev = trainer.device
     torch.manual_seed(cfg["seed"])
@@ -166,7 +166,7 @@ def run(model: str = "test_resnet", size: int = 128, batch: int = 32, steps: int
     """Trainer vs bare loop, alternating, `repeats` epochs of `steps` steps each -> numbers (ms).
     threads: torch intra-op threads for both (see common.set_torch_threads)."""
     threads = set_torch_threads(threads)
-    from cxrlt.trainer import Trainer
+    from cxrlt.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench_train_", dir=workdir) as tmp:
         tmp = Path(tmp)
@@ -222,7 +222,7 @@ def flops_per_image(model, size: int, in_chans: int, device, amp: bool, batch: i
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cxrlt.device import autocast_ctx
+    from cxrlt.training.device import autocast_ctx
 
     model.train()
     x = torch.randn(batch, in_chans, size, size, device=device)
@@ -305,7 +305,7 @@ def _model_flops(cfg: dict, size: int, device) -> float:
     """Model FLOPs per image (forward + backward) of cfg's model without checkpointing."""
     import torch
 
-    from cxrlt.models import build_model
+    from cxrlt.models.model import build_model
 
     dev = torch.device(device)
     m = build_model({**cfg, "grad_checkpointing": False}, 30).to(dev)
@@ -333,7 +333,7 @@ def _gpu_row(cfg: dict, cache: Path, out: Path, fpi: float, peak_tflops: float) 
 
     import torch
 
-    from cxrlt.trainer import Trainer
+    from cxrlt.training.trainer import Trainer
 
     trainer = Trainer(cfg, str(cache), str(out))
     cuda = trainer.device.type == "cuda"

@@ -3,7 +3,7 @@ and thread helpers, and synthetic data (nothing here measures anything by itself
 
 Synthetic data (no real images needed, deterministic for a seed):
   write_synthetic_cache(out, n_train, size, n_val, n_test)  a complete cache folder that
-      cxrlt.cache.open_cache accepts, written without decoding anything (layout below)
+      cxrlt.data.cache.open_cache accepts, written without decoding anything (layout below)
   synthetic_xray(rng, h, w)       a 16-bit chest-film-like image: smooth low-frequency structure,
       rib-like stripes and sensor noise, 12 bits used (so PNG compression is realistic)
   write_xray_pngs(folder, n, h, w)  n such images as img0000.png ... (files already there are
@@ -101,9 +101,9 @@ def write_xray_pngs(folder, n: int, h: int = 2500, w: int = 2000, seed: int = 0)
 
 def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: int = 0, num_labels: int = 30,
                           seed: int = 0, chunk: int = 512) -> Path:
-    """Write a complete cache folder that cxrlt.cache.open_cache accepts, without any decoding.
+    """Write a complete cache folder that cxrlt.data.cache.open_cache accepts, without any decoding.
 
-    Files (the layout of cxrlt/cache.py):
+    Files (the layout of cxrlt/data/cache.py):
       images.npy     uint8 (n_train + n_val + n_test, size, size), written through a memmap in
                      chunks (so 20,000 x 256 px never sits in memory): a smooth chest-like blob
                      plus per-image noise (no all-zero pages, which the OS could share)
@@ -118,10 +118,10 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
     """
     import pandas as pd
 
-    from cxrlt.cache import CACHE_VERSION
-    from cxrlt.fileio import write_csv, write_json, write_text
-    from cxrlt.labels import CXRLT2026_LABELS
-    from cxrlt.tables import INDEX_FIXED_COLUMNS
+    from cxrlt.data.cache import CACHE_VERSION
+    from cxrlt.core.fileio import write_csv, write_json, write_text
+    from cxrlt.core.labels import CXRLT2026_LABELS
+    from cxrlt.data.tables import INDEX_FIXED_COLUMNS
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -348,7 +348,7 @@ def notes_markdown(stages: dict) -> str:
                  f"over only {r['images']} images.")
     r = (stages.get("crt") or {}).get("result")
     if r:
-        n.append(f"- **5** Both are the same library call (cxrlt.crt.run, {r['head']} head) with only "
+        n.append(f"- **5** Both are the same library call (cxrlt.post.retrain_head.run, {r['head']} head) with only "
                  f"crt_feature_cache changed; both compute the val mAP/mAUC {r['val_scoring_calls']} times "
                  f"(sklearn, {r['val_scoring_s_per_call']:.2f} s per call here, timed apart on the same labels); "
                  f"the speed-up without it is what caching changes: {r['uncached_excl_scoring_s']:.1f} s vs "
@@ -364,7 +364,7 @@ def notes_markdown(stages: dict) -> str:
                  for _, s, _ in CRT_MEMORY_ROWS if s in r["growth_mb"]]
         n.append(f"- **6c/6d** retrain_head.py does work proportional to N (one backbone pass over every image, "
                  f"{r['epochs']} head epoch(s) over every train row) in memory that must not grow with it: the "
-                 f"features go to disk batch by batch and come back by index (cxrlt.rowfile), images are read "
+                 f"features go to disk batch by batch and come back by index (cxrlt.data.rowfile), images are read "
                  f"with pread. " + "; ".join(parts) + ".")
     r = (stages.get("preprocess") or {}).get("result")
     if r:
@@ -449,7 +449,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all CPU stages together")
     a = ap.parse_args()
 
-    from cxrlt.fileio import write_json, write_text
+    from cxrlt.core.fileio import write_json, write_text
 
     t_start = time.perf_counter()
     work = Path(a.workdir)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from cxrlt.core.errors import InputError
 
 METHODS = ("auto", "gradcam", "attention")
 
@@ -54,7 +54,7 @@ def extra_logit_scale(model, ck: dict) -> float:
 
 
 def resolve_method(model, method: str) -> str:
-    from .models import CSRAHead
+    from cxrlt.models.model import CSRAHead
 
     if method not in METHODS:
         raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
@@ -118,7 +118,7 @@ def gradcam(model, x: torch.Tensor, classes: list[int], layer: str | None = None
 @torch.no_grad()
 def csra_attention(model, x: torch.Tensor, classes: list[int]):
     """CSRA's class-specific attention maps (B, len(classes), h, w) and the logits (B, C)."""
-    from .models import CSRA_MAX_TEMPERATURE
+    from cxrlt.models.model import CSRA_MAX_TEMPERATURE
 
     head = model.head
     feat = model.features(x)
@@ -176,7 +176,7 @@ def for_display(m: np.ndarray) -> np.ndarray:
 
 def render_panel(image: np.ndarray, maps: np.ndarray, titles: list[str], path, suptitle: str = "") -> None:
     """The image and one overlay per map (K, h, w; upsampled to the image) with its peak marked, as one PNG."""
-    from .evaluation import _pyplot, _save
+    from cxrlt.evaluation.report import _pyplot, _save
 
     plt = _pyplot()
     k = len(maps)
@@ -220,7 +220,7 @@ def explain_images(model, ck: dict, images: np.ndarray, ids: list[str], truth: n
                    device="cpu", batch_size: int = 16) -> list[dict]:
     """Panels + explain.csv for uint8 images (N, H, W); truth (N, C) 0/1 or NaN (unknown), or None.
     -> the explain.csv rows."""
-    from .fileio import write_csv
+    from cxrlt.core.fileio import write_csv
 
     import pandas as pd
 
@@ -257,8 +257,8 @@ def images_from_cache(cache_dir, ids: list[str] | None, n: int | None, val_fold:
     """(images (N, S, S) uint8, ImageIDs, labels (N, C) float with NaN for unlabelled rows, label names)
     from a cache: the given ImageIDs, else the first n val-fold images with at least one positive
     label, else (n None) every val-fold image."""
-    from .cache import open_cache
-    from .validation import rows_of_ids
+    from cxrlt.data.cache import open_cache
+    from cxrlt.evaluation.selection import rows_of_ids
 
     cache = open_cache(cache_dir)
     if ids:
@@ -292,7 +292,7 @@ class RowImages:
 
 def images_from_files(files: list[str], size: int):
     """Image files decoded and resized exactly as the cache does (imaging.load_for_cache)."""
-    from .imaging import load_for_cache
+    from cxrlt.data.imaging import load_for_cache
 
     return np.stack([load_for_cache(f, size) for f in files]), [Path(f).name for f in files]
 
@@ -349,7 +349,7 @@ def pointing_game(model, ck: dict, images: np.ndarray, ids: list[str], y: np.nda
 
     images (N, S, S) uint8 as the model sees them; y (N, C) their labels; boxes: read_boxes' frame;
     sizes: ImageID -> (height, width) of the original file the boxes' pixels refer to."""
-    from .metrics import tune_thresholds
+    from cxrlt.evaluation.metrics import tune_thresholds
 
     labels = list(ck["labels"])
     scale = extra_logit_scale(model, ck)

@@ -56,13 +56,13 @@ def demo_dataset(tmp_path_factory) -> Path:
 def build_caches(data: Path, root: Path, size: int, folds: int = 4, workers: int = 1, **kw) -> tuple[Path, Path]:
     """The train cache and the test cache of a demo-layout dataset in cache root `root`, with its
     metadata CSV when it has one (as `make demo` does) -> (train cache folder, test cache folder)."""
-    from cxrlt import keys
-    from cxrlt.cache_build import build_test_cache, build_train_cache
+    from cxrlt.data import identity
+    from cxrlt.data.cache_build import build_test_cache, build_train_cache
 
     test_csv = data / "CXRLT_2026_TEST_ALL_TASK1.csv"
     meta = data / "padchest_metadata.csv"
     meta = meta if meta.is_file() else None
-    train, test = root / "train", root / f"test-{keys.test_cache_key(test_csv, meta)}"
+    train, test = root / "train", root / f"test-{identity.test_cache_key(test_csv, meta)}"
     build_train_cache(data / "train.csv", data / "images", train, size, removal_csv=data / "Removal.csv",
                       meta_csv=meta, folds=folds, seed=0, workers=workers, **kw)
     build_test_cache(test_csv, data / "images", test, size, meta_csv=meta, workers=workers, **kw)
@@ -76,9 +76,9 @@ def demo_recipe_run(tmp_path_factory) -> dict:
     256-640: ~6x cheaper to generate, the 64 px cache is the same kind), with its metadata (so
     selection uses the proxy, as `make demo` does). Shared by the slow tests that need a model that
     has learnt the demo (cRT, explain); treat it as read-only. -> {"data", "cache", "run", "cfg"}."""
-    from cxrlt import config
+    from cxrlt.core import config
     from cxrlt.synth import generate
-    from cxrlt.trainer import train
+    from cxrlt.training.trainer import train
 
     base = _shared_dir(tmp_path_factory)
     out = base / "demo_recipe"
@@ -155,7 +155,7 @@ class IndexCache:
 
 def tiny_cfg(**kw) -> dict:
     """A config for fast CPU tests: tiny timm model, a couple of epochs, no workers."""
-    from cxrlt import config
+    from cxrlt.core import config
 
     over = dict(model="test_convnext", pretrained=False, head="linear", loss="bce", epochs=2, batch_size=16,
                 lr=2e-3, warmup_epochs=0.5, workers=0, device="cpu", aug_rotate=3.0, crt_epochs=3)

@@ -198,8 +198,8 @@ def serve(sock_path):
     "rc" (status file), "tie"} with two file descriptors (stdout, stderr); the child answers
     "pid N" at its start and "rc N" at its end."""
     import numpy, pandas, torch, timm  # noqa: F401
-    import cxrlt.cache, cxrlt.crt, cxrlt.evaluation, cxrlt.inference, cxrlt.models  # noqa: F401
-    import cxrlt.submission, cxrlt.trainer  # noqa: F401
+    import cxrlt.data.cache, cxrlt.post.retrain_head, cxrlt.evaluation.report, cxrlt.post.inference, cxrlt.models.model  # noqa: F401
+    import cxrlt.evaluation.submission, cxrlt.training.trainer  # noqa: F401
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(sock_path)
@@ -246,7 +246,7 @@ sys.exit(int(last.split()[1]) if last.startswith("rc ") else 137)
 
 
 def is_temp(name: str) -> bool:
-    """Temporary names used by cxrlt.fileio.atomic_path and the cache's done mask."""
+    """Temporary names used by cxrlt.core.fileio.atomic_path and the cache's done mask."""
     return name.startswith(".") and ".tmp" in name
 
 

@@ -23,12 +23,12 @@ import pytest
 import torch
 
 from conftest import run_script, run_script_inprocess
-from cxrlt.cache import open_cache
-from cxrlt.cache_build import build_test_cache, build_train_cache
-from cxrlt.checkpoint import load_checkpoint
-from cxrlt.tables import read_training_csv
-from cxrlt.errors import InputError
-from cxrlt.imaging import load_for_cache
+from cxrlt.data.cache import open_cache
+from cxrlt.data.cache_build import build_test_cache, build_train_cache
+from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.data.tables import read_training_csv
+from cxrlt.core.errors import InputError
+from cxrlt.data.imaging import load_for_cache
 
 LABELS = ["Normal", "Mass", "Hernia"]
 SIZE = 16
@@ -98,8 +98,8 @@ def ds(tmp_path):
 
 def cxrlt_checkpoint(path: Path, labels=LABELS) -> Path:
     """A checkpoint in cxrlt's format for timm's test_resnet (untrained weights)."""
-    from cxrlt import config
-    from cxrlt.models import build_model
+    from cxrlt.core import config
+    from cxrlt.models.model import build_model
 
     cfg = config.resolve([], {"model": "test_resnet", "pretrained": False, "workers": 0, "device": "cpu"})
     model = build_model(cfg, len(labels), labels=labels)
@@ -274,7 +274,7 @@ def test_jpeg_cut_short_with_an_end_marker_appended_is_refused(ds, tmp_path):
 
 def test_full_disk_one_worker_one_line_with_the_sizes(ds, tmp_path, monkeypatch):
     """The array cannot be allocated (old: a sparse file, then SIGBUS in the middle of the build)."""
-    import cxrlt.cache_build as cb
+    import cxrlt.data.cache_build as cb
 
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -296,7 +296,7 @@ def test_full_disk_one_worker_one_line_with_the_sizes(ds, tmp_path, monkeypatch)
 def test_full_disk_two_workers_names_the_file_it_could_not_write(ds, tmp_path, monkeypatch):
     """The disk fills while two workers decode: saving the progress mask fails (old: that second
     ENOSPC hid the real error behind a traceback)."""
-    import cxrlt.cache_build as cb
+    import cxrlt.data.cache_build as cb
 
     real_save, calls = np.save, []
 
@@ -317,8 +317,8 @@ def test_full_disk_two_workers_names_the_file_it_could_not_write(ds, tmp_path, m
 
 
 def test_an_error_on_its_way_out_is_not_replaced_by_a_failing_progress_save(ds, tmp_path, monkeypatch):
-    import cxrlt._decode as dec
-    import cxrlt.cache_build as cb
+    import cxrlt.data.decode_worker as dec
+    import cxrlt.data.cache_build as cb
 
     real_save = np.save
 

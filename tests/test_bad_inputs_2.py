@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from conftest import run_script, run_script_inprocess
-from cxrlt import config
-from cxrlt.cache_build import build_train_cache
-from cxrlt.cli import main_wrapper
-from cxrlt.errors import ConfigError, InputError
-from cxrlt.labels import CXRLT2026_LABELS
+from cxrlt.core import config
+from cxrlt.data.cache_build import build_train_cache
+from cxrlt.core.cli import main_wrapper
+from cxrlt.core.errors import ConfigError, InputError
+from cxrlt.core.labels import CXRLT2026_LABELS
 from test_bad_inputs import cxrlt_checkpoint, one_error_line, script_fails_inprocess
 
 OFFICIAL = list(CXRLT2026_LABELS)
@@ -114,7 +114,7 @@ def test_preprocess_close_label_set_exits_2_with_one_line(tmp_path, capsys):
 
 def test_labels_file_makes_another_set_deliberate(tmp_path):
     """With --labels-file the same CSV is accepted: its labels are taken, in its order."""
-    from cxrlt.tables import read_training_csv
+    from cxrlt.data.tables import read_training_csv
 
     csv = train_csv(tmp_path / "train.csv", OFFICIAL + ["Frontal"])
     twenty_nine = [x for x in OFFICIAL if x != "Mass"]
@@ -323,7 +323,7 @@ def test_train_device_gpu_one_line(tmp_path, capsys):
 
 
 def test_device_cuda_without_a_gpu(monkeypatch):
-    from cxrlt.device import pick_device
+    from cxrlt.training.device import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match=r"^--device cuda: no CUDA GPU is usable here"):

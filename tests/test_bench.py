@@ -39,7 +39,7 @@ def _restore_threads():
 
 
 def test_synthetic_cache_is_a_valid_cache(tmp_path):
-    from cxrlt.cache import open_cache
+    from cxrlt.data.cache import open_cache
 
     out = common.write_synthetic_cache(tmp_path / "c", n_train=20, size=16, n_val=6, n_test=5, num_labels=7, chunk=8)
     c = open_cache(out)

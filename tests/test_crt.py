@@ -1,4 +1,4 @@
-"""cxrlt.crt pieces on small tensors: head re-initialisation, tau, the feature cache choice, the config."""
+"""cxrlt.post.retrain_head pieces on small tensors: head re-initialisation, tau, the feature cache choice, the config."""
 
 import json
 from types import SimpleNamespace
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlt import config
-from cxrlt.crt import (CachedInputs, check_tau_applies, choose_feature_cache, head_distance,
+from cxrlt.core import config
+from cxrlt.post.retrain_head import (CachedInputs, check_tau_applies, choose_feature_cache, head_distance,
                        starting_head, tau_normalise, train_head)
-from cxrlt.errors import InputError
-from cxrlt.metrics import average_precision_per_label
-from cxrlt.models import build_head
-from cxrlt.rowfile import RowWriter
+from cxrlt.core.errors import InputError
+from cxrlt.evaluation.metrics import average_precision_per_label
+from cxrlt.models.model import build_head
+from cxrlt.data.rowfile import RowWriter
 
 F, C = 12, 5
 HEADS = {"linear": {}, "cosine": {}, "csra": {"csra_lambda": 1.0, "csra_temperature": 2.0}}
@@ -226,7 +226,7 @@ def _frontal_vs_lateral(y, frontal, n_after):
 
 @pytest.mark.parametrize("select_on", ["auto", "full"])
 def test_crt_keeps_the_head_the_selection_set_prefers(select_on, tmp_path):
-    from cxrlt import validation as V
+    from cxrlt.evaluation import selection as V
 
     cache, y_va = _paired_val()
     rows = cache.rows("train")
@@ -252,8 +252,8 @@ def test_crt_keeps_the_head_the_selection_set_prefers(select_on, tmp_path):
 
 
 def test_tau_is_kept_on_the_selection_set(tmp_path):
-    from cxrlt import validation as V
-    from cxrlt.crt import TAU_GRID, _tau_search
+    from cxrlt.evaluation import selection as V
+    from cxrlt.post.retrain_head import TAU_GRID, _tau_search
 
     cache, y_va = _paired_val()
     rows = cache.rows("train")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlt.cache import open_cache
-from cxrlt.crt import run as run_crt
-from cxrlt.data import CacheDataset, make_loader
-from cxrlt.inference import load_trained, predict_tta
-from cxrlt.metrics import average_precision_per_label, frequency_groups
+from cxrlt.data.cache import open_cache
+from cxrlt.post.retrain_head import run as run_crt
+from cxrlt.data.dataset import CacheDataset, make_loader
+from cxrlt.post.inference import load_trained, predict_tta
+from cxrlt.evaluation.metrics import average_precision_per_label, frequency_groups
 
 
 def _val_ap(ckpt, cache, rows, y):

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
-from cxrlt.checkpoint import load_checkpoint
-from cxrlt.crt import run as run_crt
-from cxrlt.crt import tau_normalise
-from cxrlt.errors import InputError
-from cxrlt.fileio import torch_save
-from cxrlt.inference import load_trained
-from cxrlt.trainer import train
+from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.post.retrain_head import run as run_crt
+from cxrlt.post.retrain_head import tau_normalise
+from cxrlt.core.errors import InputError
+from cxrlt.core.fileio import torch_save
+from cxrlt.post.inference import load_trained
+from cxrlt.training.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from cxrlt.data import AugConfig, CacheDataset, augment
+from cxrlt.data.dataset import AugConfig, CacheDataset, augment
 
 
 def _img():
@@ -54,7 +54,7 @@ def test_dataset_pickles_without_the_array(tmp_path):
 
 
 def test_atomic_write_cleans_temps_left_by_a_killed_writer(tmp_path):
-    from cxrlt.fileio import write_text
+    from cxrlt.core.fileio import write_text
 
     stale = tmp_path / ".last.pt.abc123.tmp.pt"
     stale.write_bytes(b"x" * 100)
@@ -75,7 +75,7 @@ class _CvThreads(torch.utils.data.Dataset):
 
 
 def test_loader_workers_run_opencv_single_threaded():
-    from cxrlt.data import make_loader
+    from cxrlt.data.dataset import make_loader
 
     threads = [int(x.max()) for x, _, _ in make_loader(_CvThreads(), 1, workers=1)]
     assert threads == [1, 1]  # one OpenCV thread per worker process (the workers are the parallelism)

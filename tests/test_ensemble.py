@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlt import ensembling as E
-from cxrlt import metrics as M
-from cxrlt.cli import main_wrapper
-from cxrlt.metrics import macro_map
-from cxrlt.submission import validate_submission
+from cxrlt.evaluation import ensembling as E
+from cxrlt.evaluation import metrics as M
+from cxrlt.core.cli import main_wrapper
+from cxrlt.evaluation.metrics import macro_map
+from cxrlt.evaluation.submission import validate_submission
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["Normal", "Mass", "Hernia"]
@@ -179,7 +179,7 @@ def test_weights_are_fitted_on_the_selection_set_with_an_honest_number(setup, ca
     # test-like proxy (frontal, one per study) greedy takes model 0; on the full fold, model 1.
     from conftest import IndexCache
 
-    import cxrlt.cache
+    import cxrlt.data.cache
 
     s = setup
     rng = np.random.default_rng(7)
@@ -193,7 +193,7 @@ def test_weights_are_fitted_on_the_selection_set_with_an_honest_number(setup, ca
     table.insert(0, "ImageID", val_ids)
     table = table.assign(split="train", fold=0, study=[f"s{i // 2}" for i in range(n)],
                          patient=[f"p{i // 4}" for i in range(n)], projection=np.where(frontal, "PA", "L"))
-    monkeypatch.setattr(cxrlt.cache, "open_cache", lambda path: IndexCache(table, LABELS))
+    monkeypatch.setattr(cxrlt.data.cache, "open_cache", lambda path: IndexCache(table, LABELS))
     index = pd.read_csv(s["index"], dtype=str, keep_default_na=False)
     index.loc[:n - 1, LABELS] = y.astype(str)  # the labels the cache's index.csv holds
     index.to_csv(s["index"], index=False)

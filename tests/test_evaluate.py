@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from cxrlt.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["Normal", "cardiomegaly", "Mass", "Hernia"]
@@ -224,7 +224,7 @@ def test_bootstrap_interval_and_paired_comparison(tmp_path, capsys):
 def test_study_keys_of_the_cache_drive_the_resampling_and_the_proxy(tmp_path, capsys, monkeypatch):
     from conftest import IndexCache
 
-    import cxrlt.cache
+    import cxrlt.data.cache
 
     index, ids, y = make_index(tmp_path)
     table = pd.read_csv(index, dtype=str).fillna("")
@@ -233,7 +233,7 @@ def test_study_keys_of_the_cache_drive_the_resampling_and_the_proxy(tmp_path, ca
     table["projection"] = ["PA" if i % 2 == 0 else "L" for i in range(len(table))]
     table["fold"] = table["fold"].astype(int)
     table[LABELS] = table[LABELS].replace("", "0").astype(int)
-    monkeypatch.setattr(cxrlt.cache, "open_cache", lambda path: IndexCache(table, LABELS))
+    monkeypatch.setattr(cxrlt.data.cache, "open_cache", lambda path: IndexCache(table, LABELS))
     pred = tmp_path / "pred.csv"
     make_pred(pred, ids[:40], y[:40])
     code, stdout, err = run_inprocess("evaluate.py", ["--pred", str(pred), "--labels", str(index), "--out",

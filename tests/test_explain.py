@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_cfg
 from cxrlt import explain as X
-from cxrlt.models import CXRModel, build_head, build_model
+from cxrlt.models.model import CXRModel, build_head, build_model
 
 HEADS = ["linear", "cosine", "csra"]
 LABELS = ["spot", "other", "third"]
@@ -108,7 +108,7 @@ def test_a_finer_layer_gives_a_finer_map_and_a_wrong_one_is_named():
 @pytest.mark.parametrize("head", HEADS)
 def test_explain_cli_writes_a_panel_per_image_for_every_head(tmp_path, head):
     import explain as script
-    from cxrlt.fileio import torch_save
+    from cxrlt.core.fileio import torch_save
 
     cfg = tiny_cfg(model="test_resnet", head=head)
     model = build_model(cfg, num_classes=len(LABELS))
@@ -196,8 +196,8 @@ def test_explain_cli_on_cache_images_with_labels_and_the_pointing_game(tmp_path,
     import json
 
     import explain as script
-    from cxrlt.cache import open_cache
-    from cxrlt.fileio import torch_save
+    from cxrlt.data.cache import open_cache
+    from cxrlt.core.fileio import torch_save
 
     cache = open_cache(demo_cache)
     cfg = tiny_cfg(model="test_resnet", head="csra")

@@ -97,8 +97,8 @@ def preprocess_stage(f, out: Path) -> Stage:
 @pytest.fixture(scope="module")
 def ref_run(fx):
     """The uninterrupted training run (in this process)."""
-    from cxrlt import config
-    from cxrlt.trainer import train
+    from cxrlt.core import config
+    from cxrlt.training.trainer import train
 
     out = fx["base"] / "ref_run"
     with one_thread():
@@ -108,7 +108,7 @@ def ref_run(fx):
 
 @pytest.fixture(scope="module")
 def ref_crt(fx, ref_run):
-    from cxrlt.crt import run
+    from cxrlt.post.retrain_head import run
 
     out = fx["base"] / "ref_crt"
     with one_thread():
@@ -125,7 +125,7 @@ def train_stage(fx, out: Path) -> Stage:
 
 PREPROCESS_FAULTS = {  # point -> (fault, what the re-run says)
     # early: the partial folder exists but its plan.json (written last when setting up) does not
-    "setup": ({"mode": "pause", "target": "cxrlt.cache_build:write_json", "match": "plan.json"},
+    "setup": ({"mode": "pause", "target": "cxrlt.data.cache_build:write_json", "match": "plan.json"},
               "incomplete set-up from an earlier run; starting over"),
     # mid-write: index.csv half written inside the partial folder, every image decoded
     "index_midwrite": ({"mode": "midwrite", "target": "pathlib:Path.write_text", "match": "index.csv"},
@@ -161,7 +161,7 @@ def test_preprocess_ctrl_c_exits_130_with_hint_and_resumes(fx, tmp_path):
     out = tmp_path / "cache"
     stage = preprocess_stage(fx, out)
     # Ctrl-C while the 20th image decodes (19 are finished)
-    p = stage.interrupt({"mode": "pause", "target": "cxrlt._decode:load_for_cache", "nth": 20}, sig=signal.SIGINT)
+    p = stage.interrupt({"mode": "pause", "target": "cxrlt.data.decode_worker:load_for_cache", "nth": 20}, sig=signal.SIGINT)
     assert p.returncode == 130, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last == "interrupted: re-run the same command to continue where it stopped"
@@ -188,7 +188,7 @@ def test_train_killed_interrupted_killed_then_resumed_equals_uninterrupted(fx, r
     assert len(temp_files(out)) == 1  # the half-written last.pt, under its temp name only
     assert [r["epoch"] for r in jsonl(out / "metrics.jsonl")] == [0]
 
-    p = stage.interrupt({"mode": "pause", "target": "cxrlt.trainer:Trainer.validate", "nth": 2},
+    p = stage.interrupt({"mode": "pause", "target": "cxrlt.training.trainer:Trainer.validate", "nth": 2},
                         sig=signal.SIGINT, extra=["--resume"])
     assert p.returncode == 130, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == (
@@ -271,7 +271,7 @@ ENSEMBLE_FAULTS = {
 
 @pytest.mark.parametrize("point", list(ENSEMBLE_FAULTS))
 def test_ensemble_killed_then_rerun_equals_uninterrupted(fx, tmp_path, point):
-    from cxrlt.tables import read_id_list
+    from cxrlt.data.tables import read_id_list
 
     ids = read_id_list(fx["test_csv"])["ImageID"].tolist()
     preds = [write_predictions(tmp_path / f"test{k}.csv", ids[::-1], k) for k in range(2)]
@@ -325,7 +325,7 @@ def test_make_all_killed_mid_training_then_rerun_finishes(fx, ref_run, tmp_path)
     same_weights(run / "model.pt", ref_run / "model.pt")
     for name in ("index.csv", "images.npy"):
         assert (cache / "train" / name).read_bytes() == (fx["cache"] / name).read_bytes()
-    from cxrlt.submission import validate_submission
+    from cxrlt.evaluation.submission import validate_submission
 
     assert len(validate_submission(f"{sub}.csv", fx["test_csv"], LABELS)) == 12
     assert zipfile.ZipFile(f"{sub}.zip").testzip() is None

@@ -1,4 +1,4 @@
-"""cxrlt.fileio: atomic writes and the output lock."""
+"""cxrlt.core.fileio: atomic writes and the output lock."""
 
 import os
 import socket
@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from conftest import ROOT
-from cxrlt.errors import InputError
-from cxrlt.fileio import lock_path, output_lock, write_text
+from cxrlt.core.errors import InputError
+from cxrlt.core.fileio import lock_path, output_lock, write_text
 
-HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from cxrlt.fileio import output_lock\n"
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from cxrlt.core.fileio import output_lock\n"
         "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
 
 
@@ -54,8 +54,8 @@ def test_a_full_disk_during_an_atomic_write_is_one_line_naming_the_file(tmp_path
 
     import pytest
 
-    from cxrlt.errors import InputError
-    from cxrlt.fileio import atomic_path
+    from cxrlt.core.errors import InputError
+    from cxrlt.core.fileio import atomic_path
 
     final = tmp_path / "model.pt"
     with pytest.raises(InputError) as e:
@@ -72,7 +72,7 @@ def test_a_full_disk_outside_an_atomic_write_exits_2_with_one_line(tmp_path, cap
 
     import pytest
 
-    from cxrlt.cli import main_wrapper
+    from cxrlt.core.cli import main_wrapper
 
     def main():
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))

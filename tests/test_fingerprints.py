@@ -1,9 +1,9 @@
-"""Content fingerprints and the stage self-check (cxrlt/fingerprints.py)."""
+"""Content fingerprints and the stage self-check (cxrlt/pipeline/fingerprints.py)."""
 
 import os
 import time
 
-from cxrlt import fingerprints as fp
+from cxrlt.pipeline import fingerprints as fp
 
 
 def test_file_key_follows_content_not_time(tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from cxrlt.inference import apply_view
+from cxrlt.post.inference import apply_view
 
 
 def test_flip_view_twice_is_identity_and_scale_keeps_shape():
@@ -14,16 +14,16 @@ def test_flip_view_twice_is_identity_and_scale_keeps_shape():
 
 
 def _tiny_model(**kw):
-    from cxrlt import config
-    from cxrlt.models import build_model
+    from cxrlt.core import config
+    from cxrlt.models.model import build_model
 
     torch.manual_seed(0)
     return build_model(config.resolve([], dict(model="test_resnet", pretrained=False, **kw)), 3)
 
 
 def test_predict_tta_none_is_sigmoid_of_the_model_and_feature_batches_cover_all_rows(tmp_path):
-    from cxrlt.data import CacheDataset, make_loader
-    from cxrlt.inference import batched_forward, feature_batches, predict_tta
+    from cxrlt.data.dataset import CacheDataset, make_loader
+    from cxrlt.post.inference import batched_forward, feature_batches, predict_tta
 
     model = _tiny_model(loss="ldam", ldam_s=4.0).eval()
     imgs = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
@@ -41,8 +41,8 @@ def test_predict_tta_none_is_sigmoid_of_the_model_and_feature_batches_cover_all_
 def test_old_checkpoint_logit_scale_entry_sets_the_models_scale(tmp_path):
     # before the head held LDAM's s, checkpoints stored it beside the weights and every consumer
     # multiplied by it: loading such a file must give the same probabilities
-    from cxrlt import config
-    from cxrlt.inference import load_trained
+    from cxrlt.core import config
+    from cxrlt.post.inference import load_trained
 
     model = _tiny_model()
     cfg = config.resolve([], dict(model="test_resnet", pretrained=False))

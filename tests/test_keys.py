@@ -1,4 +1,4 @@
-"""Study, patient and projection keys (cxrlt.keys), the metadata CSV reader (cxrlt.tables.read_meta_csv)
+"""Study, patient and projection keys (cxrlt.data.identity), the metadata CSV reader (cxrlt.data.tables.read_meta_csv)
 and the keys stored in a cache index, on real PadChest IDs.
 
 tests/data/padchest_meta_sample.csv: 300 rows of PadChest's metadata (ImageID, StudyID, PatientID,
@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrlt import keys
-from cxrlt.cache import open_cache
-from cxrlt.cache_build import build_test_cache, build_train_cache
-from cxrlt.tables import META_COLUMNS, read_meta_csv
-from cxrlt.errors import InputError
+from cxrlt.data import identity
+from cxrlt.data.cache import open_cache
+from cxrlt.data.cache_build import build_test_cache, build_train_cache
+from cxrlt.data.tables import META_COLUMNS, read_meta_csv
+from cxrlt.core.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "padchest_meta_sample.csv"
@@ -50,9 +50,9 @@ def test_derived_study_key_is_the_padchest_study_id_on_every_row():
     rows = sample_rows()
     assert len(rows) == 300
     for r in rows:
-        assert keys.is_padchest_id(r["ImageID"]), r["ImageID"]
+        assert identity.is_padchest_id(r["ImageID"]), r["ImageID"]
         # whatever patient and date say: the ImageID alone gives the study
-        assert keys.study_key(r["ImageID"], "1.90E+38", "20170101") == r["StudyID"], r["ImageID"]
+        assert identity.study_key(r["ImageID"], "1.90E+38", "20170101") == r["StudyID"], r["ImageID"]
     assert any("-" in r["StudyID"] for r in rows)  # IDs like 1131...374-3_1ud9by.png are covered
 
 
@@ -62,25 +62,25 @@ def test_images_sharing_patient_and_date_in_different_studies_get_different_keys
     for g in groups:
         by_study = defaultdict(set)
         for r in g:
-            by_study[r["StudyID"]].add(keys.study_key(r["ImageID"], r["PatientID"], r["StudyDate_DICOM"]))
+            by_study[r["StudyID"]].add(identity.study_key(r["ImageID"], r["PatientID"], r["StudyDate_DICOM"]))
         assert all(len(k) == 1 for k in by_study.values())  # one key per study ...
         assert len(set.union(*by_study.values())) == len(by_study)  # ... and a different one for each
 
 
 def test_fallback_study_keys_and_blank_keys_are_their_own_study():
-    assert keys.study_key("img1.png", "P1", "20200101") == "P1|20200101"
-    assert keys.study_key("img2.png", "P1", "20200101") == "P1|20200101"  # same patient and day: one study
-    blank = [keys.study_key(f"img{i}.png", "", "") for i in range(3)]
+    assert identity.study_key("img1.png", "P1", "20200101") == "P1|20200101"
+    assert identity.study_key("img2.png", "P1", "20200101") == "P1|20200101"  # same patient and day: one study
+    blank = [identity.study_key(f"img{i}.png", "", "") for i in range(3)]
     assert blank == ["img0.png", "img1.png", "img2.png"]  # never one study of every keyless image
-    assert keys.study_key("img4.png", "P1", " ") == "img4.png" and keys.study_key("img5.png", "", "2020") == "img5.png"
-    assert not keys.is_padchest_id("12345_ab.png") and not keys.is_padchest_id("1" * 20 + ".png")
+    assert identity.study_key("img4.png", "P1", " ") == "img4.png" and identity.study_key("img5.png", "", "2020") == "img5.png"
+    assert not identity.is_padchest_id("12345_ab.png") and not identity.is_padchest_id("1" * 20 + ".png")
 
 
 def test_patient_and_projection_rules():
-    assert keys.patient_key("a.png", "1.90E+38", "18964122433871190702") == "18964122433871190702"
-    assert keys.patient_key("a.png", "1.90E+38", "") == "1.90E+38"
-    assert keys.patient_key("a.png", " ", "") == "a.png"
-    assert [keys.projection(p) for p in ("PA", " L ", "UNK", "", "AP_horizontal")] == ["PA", "L", "", "", "AP_horizontal"]
+    assert identity.patient_key("a.png", "1.90E+38", "18964122433871190702") == "18964122433871190702"
+    assert identity.patient_key("a.png", "1.90E+38", "") == "1.90E+38"
+    assert identity.patient_key("a.png", " ", "") == "a.png"
+    assert [identity.projection(p) for p in ("PA", " L ", "UNK", "", "AP_horizontal")] == ["PA", "L", "", "", "AP_horizontal"]
 
 
 def test_test_cache_key_follows_the_content_of_the_test_list_and_metadata(tmp_path):
@@ -89,16 +89,16 @@ def test_test_cache_key_follows_the_content_of_the_test_list_and_metadata(tmp_pa
     a.write_text("ImageID\nx.png\ny.png\n")
     b.write_text("ImageID\nx.png\ny.png\n")
     meta.write_text(SAMPLE.read_text())
-    k = keys.test_cache_key(a)
+    k = identity.test_cache_key(a)
     assert len(k) == 12 and int(k, 16) >= 0
-    assert keys.test_cache_key(b) == k  # content, not path
-    assert keys.test_cache_key(a, meta) != k
+    assert identity.test_cache_key(b) == k  # content, not path
+    assert identity.test_cache_key(a, meta) != k
     b.write_text("ImageID\nx.png\n")
-    assert keys.test_cache_key(b) != k
-    p = subprocess.run([sys.executable, "-m", "cxrlt.keys", str(a), str(meta)], cwd=ROOT, capture_output=True,
+    assert identity.test_cache_key(b) != k
+    p = subprocess.run([sys.executable, "-m", "cxrlt.data.identity", str(a), str(meta)], cwd=ROOT, capture_output=True,
                        text=True)
-    assert p.returncode == 0 and p.stdout.strip() == keys.test_cache_key(a, meta)
-    p = subprocess.run([sys.executable, "-m", "cxrlt.keys", str(tmp_path / "none.csv")], cwd=ROOT,
+    assert p.returncode == 0 and p.stdout.strip() == identity.test_cache_key(a, meta)
+    p = subprocess.run([sys.executable, "-m", "cxrlt.data.identity", str(tmp_path / "none.csv")], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == f"error: {tmp_path / 'none.csv'}: file not found"
 

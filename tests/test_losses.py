@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlt import config
-from cxrlt.errors import ConfigError
-from cxrlt.losses import LOSSES, build_loss, effective_number_weights
+from cxrlt.core import config
+from cxrlt.core.errors import ConfigError
+from cxrlt.models.losses import LOSSES, build_loss, effective_number_weights
 
 Z = np.array([[2.0, -1.0, 0.5, -3.0], [-0.3, 1.5, -2.0, 4.0], [0.0, 0.7, 3.0, -0.8]])
 Y = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]], dtype=float)

@@ -168,7 +168,7 @@ def test_post_training_keys_rerun_only_the_stages_that_read_them(world):
     after = world.times()
     assert rewritten(before, after) == {"pred_val", "pred_test", "eval", "submission"}
     settled(world)
-    from cxrlt.fingerprints import recorded_inputs
+    from cxrlt.pipeline.fingerprints import recorded_inputs
 
     assert "flip" in json.dumps(recorded_inputs(world.path(OUTPUTS["pred_test"])))
     cfg.write_text(cfg.read_text().replace("crt_epochs: 1", "crt_epochs: 2"))

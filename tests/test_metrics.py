@@ -1,10 +1,10 @@
-"""cxrlt.metrics against sklearn and hand-computed values."""
+"""cxrlt.evaluation.metrics against sklearn and hand-computed values."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from cxrlt import metrics as M
+from cxrlt.evaluation import metrics as M
 
 
 @pytest.fixture

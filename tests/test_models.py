@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 
-from cxrlt import config
-from cxrlt.checkpoint import load_checkpoint
-from cxrlt.errors import ConfigError, InputError
-from cxrlt.models import CosineHead, CSRAHead, LinearHead, build_model
+from cxrlt.core import config
+from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.core.errors import ConfigError, InputError
+from cxrlt.models.model import CosineHead, CSRAHead, LinearHead, build_model
 
 SIZE = 32
 
@@ -213,7 +213,7 @@ def test_ldam_model_returns_real_logits_scaled_by_s(head):
 
 
 def test_grad_checkpointing_gives_the_same_loss_and_gradients():
-    from cxrlt.losses import build_loss
+    from cxrlt.models.losses import build_loss
 
     grads = []
     for on in (False, True):

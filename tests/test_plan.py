@@ -1,4 +1,4 @@
-"""Make's plan (cxrlt/plan.py): a stamp changes exactly when what its stage reads changes."""
+"""Make's plan (cxrlt/pipeline/plan.py): a stamp changes exactly when what its stage reads changes."""
 
 import os
 import shutil
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from cxrlt import plan
-from cxrlt.errors import InputError
+from cxrlt.pipeline import plan
+from cxrlt.core.errors import InputError
 
 STAGES = ["cache-train", "cache-test", "demo/train", "demo/crt", "demo/predict-val", "demo/predict-test"]
 
@@ -99,7 +99,7 @@ def test_vars_mk_names_the_test_cache_by_content_and_each_config_size(setup):
     run_plan(d)
     mk = (d / ".make" / "vars.mk").read_text()
     key = next(line.split(":= ")[1] for line in mk.splitlines() if line.startswith("TEST_KEY"))
-    from cxrlt.keys import test_cache_key
+    from cxrlt.data.identity import test_cache_key
 
     assert key == test_cache_key(d / "test.csv")  # the folder preprocess.py and the plan agree on
     assert len(key) == 12 and "SIZE_demo := 64" in mk and "STEMS := demo" in mk

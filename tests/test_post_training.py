@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import run_script, run_script_inprocess, tiny_cfg
-from cxrlt.cache import open_cache
-from cxrlt.checkpoint import load_checkpoint
-from cxrlt.data import CacheDataset, make_loader
-from cxrlt.inference import load_trained, predict_tta
-from cxrlt.trainer import train
+from cxrlt.data.cache import open_cache
+from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.data.dataset import CacheDataset, make_loader
+from cxrlt.post.inference import load_trained, predict_tta
+from cxrlt.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp
 def test_postproc_from_applies_the_val_choice_to_test_predictions(trained_run, demo_test_cache, tmp_path, capsys):
     import json
 
-    from cxrlt.postproc import Context, normal_gating
-    from cxrlt.validation import val_keys
+    from cxrlt.post.postproc import Context, normal_gating
+    from cxrlt.evaluation.selection import val_keys
 
     raw, gated = tmp_path / "raw.csv", tmp_path / "gated.csv"
     choice = tmp_path / "pred_val.csv.postproc.json"
@@ -146,7 +146,7 @@ def test_predict_reads_post_keys_from_the_current_config_and_settles(trained_run
     ignored, and a re-run with the same inputs only touches the output."""
     import os
 
-    from cxrlt.fingerprints import recorded_inputs
+    from cxrlt.pipeline.fingerprints import recorded_inputs
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("tta: none\nworkers: 0\n")
@@ -169,7 +169,7 @@ def test_predict_reads_post_keys_from_the_current_config_and_settles(trained_run
 def test_crt_method_none_from_the_config_keeps_the_runs_own_head(trained_run, demo_cache, tmp_path):
     """A study's "no post-training" variant: crt_method none in the current config writes the run's
     model unchanged as the head stage's output (and the config's choice is what counts)."""
-    from cxrlt.crt import run
+    from cxrlt.post.retrain_head import run
 
     cfg = tmp_path / "none.yaml"
     cfg.write_text("crt_method: none\nworkers: 0\n")

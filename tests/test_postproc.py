@@ -1,13 +1,13 @@
-"""cxrlt.postproc: gating, pooling, patient context and the cross-fitted choice of the grid."""
+"""cxrlt.post.postproc: gating, pooling, patient context and the cross-fitted choice of the grid."""
 
 import json
 
 import numpy as np
 import pytest
 
-from cxrlt import postproc as P
-from cxrlt.metrics import macro_map
-from cxrlt.validation import make_keys, val_sets_from_keys
+from cxrlt.post import postproc as P
+from cxrlt.evaluation.metrics import macro_map
+from cxrlt.evaluation.selection import make_keys, val_sets_from_keys
 
 LABELS = ["Normal", "a", "b"]
 
@@ -126,7 +126,7 @@ def test_patient_context_weight_is_chosen_when_earlier_studies_predict_the_label
 
 
 def test_apply_matches_the_grid_scores_and_the_choice_round_trips(tmp_path):
-    from cxrlt import config
+    from cxrlt.core import config
 
     keys, p = _pairs_problem(np.random.default_rng(3), n_studies=60)
     sets = val_sets_from_keys(keys, LABELS, {"select_on": "full"})

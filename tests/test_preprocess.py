@@ -1,4 +1,4 @@
-"""Image decoding/windowing/resizing (cxrlt.imaging) and the image caches (cxrlt.cache, cxrlt.cache_build,
+"""Image decoding/windowing/resizing (cxrlt.data.imaging) and the image caches (cxrlt.data.cache, cxrlt.data.cache_build,
 preprocess.py): layout, the Cache API, reuse of pixels between the caches of a root, resume, failures."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cxrlt._decode as decode_mod
-from cxrlt import keys
-from cxrlt.cache import open_cache
-from cxrlt.cache_build import build_test_cache, build_train_cache
-from cxrlt.errors import InputError
-from cxrlt.fileio import output_lock
-from cxrlt.imaging import ImageReadError, apply_window, load_for_cache, read_image, resize_square, window_limits
+import cxrlt.data.decode_worker as decode_mod
+from cxrlt.data import identity
+from cxrlt.data.cache import open_cache
+from cxrlt.data.cache_build import build_test_cache, build_train_cache
+from cxrlt.core.errors import InputError
+from cxrlt.core.fileio import output_lock
+from cxrlt.data.imaging import ImageReadError, apply_window, load_for_cache, read_image, resize_square, window_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Normal", "Mass", "Hernia"]
@@ -77,7 +77,7 @@ def build(ds, root, image_dir=None, **kw) -> dict:
 def build_test(ds, root, test_csv=None, **kw) -> Path:
     """The test cache of `test_csv` (default: the dataset's) in root/test-<key> -> its folder."""
     test_csv = test_csv or ds["test_csv"]
-    out = root / f"test-{keys.test_cache_key(test_csv)}"
+    out = root / f"test-{identity.test_cache_key(test_csv)}"
     build_test_cache(test_csv, kw.pop("image_dir", ds["image_dir"]), out, SIZE, **{"workers": 1, **kw})
     return out
 
@@ -247,7 +247,7 @@ def test_train_cache_layout_index_and_removal(ds, tmp_path):
 
 def test_test_cache_holds_every_listed_image_and_no_labels(ds, tmp_path):
     out = build_test(ds, tmp_path)
-    assert out.name == f"test-{keys.test_cache_key(ds['test_csv'])}"
+    assert out.name == f"test-{identity.test_cache_key(ds['test_csv'])}"
     idx = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False)
     assert list(idx.columns) == ["row", "ImageID", "StudyDate_DICOM", "PatientID", "study", "patient", "projection",
                                  "split", "fold"]
@@ -412,7 +412,7 @@ def _run_slow_build_and_kill(ds, root: Path, min_done: int) -> int:
     script = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-import cxrlt.cache_build as c, cxrlt._decode as d
+import cxrlt.data.cache_build as c, cxrlt.data.decode_worker as d
 c.FLUSH_SECONDS = 0
 orig = d.load_for_cache
 def slow(*a, **k):
@@ -464,7 +464,7 @@ def test_two_workers_give_the_same_cache(ds, tmp_path):
 def test_a_decode_worker_that_dies_stops_the_build_naming_its_file(tmp_path):
     import threading
 
-    from cxrlt.decode_pool import DecodePool
+    from cxrlt.data.decode_pool import DecodePool
 
     # the worker blocks opening a named pipe (no writer) until it is killed, as by the OOM killer
     fifo, fifo2 = tmp_path / "stuck.png", tmp_path / "next.png"
@@ -561,9 +561,9 @@ def test_foreign_out_dir_is_refused(ds, tmp_path):
 
 def test_cli_train_and_test_caches(ds, tmp_path):
     root = tmp_path / "root"
-    key = subprocess.run([sys.executable, "-m", "cxrlt.keys", str(ds["test_csv"])], cwd=ROOT, capture_output=True,
+    key = subprocess.run([sys.executable, "-m", "cxrlt.data.identity", str(ds["test_csv"])], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.strip()
-    assert key == keys.test_cache_key(ds["test_csv"])
+    assert key == identity.test_cache_key(ds["test_csv"])
     common = ["--image-dir", str(ds["image_dir"]), "--size", str(SIZE), "--workers", "2"]
     for args in (["train", "--train-csv", str(ds["train_csv"]), "--removal-csv", str(ds["removal_csv"]),
                   "--folds", "3", "--out", str(root / "train")],

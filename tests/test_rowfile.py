@@ -1,11 +1,11 @@
-"""cxrlt.rowfile: row files written batch by batch and read by index, in bounded resident memory."""
+"""cxrlt.data.rowfile: row files written batch by batch and read by index, in bounded resident memory."""
 
 import pickle
 
 import numpy as np
 import pytest
 
-from cxrlt.rowfile import RowFile, RowWriter, shape_of
+from cxrlt.data.rowfile import RowFile, RowWriter, shape_of
 
 
 def _rss_file_kb() -> int:

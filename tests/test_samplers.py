@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from cxrlt import config
-from cxrlt.errors import ConfigError
-from cxrlt.samplers import SAMPLERS, build_sampler, repeat_factors
+from cxrlt.core import config
+from cxrlt.core.errors import ConfigError
+from cxrlt.data.samplers import SAMPLERS, build_sampler, repeat_factors
 
 CFG = dict(config.DEFAULTS)
 

@@ -1,11 +1,11 @@
-"""Patient-grouped, multilabel-stratified folds (cxrlt.splits)."""
+"""Patient-grouped, multilabel-stratified folds (cxrlt.data.splits)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from cxrlt.splits import assign_folds
+from cxrlt.data.splits import assign_folds
 
 K = 5
 

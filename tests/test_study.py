@@ -1,4 +1,4 @@
-"""Studies (cxrlt/study.py, study.py): expansion into configs, Make's plan, and the comparison report."""
+"""Studies (cxrlt/studies/spec.py, study.py): expansion into configs, Make's plan, and the comparison report."""
 
 import json
 import os
@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, run_script
-from cxrlt import metrics as M
-from cxrlt import plan, study
-from cxrlt.errors import InputError
+from cxrlt.evaluation import metrics as M
+from cxrlt.pipeline import plan
+from cxrlt.studies import spec
+from cxrlt.core.errors import InputError
 
 N_BOOT = 200
 
@@ -39,9 +40,9 @@ def test_expand_writes_one_config_per_variant_seed_and_only_rewrites_changed_con
           a: {loss: bce, head: linear}
           b: {}
         """)
-    s = study.expand(f, tmp_path / "state")
+    s = spec.expand(f, tmp_path / "state")
     assert [r["stem"] for r in s.runs] == ["mini.a", "mini.a.s1", "mini.b", "mini.b.s1"]
-    from cxrlt import config
+    from cxrlt.core import config
 
     cfg = config.resolve([s.runs[1]["config"]])
     assert (cfg["loss"], cfg["head"], cfg["seed"], cfg["crt_method"], cfg["model"]) == \
@@ -52,12 +53,12 @@ def test_expand_writes_one_config_per_variant_seed_and_only_rewrites_changed_con
 
     files = sorted((tmp_path / "state" / "studies" / "mini").iterdir())
     times = {p.name: p.stat().st_mtime_ns for p in files}
-    study.expand(f, tmp_path / "state")  # same content: nothing rewritten (Make sees no change)
+    spec.expand(f, tmp_path / "state")  # same content: nothing rewritten (Make sees no change)
     assert {p.name: p.stat().st_mtime_ns for p in files} == times
     # a variant dropped from the study: its config disappears, the others stay untouched
     write_study(tmp_path, "name: mini\noverrides: {crt_method: none}\nbaseline: b\nseeds: [0, 1]\n"
                 "variants:\n  b: {}\n")
-    study.expand(f, tmp_path / "state")
+    spec.expand(f, tmp_path / "state")
     left = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "state" / "studies" / "mini").glob("*.yaml")}
     assert left == {k: v for k, v in times.items() if k.startswith("mini.b")}
 
@@ -75,14 +76,14 @@ def test_expand_writes_one_config_per_variant_seed_and_only_rewrites_changed_con
 def test_a_wrong_study_file_is_a_one_line_error_naming_it(tmp_path, body, message):
     f = write_study(tmp_path, body)
     with pytest.raises(InputError) as e:
-        study.run_specs(study.load_study(f))
+        spec.run_specs(spec.load_study(f))
     assert message in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_every_study_in_the_repo_expands(tmp_path):
     for f in sorted((ROOT / "studies").glob("*.yaml")):
         os.chdir(ROOT)  # base paths are relative to the folder make runs in
-        s = study.expand(f.relative_to(ROOT), tmp_path / "state")
+        s = spec.expand(f.relative_to(ROOT), tmp_path / "state")
         assert s.baseline in s.variants and len(s.runs) == len(s.variants), f
 
 
@@ -142,7 +143,7 @@ def label_cache(tmp_path_factory) -> Path:
     """A train cache of 240 tiny images in 160 studies (1-2 images each) with 4 common labels: every
     label has many positives in every fold, so that the intervals are about the predictions and not
     about tail labels that a resample may lack (predictions are made up by the tests, not trained)."""
-    from cxrlt.cache_build import build_train_cache
+    from cxrlt.data.cache_build import build_train_cache
 
     d = tmp_path_factory.mktemp("label_cache")
     (d / "images").mkdir()
@@ -161,9 +162,9 @@ def label_cache(tmp_path_factory) -> Path:
 
 def fake_runs(tmp_path, cache_dir, preds: dict[str, np.ndarray], study_file) -> tuple[Path, list]:
     """Expand the study, write each run's pred_val.csv (val fold 0 of the cache); -> (manifest, --run triples)."""
-    from cxrlt.cache import open_cache
+    from cxrlt.data.cache import open_cache
 
-    s = study.expand(study_file, tmp_path / "state")
+    s = spec.expand(study_file, tmp_path / "state")
     cache = open_cache(cache_dir)
     rows = cache.rows("train", fold=0)
     ids = cache.index.set_index("row").loc[rows, "ImageID"].to_numpy()
@@ -179,7 +180,7 @@ def fake_runs(tmp_path, cache_dir, preds: dict[str, np.ndarray], study_file) -> 
 
 
 def val_targets(cache_dir):
-    from cxrlt.cache import open_cache
+    from cxrlt.data.cache import open_cache
 
     cache = open_cache(cache_dir)
     return cache.targets(cache.rows("train", fold=0))
@@ -191,13 +192,13 @@ def noisy(y, noise, seed):
 
 
 def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estimates(tmp_path, label_cache):
-    from cxrlt.evaluation import compute_metrics, load_eval_data
+    from cxrlt.evaluation.report import compute_metrics, load_eval_data
 
     f = write_study(tmp_path, "name: two\nbaseline: good\nvariants: {good: {}, weak: {loss: bce, head: linear}}\n")
     y = val_targets(label_cache)
     man, runs = fake_runs(tmp_path, label_cache, {"two.good": noisy(y, 0.3, 1), "two.weak": noisy(y, 0.9, 2)}, f)
     out = tmp_path / "report"
-    study.report(man, runs, out, n_boot=N_BOOT)
+    spec.report(man, runs, out, n_boot=N_BOOT)
     t = pd.read_csv(out / "table.csv")
     assert list(t["variant"]) == ["good", "weak"] and list(t["baseline"]) == [1, 0] and list(t["runs"]) == [1, 1]
     for _, r in t.iterrows():
@@ -221,10 +222,10 @@ def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estima
         assert (out / png).stat().st_size > 5000
     # same inputs again: only touched (Make settles); an edited prediction file: redone
     text = (out / "table.csv").read_text()
-    assert study.report(man, runs, out, n_boot=N_BOOT) == {"up_to_date": True}
+    assert spec.report(man, runs, out, n_boot=N_BOOT) == {"up_to_date": True}
     pd.DataFrame(pd.read_csv(Path(runs[1][1]) / "pred_val.csv")).assign(**{pl["label"][0]: 0.5}).to_csv(
         Path(runs[1][1]) / "pred_val.csv", index=False)
-    assert "table" in study.report(man, runs, out, n_boot=N_BOOT)
+    assert "table" in spec.report(man, runs, out, n_boot=N_BOOT)
     assert (out / "table.csv").read_text() != text
 
 
@@ -232,7 +233,7 @@ def test_the_paired_difference_of_a_run_with_itself_is_zero_with_a_zero_width_in
     f = write_study(tmp_path, "name: same\nvariants: {a: {}, b: {tta: flip}}\n")
     p = noisy(val_targets(label_cache), 0.5, 3)
     man, runs = fake_runs(tmp_path, label_cache, {"same.a": p, "same.b": p.copy()}, f)
-    study.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
+    spec.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
     b = pd.read_csv(tmp_path / "r" / "table.csv").iloc[1]
     assert (b["diff_mAP"], b["diff_low"], b["diff_high"], b["p_better"]) == (0, 0, 0, 0)
 
@@ -243,12 +244,12 @@ def test_several_seeds_report_mean_and_sd_and_the_interval_of_the_mean(tmp_path,
     pa, pb0, pb1 = noisy(y, 0.4, 4), noisy(y, 0.6, 5), noisy(y, 0.6, 6)
     preds = {"seeds.a": pa, "seeds.a.s1": pa.copy(), "seeds.b": pb0, "seeds.b.s1": pb1}
     man, runs = fake_runs(tmp_path, label_cache, preds, f)
-    study.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
+    spec.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
     t = pd.read_csv(tmp_path / "r" / "table.csv")
     a, b = t.iloc[0], t.iloc[1]
     assert list(t["runs"]) == [2, 2] and a["mAP_sd"] == 0 and b["mAP_sd"] > 0
     # two identical runs: the mean's interval is exactly metrics.bootstrap_map's for one run
-    from cxrlt.evaluation import load_eval_data
+    from cxrlt.evaluation.report import load_eval_data
 
     data = load_eval_data(Path(runs[0][1]) / "pred_val.csv", Path(label_cache) / "index.csv")
     keys = data.keys.study if data.keys is not None else None  # the units evaluate.py resamples

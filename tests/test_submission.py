@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrlt.cli import main_wrapper
-from cxrlt.errors import InputError
-from cxrlt.labels import CXRLT2026_LABELS
-from cxrlt.submission import validate_submission, write_zip
-from cxrlt.tables import read_id_list
+from cxrlt.core.cli import main_wrapper
+from cxrlt.core.errors import InputError
+from cxrlt.core.labels import CXRLT2026_LABELS
+from cxrlt.evaluation.submission import validate_submission, write_zip
+from cxrlt.data.tables import read_id_list
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["Normal", "Mass", "Hernia"]
@@ -144,7 +144,7 @@ def test_zip_has_csv_at_top_and_code(tmp_path):
     names = zipfile.ZipFile(z).namelist()
     assert len(names) == n
     assert "sub.csv" in names
-    assert "code/Makefile" in names and "code/cxrlt/labels.py" in names  # git-tracked
+    assert "code/Makefile" in names and "code/cxrlt/core/labels.py" in names  # git-tracked
     assert not any(x.startswith("code/.venv/") or x.startswith("code/data/cache") for x in names)
 
 

@@ -23,10 +23,10 @@ import pandas as pd
 import pytest
 
 from cxrlt import synth
-from cxrlt.errors import InputError
-from cxrlt.labels import CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES
+from cxrlt.core.errors import InputError
+from cxrlt.core.labels import CXRLT2026_APPROX_COUNTS, CXRLT2026_LABELS, CXRLT2026_TOTAL_IMAGES
 from cxrlt.synth import cohort, dataset, files, labelling, patterns, render
-from cxrlt.tables import ID_COLUMNS
+from cxrlt.data.tables import ID_COLUMNS
 
 N_TRAIN, N_TEST, MIN_SIDE, MAX_SIDE = 160, 40, 64, 128
 ROOT = Path(__file__).resolve().parents[1]

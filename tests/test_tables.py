@@ -1,4 +1,4 @@
-"""Reading and validating the challenge tables (cxrlt.tables)."""
+"""Reading and validating the challenge tables (cxrlt.data.tables)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlt.tables import read_id_list, read_label_table, read_predictions, read_training_csv
-from cxrlt.errors import InputError
+from cxrlt.data.tables import read_id_list, read_label_table, read_predictions, read_training_csv
+from cxrlt.core.errors import InputError
 
 HEADER = "ImageID,StudyDate_DICOM,PatientID,Normal,Mass,Hernia\n"
 GOOD = HEADER + (

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, tiny_cfg
-from cxrlt.checkpoint import load_checkpoint
-from cxrlt.errors import InputError
-from cxrlt.fileio import read_jsonl
-from cxrlt.inference import load_trained
-from cxrlt.trainer import EMA, Trainer, lr_multiplier, train
+from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.core.errors import InputError
+from cxrlt.core.fileio import read_jsonl
+from cxrlt.post.inference import load_trained
+from cxrlt.training.trainer import EMA, Trainer, lr_multiplier, train
 
 
 def _train_args(cache, out, *extra):
@@ -155,7 +155,7 @@ def test_other_train_keys_move_the_run_aside_and_an_earlier_run_is_restored(demo
 
 
 def test_init_checkpoint_content_is_part_of_the_train_key(demo_cache, tmp_path):
-    from cxrlt.trainer import run_train_key
+    from cxrlt.training.trainer import run_train_key
 
     src = tmp_path / "src"
     train(tiny_cfg(epochs=1), str(demo_cache), str(src))
@@ -319,7 +319,7 @@ def test_nan_check_stops_the_run_within_n_batches(demo_cache, tmp_path):
 
 def test_one_epoch_of_the_winners_recipe(demo_cache, tmp_path):
     # CSRA head + distribution-balanced loss + class-aware sampling + EMA + head warm-up + clipping
-    from cxrlt import config
+    from cxrlt.core import config
 
     cfg = config.resolve(["configs/winner_db_cas.yaml"], dict(model="test_convnext", pretrained=False, epochs=1,
                                                              batch_size=16, workers=0, device="cpu", ema_decay=0.9))
@@ -436,7 +436,7 @@ def test_resume_with_another_world_size_keeps_the_global_batch(single_and_two_no
 
 
 def test_resume_accum_steps_keeps_the_global_batch_or_names_the_world_sizes_that_do():
-    from cxrlt.trainer import resume_accum_steps
+    from cxrlt.training.trainer import resume_accum_steps
 
     # 4 processes x 8 x accum 2 = 64: 8 processes need 1 micro-batch, 1 process needs 8
     assert [resume_accum_steps(64, 4, 8, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]

@@ -1,4 +1,4 @@
-"""The trainer's best epoch is chosen on the selection set (cxrlt/validation.py), with honest numbers.
+"""The trainer's best epoch is chosen on the selection set (cxrlt/evaluation/selection.py), with honest numbers.
 
 The val predictions are scripted (Trainer.validate overridden; training itself runs as usual, one
 batch per epoch): epoch 0 ranks the frontal images well and the laterals at random, epoch 1 the
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_cfg
-from cxrlt import validation as V
-from cxrlt.cache import open_cache
-from cxrlt.checkpoint import load_checkpoint
-from cxrlt.fileio import read_jsonl
-from cxrlt.trainer import Trainer
+from cxrlt.evaluation import selection as V
+from cxrlt.data.cache import open_cache
+from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.core.fileio import read_jsonl
+from cxrlt.training.trainer import Trainer
 
 TIMING = {"images_per_s", "data_wait_frac", "train_time_s"}
 

@@ -1,11 +1,11 @@
-"""cxrlt.validation: the test-like proxy subset, patient halves and cross-fitted selection."""
+"""cxrlt.evaluation.selection: the test-like proxy subset, patient halves and cross-fitted selection."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import IndexCache
-from cxrlt import validation as V
+from cxrlt.evaluation import selection as V
 
 LABELS = ["Normal", "effusion", "nodule"]
 

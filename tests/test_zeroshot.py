@@ -1,4 +1,4 @@
-"""Task 2 (zeroshot.py, cxrlt/zeroshot.py): scoring maths, the tiny open_clip model end to end,
+"""Task 2 (zeroshot.py, cxrlt/zeroshot/scoring.py): scoring maths, the tiny open_clip model end to end,
 the image-embedding cache, prompt-file and model errors, and the Task-2 label set downstream
 (ensemble.py check, evaluate.py). Nothing is downloaded: models are built here with random weights.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from cxrlt import zeroshot as zs
+from cxrlt.zeroshot import scoring as zs
 from conftest import ROOT, run_script, run_script_inprocess
 
 TASK2 = ["Scoliosis", "Osteopenia", "Bulla", "Infarction", "Adenopathy", "goiter"]
@@ -49,7 +49,7 @@ def unique_prompts(n_pos=3, n_neg=2, labels=TASK2) -> dict:
 
 
 def test_shipped_label_file_and_prompts_cover_the_official_task2_set():
-    from cxrlt.labels import read_labels_file
+    from cxrlt.core.labels import read_labels_file
 
     assert read_labels_file(LABELS_FILE) == TASK2
     prompts = zs.load_prompts(ROOT / "prompts" / "task2.yaml", TASK2, need_negative=True)
@@ -125,7 +125,7 @@ class FakeEncoder:
 @pytest.mark.parametrize("method,pool", [("cosine", "mean"), ("cosine", "max"), ("cosine", "embedding"),
                                          ("softmax", "mean"), ("softmax", "embedding")])
 def test_fake_encoder_answer_is_recovered_exactly(zs_test_cache, tmp_path, method, pool):
-    from cxrlt.cache import open_cache
+    from cxrlt.data.cache import open_cache
 
     cache = open_cache(zs_test_cache)
     order = TASK2[::-1]  # the output follows the prompts' label order, whatever it is
@@ -150,7 +150,7 @@ def test_fake_encoder_answer_is_recovered_exactly(zs_test_cache, tmp_path, metho
 def test_fake_encoder_with_flipped_prompts_is_wrong(zs_test_cache, tmp_path):
     """The check above can fail: with positive and negative prompts swapped, softmax ranks the
     images of each finding last."""
-    from cxrlt.cache import open_cache
+    from cxrlt.data.cache import open_cache
 
     cache = open_cache(zs_test_cache)
     prompts = zs.load_prompts(write_prompts(tmp_path / "p.yaml", unique_prompts()), TASK2, need_negative=True)
@@ -170,7 +170,7 @@ def test_fake_encoder_with_flipped_prompts_is_wrong(zs_test_cache, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A local-dir model folder; input 16 px, so the 32-px cache images are resized on the device."""
-    from cxrlt.tiny_clip import write_tiny_model
+    from cxrlt.zeroshot.tiny_clip import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "clip", image_size=16, seed=0)
 
@@ -181,8 +181,8 @@ def _zs_args(cache, model, out, *extra):
 
 
 def test_tiny_model_end_to_end_and_embedding_cache(zs_test_cache, demo_cache, tiny_model, tmp_path, capsys):
-    from cxrlt.cache import open_cache
-    from cxrlt.tiny_clip import write_tiny_model
+    from cxrlt.data.cache import open_cache
+    from cxrlt.zeroshot.tiny_clip import write_tiny_model
 
     cache = open_cache(zs_test_cache)
     test_ids = zs.cache_ids(cache, cache.rows("test"))

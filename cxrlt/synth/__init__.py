@@ -7,7 +7,7 @@ Files written under `<out>/` (all CSVs UTF-8, LF line endings, rows sorted by Im
 
 * `train.csv`: `ImageID,StudyDate_DICOM,PatientID,<labels...>`; one row per training image
   (frontal and lateral), label columns integer 0/1 in the official order
-  (cxrlt.labels.CXRLT2026_LABELS unless `--labels-file`). Also holds the extra Removal
+  (cxrlt.core.labels.CXRLT2026_LABELS unless `--labels-file`). Also holds the extra Removal
   images (see below). Ends with a newline.
 * `CXRLT_2026_TEST_ALL_TASK1.csv`: the evaluation list, shaped like the real file: header
   `ImageID,StudyDate_DICOM,PatientID` followed by one EMPTY column name per label, and every
@@ -72,7 +72,7 @@ and its boxes from its job; the worker side), cohort (patients, studies, IDs, pr
 labelling (labels per study), files (writing the CSVs), dataset (generate() and the CLI).
 """
 
-from .dataset import generate, main
-from .files import BOXES_NAME, MARKER_NAME, META_NAME, TEST_LIST_NAME
+from cxrlt.synth.dataset import generate, main
+from cxrlt.synth.files import BOXES_NAME, MARKER_NAME, META_NAME, TEST_LIST_NAME
 
 __all__ = ["generate", "main", "BOXES_NAME", "MARKER_NAME", "META_NAME", "TEST_LIST_NAME"]

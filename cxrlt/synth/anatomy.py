@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .canvas import Canvas
+from cxrlt.synth.canvas import Canvas
 
 
 def base_anatomy(rng: np.random.Generator, projection: str) -> dict:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..keys import FRONTAL
+from cxrlt.data.identity import FRONTAL
 LATERAL = "L"
 REMOVAL_FRACTION = 0.03  # extra training images listed in Removal.csv (whole studies)
 STUDIES_PER_PATIENT = ([1, 2, 3, 4], [0.50, 0.27, 0.14, 0.09])  # training-only patients

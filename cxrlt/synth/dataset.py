@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InputError
-from ..labels import CXRLT2026_LABELS, read_labels_file
-from ..tables import ID_COLUMNS
-from .cohort import IdMaker, Study, make_cohort, mark_removal
-from .files import (FORMAT_VERSION, MARKER_NAME, load_existing, summary_of, swap_into_place,
+from cxrlt.core.errors import InputError
+from cxrlt.core.labels import CXRLT2026_LABELS, read_labels_file
+from cxrlt.data.tables import ID_COLUMNS
+from cxrlt.synth.cohort import IdMaker, Study, make_cohort, mark_removal
+from cxrlt.synth.files import (FORMAT_VERSION, MARKER_NAME, load_existing, summary_of, swap_into_place,
                     write_csvs)
-from .labelling import add_distractors, enforce_minimums, sample_labels
-from .patterns import DISTRACTORS, patterns_for
-from .render import worker_init, write_image
+from cxrlt.synth.labelling import add_distractors, enforce_minimums, sample_labels
+from cxrlt.synth.patterns import DISTRACTORS, patterns_for
+from cxrlt.synth.render import worker_init, write_image
 
 INVERTED_FRACTION = 0.03  # MONOCHROME1-like exports
 EXPORT_BITS = [10, 12, 12, 14, 15, 16]

@@ -10,8 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..tables import ID_COLUMNS
-from .cohort import Study
+from cxrlt.data.tables import ID_COLUMNS
+from cxrlt.synth.cohort import Study
 
 TEST_LIST_NAME = "CXRLT_2026_TEST_ALL_TASK1.csv"
 META_NAME = "padchest_metadata.csv"

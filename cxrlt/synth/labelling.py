@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 
-from ..errors import InputError
-from ..labels import CXRLT2026_APPROX_COUNTS, CXRLT2026_TOTAL_IMAGES
-from .cohort import Study
+from cxrlt.core.errors import InputError
+from cxrlt.core.labels import CXRLT2026_APPROX_COUNTS, CXRLT2026_TOTAL_IMAGES
+from cxrlt.synth.cohort import Study
 
 MIN_POS_TRAIN = 5  # positive FRONTAL images per label among the kept training images
 MIN_POS_TEST = 2  # positive images per label in the test list

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from .canvas import Canvas
-from .labelling import is_normal_label, norm_name
+from cxrlt.synth.canvas import Canvas
+from cxrlt.synth.labelling import is_normal_label, norm_name
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ import math
 import cv2
 import numpy as np
 
-from .anatomy import (anatomy_change, anatomy_masks, apply_changes, base_anatomy,
+from cxrlt.synth.anatomy import (anatomy_change, anatomy_masks, apply_changes, base_anatomy,
                       draw_anatomy)
-from .canvas import Canvas
-from .patterns import draw_pattern
+from cxrlt.synth.canvas import Canvas
+from cxrlt.synth.patterns import draw_pattern
 
 # A labelled finding is not drawn in an image (label noise, as in report-derived labels); more
 # often on laterals, where findings hide behind the superimposed lungs.

@@ -1,0 +1,139 @@
+"""Data loading for training and inference: a Dataset over the image cache.
+
+The cache (see cxrlt/data/cache.py) holds every image as uint8 (size x size). A sample is read
+straight from images.npy (a pread of its row, cxrlt.data.rowfile: nothing stays mapped, so a loader
+worker's resident memory does not grow with the number of images it has read), augmented
+cheaply on the CPU in uint8 (one affine warp that does flip + rotation + zoom + shift, then a
+brightness/contrast lookup table) and handed to the device as uint8: conversion to float and
+normalisation happen on the device in the training step (`model.normalize`), which keeps the
+loader's work and the host->device copy 4x smaller.
+
+Augmentation randomness is a pure function of (seed, epoch, row): the same sample gets the
+same augmentation whatever the number of workers, the DDP rank or an interruption and resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class AugConfig:
+    hflip: float = 0.5  # probability
+    rotate: float = 5.0  # max degrees
+    scale: float = 0.1  # max zoom fraction
+    translate: float = 0.05  # max shift, fraction of size
+    brightness: float = 0.1  # max additive change, fraction of 255
+    contrast: float = 0.1  # max multiplicative change
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "AugConfig":
+        return cls(
+            hflip=cfg["aug_hflip"], rotate=cfg["aug_rotate"], scale=cfg["aug_scale"],
+            translate=cfg["aug_translate"], brightness=cfg["aug_brightness"], contrast=cfg["aug_contrast"],
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return not any([self.hflip, self.rotate, self.scale, self.translate, self.brightness, self.contrast])
+
+
+def augment(img: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random flip/rotate/zoom/shift (one warp) and brightness/contrast on a uint8 HxW image."""
+    h, w = img.shape
+    flip = rng.random() < aug.hflip
+    angle = rng.uniform(-aug.rotate, aug.rotate)
+    zoom = 1.0 + rng.uniform(-aug.scale, aug.scale)
+    tx, ty = rng.uniform(-aug.translate, aug.translate, size=2) * (w, h)
+    alpha = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
+    beta = rng.uniform(-aug.brightness, aug.brightness) * 255.0
+
+    if flip or angle or zoom != 1.0 or tx or ty:
+        m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, zoom)
+        if flip:  # compose a horizontal flip before the rotation: x -> w - 1 - x
+            m = m @ np.array([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        m[:, 2] += (tx, ty)
+        img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if alpha != 1.0 or beta:
+        # contrast around the mid-grey, then brightness, through a 256-entry lookup table
+        lut = np.clip((np.arange(256, dtype=np.float32) - 127.5) * alpha + 127.5 + beta, 0, 255).astype(np.uint8)
+        img = cv2.LUT(img, lut)
+    return img
+
+
+class CacheDataset(Dataset):
+    """Samples of cache rows: (uint8 tensor (1, S, S), float32 targets (C,), row).
+
+    `images_path` is the cache's images.npy; each process opens it itself on first use and
+    reads one row per sample (cxrlt.data.rowfile.RowFile).
+    `targets` may be None (test rows): then a zero vector of length `num_classes` is returned.
+    """
+
+    def __init__(self, images_path, rows, targets=None, num_classes=0, aug: AugConfig | None = None, seed: int = 0):
+        self.images_path = str(images_path)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
+        if self.targets is not None and len(self.targets) != len(self.rows):
+            raise ValueError("targets and rows differ in length")
+        self.num_classes = self.targets.shape[1] if self.targets is not None else num_classes
+        self.aug = None if (aug is None or aug.is_identity) else aug
+        self.seed = seed
+        self.epoch = 0
+        self._images = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def images(self):
+        if self._images is None:
+            from cxrlt.data.rowfile import RowFile
+
+            self._images = RowFile(self.images_path)
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_images"] = None  # each worker opens the file itself
+        return state
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        img = self.images[row]  # a fresh (writable) array
+        if self.aug is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, row])
+            img = augment(img, self.aug, rng)
+        x = torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0)
+        y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(self.num_classes)
+        return x, y, row
+
+
+PREFETCH_FACTOR = 4  # batches each worker keeps ready (in /dev/shm: see make_loader)
+
+
+def worker_init(_worker_id: int) -> None:
+    """Loader workers are already one process per core: OpenCV's own thread pool in each of
+    them would oversubscribe the cores (torch's pool is set to one thread by the DataLoader)."""
+    cv2.setNumThreads(1)
+
+
+def make_loader(dataset, batch_size, sampler=None, shuffle=False, workers=2, drop_last=False, pin_memory=False):
+    """A DataLoader over `dataset`. Workers hand batches over in shared memory (/dev/shm):
+    up to PREFETCH_FACTOR x workers batches at once, each batch_size x S x S bytes (uint8)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+        num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
+        persistent_workers=False,  # the dataset's epoch is re-sent to fresh workers each epoch
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+        worker_init_fn=worker_init if workers > 0 else None,
+    )

@@ -1,0 +1,87 @@
+"""Study, patient and projection keys of an image, and the key that names a test cache.
+
+Standard library only: `test_cache_key` runs at every `make` (python -m cxrlt.data.identity).
+
+Rules (stored per image in a cache's index.csv as `study`, `patient`, `projection`):
+
+* study: a PadChest-shaped ImageID (at least 15 digits first, `_<suffix>.png` last, e.g.
+  `1019...3351_4_xfebel.png`) -> the ImageID without its last `_<suffix>.png`, which is
+  PadChest's exact StudyID (`1019...3351_4`; true for every PadChest image). Otherwise
+  `<patient>|<StudyDate_DICOM>` when both are non-blank, else the ImageID itself: an image
+  without keys is a study of its own, never pooled with other images.
+* patient: the metadata CSV's PatientID when given and non-blank (exact), else the training
+  CSV's / test list's PatientID (in the official files a lossy Excel float such as `1.90E+38`
+  that joins many patients), else the ImageID (a patient of its own).
+* projection: the metadata CSV's `Projection` (PadChest: PA, AP, AP_horizontal, L, COSTAL),
+  '' when unknown (no metadata, image not in it, blank or UNK). Frontal = PA, AP, AP_horizontal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+
+from cxrlt.pipeline.fingerprints import file_sha256
+
+FRONTAL = ("PA", "AP", "AP_horizontal")
+_UNKNOWN_PROJECTION = {"", "UNK", "UNKNOWN", "NAN", "NONE"}
+_PADCHEST_ID = re.compile(r"^\d{15,}[^/\\]*_[^_/\\]+\.png$", re.IGNORECASE)
+
+
+def is_padchest_id(image_id: str) -> bool:
+    return bool(_PADCHEST_ID.match(image_id))
+
+
+def study_key(image_id: str, patient: str = "", study_date: str = "") -> str:
+    """The study an image belongs to (see the module docstring)."""
+    if is_padchest_id(image_id):
+        return image_id.rsplit("_", 1)[0]
+    patient, study_date = patient.strip(), study_date.strip()
+    if patient and study_date:
+        return f"{patient}|{study_date}"
+    return image_id
+
+
+def patient_key(image_id: str, csv_patient: str = "", meta_patient: str = "") -> str:
+    """The patient of an image: exact metadata PatientID, else the CSV's, else the image itself."""
+    return meta_patient.strip() or csv_patient.strip() or image_id
+
+
+def projection(meta_projection: str = "") -> str:
+    """The metadata's projection as written, '' when unknown."""
+    p = meta_projection.strip()
+    return "" if p.upper() in _UNKNOWN_PROJECTION else p
+
+
+def test_cache_key(test_csv, meta_csv=None, sha256=None) -> str:
+    """Names the test cache of a test list (`<root>/test-<key>`): 12 hex digits of the contents
+    of the test list and of the metadata CSV (whose projection and keys the cache stores). Fast:
+    one read of each file, no parsing. `sha256(path) -> hex` may supply (cached) file digests."""
+    sha256 = sha256 or file_sha256
+    h = hashlib.sha256(b"cxrlt test cache\0")
+    for path in (test_csv, meta_csv):
+        h.update(bytes.fromhex(sha256(path)) if path else b"-")
+    return h.hexdigest()[:12]
+
+
+test_cache_key.__test__ = False  # a function, not a test, when a test module imports it
+
+
+def main(argv=None) -> int:
+    """python -m cxrlt.data.identity TEST_CSV [META_CSV]: print the test cache key (for the Makefile)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print("usage: python -m cxrlt.data.identity TEST_CSV [META_CSV]", file=sys.stderr)
+        return 2
+    for path in args:
+        if path and not os.path.isfile(path):
+            print(f"error: {path}: file not found", file=sys.stderr)
+            return 2
+    print(test_cache_key(args[0], args[1] if len(args) > 1 and args[1] else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

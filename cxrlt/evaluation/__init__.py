@@ -1,0 +1,1 @@
+"""Metrics, selection on val subsets, the evaluation report, ensembling and the submission file."""

@@ -1,0 +1,1 @@
+"""The network (backbone + heads), the losses and the checkpoint format."""

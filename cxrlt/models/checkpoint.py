@@ -1,0 +1,78 @@
+"""Checkpoint reading and writing.
+
+Checkpoints are plain dicts of tensors, numbers, strings, lists and dicts, so that every read
+uses `torch.load(..., weights_only=True)`: a file that needs pickled code to load is refused
+(it could run arbitrary code) with a message that says so.
+
+Keys of a checkpoint written by train.py / retrain_head.py:
+  model        state_dict of cxrlt.models.model.CXRModel (EMA weights when EMA is on)
+  config       the resolved run config (dict, see cxrlt/core/config.py)
+  labels       label names in output order
+  epoch        last finished epoch (0-based)
+  best_map     full val mAP of the best epoch so far (chosen on the selection set; cRT: of the head kept)
+  selection    how the best epoch was chosen and its full / proxy / honest val mAP (cxrlt/training/trainer.py)
+  image_size   side of the cache images it was trained on (predict/cRT/resume refuse another size)
+  train_key, data_key  what the weights were trained from (config.train_key, the cache's key)
+  (old files only) logit_scale: LDAM's s, now held by the model's head (load_trained sets it)
+  (last.pt only) optimizer, scheduler, ema, rng, ... for exact resume; selection_keys and
+               val_table (the per-epoch scores the epoch choice needs)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+
+from cxrlt.core.errors import InputError
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    import torch
+
+    if not os.path.exists(path):
+        raise InputError(f"{path}: checkpoint not found")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: not a readable checkpoint (the file is empty, 0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (legacy format: a pickle, protocol >= 2); anything else
+    # would reach the unpickler and fail with a confusing error
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise InputError(f"{path}: not a PyTorch checkpoint file (it starts with {head!r}, "
+                         f"neither a zip archive nor a pickle)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{path}: refused to load: the checkpoint needs pickled Python objects, which could run "
+            f"arbitrary code (weights_only=True). Re-save it as a plain state_dict. ({_first_line(e)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError, struct.error) as e:
+        # a truncated or corrupt file fails anywhere inside torch.load's readers
+        raise InputError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message; its type when the message is empty (EOFError)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def state_dict_of(ckpt: dict) -> dict:
+    """The model weights inside a checkpoint dict (ours: under 'model'; else assume a bare state_dict)."""
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, dict):
+        raise InputError("checkpoint has no state_dict under 'model'")
+    # strip wrappers added by DDP or torch.compile
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+

@@ -1,0 +1,276 @@
+"""Make's plan: content stamps for every stage and the variables Make cannot compute itself.
+
+The Makefile includes `.make/vars.mk`, whose rule runs this module on every `make` (before any
+stage is considered). It reads the Make variables (passed as flags), the config files and the
+input CSVs, and writes:
+
+  .make/vars.mk    TEST_KEY (which test cache the test list maps to), STEMS, and per config
+                   stem: SIZE_<stem> (its image size), INIT_<stem> (the stem whose model.pt it
+                   starts from, resolution ladder), CFG_<stem> (its file), BASE_<stem> (the stem
+                   whose run trains this config's backbone: configs that differ only in
+                   post-training keys share one trained backbone); ENSEMBLE_SELECT (the
+                   first config's selection keys, for the ensemble). A broken config or
+                   variable is a one-line error and exit status 2: make stops there.
+  .make/<dataset>_<size>/cache-train.stamp    what the train cache is built from
+  .make/<dataset>_<size>/cache-test.stamp     what the test cache is built from
+  .make/<dataset>_<size>/<stem>/{train,crt,predict-val,predict-test}.stamp
+  .make/submissions/<NAME>.stamp              the variables the submission depends on
+  .make/stamps/<name>.stamp                   any other stage's variables (`--stamp name=TEXT`,
+                                              e.g. Task 2's model, method and test cache) and
+                                              input files (`--stamp-inputs name=FILES`: their
+                                              content hashes, e.g. the scoring labels)
+  .make/studies/<study>/                       with --study (make study): the study's generated
+                   configs (one per variant, seed and fold; they join CONFIGS' configs in STEMS)
+                   and study.json; vars.mk then also sets STUDY_NAME, STUDY_STEMS, STUDY_MANIFEST
+                   (cxrlt/studies/spec.py). The study's plan writes the CONFIGS' train and crt
+                   stamps (its variants may share their backbones) but not their predict
+                   stamps nor the submission stamp: `make study POSTPROC=off` between two
+                   `make all` leaves `make all` nothing to redo.
+
+A stamp holds, as JSON, exactly what its stage reads besides upstream stage outputs: content
+hashes of input files (not their times), the config keys of the stage's group (cxrlt/core/config.py:
+train keys for training, crt_* and the selection keys (select_on, proxy_require_finding) for
+cRT, the post keys other than crt_* for predict) and the Make variables
+it uses. It is rewritten only when that content changes, so Make's time comparison re-runs a
+stage exactly when something it reads changed: a comment in a config, `touch train.csv` or a
+post-training key edit leave the training stamp alone. Upstream outputs are ordinary
+prerequisites; a stage that runs and finds its output already built from the same inputs only
+touches it (cxrlt/pipeline/fingerprints.py), so a second `make` has nothing to do.
+
+Runs in well under a second: no torch, no pandas; file hashes are cached by (path, size, mtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from pathlib import Path
+
+from cxrlt.core import config as config_mod
+from cxrlt.core.errors import InputError
+from cxrlt.pipeline.fingerprints import file_sha256, json_key
+
+STATE = Path(".make")
+
+
+# ---- small pieces ---------------------------------------------------------------------------------
+class HashCache:
+    """sha256 of input files, remembered by (absolute path, size, mtime_ns) in STATE/hashes.json:
+    the training CSV and PadChest's metadata CSV (tens of MB) are not re-read by every make."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.known = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            self.known = {}
+        self.dirty = False
+
+    def sha(self, file) -> str | None:
+        if not file or not os.path.isfile(file):
+            return None
+        st = os.stat(file)
+        key = os.path.abspath(file)
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self.known.get(key)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        digest = file_sha256(file)
+        self.known[key] = [stamp, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            write_if_changed(self.path, json.dumps(self.known, indent=0, sort_keys=True))
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write text to path unless it already holds exactly that (its mtime then stays)."""
+    path = Path(path)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a name of this process's own: the nodes of a multi-node run plan at once on a shared folder
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
+
+
+def stamp_text(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
+
+
+def test_list_key(test_csv, meta_csv, hashes: HashCache) -> str:
+    """Names the test cache of a test list: the contents of the list and of META_CSV (not their
+    paths or times); `none` when there is no test list."""
+    from cxrlt.data.identity import test_cache_key
+
+    if not hashes.sha(test_csv):
+        return "none"
+    return test_cache_key(test_csv, meta_csv or None, sha256=hashes.sha)
+
+
+def config_overrides(args_text: str, source: str) -> dict:
+    """`--key value` pairs of a Make variable such as TRAIN_ARGS, checked against the schema."""
+    parser = argparse.ArgumentParser(prog=source, add_help=False, exit_on_error=False)
+    config_mod.add_config_flags(parser)
+    try:
+        ns, rest = parser.parse_known_args(shlex.split(args_text))
+    except (argparse.ArgumentError, ValueError) as e:
+        raise InputError(f"{source}: {e}") from None
+    if rest:
+        raise InputError(f"{source}: not config flags: {' '.join(rest)} (expected --key value pairs)")
+    return config_mod.overrides_from_args(ns)
+
+
+def significant_args(args_text: str, ignore: dict[str, int]) -> list[str]:
+    """A flag string without the flags that do not change results (flag -> number of values)."""
+    words, out, i = shlex.split(args_text), [], 0
+    while i < len(words):
+        w = words[i]
+        name = w.split("=", 1)[0]
+        if name in ignore:
+            i += 1 + (0 if "=" in w else ignore[name])
+            continue
+        out.append(w)
+        i += 1
+    return out
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+def plan(a: argparse.Namespace) -> list[str]:
+    """Write every stamp; return the lines of vars.mk."""
+    state = Path(a.state)
+    hashes = HashCache(state / "hashes.json")
+    mk: list[str] = []
+    test_key = test_list_key(a.test_csv, a.meta_csv, hashes)
+    mk.append(f"TEST_KEY := {test_key}")
+
+    overrides = config_overrides(a.train_args, "TRAIN_ARGS")
+    study = None
+    if a.study:  # `make study`: the study's generated configs join CONFIGS (cxrlt/studies/spec.py)
+        from cxrlt.studies.spec import expand, study_dir
+
+        study = expand(a.study, state)
+    stems, cfgs, files = [], {}, {}
+    for f in a.configs.split() + [r["config"] for r in (study.runs if study else [])]:
+        stem = Path(f).stem
+        if stem in cfgs:
+            raise InputError(f"CONFIGS: {files[stem]} and {f} have the same name '{stem}' (run folders are named "
+                             f"after the config file); rename one")
+        cfgs[stem] = config_mod.resolve([f], overrides)
+        files[stem] = f
+        stems.append(stem)
+    mk.append(f"STEMS := {' '.join(stems)}")
+    mk += [f"STUDY_NAME := {study.name if study else ''}",
+           f"STUDY_STEMS := {' '.join(r['stem'] for r in study.runs) if study else ''}",
+           f"STUDY_MANIFEST := {study_dir(state, study.name) / 'study.json' if study else ''}"]
+
+    sizes, bases, owner = {}, {}, {}
+    for stem, cfg in cfgs.items():
+        size = int(cfg.get("img_size", 0) or 0) or int(a.img_size)
+        sizes[stem] = size
+        init = str(cfg.get("init_from", "") or "")
+        if init and init not in cfgs:
+            raise InputError(f"{files[stem]}: init_from '{init}' is not one of CONFIGS ({' '.join(stems)}): "
+                             f"add its config to CONFIGS so that its run is trained first")
+        # the first config with exactly this training owns the run; later ones reuse its backbone
+        training = json_key({"train": config_mod.train_part(cfg), "size": size, "init": init})
+        bases[stem] = owner.setdefault(training, stem)
+        mk += [f"CFG_{stem} := {files[stem]}", f"SIZE_{stem} := {size}", f"INIT_{stem} := {init}",
+               f"BASE_{stem} := {bases[stem]}"]
+    mk.append("SIZES := " + " ".join(str(s) for s in sorted(set(sizes.values()) | {int(a.img_size)})))
+
+    preprocess = significant_args(a.preprocess_args, {"--workers": 1})
+    data = {"train_csv": hashes.sha(a.train_csv), "removal_csv": hashes.sha(a.removal_csv),
+            "meta_csv": hashes.sha(a.meta_csv), "labels_file": hashes.sha(a.labels_file),
+            "image_dir": os.path.abspath(a.image_dir), "folds": a.folds, "preprocess_args": preprocess}
+    for size in sorted(set(sizes.values()) | {int(a.img_size)}):
+        root = state / f"{a.dataset}_{size}"
+        write_if_changed(root / "cache-train.stamp", stamp_text({**data, "size": size}))
+        write_if_changed(root / "cache-test.stamp", stamp_text({
+            "test_key": test_key, "meta_csv": data["meta_csv"], "image_dir": data["image_dir"], "size": size,
+            "preprocess_args": preprocess}))
+
+    predict_args = significant_args(a.predict_args, {"--workers": 1, "--batch-size": 1, "--device": 1})
+    study_stems = {r["stem"] for r in study.runs} if study else set()
+    for stem, cfg in cfgs.items():
+        d = state / f"{a.dataset}_{sizes[stem]}" / stem
+        init = cfgs.get(str(cfg.get("init_from", "") or ""))
+        write_if_changed(d / "train.stamp", stamp_text({
+            "train": config_mod.train_part(cfg), "size": sizes[stem],
+            "init_from": config_mod.train_part(init) if init else None}))
+        post = {k: v for k, v in cfg.items() if config_mod.group(k) == "post"}
+        # cRT chooses the head it keeps on the selection set: the selection keys are its inputs too
+        crt = {k: v for k, v in post.items() if k.startswith("crt_") or k in config_mod.SELECTION_KEYS}
+        pred = {k: v for k, v in post.items() if not k.startswith("crt_")}
+        write_if_changed(d / "crt.stamp", stamp_text({"crt": crt}))
+        if study and stem not in study_stems:
+            # `make study` predicts only its variants (CONFIGS are there to share their backbones):
+            # its POSTPROC / PREDICT_ARGS must not re-stamp the predictions `make all` made
+            continue
+        common = {"post": pred, "predict_args": predict_args, "postproc": a.postproc}
+        write_if_changed(d / "predict-val.stamp", stamp_text(common))
+        write_if_changed(d / "predict-test.stamp", stamp_text({**common, "test_key": test_key}))
+
+    ensembled = stems[:len(a.configs.split())]  # CONFIGS' stems; a study's runs are never ensembled
+    # the ensemble's weights are chosen on the first config's selection set
+    selection = {k: cfgs[ensembled[0]][k] for k in config_mod.SELECTION_KEYS} if ensembled else {}
+    mk.append(f"ENSEMBLE_SELECT := {config_mod.as_flags(selection)}")
+    if not study:  # `make study` builds no submission: leave its stamp as `make all` wrote it
+        write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
+            "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
+            "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc,
+            "predict_args": predict_args, "selection": selection,
+            "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"},
+            "test_key": test_key}))
+    generic: dict[str, dict] = {}
+    for item in a.stamp:
+        name, _, text = item.partition("=")
+        generic.setdefault(name, {})["text"] = text
+    for item in a.stamp_inputs:  # content hashes, so that a touch re-runs nothing
+        name, _, paths = item.partition("=")
+        generic.setdefault(name, {})["inputs"] = {f: hashes.sha(f) for f in shlex.split(paths)}
+    for name, content in generic.items():
+        write_if_changed(state / "stamps" / f"{name}.stamp", stamp_text(content))
+    hashes.save()
+    return mk
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Write Make's stamps and vars.mk (run by the Makefile).")
+    p.add_argument("--state", default=str(STATE))
+    p.add_argument("--mk", required=True, help="the vars.mk to write")
+    for name in ("dataset", "train-csv", "image-dir", "test-csv", "removal-csv", "meta-csv", "labels-file",
+                 "test-labels", "img-size", "folds", "configs", "name", "ensemble", "postproc", "study"):
+        p.add_argument(f"--{name}", default="")
+    for name in ("train-args", "predict-args", "preprocess-args"):
+        p.add_argument(f"--{name}", default="")
+    p.add_argument("--stamp", action="append", default=[], metavar="NAME=TEXT",
+                   help="also write STATE/stamps/NAME.stamp holding TEXT (rewritten only when it changes)")
+    p.add_argument("--stamp-inputs", action="append", default=[], metavar="NAME=FILES",
+                   help="the content hashes of FILES (space-separated; a missing or empty one is null) "
+                        "join STATE/stamps/NAME.stamp")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if not str(a.img_size).isdigit() or int(a.img_size) < 8:
+        raise InputError(f"IMG_SIZE={a.img_size}: expected a whole number of pixels >= 8")
+    lines = plan(a)
+    write_if_changed(Path(a.mk), "# written by cxrlt/pipeline/plan.py on every make; do not edit\n" + "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    from cxrlt.core.cli import main_wrapper
+
+    main_wrapper(main)

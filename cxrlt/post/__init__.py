@@ -1,0 +1,1 @@
+"""After training: classifier re-training (the head stage), TTA inference and post-processing."""

@@ -1,0 +1,1 @@
+"""Studies: a spec expanded into variants, and their report."""

@@ -1,0 +1,600 @@
+"""Studies: one base config, named variants, trained by the ordinary Make rules, compared in one table.
+
+A study file (studies/<name>.yaml):
+
+    name: losses                        # optional (default: the file's stem): names the generated
+                                        # configs, the run folders and reports/<name>/
+    base: configs/paper_ldam_drw.yaml   # a config file, or a list of them (later ones override);
+                                        # paths relative to the folder make runs in
+    overrides: {crt_method: none}       # optional: config keys set in every variant
+    baseline: ldam_drw                  # the variant every other one is compared with (default: the first)
+    seeds: [0, 1, 2]                    # optional: train every variant once per seed (config key seed)
+    folds: [0]                          # optional: validate every variant on each fold (config key val_fold)
+    variants:                           # name -> the config keys it changes ({} or empty: the base as is)
+      ldam_drw: {}
+      bce: {loss: bce, head: linear, drw_epoch: -1}
+
+Expansion (`expand`, run by cxrlt/pipeline/plan.py for `make study STUDY=...`): one config per (variant,
+seed, fold), written to <state>/studies/<name>/<stem>.yaml with stem = <name>.<variant>, plus
+`.s<seed>` for a seed other than the base's and `.f<fold>` for a fold other than the base's
+val_fold, so adding seeds or folds later never renames a run that is already trained. A file holds
+the base files' keys, then the study's overrides, then the variant's keys, then seed/val_fold.
+Every generated file and the manifest study.json are rewritten only when their content changes;
+configs of variants no longer in the study are deleted. Make then trains them like any config in
+CONFIGS: variants whose training keys are identical (post-training variants: crt_method, tta,
+normal gating ...) share one trained backbone (vars.mk BASE_<stem>); a finished run is not redone.
+
+study.json: {"name", "file", "baseline", "seeds", "folds", "variants": [{"name", "overrides"}],
+"runs": [{"stem", "variant", "seed", "fold", "config"}]} (seed/fold: the values the run uses).
+
+Report (`report`; `study.py report`, the Makefile's reports/<name>/table.md rule) reads every
+run's pred_val.csv and its train cache and writes reports/<name>/:
+
+  table.csv       one row per variant (study order): variant, baseline (1 for the baseline), runs,
+                  mAP, mAP_sd, mAP_low, mAP_high, mAUC, mAUC_sd, mF1_tuned, mF1_tuned_sd,
+                  head_mAP, head_sd, head_low, head_high (same for medium, tail), diff_mAP, diff_sd,
+                  diff_low, diff_high, p_better, n_images, unit (bootstrap unit: studies, or
+                  images when the cache has no study keys), n_units, stems (';'-joined run names).
+                  *_sd: sample sd over the variant's runs (seeds x folds), empty with one run;
+                  diff_*: the variant minus the baseline (empty on the baseline's row); p_better:
+                  share of bootstrap resamples in which the variant's mAP beats the baseline's.
+  table.md        the same for reading, with the study's settings and how to read the intervals
+  per_label.csv   label, group, train_count, then the val AP of every variant (mean over its runs),
+                  labels by training frequency, most frequent first
+  map.png         mAP with its 95% interval per variant | paired difference to the baseline
+  groups.png      head / medium / tail mAP per variant, grouped bars with 95% intervals
+  per_label_ap.png  heatmap of per-label AP: labels (rows, most frequent first) x variants
+
+Statistics. The point metrics are evaluate.py's (cxrlt.evaluation.report.compute_metrics): macro mAP,
+macro AUC, macro F1 at per-label thresholds tuned on the same val fold (optimistic, as in every
+run's own report) and head/medium/tail mAP by training frequency. The intervals resample the val
+fold's STUDIES (cxrlt.evaluation.metrics, 1000 resamples, 95% percentile; the resampling seed is
+metrics.BOOT_SEED + fold). A run is paired with the baseline's run of the same seed and fold (same
+images). One run per variant: metrics.bootstrap_map and metrics.paired_bootstrap as they are.
+Several runs (seeds / folds): the value is the mean over runs +- sd, and the interval is the
+bootstrap interval of that mean: every resample draws each fold's studies once and averages the
+runs' statistics on it (metrics.resample_weights + metrics.resampled_ap), so the sd shows the seed
+spread and the interval the split noise of the mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxrlt.core import config as config_mod
+from cxrlt.core.errors import InputError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: they separate stem parts
+STUDY_KEYS = {"name", "base", "overrides", "baseline", "seeds", "folds", "variants"}
+MANIFEST = "study.json"
+
+
+# ---- the study file ---------------------------------------------------------------------------------
+@dataclass
+class Study:
+    name: str
+    file: str
+    base: list[str]
+    overrides: dict
+    variants: dict[str, dict]  # name -> overrides, in file order
+    baseline: str
+    seeds: list[int] | None = None
+    folds: list[int] | None = None
+    runs: list[dict] = field(default_factory=list)  # filled by expand()
+
+
+def _fail(path, what: str):
+    raise InputError(f"{path}: {what}")
+
+
+def _int_list(path, key: str, value) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)):
+        _fail(path, f"'{key}' must be a list of whole numbers >= 0, got {value!r}")
+    if len(set(value)) != len(value):
+        _fail(path, f"'{key}' lists a value twice: {value}")
+    return list(value)
+
+
+def _checked_overrides(path, where: str, value) -> dict:
+    """A mapping of config keys, every key and value checked against the schema."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail(path, f"{where} must be a mapping of config key: value, got {type(value).__name__}")
+    return {k: config_mod.coerce(k, v, f"{path} ({where})") for k, v in value.items()}
+
+
+def load_study(path) -> Study:
+    """Read and check a study file; InputError (one line, naming the file and key) if it is wrong."""
+    path = Path(path)
+    data = config_mod.read_yaml(path, "study file")
+    if not isinstance(data, dict):
+        _fail(path, "a study file must be a mapping (keys: " + ", ".join(sorted(STUDY_KEYS)) + ")")
+    unknown = sorted(set(map(str, data)) - STUDY_KEYS)
+    if unknown:
+        _fail(path, f"unknown key(s) {unknown} (a study file has: {', '.join(sorted(STUDY_KEYS))}; "
+                    f"config keys go under 'overrides' or a variant)")
+    name = str(data.get("name") or path.stem)
+    if not NAME_RE.match(name):
+        _fail(path, f"study name '{name}' must be letters, digits, '_' or '-' (it names files and folders)")
+    base = data.get("base")
+    base = [base] if isinstance(base, str) else base
+    if not base or not isinstance(base, list) or not all(isinstance(b, str) and b for b in base):
+        _fail(path, "'base' must name a config file (or a list of them)")
+    for b in base:
+        if not Path(b).is_file():
+            _fail(path, f"base config '{b}' not found (paths are relative to the folder make runs in)")
+    variants = data.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        _fail(path, "'variants' must be a mapping of variant name -> config overrides, with at least one")
+    checked = {}
+    for v, over in variants.items():
+        v = str(v)
+        if not NAME_RE.match(v):
+            _fail(path, f"variant name '{v}' must be letters, digits, '_' or '-' (it names run folders)")
+        checked[v] = _checked_overrides(path, f"variant '{v}'", over)
+        for key in ("seed", "val_fold"):
+            if key in checked[v] and data.get({"seed": "seeds", "val_fold": "folds"}[key]) is not None:
+                _fail(path, f"variant '{v}' sets '{key}' while the study lists "
+                            f"'{'seeds' if key == 'seed' else 'folds'}'; set it in one place")
+    baseline = str(data.get("baseline") or next(iter(checked)))
+    if baseline not in checked:
+        _fail(path, f"baseline '{baseline}' is not one of the variants ({', '.join(checked)})")
+    study = Study(name=name, file=str(path), base=list(base),
+                  overrides=_checked_overrides(path, "'overrides'", data.get("overrides")),
+                  variants=checked, baseline=baseline,
+                  seeds=_int_list(path, "seeds", data.get("seeds")),
+                  folds=_int_list(path, "folds", data.get("folds")))
+    return study
+
+
+# ---- expansion into generated configs ------------------------------------------------------------------
+def _base_mapping(study: Study) -> dict:
+    """The keys the base files set (later files override earlier ones), in file order."""
+    out: dict = {}
+    for b in study.base:
+        out.update(config_mod.load_yaml(b))
+    return out
+
+
+def run_specs(study: Study) -> list[dict]:
+    """One {"stem", "variant", "seed", "fold", "keys"} per (variant, seed, fold), in study order."""
+    base = _base_mapping(study)
+    specs = []
+    for v, over in study.variants.items():
+        keys = {**base, **study.overrides, **over}
+        full = {**config_mod.DEFAULTS, **keys}  # every value already checked against the schema
+        config_mod.check_relations(full, f"{study.file} (variant '{v}')")
+        for seed in study.seeds or [full["seed"]]:
+            for fold in study.folds or [full["val_fold"]]:
+                stem = f"{study.name}.{v}"
+                if seed != full["seed"]:
+                    stem += f".s{seed}"
+                if fold != full["val_fold"]:
+                    stem += f".f{fold}"
+                run_keys = dict(keys)
+                if study.seeds is not None:
+                    run_keys["seed"] = seed
+                if study.folds is not None:
+                    run_keys["val_fold"] = fold
+                specs.append({"stem": stem, "variant": v, "seed": seed, "fold": fold, "keys": run_keys})
+    return specs
+
+
+def config_text(study: Study, spec: dict) -> str:
+    import yaml
+
+    head = (f"# generated from {study.file} (study '{study.name}', variant '{spec['variant']}'"
+            f", seed {spec['seed']}, fold {spec['fold']}) by cxrlt/studies/spec.py at every make; do not edit\n")
+    return head + yaml.safe_dump(spec["keys"], sort_keys=False)
+
+
+def study_dir(state, name: str) -> Path:
+    return Path(state) / "studies" / name
+
+
+def expand(study_file, state) -> Study:
+    """Write the study's configs and study.json under <state>/studies/<name>/ (each only when its
+    content changes), delete configs of variants no longer in the study; -> the Study with runs."""
+    from cxrlt.pipeline.plan import stamp_text, write_if_changed
+
+    study = load_study(study_file)
+    out = study_dir(state, study.name)
+    runs = []
+    for spec in run_specs(study):
+        cfg = out / f"{spec['stem']}.yaml"
+        write_if_changed(cfg, config_text(study, spec))
+        runs.append({"stem": spec["stem"], "variant": spec["variant"], "seed": spec["seed"],
+                     "fold": spec["fold"], "config": str(cfg)})
+    keep = {Path(r["config"]).name for r in runs}
+    for old in out.glob("*.yaml"):
+        if old.name not in keep:
+            old.unlink()
+    study.runs = runs
+    write_if_changed(out / MANIFEST, stamp_text(manifest_of(study)))
+    return study
+
+
+def manifest_of(study: Study) -> dict:
+    return {"name": study.name, "file": study.file, "baseline": study.baseline, "seeds": study.seeds,
+            "folds": study.folds, "variants": [{"name": v, "overrides": o} for v, o in study.variants.items()],
+            "runs": study.runs}
+
+
+def read_manifest(path) -> dict:
+    try:
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(m, dict) or not {"name", "baseline", "variants", "runs"} <= set(m):
+            raise ValueError("missing keys")
+        return m
+    except FileNotFoundError:
+        raise InputError(f"{path}: study manifest not found (make study writes it)") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a study manifest ({e})") from None
+
+
+# ---- loading the runs' predictions ------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    stem: str
+    variant: str
+    seed: int
+    fold: int
+    ids: list[str]
+    labels: list[str]
+    y: np.ndarray
+    p: np.ndarray
+    studies: np.ndarray | None  # (N,) study key per image (the bootstrap unit); None: images are the units
+
+    @property
+    def units(self) -> np.ndarray:
+        return self.studies if self.studies is not None else np.arange(len(self.ids))
+    summary: dict  # compute_metrics' summary
+    per_label: object  # compute_metrics' per-label DataFrame
+
+
+def load_run(stem: str, run: dict, run_dir, cache_dir) -> RunResult:
+    """A run's val predictions scored as evaluate.py scores them."""
+    from cxrlt.evaluation.report import compute_metrics, load_eval_data
+
+    data = load_eval_data(Path(run_dir) / "pred_val.csv", Path(cache_dir) / "index.csv")
+    summary, per_label = compute_metrics(data)
+    studies = data.keys.study if data.keys is not None else None  # as evaluate.py's interval does
+    return RunResult(stem, run["variant"], int(run["seed"]), int(run["fold"]), list(data.ids), list(data.labels),
+                     data.y, data.p, studies, summary, per_label)
+
+
+# ---- statistics -----------------------------------------------------------------------------------------
+def _label_groups(r: RunResult) -> np.ndarray:
+    return r.per_label["group"].to_numpy()
+
+
+def _boot_seed(fold: int) -> int:
+    from cxrlt.evaluation import metrics as M
+
+    return M.BOOT_SEED + int(fold)
+
+
+def _row_means(ap: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
+    """Per resample (rows of ap (B, C)): macro mAP and the mean AP of each label group (NaN skipped)."""
+    from cxrlt.evaluation import metrics as M
+
+    def mean(cols):
+        sub = ap[:, cols]
+        n = (~np.isnan(sub)).sum(1)
+        return np.where(n > 0, np.nansum(sub, 1) / np.maximum(n, 1), np.nan)
+
+    out = {"mAP": mean(np.ones(ap.shape[1], bool))}
+    out.update({g: mean(groups == g) for g in M.GROUPS})
+    return out
+
+
+def _percentiles(v: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return math.nan, math.nan
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+class Resamples:
+    """Per-resample statistics of runs, the weights drawn once per fold (shared by all runs that
+    predict that fold's images, which is what pairs them)."""
+
+    def __init__(self, n_boot: int):
+        self.n_boot = n_boot
+        self._weights: dict[int, np.ndarray] = {}
+        self._stats: dict[str, dict[str, np.ndarray]] = {}
+
+    def stats(self, r: RunResult) -> dict[str, np.ndarray]:
+        from cxrlt.evaluation import metrics as M
+
+        if r.stem not in self._stats:
+            if r.fold not in self._weights:
+                self._weights[r.fold] = M.resample_weights(r.units, self.n_boot, _boot_seed(r.fold))
+            self._stats[r.stem] = _row_means(M.resampled_ap(r.y, r.p, self._weights[r.fold]), _label_groups(r))
+        return self._stats[r.stem]
+
+
+def _check_paired(r: RunResult, b: RunResult) -> None:
+    if r.ids != b.ids or r.labels != b.labels:
+        raise InputError(f"runs {r.stem} and {b.stem} predict different images or labels (seed {r.seed}, "
+                         f"fold {r.fold}): a variant must be validated on the baseline's images")
+
+
+def _pair(r: RunResult, baseline_runs: list[RunResult]) -> RunResult:
+    """The baseline run to compare run r with: same seed and fold, else the first one on r's fold."""
+    same = [b for b in baseline_runs if b.fold == r.fold and b.seed == r.seed] or \
+           [b for b in baseline_runs if b.fold == r.fold]
+    if not same:
+        raise InputError(f"run {r.stem}: the baseline has no run on fold {r.fold} to compare it with")
+    _check_paired(r, same[0])
+    return same[0]
+
+
+def _sd(values) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+
+
+def variant_row(variant: str, runs: list[RunResult], baseline_runs: list[RunResult], is_baseline: bool,
+                n_boot: int, resamples: Resamples) -> dict:
+    """One table row: point metrics (mean and sd over runs), bootstrap intervals, paired difference."""
+    from cxrlt.evaluation import metrics as M
+
+    row = {"variant": variant, "baseline": int(is_baseline), "runs": len(runs)}
+    for key, get in (("mAP", lambda r: r.summary["mAP"]), ("mAUC", lambda r: r.summary["mAUC"]),
+                     ("mF1_tuned", lambda r: r.summary["mF1_tuned"])):
+        vals = [get(r) for r in runs]
+        row[key], row[f"{key}_sd"] = float(np.mean(vals)), _sd(vals)
+    pairs = [_pair(r, baseline_runs) for r in runs]
+    if len(runs) == 1:
+        r, b = runs[0], pairs[0]
+        ci = M.bootstrap_map(r.y, r.p, r.studies, _label_groups(r), n_boot, _boot_seed(r.fold))
+        boot = {k: (ci[k]["low"], ci[k]["high"]) for k in ("mAP", *M.GROUPS)}
+        d = M.paired_bootstrap(r.y, r.p, b.p, r.studies, _label_groups(r), n_boot, _boot_seed(r.fold))["mAP"]
+        diff = (d["diff"], d["low"], d["high"], d["frac_positive"])
+        diff_sd = math.nan
+    else:
+        mean_stats = {k: np.mean([resamples.stats(r)[k] for r in runs], axis=0) for k in ("mAP", *M.GROUPS)}
+        boot = {k: _percentiles(v) for k, v in mean_stats.items()}
+        d = np.mean([resamples.stats(r)["mAP"] - resamples.stats(b)["mAP"] for r, b in zip(runs, pairs)], axis=0)
+        diffs = [r.summary["mAP"] - b.summary["mAP"] for r, b in zip(runs, pairs)]
+        fin = d[np.isfinite(d)]
+        diff = (float(np.mean(diffs)), *_percentiles(d), float((fin > 0).mean()) if len(fin) else math.nan)
+        diff_sd = _sd(diffs)
+    row["mAP_low"], row["mAP_high"] = boot["mAP"]
+    for g in M.GROUPS:
+        vals = [r.summary["group_mAP"][g] for r in runs]
+        row[f"{g}_mAP"] = float(np.mean(vals))  # NaN when the group has no label with a positive
+        row[f"{g}_sd"] = _sd(vals)
+        row[f"{g}_low"], row[f"{g}_high"] = boot[g]
+    if is_baseline:
+        row.update(diff_mAP=math.nan, diff_sd=math.nan, diff_low=math.nan, diff_high=math.nan, p_better=math.nan)
+    else:
+        row.update(diff_mAP=diff[0], diff_sd=diff_sd, diff_low=diff[1], diff_high=diff[2], p_better=diff[3])
+    row["n_images"] = int(np.mean([len(r.ids) for r in runs]))
+    row["unit"] = "studies" if runs[0].studies is not None else "images"
+    row["n_units"] = int(np.mean([len(set(r.units)) for r in runs]))
+    row["stems"] = ";".join(r.stem for r in runs)
+    return row
+
+
+def compare(manifest: dict, results: dict[str, RunResult], n_boot: int | None = None):
+    """-> (table DataFrame, per-label DataFrame) for the study's variants (see the module docstring)."""
+    import pandas as pd
+
+    from cxrlt.evaluation import metrics as M
+
+    n_boot = n_boot or M.N_BOOT
+    by_variant: dict[str, list[RunResult]] = {v["name"]: [] for v in manifest["variants"]}
+    for run in manifest["runs"]:
+        if run["stem"] not in results:
+            raise InputError(f"study '{manifest['name']}': no results for run {run['stem']} (pass --run for it)")
+        by_variant[run["variant"]].append(results[run["stem"]])
+    first = next(iter(results.values()))
+    for r in results.values():
+        if r.labels != first.labels:
+            raise InputError(f"runs {first.stem} and {r.stem} have different label sets")
+    resamples = Resamples(n_boot)
+    base = manifest["baseline"]
+    rows = [variant_row(v, runs, by_variant[base], v == base, n_boot, resamples) for v, runs in by_variant.items()]
+    table = pd.DataFrame(rows)
+    pl = first.per_label[["label", "group", "train_count"]].copy()
+    for v, runs in by_variant.items():
+        pl[v] = np.mean([r.per_label["AP"].to_numpy(dtype=np.float64) for r in runs], axis=0)
+    pl = pl.sort_values("train_count", ascending=False, kind="stable").reset_index(drop=True)
+    return table, pl
+
+
+# ---- writing the report ------------------------------------------------------------------------------------
+def _f(v, digits=3) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _signed(v, digits=3) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:+.{digits}f}"
+
+
+def _cell(row, key: str, sd_key: str, low=None, high=None) -> str:
+    s = _f(row[key])
+    if row["runs"] > 1 and np.isfinite(row[sd_key]):
+        s += f" ± {_f(row[sd_key])}"
+    if low is not None:
+        s += f" [{_f(row[low])}, {_f(row[high])}]"
+    return s
+
+
+def markdown_table(manifest: dict, table, n_boot: int) -> str:
+    seeds = manifest.get("seeds")
+    folds = manifest.get("folds")
+    first = table.iloc[0]
+    lines = [
+        f"# Study `{manifest['name']}`", "",
+        f"- study file: `{manifest.get('file', '')}`; baseline: `{manifest['baseline']}`",
+        f"- runs per variant: {int(table['runs'].max())} (seeds {seeds if seeds else 'as configured'}, "
+        f"val folds {folds if folds else 'as configured'})",
+        f"- val images: {first['n_images']}" + (f" in {first['n_units']} studies" if first["unit"] == "studies" else ""),
+        f"- intervals: 95% percentile bootstrap over val {first['unit']} ({n_boot} resamples); Δ: paired "
+        f"(variant and baseline scored on the same resamples); * = the Δ interval excludes 0",
+        "- mF1: macro F1 at per-label thresholds tuned on the same val fold (optimistic)",
+    ]
+    if int(table["runs"].max()) > 1:
+        lines.append("- with several runs: mean ± sd over runs; the interval is that of the mean")
+    lines += ["", "| variant | mAP [95% CI] | Δ mAP vs baseline [95% CI] | P(better) | mAUC | mF1 | head | medium | tail |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for _, r in table.iterrows():
+        name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
+        if r["baseline"]:
+            diff, pb = "—", "—"
+        else:
+            star = "*" if r["diff_low"] > 0 or r["diff_high"] < 0 else ""
+            diff = f"{_signed(r['diff_mAP'])}{star}"
+            if r["runs"] > 1 and np.isfinite(r["diff_sd"]):
+                diff += f" ± {_f(r['diff_sd'])}"
+            diff += f" [{_signed(r['diff_low'])}, {_signed(r['diff_high'])}]"
+            pb = _f(r["p_better"], 2)
+        lines.append(f"| {name} | {_cell(r, 'mAP', 'mAP_sd', 'mAP_low', 'mAP_high')} | {diff} | {pb} | "
+                     f"{_cell(r, 'mAUC', 'mAUC_sd')} | {_cell(r, 'mF1_tuned', 'mF1_tuned_sd')} | "
+                     f"{_cell(r, 'head_mAP', 'head_sd')} | {_cell(r, 'medium_mAP', 'medium_sd')} | "
+                     f"{_cell(r, 'tail_mAP', 'tail_sd')} |")
+    lines += ["", "![mAP per variant](map.png)", "", "![head / medium / tail](groups.png)", "",
+              "![per-label AP](per_label_ap.png)", ""]
+    return "\n".join(lines)
+
+
+def _interval_bars(ax, pos, low, high, vertical: bool = False) -> None:
+    """Intervals drawn from low to high (not as +- errors: a percentile interval need not hold its estimate)."""
+    ok = np.isfinite(low) & np.isfinite(high)
+    lines = ax.vlines if vertical else ax.hlines
+    lines(pos[ok], low[ok], high[ok], color="grey", lw=1.5)
+    cap = "_" if vertical else "|"
+    for end in (low, high):
+        ax.plot(*((pos[ok], end[ok]) if vertical else (end[ok], pos[ok])), cap, color="grey", ms=8)
+
+
+def plot_map(table, path) -> None:
+    """Left: mAP with its interval per variant; right: the paired difference to the baseline."""
+    from matplotlib.ticker import MaxNLocator
+
+    from cxrlt.evaluation.report import _pyplot, _save
+
+    plt = _pyplot()
+    n = len(table)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * n + 1.6), sharey=True)
+    y = np.arange(n)[::-1].astype(float)
+    col = lambda k: table[k].to_numpy(float)  # noqa: E731
+    _interval_bars(axes[0], y, col("mAP_low"), col("mAP_high"))
+    axes[0].scatter(col("mAP"), y, c=["tab:red" if b else "tab:blue" for b in table["baseline"]], zorder=3)
+    axes[0].set_yticks(y, table["variant"])
+    axes[0].set_xlabel("val mAP (95% bootstrap interval)")
+    axes[1].axvline(0, color="tab:red", lw=1)
+    _interval_bars(axes[1], y, col("diff_low"), col("diff_high"))
+    axes[1].scatter(col("diff_mAP"), y, c="tab:blue", zorder=3)
+    axes[1].set_xlabel("Δ mAP vs baseline (paired 95% interval)")
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+    fig.suptitle("mAP per variant (red: baseline)")
+    _save(fig, path)
+
+
+def plot_groups(table, path) -> None:
+    from cxrlt.evaluation import metrics as M
+    from cxrlt.evaluation.report import GROUP_COLOURS, _pyplot, _save
+
+    plt = _pyplot()
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * n + 2), 4.2))
+    x = np.arange(n)
+    width = 0.8 / len(M.GROUPS)
+    for i, g in enumerate(M.GROUPS):
+        v = table[f"{g}_mAP"].to_numpy(float)
+        ax.bar(x + (i - 1) * width, np.nan_to_num(v), width, color=GROUP_COLOURS[g], label=g)
+        _interval_bars(ax, x + (i - 1) * width, table[f"{g}_low"].to_numpy(float),
+                       table[f"{g}_high"].to_numpy(float), vertical=True)
+    ax.set_xticks(x, table["variant"], rotation=30, ha="right")
+    ax.set_ylabel("val mAP of the group (95% interval)")
+    ax.set_ylim(0, 1)
+    ax.legend(ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.12))
+    _save(fig, path)
+
+
+def plot_heatmap(per_label, variants: list[str], path) -> None:
+    from cxrlt.evaluation.report import _pyplot, _save
+
+    plt = _pyplot()
+    data = per_label[variants].to_numpy(float)
+    fig, ax = plt.subplots(figsize=(1.0 * len(variants) + 4, 0.28 * len(per_label) + 1.8))
+    im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+    ax.set_yticks(range(len(per_label)),
+                  [f"{r.label} ({r.group[0]}, {int(r.train_count)})" for r in per_label.itertuples()], fontsize=7)
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if np.isfinite(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if data[i, j] < 0.5 else "black")
+            else:
+                ax.text(j, i, "no val positive", ha="center", va="center", fontsize=5, color="grey")
+    fig.colorbar(im, ax=ax, label="val AP")
+    ax.set_title("Per-label AP (rows: most frequent label first; (group, training count))")
+    _save(fig, path)
+
+
+def write_report(manifest: dict, table, per_label, out_dir, n_boot: int) -> None:
+    from cxrlt.core.fileio import write_csv, write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "per_label.csv", per_label, float_format="%.6g", index=False)
+    plot_map(table, out / "map.png")
+    plot_groups(table, out / "groups.png")
+    plot_heatmap(per_label, list(table["variant"]), out / "per_label_ap.png")
+    write_csv(out / "table.csv", table, float_format="%.6g", index=False)
+    # table.md is Make's target: written last, so its presence means the report is complete
+    write_text(out / "table.md", markdown_table(manifest, table, n_boot))
+
+
+def report(manifest_path, runs: list[tuple[str, str, str]], out_dir, n_boot: int | None = None) -> dict:
+    """The study's report from its manifest and (stem, run folder, train cache folder) per run.
+
+    Like every stage Make runs: when the inputs (manifest + every prediction file's content + each
+    cache's key) are those the existing report was built from, it only touches table.md."""
+    from cxrlt.evaluation import metrics as M
+    from cxrlt.pipeline.fingerprints import file_key, inputs_match, record_inputs, touch
+
+    manifest = read_manifest(manifest_path)
+    n_boot = n_boot or M.N_BOOT
+    where = {stem: (run_dir, cache_dir) for stem, run_dir, cache_dir in runs}
+    unknown = sorted(set(where) - {r["stem"] for r in manifest["runs"]})
+    if unknown:
+        raise InputError(f"--run {unknown[0]}: not a run of study '{manifest['name']}' ({manifest_path})")
+    missing = [r["stem"] for r in manifest["runs"] if r["stem"] not in where]
+    if missing:
+        raise InputError(f"study '{manifest['name']}': no --run given for {', '.join(missing)}")
+    inputs = {"manifest": {k: manifest[k] for k in ("name", "baseline", "variants", "runs")}, "n_boot": n_boot,
+              "runs": {s: {"pred": file_key(Path(d) / "pred_val.csv"), "index": file_key(Path(c) / "index.csv")}
+                       for s, (d, c) in sorted(where.items())}}
+    target = Path(out_dir) / "table.md"
+    if inputs_match(target, inputs):
+        touch(target)
+        print(f"{target}: up to date")
+        return {"up_to_date": True}
+    results = {r["stem"]: load_run(r["stem"], r, *where[r["stem"]]) for r in manifest["runs"]}
+    table, per_label = compare(manifest, results, n_boot)
+    write_report(manifest, table, per_label, out_dir, n_boot)
+    record_inputs(target, inputs)
+    print(markdown_table(manifest, table, n_boot).split("\n\n![")[0])
+    return {"table": table, "per_label": per_label}

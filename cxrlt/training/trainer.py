@@ -1,0 +1,711 @@
+"""Backbone training: one epoch loop a reader can hold in their head.
+
+    for epoch in range(start, epochs):
+        seed RNGs from (seed, epoch, rank); sampler/dataset/loss learn the epoch
+        for batch: uint8 -> device -> normalise -> forward (bf16 autocast on GPU) -> loss
+                   -> backward -> (every accum_steps) clip, step, EMA update, LR from the step count
+        validate on the held-out fold (EMA weights when EMA is on), all ranks' predictions gathered
+        score them on the val subsets; rank 0 chooses the best epoch so far on the selection set
+        log one line to metrics.jsonl; write last.pt (full state) and best.pt (the chosen epoch)
+    model.pt = the chosen epoch's weights (the file later stages read, written at the end of the run)
+
+Best epoch (cxrlt/evaluation/selection.py): every epoch's val predictions are scored on the full val fold,
+the test-like proxy subset and the two patient halves of the selection set (config select_on:
+the proxy when the cache knows projections, else full). The best epoch (best.pt, model.pt,
+patience) is the one with the highest selection-set mAP; ties keep the earlier epoch. The honest
+number of that choice is cross-fitted over the epochs so far: the epoch chosen on half A scored
+on half B and vice versa, added as a gain to the last epoch's selection-set mAP (the last epoch
+is the no-choice default: what training for a fixed number of epochs would keep).
+select_on and proxy_require_finding are post keys (editing them never retrains): a run chooses
+its epochs with the values it STARTED with (recorded in last.pt; a resume or an extension keeps
+them and says so when the config now differs). Changing them later changes cRT, predict and the
+ensemble, not a trained run's best epoch: that needs a retrain (another --out). Re-deriving
+model.pt for another select_on would need every epoch's weights kept (or one best.pt per subset,
+and patience would still have stopped on the old subset), so it is not done.
+
+metrics.jsonl, one line per epoch: epoch, lr, train_loss, images_per_s, data_wait_frac,
+train_time_s, val_mAP (full val fold), val_mAUC (full), val_proxy_mAP, val_select_mAP (on the
+selection set), select_on ("proxy" | "full"), val_honest_mAP (the cross-fitted number of the
+best-epoch choice so far), best_epoch (the choice so far, 0-based), chance_mAP, drw_active,
+val_ap {label: AP on the full fold}. A value that is undefined (a subset without any positive)
+is null.
+
+Exact resume: every source of randomness is re-seeded from (seed, epoch) at the start of an
+epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row) and the
+LR is a pure function of the optimizer step. So last.pt only needs the model, optimizer, EMA, step
+and epoch for a resumed run to end with the same numbers as an uninterrupted one, plus what the
+epoch choice needs: the selection keys the run started with and the score table of the epochs so
+far ("val_table": per epoch the macro mAPs and the per-label APs of the two halves, 2 x C floats,
+which the cross-fitted honest number needs).
+
+No host stall per step: the running loss and a count of non-finite losses stay on the device;
+the count is read (one sync) every cfg nan_check_steps batches and at the end of the epoch, and
+a non-zero count stops the run (all ranks agree: the count is summed across them). EMA updates
+are one fused foreach lerp over all tensors.
+
+Run folder (--out) and its keys (see DESIGN "Run folder keys"):
+  run.json   {"train_key", "data_key", "tag", "image_size", "world_size", "global_batch",
+              "accum_steps", "epochs_done", "best_map" (full val mAP of the best epoch), "best_epoch",
+              "bad_epochs", "selection"} rewritten at the start and after every epoch (after
+             last.pt). "selection" (also in every checkpoint): {"select_on", "proxy_require_finding",
+             "best_epoch", "val_mAP", "val_proxy_mAP", "val_select_mAP", "val_honest_mAP" (of the
+             best epoch; honest: of the choice over the epochs so far), "sets" {full, proxy,
+             half_a, half_b: images}, "describe"}. train_key = config.train_key of the config (epochs
+             and patience left out, so they can be raised), combined with the content key of
+             init_checkpoint when one is set; data_key = the training cache's content key;
+             tag = 8 hex of both.
+  A start on a folder that holds a run (last.pt) needs resume=True (train.py --resume), then:
+  - same keys: continue from last.pt. A finished run (epochs reached, or stopped by patience)
+    whose epochs/patience were raised continues to the new end (the LR schedule follows the new
+    epoch count) and rewrites model.pt; a finished run not extended is "up to date": model.pt
+    is touched (so that Make settles) and nothing is built.
+  - other keys: the folder is moved aside to `<out>@<its tag>` (said in the log); when
+    `<out>@<tag of the new keys>` exists (an earlier run with exactly these keys) it is moved
+    back and continued, else training starts afresh.
+  A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
+
+World size: last.pt and run.json record the world size W and the global batch
+G = batch_size x W x accum_steps. A resume with another world size W' keeps G (and with it the
+optimizer-step schedule and the samples of every step, see samplers.py) by running
+accum_steps' = G / (batch_size x W') micro-batches per step; when G is not a multiple of
+batch_size x W' the resume stops with a message saying which world sizes fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from cxrlt.core import config as config_mod
+from cxrlt.training import distributed as D
+from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
+from cxrlt.training.device import autocast_ctx
+from cxrlt.core.errors import InputError
+from cxrlt.core.fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
+from cxrlt.pipeline.fingerprints import file_key, touch
+from cxrlt.post.inference import predict_tta
+from cxrlt.evaluation.metrics import score
+from cxrlt.evaluation.selection import choose, json_float, named_scores, score_row, selection_part, set_sizes, val_sets
+
+log = logging.getLogger("cxrlt.train")
+
+
+# --------------------------------------------------------------------------------------------
+# small pieces
+# --------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a model's weights (float tensors averaged, others copied).
+
+    ema <- d * ema + (1 - d) * w after every optimizer step, with the decay ramped up as
+    d = min(decay, (1 + step) / (10 + step)) so that early, random weights are forgotten quickly
+    (with decay 0.9999 the horizon is ~10k optimizer steps). One fused foreach lerp per update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.steps = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        src, dst = model.state_dict(), self.module.state_dict()  # tensors sharing the weights' storage
+        floats = [k for k, v in dst.items() if v.dtype.is_floating_point]
+        self._avg, self._src = [dst[k] for k in floats], [src[k] for k in floats]
+        self._copy = [(dst[k], src[k]) for k in dst if k not in set(floats)]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
+        torch._foreach_lerp_(self._avg, self._src, 1.0 - d)  # avg + (1-d)(w - avg) = d avg + (1-d) w
+        for a, b in self._copy:
+            a.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "module": self.module.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.steps = int(sd["steps"])
+        self.module.load_state_dict(sd["module"])  # in place: the lerp lists stay valid
+
+
+def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
+    """LR factor at an optimizer step: linear warm-up, cosine decay to min_lr/lr, DRW drop."""
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+    warm = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    floor = cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0
+    if warm > 0 and step < warm:
+        mult = (step + 1) / warm
+    else:
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        mult = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg["drw_epoch"] >= 0 and step >= cfg["drw_epoch"] * steps_per_epoch:
+        mult *= cfg["drw_lr_factor"]
+    return mult
+
+
+def param_groups(model, cfg: dict) -> list[dict]:
+    """AdamW groups: backbone / head LR, and no weight decay on 1-D tensors (norms, biases)."""
+    groups = []
+    for name, params, lr in (
+        ("backbone", list(model.backbone_parameters()), cfg["lr"]),
+        ("head", list(model.head_parameters()), cfg["head_lr"] or cfg["lr"]),
+    ):
+        decay = [p for p in params if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
+        if decay:
+            groups.append({"params": decay, "base_lr": lr, "weight_decay": cfg["weight_decay"], "part": name})
+        if no_decay:
+            groups.append({"params": no_decay, "base_lr": lr, "weight_decay": 0.0, "part": name})
+    return groups
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    s = (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+def setup_logging(out_dir: Path, is_main: bool) -> None:
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(h)
+    if is_main:
+        fh = logging.FileHandler(out_dir / "train.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+
+
+# --------------------------------------------------------------------------------------------
+# run keys and the run folder
+# --------------------------------------------------------------------------------------------
+def run_train_key(cfg: dict) -> str:
+    """config.train_key, combined with the content key of init_checkpoint when one is set (the
+    starting weights are an input too: a retrained source run means another run)."""
+    train = config_mod.train_key(cfg)
+    if cfg["init_checkpoint"]:
+        if not os.path.isfile(cfg["init_checkpoint"]):
+            raise InputError(f"{cfg['init_checkpoint']}: init_checkpoint not found")
+        train = _hex(f"{train}|{file_key(cfg['init_checkpoint'])}", 16)
+    return train
+
+
+def run_keys(cfg: dict, cache) -> dict:
+    """{"train_key", "data_key", "tag"}: what a run's weights are trained from (module doc);
+    the data key is the cache's content key (rows, labels, folds, pixel sources, size)."""
+    train, data = run_train_key(cfg), cache.key
+    return {"train_key": train, "data_key": data, "tag": _hex(f"{train}|{data}", 8)}
+
+
+def _hex(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def read_run_json(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def aside_path(out: Path, tag: str) -> Path:
+    return out.with_name(f"{out.name}@{tag}")
+
+
+def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume: bool) -> list[str]:
+    """Make `out` hold the run of `keys` (module doc: same keys kept, other keys moved aside,
+    an earlier run with these keys restored). Rank 0 only. Returns what was done, for the log."""
+    said = []
+    has_run = (out / "last.pt").exists()
+    if has_run and not resume:
+        raise InputError(f"{out}: a run already exists here; pass --resume to continue it or choose another --out")
+    state = read_run_json(out) if has_run else None
+    if has_run and state is None:
+        # a run written before run.json: its train key from its config.yaml, its data assumed unchanged
+        old_cfg = {**config_mod.DEFAULTS, **config_mod.load_yaml(out / "config.yaml")}
+        state = {"train_key": run_train_key(old_cfg), "data_key": keys["data_key"], "image_size": image_size}
+    if has_run and state.get("image_size", image_size) != image_size:
+        raise InputError(f"{out}: this run was trained on {state['image_size']} px images but the cache has "
+                         f"{image_size} px; use the cache of its size, or another --out")
+    if has_run and (state["train_key"], state["data_key"]) != (keys["train_key"], keys["data_key"]):
+        old_tag = _hex(f"{state['train_key']}|{state['data_key']}", 8)
+        aside = aside_path(out, old_tag)
+        if aside.exists():
+            raise InputError(f"{out}: its run (other config or data) should move to {aside}, which already "
+                             f"exists; move one of them away")
+        os.replace(out, aside)
+        said.append(f"the run in {out} was trained with another config or data: moved it to {aside}")
+        has_run = False
+    if not has_run:
+        earlier = aside_path(out, keys["tag"])
+        if earlier.is_dir() and (earlier / "last.pt").exists():
+            if out.exists():
+                shutil.rmtree(out)  # no last.pt: a start killed before its first epoch, nothing to keep
+            os.replace(earlier, out)
+            said.append(f"restored the earlier run with this config and data from {earlier}")
+        elif out.exists():
+            # lines left by a start killed before its first last.pt are stale
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg, sort_keys=False)  # as config.save writes it
+    if not (out / "config.yaml").exists() or (out / "config.yaml").read_text(encoding="utf-8") != text:
+        write_text(out / "config.yaml", text)
+    return said
+
+
+def resume_accum_steps(global_batch: int, old_world: int, batch_size: int, world: int, out="run") -> int:
+    """Micro-batches per optimizer step that keep a run's global batch when it resumes with
+    `world` processes of `batch_size` (it ran with `old_world`). InputError when none does."""
+    per_step = batch_size * world
+    if global_batch % per_step == 0:
+        return global_batch // per_step
+    fits = [w for w in range(1, global_batch // batch_size + 1) if global_batch % (batch_size * w) == 0]
+    raise InputError(f"{out}: this run's global batch is {global_batch} images ({old_world} processes); "
+                     f"{world} processes x batch_size {batch_size} cannot form it: resume with "
+                     f"{' or '.join(map(str, fits))} processes")
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: dict, cache_dir: str, out_dir: str, resume: bool = False):
+        from cxrlt.data.cache import open_cache
+
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.dist = D.setup(cfg["device"])
+        self.device = self.dist.device
+        self.amp = cfg["amp"] and self.device.type == "cuda"
+        self.channels_last = cfg["channels_last"] and self.device.type == "cuda"
+        self.cache_dir = cache_dir
+        self.cache = open_cache(cache_dir)
+        if cfg["img_size"] and cfg["img_size"] != self.cache.size:
+            raise InputError(f"{cache_dir}: images are {self.cache.size} px but the config wants img_size "
+                             f"{cfg['img_size']}; use the cache of that size (IMG_SIZE={cfg['img_size']})")
+        if cfg["init_from"] and not cfg["init_checkpoint"]:
+            raise InputError(f"the config starts from the run '{cfg['init_from']}' (init_from) but no "
+                             f"init_checkpoint is given: pass --init_checkpoint <that run>/model.pt (make does)")
+        self.keys = run_keys(cfg, self.cache)
+        said = []
+        if self.dist.is_main:
+            said = prepare_run_folder(self.out, cfg, self.keys, self.cache.size, resume)
+        D.barrier(self.dist)
+        setup_logging(self.out, self.dist.is_main)
+        for line in said:
+            log.info(line)
+        state = read_run_json(self.out) or {}
+        self.selection = state.get("selection")
+        self.start_epoch = int(state.get("epochs_done", 0))
+        self.best_map, self.best_epoch = float(state.get("best_map", -1.0)), int(state.get("best_epoch", -1))
+        self.bad_epochs = int(state.get("bad_epochs", 0))
+        if resume and self._finished() and (self.out / "last.pt").exists() and state.get("tag") == self.keys["tag"]:
+            self.up_to_date = True  # nothing to build: fit() only settles model.pt
+            return
+        self.up_to_date = False
+        self._build(resume)
+
+    def _build(self, resume: bool) -> None:
+        from cxrlt.data.dataset import AugConfig, CacheDataset
+        from cxrlt.models.losses import build_loss
+        from cxrlt.models.model import build_model
+        from cxrlt.data.samplers import build_sampler
+
+        cfg = self.cfg
+        # ---- data ----
+        self.labels = list(self.cache.labels)
+        self.train_rows = self.cache.rows("train", exclude_fold=cfg["val_fold"])
+        self.val_rows = self.cache.rows("train", fold=cfg["val_fold"])
+        if len(self.val_rows) == 0:
+            raise InputError(f"{self.cache_dir}/index.csv: no training rows in val_fold {cfg['val_fold']} "
+                             f"(folds are numbered from 0, FOLDS of them)")
+        y_train = self.cache.targets(self.train_rows)
+        self.y_val = self.cache.targets(self.val_rows)
+        self.class_counts = y_train.sum(0)
+        images = self.cache.images_path
+        self.train_ds = CacheDataset(images, self.train_rows, y_train, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
+        # validation: each rank a strided share of the val rows, no padding, gathered afterwards
+        my_val = np.arange(self.dist.rank, len(self.val_rows), self.dist.world)
+        self.val_ds = CacheDataset(images, self.val_rows[my_val], self.y_val[my_val])
+        self.sampler = build_sampler(cfg["sampler"], y_train, cfg, seed=cfg["seed"],
+                                     num_replicas=self.dist.world, rank=self.dist.rank)
+
+        last = load_checkpoint(self.out / "last.pt") if resume and (self.out / "last.pt").exists() else None
+        self.accum = self._accum_steps(last)
+        n_batches = len(self.sampler) // cfg["batch_size"]
+        if n_batches == 0:
+            raise InputError(
+                f"batch_size {cfg['batch_size']} x {self.dist.world} process(es) is larger than the "
+                f"{len(self.train_rows)} training images")
+        if cfg["max_train_batches"]:
+            n_batches = min(n_batches, cfg["max_train_batches"])
+        self.batches_per_epoch = n_batches
+        self.steps_per_epoch = max(1, n_batches // self.accum)
+
+        # ---- model, loss, optimisation ----
+        torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+        self.model = build_model(cfg, len(self.labels), labels=self.labels).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = build_loss(cfg, self.class_counts, len(self.train_rows)).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"])
+        self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.ddp_model) if cfg["compile"] else self.ddp_model
+
+        self.start_epoch, self.step, self.best_map, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
+        self.table: list[dict] = []  # score_row of every epoch so far (index = epoch): the epoch choice
+        self.selection_keys = self._selection_keys(last)
+        self.sets = val_sets(self.cache, self.val_rows, self.selection_keys)
+        if last is not None:
+            self._load_last(last)
+        self.selection = self._selection()
+        self._write_run_json()
+
+    # ---- the epoch choice (module doc "Best epoch") --------------------------------------------
+    def _selection_keys(self, last: dict | None) -> dict:
+        """select_on / proxy_require_finding of this run: those it started with (in last.pt), else
+        the config's. A resume never changes the subsets its earlier epochs were scored on."""
+        now = selection_part(self.cfg)
+        then = (last or {}).get("selection_keys")
+        if then is None:
+            return now
+        if then != now:
+            log.info(f"this run chooses its best epoch with {then} (as it started); the config's {now} applies "
+                     f"to cRT, predict and the ensemble; retrain (another --out) to choose the epoch with it")
+        return dict(then)
+
+    def _load_table(self, ck: dict, n_epochs: int) -> list[dict]:
+        """The score table of last.pt (NaN rows for epochs it lacks: a run saved before tables)."""
+        rows = [{k: (np.asarray(v, dtype=np.float64) if k.startswith("ap_") else float(v)) for k, v in r.items()}
+                for r in ck.get("val_table", [])][:n_epochs]
+        if len(rows) < n_epochs:
+            log.info(f"last.pt holds no val scores of epochs {len(rows) + 1}-{n_epochs} (saved by an older "
+                     f"version): they no longer compete for the best epoch")
+            c = len(self.labels)
+            nan = {"full": np.nan, "proxy": np.nan, "half_a": np.nan, "half_b": np.nan, "halves": np.nan,
+                   "ap_half_a": np.full(c, np.nan), "ap_half_b": np.full(c, np.nan)}
+            rows += [dict(nan) for _ in range(n_epochs - len(rows))]
+        return rows
+
+    def _choose(self) -> dict:
+        """choose() over the epochs so far; the reference (no-choice default) is the last epoch."""
+        return choose(self.table, self.sets["select_on"], reference=len(self.table) - 1)
+
+    def _select(self, epoch: int, p: np.ndarray) -> dict:
+        """Score epoch's val predictions p (val-row order), add them to the table and update the
+        best epoch (rank 0 only: the caller broadcasts the decision)."""
+        v = score(self.y_val, p)
+        row = score_row(self.y_val, self.sets, lambda idx: p[idx])
+        self.table.append(row)
+        sel = self._choose()
+        improved = sel["choice"] == epoch
+        if improved:
+            self.best_map, self.best_epoch, self.bad_epochs = v["mAP"], epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.selection = self._selection(sel)
+        so = self.sets["select_on"]
+        return {"improved": improved, "best_map": self.best_map, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "selection": self.selection, "v": v,
+                "record": {"val_mAP": json_float(v["mAP"]), "val_mAUC": json_float(v["mAUC"]),
+                           "val_proxy_mAP": json_float(row["proxy"]), "val_select_mAP": json_float(row[so]),
+                           "select_on": so, "val_honest_mAP": json_float(sel["honest"]), "best_epoch": self.best_epoch}}
+
+    def _selection(self, sel: dict | None = None) -> dict:
+        """The run's "selection" summary (module doc): the best epoch's scores and the honest number."""
+        so = self.sets["select_on"]
+        if sel is None and self.table:
+            sel = self._choose()
+        best = self.table[self.best_epoch] if 0 <= self.best_epoch < len(self.table) else None
+        return {**self.selection_keys, "select_on": so, "best_epoch": self.best_epoch,
+                **(named_scores(best, so) if best else dict.fromkeys(("val_mAP", "val_proxy_mAP", "val_select_mAP"))),
+                "val_honest_mAP": json_float(sel["honest"]) if sel else None,
+                "sets": set_sizes(self.sets), "describe": self.sets["describe"]}
+
+    # ---- run folder ---------------------------------------------------------------------
+    def _accum_steps(self, last: dict | None) -> int:
+        """accum_steps for this run: the config's, or what last.pt ran with (see resume_accum_steps)."""
+        if last is None or "world_size" not in last:
+            return self.cfg["accum_steps"]
+        old_world, world = int(last["world_size"]), self.dist.world
+        accum = resume_accum_steps(int(last["global_batch"]), old_world, self.cfg["batch_size"], world, self.out)
+        if world != old_world:
+            log.info(f"resuming with {world} processes instead of {old_world}: {accum} micro-batches of "
+                     f"{self.cfg['batch_size']} per process and step keep the global batch of {last['global_batch']}")
+        return accum
+
+    def _load_last(self, ck: dict) -> None:
+        self.model.load_state_dict(state_dict_of({"model": ck["train_model"]}))
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.ema is not None and "ema" in ck:
+            self.ema.load_state_dict(ck["ema"])
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.step = int(ck["step"])
+        self.best_map = float(ck["best_map"])
+        self.best_epoch = int(ck["best_epoch"])
+        self.bad_epochs = int(ck["bad_epochs"])
+        self.table = self._load_table(ck, self.start_epoch)
+        # metrics.jsonl may hold a line for an epoch whose last.pt never landed: drop it
+        if self.dist.is_main:
+            kept = [r for r in read_jsonl(self.out / "metrics.jsonl") if r.get("epoch", 1e9) < self.start_epoch]
+            write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        log.info(f"resumed from {self.out / 'last.pt'} at epoch {self.start_epoch} (step {self.step}, "
+                 f"best val mAP {self.best_map:.4f})")
+
+    def _finished(self) -> bool:
+        """The run reached its epochs, or early stopping ended it (under the current config)."""
+        patience = self.cfg["patience"]
+        return self.start_epoch >= self.cfg["epochs"] or bool(patience and self.bad_epochs >= patience)
+
+    def _run_state(self) -> dict:
+        return {**self.keys, "image_size": int(self.cache.size), "world_size": self.dist.world,
+                "global_batch": self.cfg["batch_size"] * self.dist.world * self.accum, "accum_steps": self.accum}
+
+    def _write_run_json(self) -> None:
+        if self.dist.is_main:
+            write_json(self.out / "run.json", {**self._run_state(), "epochs_done": self.start_epoch,
+                                               "best_map": self.best_map, "best_epoch": self.best_epoch,
+                                               "bad_epochs": self.bad_epochs, "selection": self.selection})
+
+    def _meta(self, epoch: int) -> dict:
+        return {
+            "config": dict(self.cfg), "labels": self.labels, "epoch": epoch, "step": self.step,
+            "best_map": self.best_map, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+            "class_counts": [float(c) for c in self.class_counts], "cache": str(self.cache_dir),
+            "selection": self.selection, **self._run_state(),
+        }
+
+    def _eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    # ---- one epoch ----------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        mult = lr_multiplier(self.step, self.cfg, self.steps_per_epoch)
+        epoch = self.step // self.steps_per_epoch
+        head_only = epoch < self.cfg["head_warmup_epochs"]
+        lr = 0.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = 0.0 if (head_only and g["part"] == "backbone") else g["base_lr"] * mult
+            lr = max(lr, g["lr"])
+        return lr
+
+    def _check_finite(self, bad: torch.Tensor, epoch: int, first: int, last: int) -> None:
+        """Stop (on every rank) when a loss since the last check was NaN/inf: one host sync."""
+        bad = bad.clone()
+        D.sum_(bad, self.dist)
+        if int(bad.item()):
+            raise InputError(f"{self.out}: non-finite training loss in epoch {epoch + 1}, between batches "
+                             f"{first + 1} and {last + 1}: lower the LR (lr, head_lr) or check the loss settings")
+
+    def train_epoch(self, epoch: int) -> dict:
+        from cxrlt.data.dataset import make_loader
+
+        cfg, dev = self.cfg, self.device
+        seed_everything(cfg["seed"], epoch, self.dist.rank)
+        self.sampler.set_epoch(epoch)
+        self.train_ds.set_epoch(epoch)
+        self.loss_fn.set_epoch(epoch)
+        loader = make_loader(self.train_ds, cfg["batch_size"], sampler=self.sampler, workers=cfg["workers"],
+                             drop_last=True, pin_memory=dev.type == "cuda")
+        self.ddp_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # stays on the device
+        n_bad = torch.zeros((), dtype=torch.int64, device=dev)
+        n_seen, t0, wait, checked = 0, time.perf_counter(), 0.0, 0
+        every = max(1, cfg["nan_check_steps"])
+        bar = tqdm(total=self.batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                   disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        t_wait = time.perf_counter()
+        lr = self._set_lr()
+        i = -1
+        # zip takes the batch count first: the loader is never asked for a batch past the cap
+        for i, (x, y, _) in zip(range(self.batches_per_epoch), loader):
+            wait += time.perf_counter() - t_wait
+            x = x.to(dev, non_blocking=True)
+            y = y.to(dev, non_blocking=True)
+            x = self.model.normalize(x)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            last_micro = (i + 1) % self.accum == 0
+            sync = contextlib.nullcontext() if (last_micro or not self.dist.enabled) else self.ddp_model.no_sync()
+            with sync:
+                with autocast_ctx(dev, self.amp):
+                    logits = self.forward(x)
+                loss = self.loss_fn(logits.float(), y)
+                (loss / self.accum).backward()
+            loss = loss.detach()
+            n_bad += ~torch.isfinite(loss)
+            loss_sum += loss * len(x)
+            if last_micro:
+                if cfg["grad_clip"] > 0:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update()
+                self.step += 1
+                lr = self._set_lr()
+            n_seen += len(x)
+            if (i + 1) % every == 0:
+                self._check_finite(n_bad, epoch, checked, i)
+                checked = i + 1
+                if self.dist.is_main:  # the one sync of these `every` batches already happened
+                    bar.set_postfix(loss=f"{float(loss_sum) / n_seen:.4f}",
+                                    img_s=f"{n_seen * self.dist.world / (time.perf_counter() - t0):.0f}")
+            if self.dist.is_main:
+                bar.update(1)
+            t_wait = time.perf_counter()
+        bar.close()
+        self._check_finite(n_bad, epoch, checked, max(i, checked))
+        elapsed = time.perf_counter() - t0
+        return {
+            "lr": lr, "train_loss": D.mean_across(float(loss_sum) / max(1, n_seen), self.dist),
+            "images_per_s": n_seen * self.dist.world / max(elapsed, 1e-9),
+            "data_wait_frac": wait / max(elapsed, 1e-9), "train_time_s": elapsed,
+        }
+
+    def validate(self) -> np.ndarray:
+        """(n_val, C) val probabilities in val-row order, on every rank."""
+        from cxrlt.data.dataset import make_loader
+
+        loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"])
+        rows, probs = predict_tta(self._eval_model(), loader, self.device, "none", amp=self.amp,
+                                  channels_last=self.channels_last, progress=False, desc="val")
+        gathered = D.all_gather_objects((rows, probs), self.dist)
+        gathered = [g for g in gathered if len(g[0])]  # a rank may hold no val row
+        rows = np.concatenate([g[0] for g in gathered])
+        probs = np.concatenate([g[1] for g in gathered])
+        # put predictions back in val-row order; every val row exactly once
+        order = {int(r): i for i, r in enumerate(self.val_rows)}
+        pos = np.array([order[int(r)] for r in rows])
+        if len(pos) != len(self.val_rows) or len(set(pos.tolist())) != len(pos):
+            raise RuntimeError("validation predictions lost or duplicated rows across ranks")
+        p = np.empty_like(probs)
+        p[pos] = probs
+        return p
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _settle(self) -> dict:
+        """A finished run: model.pt from best.pt when missing, else touched (so Make settles)."""
+        model_pt = self.out / "model.pt"
+        if self.dist.is_main:
+            if model_pt.exists():
+                touch(model_pt)
+                log.info(f"{self.out}: up to date ({self.start_epoch} epochs done, best epoch "
+                         f"{self.best_epoch + 1}); nothing to train")
+            else:
+                self._write_model_pt()
+        D.barrier(self.dist)
+        D.teardown(self.dist)
+        return self._result()
+
+    def _result(self) -> dict:
+        return {"best_map": self.best_map, "best_epoch": self.best_epoch, "selection": self.selection}
+
+    def _write_model_pt(self) -> None:
+        """model.pt = best.pt's weights, described by the current config (an extended run's
+        best epoch may date from before its epochs/patience were raised)."""
+        best = load_checkpoint(self.out / "best.pt")
+        best["config"] = dict(self.cfg)
+        if self.selection is not None:  # the honest number of the whole run's choice, not best.pt's
+            best["selection"] = self.selection
+        torch_save(best, self.out / "model.pt")
+        log.info(f"done: {_selection_text(best.get('selection'), int(best['best_epoch']))}; "
+                 f"weights in {self.out / 'model.pt'}")
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.up_to_date or self._finished():
+            return self._settle()
+        pos = self.class_counts
+        log.info(f"train {len(self.train_rows)} images, val {len(self.val_rows)} (fold {cfg['val_fold']}), "
+                 f"{len(self.labels)} labels, rarest training label has {int(pos.min())} positives; "
+                 f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch, "
+                 f"global batch {cfg['batch_size'] * self.dist.world * self.accum}")
+        # chance level of macro AP = mean prevalence of the labels that have val positives
+        prev = self.y_val.mean(0)
+        chance = float(prev[self.y_val.sum(0) > 0].mean()) if len(self.y_val) else float("nan")
+        log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
+        so = self.sets["select_on"]
+        for epoch in range(self.start_epoch, cfg["epochs"]):
+            stats = self.train_epoch(epoch)
+            p = self.validate()
+            # rank 0 decides; every rank takes its decision (patience must stop all of them together)
+            d = D.broadcast_object(self._select(epoch, p) if self.dist.is_main else None, self.dist)
+            self.best_map, self.best_epoch, self.bad_epochs = d["best_map"], d["best_epoch"], d["bad_epochs"]
+            self.selection = d["selection"]
+            self.start_epoch = epoch + 1
+            if self.dist.is_main:
+                v, r = d["v"], d["record"]
+                record = {"epoch": epoch, **stats, **r, "chance_mAP": chance,
+                          "drw_active": bool(cfg["drw_epoch"] >= 0 and epoch >= cfg["drw_epoch"]),
+                          "val_ap": {lab: json_float(a) for lab, a in zip(self.labels, v["ap"])}}
+                meta = self._meta(epoch)
+                weights = self._eval_model().state_dict()
+                if d["improved"]:
+                    torch_save({**meta, "model": weights}, self.out / "best.pt")
+                append_jsonl(self.out / "metrics.jsonl", record)
+                last = {**meta, "model": weights, "train_model": self.model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
+                        "val_table": [_plain_row(t) for t in self.table]}
+                if self.ema is not None:
+                    last["ema"] = self.ema.state_dict()
+                torch_save(last, self.out / "last.pt")  # written after metrics: it marks the epoch done
+                self._write_run_json()
+                log.info(f"epoch {epoch + 1}/{cfg['epochs']}  loss {stats['train_loss']:.4f}  "
+                         f"val mAP {_fmt(r['val_mAP'])} (chance {chance:.4f})  proxy {_fmt(r['val_proxy_mAP'])}  "
+                         f"honest {_fmt(r['val_honest_mAP'])} ({so})  mAUC {_fmt(r['val_mAUC'])}  "
+                         f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}"
+                         + ("  *best*" if d["improved"] else ""))
+            D.barrier(self.dist)
+            if cfg["patience"] and self.bad_epochs >= cfg["patience"]:
+                log.info(f"early stop: no val mAP gain on {so} for {cfg['patience']} epochs")
+                break
+        if self.dist.is_main:
+            self._write_model_pt()
+        D.barrier(self.dist)
+        D.teardown(self.dist)
+        return self._result()
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or np.isnan(x) else f"{x:.4f}"
+
+
+def _plain_row(row: dict) -> dict:
+    """A score-table row as plain floats and lists (checkpoints load with weights_only=True)."""
+    return {k: ([float(a) for a in v] if k.startswith("ap_") else float(v)) for k, v in row.items()}
+
+
+def _selection_text(sel: dict | None, best_epoch: int) -> str:
+    """'epoch N chosen on proxy: val mAP full X, proxy Y, honest Z' (the run's final line)."""
+    if not sel:
+        return f"best epoch {best_epoch + 1}"
+    return (f"epoch {best_epoch + 1} chosen on {sel['select_on']}: val mAP full {_fmt(sel['val_mAP'])}, proxy "
+            f"{_fmt(sel['val_proxy_mAP'])}, honest {_fmt(sel['val_honest_mAP'])} (cross-fitted over the epochs)")
+
+
+def train(cfg: dict, cache_dir: str, out_dir: str, resume: bool = False) -> dict:
+    return Trainer(cfg, cache_dir, out_dir, resume=resume).fit()

@@ -1,0 +1,1 @@
+"""Task 2: zero-shot scoring with CLIP-style models."""
