@@ -228,3 +228,35 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     (l0, g0), (l1, g1) = grads
     assert l0 == pytest.approx(l1, rel=1e-6)
     assert all(torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-5) for n in g0)
+
+
+@pytest.mark.parametrize("head,loss", [("linear", "bce"), ("cosine", "ldam"), ("csra", "ldam")])
+def test_head_logits_stay_fp32_under_bf16_autocast(head, loss):
+    # Under autocast the backbone may run in bf16, but the head must score fp32 features in fp32:
+    # bf16 logits keep only a few hundred distinct values per label (and LDAM's s scales the error).
+    torch.manual_seed(0)
+    m = build_model(cfg(head=head, loss=loss), num_classes=4).eval()
+    shape = (512, m.num_features, 2, 2) if head == "csra" else (512, m.num_features)
+    h = torch.randn(*shape).to(torch.bfloat16)  # what a bf16 backbone hands the head
+    with torch.no_grad():
+        ref = m.head.classify(h.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m.head.classify(h)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for k in range(4):
+        assert got[:, k].unique().numel() == ref[:, k].unique().numel()
+
+
+def test_whole_model_under_bf16_autocast_keeps_distinct_logits():
+    # the same model under CPU bf16 autocast: as many distinct values per label as in fp32
+    torch.manual_seed(0)
+    m = build_model(cfg(head="cosine", loss="ldam"), num_classes=3).eval()
+    x = m.normalize(images(b=64))
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m(x)
+    assert got.dtype == torch.float32
+    for k in range(3):
+        assert got[:, k].unique().numel() == ref[:, k].unique().numel() == 64

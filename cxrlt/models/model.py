@@ -70,8 +70,12 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def classify(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.scores(h)
-        return z if self.logit_scale == 1.0 else z * self.logit_scale
+        # Always fp32, on fp32 inputs, also under autocast: a bf16 matmul here would round the
+        # logits (and LDAM's x s would scale the rounding) to a few hundred distinct values per
+        # label, which costs AP at selection and at test time.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            z = self.scores(h.float())
+            return z if self.logit_scale == 1.0 else z * self.logit_scale
 
     def forward(self, feat):
         return self.classify(self.pool(feat))
@@ -103,8 +107,7 @@ class CosineHead(Head):
         return feat.mean(dim=(2, 3))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 so that the unit-norm guarantee (and the output range) holds under autocast
-        x = F.normalize(x.float(), dim=1)
+        x = F.normalize(x.float(), dim=1)  # classify runs this in fp32, also under autocast
         w = F.normalize(self.weight.float(), dim=1)
         return self.scale * (x @ w.t())
 
@@ -126,7 +129,7 @@ class CSRAHead(Head):
         return feat
 
     def scores(self, feat: torch.Tensor) -> torch.Tensor:
-        s = self.conv(feat).flatten(2).float()  # (B, C, h*w)
+        s = self.conv(feat).flatten(2)  # (B, C, h*w); fp32: see Head.classify
         base = s.mean(dim=2)
         if self.temperature >= CSRA_MAX_TEMPERATURE:
             att = s.amax(dim=2)
