@@ -130,3 +130,18 @@ def test_configs_differing_only_in_post_training_keys_share_one_backbone(setup):
     run_plan(d, configs=f"{d / 'demo.yaml'} {d / 'tta.yaml'} {d / 'other.yaml'}")
     mk = (d / ".make" / "vars.mk").read_text().splitlines()
     assert {"BASE_demo := demo", "BASE_tta := demo", "BASE_other := other"} <= set(mk)
+
+
+@pytest.mark.parametrize("over,culprit", [
+    (dict(postproc="on"), "POSTPROC=on: expected one of off, auto"),
+    (dict(ensemble="avg"), "ENSEMBLE=avg: expected one of mean"),
+    (dict(name="my try"), "NAME='my try' contains a space"),
+    (dict(dataset="demo "), "DATASET='demo ' contains a space"),
+    (dict(meta_csv="no/such/meta.csv"), "META_CSV=no/such/meta.csv: no such file"),
+    (dict(test_labels="missing.csv"), "TEST_LABELS=missing.csv: no such file"),
+])
+def test_make_variables_no_stage_could_use_are_refused_naming_the_variable(setup, over, culprit):
+    with pytest.raises(InputError) as e:
+        run_plan(setup, **over)
+    assert culprit in str(e.value) and "\n" not in str(e.value)
+    assert not (setup / ".make" / "vars.mk").exists()  # refused before any stamp is written

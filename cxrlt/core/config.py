@@ -231,6 +231,7 @@ HEAD_NAMES = ("linear", "cosine", "csra")
 LOSS_NAMES = ("bce", "bce_pw", "focal", "asl", "cb", "ldam", "db")
 SAMPLER_NAMES = ("instance", "class_aware", "repeat_factor")
 TTA_NAMES = ("none", "flip", "flip_scale", "medium")
+ENSEMBLE_METHODS = ("mean", "rank", "weighted", "greedy")  # ensemble.py --method, Make's ENSEMBLE
 
 # key -> its allowed values; --help lists them after the key's help text
 CHOICES = {

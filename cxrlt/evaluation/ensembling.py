@@ -21,9 +21,10 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm import tqdm
 
+from cxrlt.core.config import ENSEMBLE_METHODS
 from cxrlt.evaluation.metrics import average_precision_per_label, macro_mean, score
 
-METHODS = ("mean", "rank", "weighted", "greedy")
+METHODS = ENSEMBLE_METHODS
 
 
 def _stack(preds) -> np.ndarray:

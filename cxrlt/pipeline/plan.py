@@ -50,6 +50,7 @@ from pathlib import Path
 
 from cxrlt.core import config as config_mod
 from cxrlt.core.errors import InputError
+from cxrlt.core.config import ENSEMBLE_METHODS
 from cxrlt.pipeline.fingerprints import file_sha256, json_key
 
 STATE = Path(".make")
@@ -261,10 +262,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+# Make variables with a fixed set of values (empty: the Makefile's default applies)
+ENUM_VARIABLES = {"postproc": ("POSTPROC", ("off", "auto")), "ensemble": ("ENSEMBLE", ENSEMBLE_METHODS)}
+# variables that name one file or folder, or a name that becomes one: a space would split them
+SINGLE_WORD = {"dataset": "DATASET", "name": "NAME", "train_csv": "TRAIN_CSV", "image_dir": "IMAGE_DIR",
+               "test_csv": "TEST_CSV", "removal_csv": "REMOVAL_CSV", "meta_csv": "META_CSV",
+               "labels_file": "LABELS_FILE", "test_labels": "TEST_LABELS"}
+# optional inputs: empty is fine, a path that is set must be a readable file
+OPTIONAL_FILES = {"meta_csv": "META_CSV", "labels_file": "LABELS_FILE", "test_labels": "TEST_LABELS"}
+
+
+def check_variables(a: argparse.Namespace) -> None:
+    """Refuse, in one line naming the variable, a Make variable that no stage could use."""
     if not str(a.img_size).isdigit() or int(a.img_size) < 8:
         raise InputError(f"IMG_SIZE={a.img_size}: expected a whole number of pixels >= 8")
+    for attr, (var, allowed) in ENUM_VARIABLES.items():
+        value = getattr(a, attr)
+        if value and value not in allowed:
+            raise InputError(f"{var}={value}: expected one of {', '.join(allowed)}")
+    for attr, var in SINGLE_WORD.items():
+        value = getattr(a, attr)
+        if value != value.strip() or any(c.isspace() for c in value):
+            raise InputError(f"{var}='{value}' contains a space: Make splits it into several words; "
+                             f"rename or link the path without spaces")
+    for attr, var in OPTIONAL_FILES.items():
+        value = getattr(a, attr)
+        if value and not os.path.isfile(value):
+            raise InputError(f"{var}={value}: no such file (leave {var} empty to go without it)")
+        if value and not os.access(value, os.R_OK):
+            raise InputError(f"{var}={value}: not readable")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    check_variables(a)
     lines = plan(a)
     write_if_changed(Path(a.mk), "# written by cxrlt/pipeline/plan.py on every make; do not edit\n" + "\n".join(lines) + "\n")
     return 0
