@@ -73,6 +73,8 @@ CASES = [
     ("wrong header", lambda r: _set(r, 0, 3, "hernia"), "row 1, column 4 ('hernia'): header does not match"),
     ("missing column", lambda r: [x[:3] for x in r], "missing ['Hernia']"),
     ("id header", lambda r: _set(r, 0, 0, "image_id"), "row 1, column 1: expected 'ImageID'"),
+    ("id with a leading space", lambda r: _set(r, 2, 0, " " + r[2][0]),
+     "row 3, column 1 ('ImageID'): ImageID ' b.png' has surrounding spaces"),
 ]
 
 

@@ -421,10 +421,15 @@ def _id_problems(raw: pd.DataFrame, header: list[str], expected_ids=None, ids_so
     ImageIDs are stripped of surrounding spaces in place first."""
     col = header.index(ID) + 1
     ids = raw[ID].str.strip()
-    if not (ids == raw[ID]).all():
-        raw[ID] = ids
     rows = raw.index.to_numpy() + 2
     out = []
+    padded = np.flatnonzero((ids != raw[ID]).to_numpy())
+    if len(padded):
+        if expected_ids is not None:  # a list checked against another: the leaderboard matches IDs exactly
+            i = padded[0]
+            out.append(_Problem(int(rows[i]), col, ID, f"ImageID {raw[ID].iloc[i]!r} has surrounding spaces "
+                                                       f"(IDs are matched exactly; {len(padded)} such row(s))"))
+        raw[ID] = ids
     blank = np.flatnonzero((ids == "").to_numpy())
     if len(blank):
         out.append(_Problem(int(rows[blank[0]]), col, ID, "blank ImageID"))
