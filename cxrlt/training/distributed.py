@@ -9,6 +9,7 @@ LOCAL_RANK the GPU on this node; the process group reads the rendezvous from the
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from cxrlt.training.device import pick_device
+
+DIST_TIMEOUT_MIN = 30  # minutes a collective may wait for the slowest rank
 
 
 @dataclass
@@ -44,7 +47,12 @@ def setup(device_name: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # an explicit timeout (a rank stuck in a long checkpoint write or a dead node ends the run
+        # in minutes, not the default's hours) and, on CUDA, the device id (NCCL binds its
+        # communicator to this GPU at once instead of guessing on the first collective)
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN), **kw)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
