@@ -42,3 +42,19 @@ def autocast_ctx(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def enable_cuda_fast_paths(device: torch.device) -> None:
+    """On a GPU: cuDNN picks the fastest convolution for the (fixed) input size, and the fp32 parts
+    (the heads, LayerNorm's reductions) may use TF32 tensor cores. Nothing changes on the CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def optimizer_kwargs(device: torch.device) -> dict:
+    """Extra AdamW arguments for the device: the fused CUDA kernel (one launch for all parameters,
+    ~2-3% of a ConvNeXt step) on a GPU; the default foreach implementation elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {}

@@ -94,7 +94,7 @@ from tqdm import tqdm
 from cxrlt.core import config as config_mod
 from cxrlt.training import distributed as D
 from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
-from cxrlt.training.device import autocast_ctx
+from cxrlt.training.device import autocast_ctx, enable_cuda_fast_paths, optimizer_kwargs
 from cxrlt.core.errors import InputError
 from cxrlt.core.fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
 from cxrlt.pipeline.fingerprints import file_key, touch
@@ -294,6 +294,7 @@ class Trainer:
         self.out = Path(out_dir)
         self.dist = D.setup(cfg["device"])
         self.device = self.dist.device
+        enable_cuda_fast_paths(self.device)
         self.amp = cfg["amp"] and self.device.type == "cuda"
         self.channels_last = cfg["channels_last"] and self.device.type == "cuda"
         self.cache_dir = cache_dir
@@ -366,12 +367,14 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.class_counts, len(self.train_rows)).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"])
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"],
+                                           **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
         self.ddp_model = self.model
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy per step
         self.forward = torch.compile(self.ddp_model) if cfg["compile"] else self.ddp_model
 
         self.start_epoch, self.step, self.best_map, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
