@@ -77,11 +77,11 @@ def batched_forward(model, loader, fn, device, amp: bool = False, progress: bool
     """
     rows, out = [], []
     for r, y in forward_batches(model, loader, fn, device, amp, progress, desc):
-        out.append(y.cpu().numpy())
+        out.append(y)  # stays on the device: one copy to the host at the end, no sync per batch
         rows.append(r)
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate(rows), np.concatenate(out)
+    return np.concatenate(rows), torch.cat(out).cpu().numpy()
 
 
 def model_input(model, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

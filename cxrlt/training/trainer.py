@@ -593,7 +593,8 @@ class Trainer:
         """(n_val, C) val probabilities in val-row order, on every rank."""
         from cxrlt.data.dataset import make_loader
 
-        loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"])
+        loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"],
+                             pin_memory=self.device.type == "cuda")
         rows, probs = predict_tta(self._eval_model(), loader, self.device, "none", amp=self.amp,
                                   channels_last=self.channels_last, progress=False, desc="val")
         gathered = D.all_gather_objects((rows, probs), self.dist)
