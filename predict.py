@@ -106,6 +106,10 @@ def main(argv=None) -> int:
         print(postproc.summary_line(res))
         if args.apply_choice:
             params = postproc.PostParams.from_cfg({**cfg, **res["choice"]})
+            print("post-processing: the choice above is applied to these predictions (POSTPROC=auto)")
+        else:
+            print("post-processing: the choice above is reported only, not applied (POSTPROC=off; "
+                  "the predictions use the config's own post-processing keys)")
 
     probs = postproc.apply(probs, keys, labels, context, params)
     df = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=labels)

@@ -86,6 +86,7 @@ def test_val_prediction_reports_postprocessing_grid(trained_run, demo_cache, tmp
     assert {"full", "proxy", "half_a", "half_b"} <= set(info["grid"][0]) and len(info["grid"]) >= 24
     assert info["sets"]["half_a"] + info["sets"]["half_b"] == info["sets"][sel]
     assert "honest (cross-fitted" in stdout and "selection on proxy" in stdout  # the demo has projections
+    assert "reported only, not applied" in stdout  # without --apply-choice (POSTPROC=off)
     # the full-fold mAP predict.py reports equals the trainer's val mAP for the same weights (no TTA)
     assert info["raw"]["full"] == pytest.approx(load_checkpoint(trained_run / "model.pt")["best_map"], abs=1e-5)
 
