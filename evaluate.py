@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.core.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper, positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-log", help="training metrics.jsonl: adds training_curves.png")
     ap.add_argument("--thresholds", help="thresholds.json to apply instead of tuning on these labels")
     ap.add_argument("--compare", help="another prediction CSV of the same images: paired bootstrap difference")
-    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    ap.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     return ap.parse_args(argv)
 
 

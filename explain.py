@@ -21,7 +21,7 @@ instead (e.g. layer3: finer maps). Outputs and methods: cxrlt/explain.py.
 
 import argparse
 
-from cxrlt.core.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper, positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,11 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", required=True, help="model.pt of a run (or of its crt/ folder)")
     ap.add_argument("--cache", help="the run's train cache (or a test cache): images by ImageID, and their labels")
     ap.add_argument("--images", nargs="+", metavar="IMAGE_ID", help="ImageIDs of the cache to explain")
-    ap.add_argument("--n", type=int, default=8, help="without --images: this many labelled val-fold images")
+    ap.add_argument("--n", type=positive_int, default=8, help="without --images: this many labelled val-fold images")
     ap.add_argument("--files", nargs="+", metavar="FILE", help="image files to explain instead of cache images")
-    ap.add_argument("--size", type=int, help="--files: the square side to resize to")
+    ap.add_argument("--size", type=positive_int, help="--files: the square side to resize to")
     ap.add_argument("--labels", nargs="+", metavar="LABEL", help="explain these labels (default: the top predicted)")
-    ap.add_argument("--top", type=int, default=3, help="without --labels: this many top-predicted labels per image")
+    ap.add_argument("--top", type=positive_int, default=3, help="without --labels: this many top-predicted labels per image")
     ap.add_argument("--method", default="auto", help="auto | gradcam | attention (CSRA heads)")
     ap.add_argument("--layer", help="Grad-CAM on this backbone module's output (e.g. layer3, stages.2)")
     ap.add_argument("--boxes", help="boxes of the findings (ImageID,label,x0,y0,x1,y1): pointing game on the val fold")

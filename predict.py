@@ -26,7 +26,7 @@ import argparse
 import time
 
 from cxrlt.core import config
-from cxrlt.core.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper, positive_int
 
 
 def main(argv=None) -> int:
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
                     help="--split val: write the val predictions post-processed with the choice made on val "
                          "(Make's POSTPROC=auto, so that ensemble weights are fitted on what the test "
                          "predictions will be)")
-    ap.add_argument("--batch-size", type=int, default=64,
+    ap.add_argument("--batch-size", type=positive_int, default=64,
                     help="images per inference batch (the config key batch_size is --batch_size here)")
     ap.add_argument("--config", nargs="*", default=[], help="YAML config file(s): their post and run keys apply")
     config.add_config_flags(ap)

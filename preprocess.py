@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.core.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper, positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,9 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         q.add_argument("--image-dir", required=True, help="folder of the images named by ImageID (subfolders searched)")
         q.add_argument("--meta-csv", default=None,
                        help="PadChest metadata CSV (plain or .gz): exact patient, study and projection")
-        q.add_argument("--size", type=int, default=512, help="side of the square cached images")
+        q.add_argument("--size", type=positive_int, default=512, help="side of the square cached images")
         q.add_argument("--out", required=True, help="cache folder to write (ROOT/train or ROOT/test-<key>)")
-        q.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+        q.add_argument("--workers", type=positive_int, default=None, help="decode processes (default: all cores)")
         q.add_argument("--skip-bad", action="store_true",
                        help="leave unreadable training images out (reported) instead of stopping")
         q.add_argument("--window-low", type=float, default=0.5, help="16-bit: percentile mapped to 0")

@@ -14,7 +14,7 @@ groups.png and per_label_ap.png into --out. File formats and statistics: cxrlt/s
 
 import argparse
 
-from cxrlt.core.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper, positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--out", required=True, help="report folder, e.g. reports/<study>")
     r.add_argument("--run", nargs=3, action="append", default=[], metavar=("STEM", "RUN_DIR", "CACHE_DIR"),
                    help="a run of the study: its stem, run folder (holds pred_val.csv) and train cache folder")
-    r.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: cxrlt.evaluation.metrics.N_BOOT)")
+    r.add_argument("--n-boot", type=positive_int, default=None, help="bootstrap resamples (default: cxrlt.evaluation.metrics.N_BOOT)")
     return ap.parse_args(argv)
 
 

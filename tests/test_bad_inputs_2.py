@@ -378,3 +378,17 @@ def test_postproc_json_written_by_predict_is_accepted(tmp_path):
                               "grid": [], "tta": "flip"}))
     assert config.load_postproc(pp) == {"normal_gating_alpha": -0.5, "study_pool_weight": 0.25,
                                         "patient_context_weight": 0.1}
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["predict.py", "--checkpoint", "m.pt", "--cache", "c", "--split", "val", "--out", "o.csv", "--batch-size", "0"],
+     "--batch-size"),
+    (["evaluate.py", "--pred", "p.csv", "--labels", "l.csv", "--out", "e", "--n-boot", "-5"], "--n-boot"),
+    (["preprocess.py", "train", "--train-csv", "t.csv", "--image-dir", ".", "--out", "c", "--workers", "0"],
+     "--workers"),
+    (["study.py", "report", "--manifest", "m.json", "--out", "r", "--n-boot", "zero"], "--n-boot"),
+])
+def test_count_flags_below_one_are_usage_errors_naming_the_flag(capsys, argv, flag):
+    code, _, err = run_script_inprocess(capsys, *argv)
+    assert code == 2 and f"argument {flag}: expected a whole number >= 1" in err
+    assert "Traceback" not in err

@@ -6,6 +6,7 @@ a one-line message saying how to continue (every long stage is resumable) with s
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -62,3 +63,15 @@ def _check_parents(path: Path, flag: str) -> None:
             if not parent.is_dir():
                 raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
             return
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count flag (a batch size, resamples, images, workers): a whole number >= 1,
+    so that 0 or -3 is a usage error naming the flag instead of a traceback from deep inside."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
