@@ -289,6 +289,7 @@ _GOOD = unique_prompts()
 @pytest.mark.parametrize("content,fragment", [
     (None, "prompt file not found"),
     ("findings:\n  Scoliosis: [a\n", "not valid YAML"),
+    ("findings:\n  Scoliosis: [a]\n  Scoliosis: [b]\n", "line 3, column 3: duplicate key 'Scoliosis' (first at line 2)"),
     ("- just a list\n", "'findings:' section"),
     ({**_GOOD, "Scolosis": ["x"]}, "did you mean 'Scoliosis'"),
     ({k: v for k, v in _GOOD.items() if k != "Bulla"}, "no prompts for 'Bulla'"),

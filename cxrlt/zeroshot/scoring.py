@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrlt.core.config import read_yaml
 from cxrlt.core.errors import InputError
 
 METHODS = ("cosine", "softmax")
@@ -75,17 +76,8 @@ class Prompts:
 
 def load_prompts(path, labels: list[str], need_negative: bool = False) -> dict[str, Prompts]:
     """Read and check a prompt file -> {label: Prompts} in the order of `labels`."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file not found")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f"line {where.line + 1}: " if where is not None else ""
-        raise InputError(f"{path}: {line}not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    doc = read_yaml(path, "prompt file")  # the configs' reader: a finding given twice is refused
     if not isinstance(doc, dict) or not isinstance(doc.get("findings"), dict):
         raise InputError(f"{path}: expected a mapping with a 'findings:' section (finding -> prompts)")
     findings = doc["findings"]
