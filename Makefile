@@ -130,9 +130,13 @@ $(STATE)/vars.mk: FORCE | $(VENV)/.installed
 		--stamp='$(DATASET)_zeroshot=$(subst ','\'',$(ZS_INPUTS))' \
 		--stamp-inputs='$(DATASET)_zeroshot=$(ZS_PROMPTS) $(TASK2_LABEL_SET)' \
 		--stamp-inputs='$(NAME)_score=$(TEST_LABELS)' --stamp-inputs='$(NAME)_task2_score=$(TASK2_LABELS)' \
-		--study='$(STUDY_PLAN)'
+		--study='$(STUDY_PLAN)' $(DRY_RUN)
 
 FORCE:
+
+# `make -n` still runs the plan (Make remakes included makefiles in a dry run): the plan is told,
+# so that the stamps a dry run changes get their old time back (cxrlt/pipeline/stamps.py)
+DRY_RUN := $(if $(findstring n,$(filter-out --%,$(firstword -$(MAKEFLAGS)))),--dry-run,)
 
 # ---- stage 1: image caches, one pair per image size --------------------------------------------
 # The train cache never depends on the test list; each test list has its own test cache

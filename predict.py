@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     from cxrlt.training.device import pick_device
     from cxrlt.core.errors import InputError
     from cxrlt.core.fileio import write_csv, write_json
+    from cxrlt.pipeline import stage_inputs
     from cxrlt.pipeline.fingerprints import file_key, inputs_match, record_inputs, touch
     from cxrlt.post.inference import check_cache_size, load_trained, predict_tta
     from cxrlt.evaluation.selection import val_keys, val_sets_from_keys
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     ctx_cache = context_cache(args, cache) if need_context else None
     context = postproc.Context.from_cache(ctx_cache) if ctx_cache is not None else None
     inputs = {"model": file_key(args.checkpoint), "cache": cache.key, "split": args.split,
-              "post": config.post_part(cfg), "apply_choice": args.apply_choice,
+              "post": stage_inputs.predict_keys(cfg), "apply_choice": args.apply_choice,
               "context": ctx_cache.key if ctx_cache is not None else None}
     if inputs_match(args.out, inputs):
         touch(args.out)

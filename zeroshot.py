@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from cxrlt.core.errors import InputError
     from cxrlt.core.fileio import write_csv, write_json
     from cxrlt.core.labels import read_labels_file
-    from cxrlt.pipeline.fingerprints import file_sha256
+    from cxrlt.core.hashing import file_key
     from cxrlt.zeroshot.scoring import load_encoder, load_prompts, score_cache
 
     t0 = time.time()
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                            workers=a.workers)
     write_csv(a.out, df)
     info.update(model=a.model, weights=a.weights, cache=str(a.cache), labels=labels, prompts_file=str(a.prompts),
-                prompts_sha256=file_sha256(a.prompts), seconds=round(time.time() - t0, 2))
+                prompts_key=file_key(a.prompts), seconds=round(time.time() - t0, 2))
     write_json(f"{a.out}.json", info)
     e = info["embeddings"]
     print(f"image embeddings: {e['status']} {e['path']}")

@@ -56,12 +56,23 @@ def test_dataset_pickles_without_the_array(tmp_path):
 def test_atomic_write_cleans_temps_left_by_a_killed_writer(tmp_path):
     from cxrlt.core.fileio import write_text
 
+    import os
+    import time
+
+    from cxrlt.core.fileio import STALE_TEMP_S
+
     stale = tmp_path / ".last.pt.abc123.tmp.pt"
     stale.write_bytes(b"x" * 100)
+    old = time.time() - STALE_TEMP_S - 5
+    os.utime(stale, (old, old))
+    live = tmp_path / ".last.pt.def456.tmp.pt"  # being written right now by another node's process
+    live.write_bytes(b"z")
     other = tmp_path / ".other.pt.abc123.tmp.pt"
     other.write_bytes(b"y")
+    os.utime(other, (old, old))
     write_text(tmp_path / "last.pt", "new")
     assert not stale.exists() and other.exists() and (tmp_path / "last.pt").read_text() == "new"
+    assert live.exists()
 
 
 class _CvThreads(torch.utils.data.Dataset):

@@ -154,6 +154,36 @@ def test_a_copy_of_a_finished_world_has_nothing_to_do(world):
     assert rewritten(before, world.times()) == set()
 
 
+def test_a_tar_copy_of_project_and_data_has_nothing_to_do_and_moved_data_decodes_nothing(world, tmp_path):
+    # the data inside the project, named by a relative IMAGE_DIR (as `make demo` does)
+    subprocess.run(["cp", "-a", str(world.images), str(world.path("in/images"))], check=True)
+    world.make_all(IMAGE_DIR="in/images")
+    settled(world, IMAGE_DIR="in/images")
+    # tar keeps bytes and times (to the second): the copy's stamps, caches and runs stay valid
+    dest = tmp_path / "elsewhere"
+    dest.mkdir()
+    subprocess.run(f"tar -C {world.repo.parent} -cf - {world.repo.name} | tar -C {dest} -xf -", shell=True,
+                   check=True)
+    copy = World(dest / world.repo.name, world.server, world.client, world.images)
+    settled(copy, IMAGE_DIR="in/images")
+    # the data moved again, this time with new file times: hashed again, nothing decoded or retrained
+    subprocess.run(["cp", "-r", str(copy.path("in/images")), str(copy.path("in/moved"))], check=True)
+    model = copy.path(OUTPUTS["model"]).read_bytes()
+    copy.make_all(IMAGE_DIR="in/moved")
+    manifest = json.loads(copy.path(OUTPUTS["train_cache"]).read_text())
+    assert manifest["decoded_this_run"] == 0 and manifest["copied_rows"] == 0, manifest
+    assert copy.path(OUTPUTS["model"]).read_bytes() == model
+    settled(copy, IMAGE_DIR="in/moved")
+
+
+def test_a_dry_run_with_a_changed_variable_leaves_the_next_real_run_nothing_to_do(world):
+    assert world.stages_planned(FOLDS="4")  # a dry run that would re-run stages
+    settled(world)  # ... and changes nothing a real `make all` with the old variables would see
+    before = world.times()
+    world.make_all()
+    assert rewritten(before, world.times()) == set()
+
+
 def test_comment_in_training_config_runs_nothing(world):
     cfg = world.path("in/tiny.yaml")
     cfg.write_text(cfg.read_text() + "# tried lr 1e-3 too\n")

@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 
 from cxrlt.core.errors import ConfigError
+from cxrlt.core.hashing import json_key
 
 # key -> (default, type, help). `type` is bool, int, float or str.
 SCHEMA: dict[str, tuple[object, type, str]] = {
@@ -212,11 +213,7 @@ def train_part(cfg: dict) -> dict:
 def train_key(cfg: dict, exclude=EXTENDABLE_KEYS) -> str:
     """Fingerprint (16 hex) of the train keys, `exclude`d keys left out: equal keys <=> a run
     trained with one config can continue under the other."""
-    import hashlib
-    import json
-
-    part = {k: v for k, v in train_part(cfg).items() if k not in exclude}
-    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+    return json_key({k: v for k, v in train_part(cfg).items() if k not in exclude})
 
 # common names from other trainers, for the "did you mean" hint of an unknown key
 ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "bs": "batch_size",

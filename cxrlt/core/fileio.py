@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -95,11 +96,16 @@ def _fsync(path) -> None:
         os.close(fd)
 
 
+STALE_TEMP_S = 60  # a temp file untouched this long has no live writer (one that writes moves its mtime)
+
+
 def _remove_stale_temps(final: Path) -> None:
-    """Delete temp files a killed writer of `final` left behind (a big last.pt each time)."""
+    """Delete temp files a killed writer of `final` left behind (a big last.pt each time); a fresh
+    one may belong to a live writer on another node of a shared folder, and stays."""
+    now = time.time()
     for p in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
         with contextlib.suppress(OSError):
-            if p.is_file():
+            if p.is_file() and now - p.stat().st_mtime > STALE_TEMP_S:
                 p.unlink()
 
 
@@ -139,6 +145,19 @@ def output_lock(folder):
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_if_changed(path, text: str) -> bool:
+    """write_text unless `path` already holds exactly `text` (its mtime then stays) -> written?"""
+    path = Path(path)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, text)
+    return True
 
 
 def write_json(path, obj) -> None:

@@ -27,7 +27,8 @@ Files of a cache folder:
                    <labels...>      train cache: one 0/1 column per label, training-CSV order;
                                     a test cache has no label columns
   labels.txt     the label names, one a line, in order (empty for a test cache).
-  sources.csv    for the builder only: row, ImageID, file, bytes, mtime_ns of each array row
+  sources.csv    for the builder only: row, ImageID, file (relative to the image folder), bytes,
+                 mtime_ns and content key (cxrlt/core/hashing.py) of each array row
                  holding pixels (how other caches of the root reuse them).
   manifest.json  written last: its presence marks a complete cache. Holds `key` (the content
                  fingerprint, Cache.key), `pixels` (version, size, windowing), labels, counts,
@@ -53,7 +54,7 @@ from cxrlt.data.tables import ID_COLUMNS, INDEX_FIXED_COLUMNS, INDEX_KEY_COLUMNS
 if TYPE_CHECKING:
     import pandas as pd
 
-CACHE_VERSION = 2  # bump when the pixels or the layout produced for the same inputs change
+CACHE_VERSION = 3  # bump when the pixels or the layout produced for the same inputs change
 _STR_COLUMNS = [*ID_COLUMNS, *INDEX_KEY_COLUMNS, "split"]
 
 

@@ -4,8 +4,9 @@ The layout of the cache root and of a cache folder is documented in cxrlt/data/c
 
 Reuse. Building a cache reuses the pixels of every image already decoded in itself or in a
 sibling cache of the same root with the same size and windowing (`manifest.json` "pixels"),
-matched by ImageID when the source file is the same (`sources.csv`: bytes + mtime_ns); only the
-rest is decoded. So a label, fold, Removal.csv or metadata edit decodes nothing, a new test list
+matched by ImageID when the source file is the same (`sources.csv`: bytes + mtime_ns, or, when the
+time differs, bytes + content key: a copied or moved image folder is read and hashed, not
+decoded); only the rest is decoded. So a label, fold, Removal.csv or metadata edit decodes nothing, a new test list
 decodes only its new images, and a changed IMAGE_DIR decodes only the files that differ. When
 every image comes from the cache's own array, nothing is copied either: the new index points
 into the same images.npy (hard-linked into the new folder).
@@ -56,14 +57,16 @@ from cxrlt.data.cache import CACHE_VERSION, partial_dir
 from cxrlt.data.decode_pool import DecodePool
 from cxrlt.core.errors import InputError
 from cxrlt.core.fileio import output_lock, write_json, write_text
-from cxrlt.pipeline.fingerprints import file_sha256, json_key
+from cxrlt.core.hashing import bytes_key, file_key, json_key
 from cxrlt.data.splits import assign_folds
 from cxrlt.data.tables import INDEX_FIXED_COLUMNS, NON_LABEL_COLUMNS, read_id_list, read_meta_csv, read_training_csv
 
 WINDOW_STRIDE = decode_worker.WINDOW_STRIDE
 FLUSH_SECONDS = 10.0  # how often the done mask is persisted (work lost on a kill: at most this)
 COPY_BLOCK = 256  # rows copied from another cache at a time
-_OWN_FILES = {"images.npy", "index.csv", "labels.txt", "sources.csv", "manifest.json", "done.npy", "plan.json"}
+_OWN_FILES = {"images.npy", "index.csv", "labels.txt", "sources.csv", "manifest.json", "done.npy", "plan.json",
+              "keys.npy"}
+_BUILD_FILES = ("done.npy", "plan.json", "keys.npy")  # of the partial folder only
 _MAX_REPORTED = 20  # failures printed in the --skip-bad report (all are in the manifest)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -223,7 +226,8 @@ def _build(table: _Table, image_dir, out: Path, pixels: dict, workers, skip_bad:
         src_store, src_row = _pixel_sources(stores, files, need)
         own = stores[0] if stores and stores[0].path == out else None
         if own is not None and len(need) and (src_store[need] == 0).all():
-            return _relink(out, table, files, src_row, failures, pixels, inputs_key, image_dir, workers, t0)
+            return _relink(out, table, files, need, src_row, own.sources, failures, pixels, inputs_key, image_dir,
+                           workers, t0)
         return _full_build(out, table, files, need, stores, src_store, src_row, failures, pixels, inputs_key,
                            image_dir, workers, skip, force, t0)
 
@@ -256,7 +260,7 @@ def _check_replaceable(d: Path) -> None:
 
 
 def _up_to_date(out: Path, m: dict) -> dict:
-    for name in ("done.npy", "plan.json"):  # left when a build was killed just after its rename
+    for name in _BUILD_FILES:  # left when a build was killed just after its rename
         (out / name).unlink(missing_ok=True)
     os.utime(out / "manifest.json")  # newer than its prerequisites: Make settles
     print(f"cache up to date: {out} ({m['counts']['images']} {m['kind']} images, built "
@@ -269,12 +273,18 @@ def _up_to_date(out: Path, m: dict) -> dict:
 
 @dataclass
 class _Files:
-    """The source file of each table line: path ("" when not found), bytes and mtime_ns (-1)."""
+    """The source file of each table line: path ("" when not found), bytes and mtime_ns (-1), and
+    its content key as an integer (0 = not known yet; cxrlt/core/hashing.py's 16 hex digits)."""
 
     ids: np.ndarray
     paths: list[str]
     size: np.ndarray
     mtime_ns: np.ndarray
+    keys: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.keys is None:
+            self.keys = np.zeros(len(self.ids), dtype=np.uint64)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -439,7 +449,7 @@ class _Store:
 
     path: Path
     images: np.ndarray  # read-only memmap
-    sources: pd.DataFrame  # row, ImageID, bytes, mtime_ns
+    sources: pd.DataFrame  # row, ImageID, bytes, mtime_ns, key (uint64; 0 = unknown)
 
 
 def _stores(out: Path, pixels: dict) -> list[_Store]:
@@ -466,8 +476,9 @@ def _open_store(d: Path, pixels: dict) -> _Store | None:
     try:
         before = os.stat(d / "images.npy").st_ino
         sources = pd.read_csv(d / "sources.csv", dtype={"row": np.int64, "ImageID": str, "file": str,
-                                                         "bytes": np.int64, "mtime_ns": np.int64},
+                                                         "bytes": np.int64, "mtime_ns": np.int64, "key": str},
                               keep_default_na=False)
+        sources["key"] = _keys_from_hex(sources["key"])
         images = np.load(d / "images.npy", mmap_mode="r")
         if os.stat(d / "images.npy").st_ino != before:
             return None
@@ -475,27 +486,57 @@ def _open_store(d: Path, pixels: dict) -> _Store | None:
         return None
     if sources.empty:
         return None
-    return _Store(d, images, sources[["row", "ImageID", "bytes", "mtime_ns"]])
+    return _Store(d, images, sources[["row", "ImageID", "bytes", "mtime_ns", "key"]])
+
+
+def _keys_from_hex(col) -> np.ndarray:
+    return np.array([int(k, 16) if k else 0 for k in col], dtype=np.uint64)
+
+
+def _keys_to_hex(keys: np.ndarray) -> list[str]:
+    return [f"{int(k):016x}" if k else "" for k in keys]
 
 
 def _pixel_sources(stores: list[_Store], files: _Files, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """-> (store number per line, -1 = decode; its row in that store's array)."""
+    """-> (store number per line, -1 = decode; its row in that store's array). A line matches a
+    store's row by ImageID, bytes and mtime_ns; failing that, by ImageID, bytes and content key,
+    for which the lines whose ImageID and size some store knows are hashed (a moved or copied
+    folder: read once, never decoded). Sets files.keys where known."""
     src_store = np.full(len(files), -1, dtype=np.int64)
     src_row = np.full(len(files), -1, dtype=np.int64)
-    for k, store in enumerate(stores):
-        open_lines = need[src_store[need] < 0]
-        if not len(open_lines):
-            break
-        want = pd.DataFrame({"line": open_lines, "ImageID": files.ids[open_lines],
-                             "bytes": files.size[open_lines], "mtime_ns": files.mtime_ns[open_lines]})
-        hit = want.merge(store.sources, on=["ImageID", "bytes", "mtime_ns"])
-        hit = hit[hit["row"] < len(store.images)]
-        src_store[hit["line"].to_numpy()] = k
-        src_row[hit["line"].to_numpy()] = hit["row"].to_numpy()
+
+    def match(on: list[str], lines: np.ndarray) -> None:
+        for k, store in enumerate(stores):
+            open_lines = lines[src_store[lines] < 0]
+            if not len(open_lines):
+                return
+            want = pd.DataFrame({"line": open_lines, "ImageID": files.ids[open_lines],
+                                 "bytes": files.size[open_lines], "mtime_ns": files.mtime_ns[open_lines],
+                                 "key": files.keys[open_lines]})
+            known = store.sources[store.sources["key"] > 0] if "key" in on else store.sources
+            hit = want[["line", *on]].merge(known, on=on)  # the store's key comes along
+            hit = hit[hit["row"] < len(store.images)]
+            lines_hit = hit["line"].to_numpy()
+            src_store[lines_hit] = k
+            src_row[lines_hit] = hit["row"].to_numpy()
+            files.keys[lines_hit] = hit["key"].to_numpy(dtype=np.uint64)
+
+    match(["ImageID", "bytes", "mtime_ns"], need)
+    left = need[src_store[need] < 0]
+    if len(left) and stores:
+        same_size = pd.concat([st.sources[st.sources["key"] > 0][["ImageID", "bytes"]] for st in stores])
+        probe = pd.DataFrame({"line": left, "ImageID": files.ids[left], "bytes": files.size[left]})
+        to_hash = np.unique(probe.merge(same_size, on=["ImageID", "bytes"])["line"].to_numpy())
+        for i in tqdm(to_hash, unit="img", desc="hash moved files", dynamic_ncols=True, disable=len(to_hash) < 100):
+            try:
+                files.keys[i] = int(file_key_uncached(files.paths[i]), 16)
+            except OSError:
+                pass  # unreadable now: decoding reports it
+        match(["ImageID", "bytes", "key"], to_hash)
     return src_store, src_row
 
 
-def _copy_pixels(partial: Path, done: np.ndarray, stores: list[_Store], src_store, src_row) -> int:
+def _copy_pixels(partial: Path, done: np.ndarray, keys: np.ndarray, stores: list[_Store], src_store, src_row) -> int:
     """Copy every not-done line that has a source in another cache -> lines copied."""
     lines = np.flatnonzero((src_store >= 0) & (done == 0))
     if not len(lines):
@@ -511,8 +552,15 @@ def _copy_pixels(partial: Path, done: np.ndarray, stores: list[_Store], src_stor
                 done[block] = 1
                 bar.update(len(block))
     del images
-    _save_done(partial, done)
+    _save_done(partial, done, keys)
     return len(lines)
+
+
+def file_key_uncached(path) -> str:
+    """The content key of an image file, as the decode worker computes it from the bytes it reads
+    (no sidecar: image folders are the user's, often read-only)."""
+    with open(path, "rb") as f:
+        return bytes_key(f.read())
 
 
 # ---- the partial folder -----------------------------------------------------------------------------
@@ -525,27 +573,36 @@ def _full_build(out: Path, table: _Table, files: _Files, need, stores, src_store
     partial = partial_dir(out)
     plan_key = json_key({"pixels": pixels, "files": hashlib.sha256(
         json.dumps([files.ids.tolist(), files.size.tolist(), files.mtime_ns.tolist()]).encode()).hexdigest()})
-    done = _open_partial(partial, len(files), pixels["size"], plan_key, fresh=force)
+    done = _open_partial(partial, len(files), pixels["size"], plan_key, fresh=force, keys=files.keys)
     resumed = int(done.sum())
     if resumed:
         print(f"resuming {partial}: {resumed} of {len(done)} images already done")
-    copied = _copy_pixels(partial, done, stores, src_store, src_row)
+    copied = _copy_pixels(partial, done, files.keys, stores, src_store, src_row)
     is_failed = np.zeros(len(files), dtype=bool)
     is_failed[[f["line"] for f in failures]] = True
     tasks = [(int(i), files.paths[i]) for i in need if not done[i] and not is_failed[i]]
     failures = failures + _decode_all(partial, tasks, done, table, files, pixels, workers, skip)
     failures.sort(key=lambda f: f["line"])  # workers finish in any order
     kept = np.flatnonzero(done == 1)
-    sources = pd.DataFrame({"row": kept, "ImageID": files.ids[kept], "file": [files.paths[i] for i in kept],
-                            "bytes": files.size[kept], "mtime_ns": files.mtime_ns[kept]})
+    sources = _sources(files, kept, kept, image_dir)
     rows = np.arange(len(files), dtype=np.int64)
     return _finalize(out, partial, table, files, rows, sources, failures, pixels, inputs_key, image_dir, t0, {
         "workers": workers, "decoded_this_run": len(tasks), "copied_rows": copied, "resumed_rows": resumed,
         "linked": False})
 
 
-def _open_partial(partial: Path, n: int, size: int, plan_key: str, fresh: bool) -> np.ndarray:
-    """Reuse a matching partial build (-> its done mask) or set up a new one (-> zeros)."""
+def _sources(files: _Files, lines: np.ndarray, rows: np.ndarray, image_dir) -> pd.DataFrame:
+    """sources.csv's rows: where each array row's pixels came from (file relative to the image
+    folder: a moved folder keeps the meaning)."""
+    return pd.DataFrame({"row": rows, "ImageID": files.ids[lines],
+                         "file": [os.path.relpath(files.paths[i], image_dir) for i in lines],
+                         "bytes": files.size[lines], "mtime_ns": files.mtime_ns[lines],
+                         "key": _keys_to_hex(files.keys[lines])})
+
+
+def _open_partial(partial: Path, n: int, size: int, plan_key: str, fresh: bool, keys: np.ndarray) -> np.ndarray:
+    """Reuse a matching partial build (-> its done mask; the content keys it knows go into
+    `keys`) or set up a new one (-> zeros)."""
     plan_path = partial / "plan.json"
     if partial.exists() and not fresh:
         try:
@@ -553,6 +610,9 @@ def _open_partial(partial: Path, n: int, size: int, plan_key: str, fresh: bool) 
             done = np.load(partial / "done.npy")
             images = np.load(partial / "images.npy", mmap_mode="r")
             if old.get("plan_key") == plan_key and done.shape == (n,) and images.shape == (n, size, size):
+                known = np.load(partial / "keys.npy")
+                if known.shape == (n,):
+                    keys[known > 0] = known[known > 0]
                 return done.astype(np.uint8)
             print(f"{partial}: left by a build with other inputs; starting over")
         except (OSError, ValueError, json.JSONDecodeError):
@@ -560,7 +620,7 @@ def _open_partial(partial: Path, n: int, size: int, plan_key: str, fresh: bool) 
     _fresh_dir(partial)
     _allocate(partial / "images.npy", n, size)
     done = np.zeros(n, dtype=np.uint8)
-    _save_done(partial, done)
+    _save_done(partial, done, keys)
     with _disk_guard(plan_path, 256):  # plan.json last: its presence means the folder is completely set up
         write_json(plan_path, {"plan_key": plan_key, "rows": n, "size": int(size)})
     return done
@@ -598,21 +658,23 @@ def _allocate(path: Path, n: int, size: int) -> None:
             os.close(fd)
 
 
-def _save_done(partial: Path, done: np.ndarray) -> None:
-    """Persist the done mask atomically; fsync images.npy first so that every row marked done
-    is on disk (workers write through shared mappings, i.e. the same page cache)."""
+def _save_done(partial: Path, done: np.ndarray, keys: np.ndarray) -> None:
+    """Persist the done mask (and the content keys of the rows) atomically; fsync images.npy
+    first so that every row marked done is on disk (workers write through shared mappings, i.e.
+    the same page cache)."""
     fd = os.open(partial / "images.npy", os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    tmp = partial / ".done.npy.tmp"
-    with _disk_guard(partial / "done.npy", done.nbytes + 128):
-        with open(tmp, "wb") as f:
-            np.save(f, done)
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, partial / "done.npy")
+    for name, arr in (("keys.npy", keys), ("done.npy", done)):  # done last: it vouches for the keys
+        tmp = partial / f".{name}.tmp"
+        with _disk_guard(partial / name, arr.nbytes + 128):
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, partial / name)
 
 
 @contextlib.contextmanager
@@ -663,7 +725,9 @@ def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels
     finished = False
     with tqdm(total=len(tasks), unit="img", desc="preprocess", dynamic_ncols=True) as bar:
         try:
-            for row, reason in stream:
+            for row, reason, key in stream:
+                if key:
+                    files.keys[row] = int(key, 16)
                 if reason is None:
                     done[row] = 1
                 else:
@@ -672,14 +736,14 @@ def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels
                 if failures and not skip:
                     break
                 if time.time() - last_flush >= FLUSH_SECONDS:
-                    _save_done(partial, done)
+                    _save_done(partial, done, files.keys)
                     last_flush = time.time()
             finished = True
         finally:
             stream.close()
             pool.stop()
             try:
-                _save_done(partial, done)
+                _save_done(partial, done, files.keys)
             except (OSError, InputError):
                 if finished:
                     raise
@@ -694,26 +758,30 @@ def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels
 # ---- finishing --------------------------------------------------------------------------------------
 
 
-def _relink(out: Path, table: _Table, files: _Files, src_row, failures, pixels, inputs_key, image_dir, workers,
-            t0) -> dict:
-    """Every image is already in out's own array: a new index into the same images.npy (and
-    sources.csv), hard-linked into a fresh folder that replaces `out` like any build."""
+def _relink(out: Path, table: _Table, files: _Files, need, src_row, old_sources: pd.DataFrame, failures, pixels,
+            inputs_key, image_dir, workers, t0) -> dict:
+    """Every image is already in out's own array: a new index into the same images.npy,
+    hard-linked into a fresh folder that replaces `out` like any build. sources.csv keeps every
+    array row; the rows the new index uses name their current files (times, folder)."""
     partial = partial_dir(out)
     _fresh_dir(partial)
-    for name in ("images.npy", "sources.csv"):
-        try:
-            os.link(out / name, partial / name)
-        except OSError:  # a filesystem without hard links: a copy, same content
-            with _disk_guard(partial / name, (out / name).stat().st_size):
-                shutil.copyfile(out / name, partial / name)
+    try:
+        os.link(out / "images.npy", partial / "images.npy")
+    except OSError:  # a filesystem without hard links: a copy, same content
+        with _disk_guard(partial / "images.npy", (out / "images.npy").stat().st_size):
+            shutil.copyfile(out / "images.npy", partial / "images.npy")
+    current = _sources(files, need, src_row[need], image_dir).drop_duplicates("row", keep="first")
+    kept = old_sources[~old_sources["row"].isin(current["row"])].assign(key=lambda d: _keys_to_hex(d["key"]),
+                                                                         file="")
+    sources = pd.concat([current, kept[current.columns]]).sort_values("row", kind="stable")
     print(f"{out}: every image is already in the cache; only its index changes (nothing decoded or copied)")
-    return _finalize(out, partial, table, files, src_row, None, failures, pixels, inputs_key, image_dir, t0, {
+    return _finalize(out, partial, table, files, src_row, sources, failures, pixels, inputs_key, image_dir, t0, {
         "workers": workers, "decoded_this_run": 0, "copied_rows": 0, "resumed_rows": 0, "linked": True})
 
 
 def _finalize(out: Path, partial: Path, table: _Table, files: _Files, rows: np.ndarray, sources, failures,
               pixels: dict, inputs_key: str, image_dir, t0: float, work: dict) -> dict:
-    """Write index.csv, labels.txt, sources.csv (unless linked), manifest.json (last) into the
+    """Write index.csv, labels.txt, sources.csv, manifest.json (last) into the
     partial folder, then rename it to `out` (replacing an old cache only now)."""
     keep = np.ones(len(files), dtype=bool)
     keep[[f["line"] for f in failures]] = False
@@ -721,8 +789,7 @@ def _finalize(out: Path, partial: Path, table: _Table, files: _Files, rows: np.n
     index.insert(0, "row", rows[keep])
     _write(partial / "index.csv", _index_text(index))
     _write(partial / "labels.txt", "".join(f"{lab}\n" for lab in table.labels))
-    if sources is not None:
-        _write(partial / "sources.csv", sources.to_csv(index=False, lineterminator="\n"))
+    _write(partial / "sources.csv", sources.to_csv(index=False, lineterminator="\n"))
     manifest = {
         "format": "cxrlt image cache", "version": CACHE_VERSION, "kind": table.kind,
         "key": _content_key(index, table.labels, files.size[keep], pixels, failures),
@@ -734,7 +801,7 @@ def _finalize(out: Path, partial: Path, table: _Table, files: _Files, rows: np.n
         "windowing": "16-bit: percentile window (low_pct, high_pct) of a subsample (every stride-th pixel), "
                      "linear to 0..255; 8-bit: unchanged",
         "resize": "squash to size x size (aspect ratio not kept), area averaging",
-        "sources": _describe_sources(table.sources), "image_dir": os.path.abspath(image_dir), **table.info,
+        "sources": _describe_sources(table.sources), "image_dir": os.fspath(image_dir), **table.info,
         **work, "elapsed_s": round(time.time() - t0, 3),
     }
     _write(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -746,7 +813,7 @@ def _finalize(out: Path, partial: Path, table: _Table, files: _Files, rows: np.n
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(partial, out)
-    for name in ("done.npy", "plan.json"):
+    for name in _BUILD_FILES:
         (out / name).unlink(missing_ok=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -775,8 +842,8 @@ def _describe_sources(sources: dict) -> dict:
         if path is None:
             out[name] = None
             continue
-        out[name] = {"path": os.path.abspath(path), "bytes": os.path.getsize(path),
-                     "sha256": file_sha256(path)}
+        out[name] = {"path": os.fspath(path), "bytes": os.path.getsize(path),
+                     "key": file_key(path)}
     return out
 
 

@@ -1,7 +1,7 @@
 """The decode pool of the cache builder: this process plus `workers - 1` decode worker processes.
 
 The builder (cxrlt/data/cache_build.py) gives it the rows to decode and the path of the (already
-allocated) images.npy; results() yields (row, None | reason) as images finish, in any order.
+allocated) images.npy; results() yields (row, None | reason, content key) as images finish, in any order.
 The workers are plain interpreters running cxrlt/data/decode_worker.py (which imports only numpy, OpenCV
 and cxrlt.data.imaging, so one is up in a fraction of a second); the protocol, one JSON line per
 message, is documented there. Tasks are handed out one image at a time, AHEAD per worker, and
@@ -29,7 +29,7 @@ AHEAD = 3  # tasks queued per worker process: it never waits for the next one, a
 class DecodePool:
     """This process plus `workers - 1` worker processes (cxrlt/data/decode_worker.py) decoding `tasks`.
 
-    results() yields (row, None | reason) as images finish, in any order. This process takes
+    results() yields (row, None | reason, content key) as images finish, in any order. This process takes
     the next task itself between looking after the workers, whose pipes always hold AHEAD
     tasks, so all `workers` processes decode until the tasks run out. A worker that dies
     (killed by the OS when out of memory) stops the build with the file it was decoding.
@@ -84,8 +84,8 @@ class DecodePool:
                         images = np.load(self.params["images"], mmap_mode="r+")
                     row, path = self.tasks[self.next]
                     self.next += 1
-                    yield row, decode_worker.decode_into(images, row, path, self.params["size"], self.params["low"],
-                                                   self.params["high"])
+                    yield (row, *decode_worker.decode_into(images, row, path, self.params["size"],
+                                                          self.params["low"], self.params["high"]))
                 elif any(self.in_flight.values()):
                     yield from self._collect(timeout=None)
         finally:
@@ -105,9 +105,9 @@ class DecodePool:
                 self._died(p)
             *lines, self.partial_line[p.pid] = (self.partial_line[p.pid] + data).split(b"\n")
             for line in lines:
-                row, reason = json.loads(line)
+                row, reason, key = json.loads(line)
                 self.in_flight[p.pid].remove(row)
-                yield row, reason
+                yield row, reason, key
             self._feed(p)
 
     def _died(self, p: subprocess.Popen) -> None:

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 
-from cxrlt.pipeline.fingerprints import file_sha256
+from cxrlt.core.hashing import file_key
 
 FRONTAL = ("PA", "AP", "AP_horizontal")
 _UNKNOWN_PROJECTION = {"", "UNK", "UNKNOWN", "NAN", "NONE"}
@@ -55,14 +55,13 @@ def projection(meta_projection: str = "") -> str:
     return "" if p.upper() in _UNKNOWN_PROJECTION else p
 
 
-def test_cache_key(test_csv, meta_csv=None, sha256=None) -> str:
+def test_cache_key(test_csv, meta_csv=None) -> str:
     """Names the test cache of a test list (`<root>/test-<key>`): 12 hex digits of the contents
     of the test list and of the metadata CSV (whose projection and keys the cache stores). Fast:
-    one read of each file, no parsing. `sha256(path) -> hex` may supply (cached) file digests."""
-    sha256 = sha256 or file_sha256
+    one read of each file (cached: cxrlt/core/hashing.py), no parsing."""
     h = hashlib.sha256(b"cxrlt test cache\0")
     for path in (test_csv, meta_csv):
-        h.update(bytes.fromhex(sha256(path)) if path else b"-")
+        h.update(bytes.fromhex(file_key(path)) if path else b"-")
     return h.hexdigest()[:12]
 
 

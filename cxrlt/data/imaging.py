@@ -53,22 +53,30 @@ class ImageReadError(InputError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def read_image(path) -> np.ndarray:
-    """Decode an image file -> 2-D uint8 or uint16 array (colour converted to gray).
-
-    Raises ImageReadError naming the file for: missing, zero-byte, truncated or corrupt files
-    (a JPEG whose data libjpeg reports damaged included), non-image files, unsupported pixel
-    types and images smaller than MIN_SIDE pixels.
-    """
+def read_file(path) -> np.ndarray:
+    """The bytes of an image file (uint8 array); ImageReadError naming the file when unreadable."""
     path = os.fspath(path)
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        return np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise ImageReadError(path, "image file not found") from None
     except IsADirectoryError:
         raise ImageReadError(path, "is a directory, not an image file") from None
     except OSError as e:
         raise ImageReadError(path, f"cannot read image file ({e.strerror})") from None
+
+
+def read_image(path, data: np.ndarray | None = None) -> np.ndarray:
+    """Decode an image file (or its bytes `data`, already read from `path`) -> 2-D uint8 or
+    uint16 array (colour converted to gray).
+
+    Raises ImageReadError naming the file for: missing, zero-byte, truncated or corrupt files
+    (a JPEG whose data libjpeg reports damaged included), non-image files, unsupported pixel
+    types and images smaller than MIN_SIDE pixels.
+    """
+    path = os.fspath(path)
+    if data is None:
+        data = read_file(path)
     if data.size == 0:
         raise ImageReadError(path, "image file is empty (0 bytes)")
     _check_complete(path, data)
@@ -201,9 +209,11 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def load_for_cache(path, size: int, low: float = 0.5, high: float = 99.5, stride: int = 4) -> np.ndarray:
-    """Read one image file -> uint8 (size, size): decode, window (16-bit), squash-resize."""
-    img = read_image(path)
+def load_for_cache(path, size: int, low: float = 0.5, high: float = 99.5, stride: int = 4,
+                   data: np.ndarray | None = None) -> np.ndarray:
+    """Read one image file (or decode its bytes `data`) -> uint8 (size, size): decode, window
+    (16-bit), squash-resize."""
+    img = read_image(path, data)
     if img.dtype == np.uint8:
         return resize_square(img, size)
     lo, hi = window_limits(img, low, high, stride)

@@ -49,73 +49,40 @@ import shlex
 from pathlib import Path
 
 from cxrlt.core import config as config_mod
-from cxrlt.core.errors import InputError
 from cxrlt.core.config import ENSEMBLE_METHODS
-from cxrlt.pipeline.fingerprints import file_sha256, json_key
+from cxrlt.core.errors import InputError
+from cxrlt.core.fileio import write_if_changed
+from cxrlt.core.hashing import file_key, json_key
+from cxrlt.data.identity import test_cache_key
+from cxrlt.pipeline import stage_inputs
+from cxrlt.pipeline.stamps import Stamps
+from cxrlt.studies.spec import expand, study_dir
 
 STATE = Path(".make")
 
 
 # ---- small pieces ---------------------------------------------------------------------------------
-class HashCache:
-    """sha256 of input files, remembered by (absolute path, size, mtime_ns) in STATE/hashes.json:
-    the training CSV and PadChest's metadata CSV (tens of MB) are not re-read by every make."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.known = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            self.known = {}
-        self.dirty = False
-
-    def sha(self, file) -> str | None:
-        if not file or not os.path.isfile(file):
-            return None
-        st = os.stat(file)
-        key = os.path.abspath(file)
-        stamp = [st.st_size, st.st_mtime_ns]
-        hit = self.known.get(key)
-        if hit and hit[0] == stamp:
-            return hit[1]
-        digest = file_sha256(file)
-        self.known[key] = [stamp, digest]
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.dirty:
-            write_if_changed(self.path, json.dumps(self.known, indent=0, sort_keys=True))
+def portable_path(path: str) -> str:
+    """How a stamp names a folder: relative to the project when it lies inside it (a copied or
+    moved project keeps its stamps), else absolute. Never its time or inode."""
+    if not path:
+        return ""
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full, os.getcwd())
+    return full if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
-def write_if_changed(path: Path, text: str) -> bool:
-    """Write text to path unless it already holds exactly that (its mtime then stays)."""
-    path = Path(path)
-    try:
-        if path.read_text(encoding="utf-8") == text:
-            return False
-    except (OSError, UnicodeDecodeError):
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a name of this process's own: the nodes of a multi-node run plan at once on a shared folder
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return True
+def file_content(path) -> str | None:
+    """The content key of an input file, None when it is not given or not a file."""
+    return file_key(path) if path and os.path.isfile(path) else None
 
 
-def stamp_text(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
-
-
-def test_list_key(test_csv, meta_csv, hashes: HashCache) -> str:
+def test_list_key(test_csv, meta_csv) -> str:
     """Names the test cache of a test list: the contents of the list and of META_CSV (not their
     paths or times); `none` when there is no test list."""
-    from cxrlt.data.identity import test_cache_key
-
-    if not hashes.sha(test_csv):
+    if not file_content(test_csv):
         return "none"
-    return test_cache_key(test_csv, meta_csv or None, sha256=hashes.sha)
+    return test_cache_key(test_csv, meta_csv or None)
 
 
 def config_overrides(args_text: str, source: str) -> dict:
@@ -149,16 +116,14 @@ def significant_args(args_text: str, ignore: dict[str, int]) -> list[str]:
 def plan(a: argparse.Namespace) -> list[str]:
     """Write every stamp; return the lines of vars.mk."""
     state = Path(a.state)
-    hashes = HashCache(state / "hashes.json")
+    stamps = Stamps(state, dry_run=a.dry_run)
     mk: list[str] = []
-    test_key = test_list_key(a.test_csv, a.meta_csv, hashes)
+    test_key = test_list_key(a.test_csv, a.meta_csv)
     mk.append(f"TEST_KEY := {test_key}")
 
     overrides = config_overrides(a.train_args, "TRAIN_ARGS")
     study = None
     if a.study:  # `make study`: the study's generated configs join CONFIGS (cxrlt/studies/spec.py)
-        from cxrlt.studies.spec import expand, study_dir
-
         study = expand(a.study, state)
     stems, cfgs, files = [], {}, {}
     for f in a.configs.split() + [r["config"] for r in (study.runs if study else [])]:
@@ -190,58 +155,54 @@ def plan(a: argparse.Namespace) -> list[str]:
     mk.append("SIZES := " + " ".join(str(s) for s in sorted(set(sizes.values()) | {int(a.img_size)})))
 
     preprocess = significant_args(a.preprocess_args, {"--workers": 1})
-    data = {"train_csv": hashes.sha(a.train_csv), "removal_csv": hashes.sha(a.removal_csv),
-            "meta_csv": hashes.sha(a.meta_csv), "labels_file": hashes.sha(a.labels_file),
-            "image_dir": os.path.abspath(a.image_dir), "folds": a.folds, "preprocess_args": preprocess}
+    data = {"train_csv": file_content(a.train_csv), "removal_csv": file_content(a.removal_csv),
+            "meta_csv": file_content(a.meta_csv), "labels_file": file_content(a.labels_file),
+            "image_dir": portable_path(a.image_dir), "folds": a.folds, "preprocess_args": preprocess}
     for size in sorted(set(sizes.values()) | {int(a.img_size)}):
         root = state / f"{a.dataset}_{size}"
-        write_if_changed(root / "cache-train.stamp", stamp_text({**data, "size": size}))
-        write_if_changed(root / "cache-test.stamp", stamp_text({
+        stamps.write(root / "cache-train.stamp", {**data, "size": size})
+        stamps.write(root / "cache-test.stamp", {
             "test_key": test_key, "meta_csv": data["meta_csv"], "image_dir": data["image_dir"], "size": size,
-            "preprocess_args": preprocess}))
+            "preprocess_args": preprocess})
 
     predict_args = significant_args(a.predict_args, {"--workers": 1, "--batch-size": 1, "--device": 1})
     study_stems = {r["stem"] for r in study.runs} if study else set()
     for stem, cfg in cfgs.items():
         d = state / f"{a.dataset}_{sizes[stem]}" / stem
         init = cfgs.get(str(cfg.get("init_from", "") or ""))
-        write_if_changed(d / "train.stamp", stamp_text({
-            "train": config_mod.train_part(cfg), "size": sizes[stem],
-            "init_from": config_mod.train_part(init) if init else None}))
-        post = {k: v for k, v in cfg.items() if config_mod.group(k) == "post"}
-        # cRT chooses the head it keeps on the selection set: the selection keys are its inputs too
-        crt = {k: v for k, v in post.items() if k.startswith("crt_") or k in config_mod.SELECTION_KEYS}
-        pred = {k: v for k, v in post.items() if not k.startswith("crt_")}
-        write_if_changed(d / "crt.stamp", stamp_text({"crt": crt}))
+        stamps.write(d / "train.stamp", {
+            "train": stage_inputs.train_keys(cfg), "size": sizes[stem],
+            "init_from": stage_inputs.train_keys(init) if init else None})
+        stamps.write(d / "crt.stamp", {"crt": stage_inputs.crt_keys(cfg)})
         if study and stem not in study_stems:
             # `make study` predicts only its variants (CONFIGS are there to share their backbones):
             # its POSTPROC / PREDICT_ARGS must not re-stamp the predictions `make all` made
             continue
-        common = {"post": pred, "predict_args": predict_args, "postproc": a.postproc}
-        write_if_changed(d / "predict-val.stamp", stamp_text(common))
-        write_if_changed(d / "predict-test.stamp", stamp_text({**common, "test_key": test_key}))
+        common = {"post": stage_inputs.predict_keys(cfg), "predict_args": predict_args, "postproc": a.postproc}
+        stamps.write(d / "predict-val.stamp", common)
+        stamps.write(d / "predict-test.stamp", {**common, "test_key": test_key})
 
     ensembled = stems[:len(a.configs.split())]  # CONFIGS' stems; a study's runs are never ensembled
     # the ensemble's weights are chosen on the first config's selection set
     selection = {k: cfgs[ensembled[0]][k] for k in config_mod.SELECTION_KEYS} if ensembled else {}
     mk.append(f"ENSEMBLE_SELECT := {config_mod.as_flags(selection)}")
     if not study:  # `make study` builds no submission: leave its stamp as `make all` wrote it
-        write_if_changed(state / "submissions" / f"{a.name}.stamp", stamp_text({
+        stamps.write(state / "submissions" / f"{a.name}.stamp", {
             "dataset": a.dataset, "img_size": a.img_size, "configs": [files[s] for s in ensembled],
             "sizes": {s: sizes[s] for s in ensembled}, "ensemble": a.ensemble, "postproc": a.postproc,
             "predict_args": predict_args, "selection": selection,
             "train_args": {k: v for k, v in overrides.items() if config_mod.group(k) != "run"},
-            "test_key": test_key}))
+            "test_key": test_key})
     generic: dict[str, dict] = {}
     for item in a.stamp:
         name, _, text = item.partition("=")
         generic.setdefault(name, {})["text"] = text
     for item in a.stamp_inputs:  # content hashes, so that a touch re-runs nothing
         name, _, paths = item.partition("=")
-        generic.setdefault(name, {})["inputs"] = {f: hashes.sha(f) for f in shlex.split(paths)}
+        generic.setdefault(name, {})["inputs"] = {f: file_content(f) for f in shlex.split(paths)}
     for name, content in generic.items():
-        write_if_changed(state / "stamps" / f"{name}.stamp", stamp_text(content))
-    hashes.save()
+        stamps.write(state / "stamps" / f"{name}.stamp", content)
+    stamps.close()
     return mk
 
 
@@ -254,6 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", default="")
     for name in ("train-args", "predict-args", "preprocess-args"):
         p.add_argument(f"--{name}", default="")
+    p.add_argument("--dry-run", action="store_true",
+                   help="make -n: stamps changed now get their old time back when a later plan restores them")
     p.add_argument("--stamp", action="append", default=[], metavar="NAME=TEXT",
                    help="also write STATE/stamps/NAME.stamp holding TEXT (rewritten only when it changes)")
     p.add_argument("--stamp-inputs", action="append", default=[], metavar="NAME=FILES",

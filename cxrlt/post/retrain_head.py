@@ -80,6 +80,7 @@ import torch
 from cxrlt.core.errors import InputError
 from cxrlt.core.fileio import append_jsonl, torch_save, write_json
 from cxrlt.data.rowfile import RowFile, RowWriter, shape_of
+from cxrlt.pipeline.stage_inputs import crt_keys
 
 TAU_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -457,8 +458,6 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
     from cxrlt.core.fileio import output_lock
     from cxrlt.pipeline.fingerprints import file_key, inputs_match, touch
     from cxrlt.post.inference import check_cache_size
-    from cxrlt.evaluation.selection import selection_part
-
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
         raise InputError(f"{out}: retrain_head.py never writes into the backbone run folder; use e.g. {run_dir}/crt")
@@ -482,7 +481,7 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
             raise InputError(f"{cache_dir}: cache labels differ from the run's ({src})")
         model_key = file_key(src)
         stage_inputs = {"model": model_key, "cache": cache.key, "method": method,
-                        "post": {**config.post_part(cfg, prefix="crt_"), "seed": cfg["seed"], **selection_part(cfg)}}
+                        "post": crt_keys(cfg)}
         target = out / "model.pt"
         if inputs_match(target, stage_inputs) and (out / "summary.json").is_file():
             touch(target)

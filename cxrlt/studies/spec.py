@@ -69,6 +69,8 @@ import numpy as np
 
 from cxrlt.core import config as config_mod
 from cxrlt.core.errors import InputError
+from cxrlt.core.fileio import write_if_changed
+from cxrlt.pipeline.stamps import stamp_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: they separate stem parts
 STUDY_KEYS = {"name", "base", "overrides", "baseline", "seeds", "folds", "variants"}
@@ -207,8 +209,6 @@ def study_dir(state, name: str) -> Path:
 def expand(study_file, state) -> Study:
     """Write the study's configs and study.json under <state>/studies/<name>/ (each only when its
     content changes), delete configs of variants no longer in the study; -> the Study with runs."""
-    from cxrlt.pipeline.plan import stamp_text, write_if_changed
-
     study = load_study(study_file)
     out = study_dir(state, study.name)
     runs = []

@@ -97,6 +97,7 @@ from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
 from cxrlt.training.device import autocast_ctx, enable_cuda_fast_paths, optimizer_kwargs
 from cxrlt.core.errors import InputError
 from cxrlt.core.fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
+from cxrlt.core.hashing import text_key
 from cxrlt.pipeline.fingerprints import file_key, touch
 from cxrlt.post.inference import predict_tta
 from cxrlt.evaluation.metrics import score
@@ -216,7 +217,7 @@ def run_keys(cfg: dict, cache) -> dict:
 
 
 def _hex(text: str, n: int) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
+    return text_key(text, n)
 
 
 def read_run_json(out: Path) -> dict | None:
