@@ -226,7 +226,7 @@ all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: caches, tr
 	@echo "submission: $(SUB).csv  (zip: $(SUB).zip)"
 	$(if $(TEST_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB).score.json')); print(f\"test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TEST_LABELS))\")")
 
-# ==== studies (issue 12) ===============================================================
+# ==== studies ===============================================================
 # make study STUDY=studies/<name>.yaml: cxrlt/pipeline/plan.py expands the study file into one generated
 # config per variant (x seed x fold) under $(STATE)/studies/<name>/ and adds them to STEMS, so
 # every variant goes through the stage rules above (shared caches; a finished run is not redone;
@@ -260,7 +260,7 @@ study: $(if $(STUDY_NAME),$(REPORTS_DIR)/$(STUDY_NAME)/table.md) ## train, evalu
 demo-study: $(VENV)/.installed $(DEMO_DIR)/train.csv ## a small loss study on the demo dataset (CPU, minutes) -> reports/demo_losses/
 	$(MAKE) --no-print-directory study $(DEMO_VARS) STUDY=studies/demo_losses.yaml POSTPROC=off
 # ==== end of studies ============================================================================
-# ==== Task 2: zero-shot scores for the six unseen findings (issue 15; one block) ============
+# ==== Task 2: zero-shot scores for the six unseen findings (one block) ============
 # `make task2` scores TEST_CSV's images (the test cache of the first config's image size, the one
 # Task 1 uses) with a CLIP-style model and a prompt file (zeroshot.py), then writes
 # $(SUB_DIR)/$(NAME)_task2.csv (+ .zip) in test-list order with ensemble.py and checks it against

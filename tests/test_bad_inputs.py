@@ -5,9 +5,8 @@ that they exit with status 2 and print exactly one `error:` line and no tracebac
 run at least once as a real subprocess; the other script-level cases run the script in this
 process (runpy, same main_wrapper) to avoid paying the torch/timm import each time.
 
-Cases already covered elsewhere are not repeated here; the table in the hardening report maps
-every case of the corpus to its test (e.g. the training-CSV cell values are in test_tables.py, the
-submission values and rows in test_submission.py).
+Cases already covered elsewhere are not repeated here (e.g. the training-CSV cell values are in
+test_tables.py, the submission values and rows in test_submission.py).
 """
 
 from __future__ import annotations
@@ -196,7 +195,7 @@ def test_mixed_bit_depths_and_channels_work(tmp_path):
             assert np.abs(cache.images[row].astype(int) - expected).max() <= 1, iid
 
 
-# ---- images and the caches: hostile inputs, round 2 (issue 14) ---------------------------------------
+# ---- images and the caches ---------------------------------------
 
 
 def preprocess_train_args(ds, out, *extra) -> list:

@@ -1,4 +1,4 @@
-"""The bad-input corpus, round 2 (issue 14): label sets, delimiters, encodings, output paths, configs.
+"""The bad-input corpus, continued: label sets, delimiters, encodings, output paths, configs.
 
 Same rules as test_bad_inputs.py: every case asserts what the message names, and the scripts exit
 with status 2 and print exactly one `error:` line, no traceback. Script-level cases run the script

@@ -1,7 +1,7 @@
 """The cohort: patients, their studies and images, with IDs, dates and projections in the shapes
 of the real PadChest / CXR-LT 2026 files, the train/test split and the extra Removal studies.
 
-Facts mirrored (measured on the official files, see issue 10):
+Facts mirrored (measured on the official files):
 
 * ImageID = `<StudyID>_<suffix>.png`, so the ImageID without its last `_<suffix>.png` is the
   StudyID. StudyIDs come in three shapes: a random 128-bit number (35-39 digits, most of them);

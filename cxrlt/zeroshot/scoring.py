@@ -360,25 +360,12 @@ def cache_rows(cache, split: str) -> np.ndarray:
     return rows
 
 
-# The cache reader is being reworked (DESIGN.md: Cache.ids/images_path/key, a cache folder per
-# test list). These four helpers are the only places that touch it; they accept both versions.
 def _rows_of(cache, split: str) -> np.ndarray:
     return np.asarray(cache.rows(split), dtype=np.int64)
 
 
 def cache_ids(cache, rows) -> list[str]:
-    if hasattr(cache, "ids"):
-        return [str(i) for i in cache.ids(rows)]
-    return cache.index["ImageID"].to_numpy()[cache._pos[np.asarray(rows, dtype=np.int64)]].astype(str).tolist()
-
-
-def cache_images_path(cache) -> Path:
-    return Path(getattr(cache, "images_path", Path(cache.path) / "images.npy"))
-
-
-def cache_key(cache) -> str:
-    key = getattr(cache, "key", None)
-    return str(key if key is not None else cache.manifest.get("fingerprint", ""))
+    return [str(i) for i in cache.ids(rows)]
 
 
 def text_embeddings(encoder, prompts: dict[str, Prompts]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -403,7 +390,7 @@ def score_cache(encoder, cache, split: str, prompts: dict[str, Prompts], emb_dir
 
     rows = cache_rows(cache, split)
     ids = cache_ids(cache, rows)
-    img, emb_info = image_embeddings(encoder, cache_images_path(cache), rows, ids, cache_key(cache), emb_dir,
+    img, emb_info = image_embeddings(encoder, cache.images_path, rows, ids, cache.key, emb_dir,
                                      batch_size=batch_size, workers=workers, progress=progress)
     text = text_embeddings(encoder, prompts)
     t = float(temperature) if temperature is not None else 1.0 / float(encoder.logit_scale)
