@@ -75,12 +75,14 @@ DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 	IMG_SIZE=64 CONFIGS="configs/demo.yaml configs/demo_db_cas.yaml" NAME=demo POSTPROC=auto ENSEMBLE=greedy
 
 .PHONY: help all demo demo-data test test-fast bench preprocess train crt predict evaluate submission \
-	clean-demo venv FORCE
+	clean-demo clean show-plan venv FORCE
 
 help: ## show this help
 	@echo "CXR-LT 2026 pipeline. Usage: make <target> [VAR=value ...]"
 	@echo
-	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@on=; off=; if [ -t 1 ]; then on=$$'\033[36m'; off=$$'\033[0m'; fi; \
+		grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk -v on="$$on" -v off="$$off" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-12s%s %s\n", on, $$1, off, $$2}'
 	@echo
 	@echo "Variables (current value):"
 	@$(foreach v,$(VARIABLES),printf "  %-16s %s\n" "$(v)" "$($(v))";)
@@ -102,7 +104,8 @@ $(DEMO_DIR)/train.csv: | $(VENV)/.installed
 demo: $(VENV)/.installed $(DEMO_DIR)/train.csv ## run the whole pipeline on the demo dataset (CPU, minutes)
 	$(MAKE) --no-print-directory all $(DEMO_VARS)
 
-test: $(VENV)/.installed ## run the whole test suite (what CI runs)
+test: $(VENV)/.installed ## lint (ruff) and run the whole test suite (what CI runs)
+	$(VENV)/bin/ruff check --quiet .
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 --durations=15 tests
 
 test-fast: $(VENV)/.installed ## the test suite without the slow tests (a developer's loop)
@@ -114,8 +117,20 @@ bench: $(VENV)/.installed ## run the benchmarks, print a table, write bench/resu
 clean-demo: ## delete the demo dataset, its caches, runs and submission
 	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(STATE)/demo_*
 
+clean: ## delete Make's state ($(STATE)) and Python caches; never data, caches, runs or submissions
+	rm -rf $(STATE) .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+show-plan: ## print the variables and stage rules the plan generates for the current variables
+	$(info # $(STATE)/vars.mk)
+	$(info $(file < $(STATE)/vars.mk))
+	$(foreach s,$(SIZES),$(info $(call CACHE_RULES,$(s))))
+	$(foreach s,$(STEMS),$(if $(filter $(s),$(BASE_$(s))),$(info $(call TRAIN_RULE,$(s)))))
+	$(foreach s,$(STEMS),$(info $(call RUN_RULES,$(s))))
+	@:
+
 # ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
-NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo demo-task2
+NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo clean demo-task2
 ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
 include $(STATE)/vars.mk
 endif
@@ -226,94 +241,5 @@ all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: caches, tr
 	@echo "submission: $(SUB).csv  (zip: $(SUB).zip)"
 	$(if $(TEST_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB).score.json')); print(f\"test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TEST_LABELS))\")")
 
-# ==== studies ===============================================================
-# make study STUDY=studies/<name>.yaml: cxrlt/pipeline/plan.py expands the study file into one generated
-# config per variant (x seed x fold) under $(STATE)/studies/<name>/ and adds them to STEMS, so
-# every variant goes through the stage rules above (shared caches; a finished run is not redone;
-# variants differing only in post-training keys share one backbone via BASE_). The report then
-# compares the variants' val predictions: reports/<name>/table.md, table.csv and plots.
-STUDY       ?=#                                      a study file (studies/*.yaml) for `make study`
-REPORTS_DIR ?= reports#                              study reports: $(REPORTS_DIR)/<study name>/
-VARIABLES   += STUDY REPORTS_DIR
-STUDY_PLAN  := $(if $(filter study,$(MAKECMDGOALS)),$(STUDY))
-STUDY_NAME ?=
-STUDY_STEMS ?=
-STUDY_MANIFEST ?=
-.PHONY: study demo-study
-
-ifneq ($(filter study,$(MAKECMDGOALS)),)
-ifeq ($(STUDY),)
-$(error make study needs STUDY=studies/<name>.yaml (e.g. make study STUDY=studies/losses.yaml))
-endif
-endif
-
-ifneq ($(STUDY_NAME),)
-$(REPORTS_DIR)/$(STUDY_NAME)/table.md: $(STUDY_MANIFEST) $(foreach s,$(STUDY_STEMS),$(R_$(s))/eval/metrics.json) \
-		| $(VENV)/.installed
-	$(PY) study.py report --manifest $(STUDY_MANIFEST) --out $(@D) \
-		$(foreach s,$(STUDY_STEMS),--run $(s) $(R_$(s)) $(C_$(s))/train)
-endif
-
-study: $(if $(STUDY_NAME),$(REPORTS_DIR)/$(STUDY_NAME)/table.md) ## train, evaluate and compare the variants of STUDY=studies/<name>.yaml -> reports/<name>/
-	@echo "study report: $(REPORTS_DIR)/$(STUDY_NAME)/table.md (table.csv, per_label.csv, map.png, groups.png, per_label_ap.png)"
-
-demo-study: $(VENV)/.installed $(DEMO_DIR)/train.csv ## a small loss study on the demo dataset (CPU, minutes) -> reports/demo_losses/
-	$(MAKE) --no-print-directory study $(DEMO_VARS) STUDY=studies/demo_losses.yaml POSTPROC=off
-# ==== end of studies ============================================================================
-# ==== Task 2: zero-shot scores for the six unseen findings (one block) ============
-# `make task2` scores TEST_CSV's images (the test cache of the first config's image size, the one
-# Task 1 uses) with a CLIP-style model and a prompt file (zeroshot.py), then writes
-# $(SUB_DIR)/$(NAME)_task2.csv (+ .zip) in test-list order with ensemble.py and checks it against
-# the Task-2 label set. `make all TASK2=1` includes it. Image embeddings are cached per model and
-# cache in $(ZS_DIR)/embeddings: another prompt file, method or ZS_ARGS re-runs only the scoring
-# (seconds). `make demo-task2`: the demo with a tiny random model, plumbing only.
-ZS_MODEL     ?= hf-hub:yyupenn/whyxrayclip#  hf-hub:ORG/REPO | local-dir:FOLDER | open_clip config name + ZS_WEIGHTS
-ZS_WEIGHTS   ?=#                             local weights file for a config-name ZS_MODEL (e.g. ViT-L-14)
-ZS_PROMPTS   ?= prompts/task2.yaml#          prompts per finding (positive, optional negative)
-ZS_METHOD    ?= cosine#                      cosine (mean cosine over prompts -> sigmoid) | softmax (positive vs negative)
-ZS_ARGS      ?=#                             extra zeroshot.py flags (e.g. --pool embedding --temperature 0.05 --device cpu)
-TASK2        ?=#                             1: `make all` also writes the Task-2 submission
-TASK2_LABELS ?=#                             optional: Task-2 labels for TEST_CSV; then `make task2` scores the submission
-VARIABLES += ZS_MODEL ZS_WEIGHTS ZS_PROMPTS ZS_METHOD ZS_ARGS TASK2 TASK2_LABELS
-TASK2_LABEL_SET := prompts/cxrlt2026_task2_labels.txt
-ZS_DIR    := $(RUNS_ROOT)/$(DATASET)_zeroshot
-ZS_PRED   := $(ZS_DIR)/pred_test.csv
-ZS_CACHE  := $(if $(FIRST),$(C_$(FIRST)),$(CACHE_ROOT)/$(DATASET)_$(IMG_SIZE))/test-$(TEST_KEY)
-SUB2      := $(SUB)_task2
-ZS_FOLDER := $(patsubst local-dir:%,%,$(filter local-dir:%,$(ZS_MODEL)))
-# what zeroshot.py reads: the plan writes it, with the content hashes of the prompt and label
-# files, into a stamp (rewritten only when it changes; TEST_CSV's content is in the cache's key)
-ZS_INPUTS = model=$(ZS_MODEL) weights=$(ZS_WEIGHTS) method=$(ZS_METHOD) args=$(ZS_ARGS) cache=$(ZS_CACHE)
-ZS_STAMP  := $(STATE)/stamps/$(DATASET)_zeroshot.stamp
-
-.PHONY: task2 demo-task2
-
-$(ZS_PRED): $(ZS_STAMP) $(ZS_WEIGHTS) \
-		$(if $(ZS_FOLDER),$(ZS_FOLDER)/open_clip_config.json) $(ZS_CACHE)/manifest.json | $(VENV)/.installed
-	$(PY) zeroshot.py --cache $(ZS_CACHE) --split test --model $(ZS_MODEL) $(if $(ZS_WEIGHTS),--weights $(ZS_WEIGHTS)) \
-		--prompts $(ZS_PROMPTS) --labels-file $(TASK2_LABEL_SET) --method $(ZS_METHOD) \
-		--embeddings $(ZS_DIR)/embeddings --out $@ $(ZS_ARGS)
-
-$(SUB2).csv: $(ZS_PRED)
-	$(PY) ensemble.py combine --method mean --test $< --test-list $(TEST_CSV) --labels-file $(TASK2_LABEL_SET) \
-		--out $@ --zip $(SUB2).zip
-
-$(SUB2).score.json: $(SUB2).csv $(STATE)/stamps/$(NAME)_task2_score.stamp
-	$(PY) evaluate.py --pred $< --labels $(TASK2_LABELS) --out $(SUB2)_eval
-	cp $(SUB2)_eval/metrics.json $@.tmp && mv $@.tmp $@
-
-task2: $(SUB2).csv $(if $(TASK2_LABELS),$(SUB2).score.json) ## Task 2: zero-shot scores of the 6 unseen findings -> $(SUB_DIR)/$(NAME)_task2.csv (+ .zip)
-	@echo "Task-2 submission: $(SUB2).csv  (zip: $(SUB2).zip; model $(ZS_MODEL))"
-	$(if $(TASK2_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB2).score.json')); print(f\"Task-2 test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TASK2_LABELS))\")")
-
-all: $(if $(filter 1,$(TASK2)),task2)
-
-# the demo: a tiny open_clip model with random weights, built locally (no download; scores mean nothing)
-DEMO_ZS_MODEL := $(DEMO_DIR)/tiny_clip
-DEMO_VARS += ZS_MODEL=local-dir:$(DEMO_ZS_MODEL)
-
-$(DEMO_ZS_MODEL)/open_clip_config.json: | $(VENV)/.installed
-	$(VENV)/bin/python -m cxrlt.zeroshot.tiny_clip --out $(DEMO_ZS_MODEL)
-
-demo-task2: $(VENV)/.installed $(DEMO_DIR)/train.csv ## Task 2 on the demo with a tiny random model (checks the plumbing; its scores mean nothing)
-	$(MAKE) --no-print-directory task2 $(DEMO_VARS)
+# ---- studies and Task 2 -------------------------------------------------------------------------
+include mk/studies.mk mk/task2.mk

@@ -145,3 +145,37 @@ def test_make_variables_no_stage_could_use_are_refused_naming_the_variable(setup
         run_plan(setup, **over)
     assert culprit in str(e.value) and "\n" not in str(e.value)
     assert not (setup / ".make" / "vars.mk").exists()  # refused before any stamp is written
+
+
+def test_make_show_plan_prints_the_generated_variables_and_rules(tmp_path):
+    import subprocess
+
+    from conftest import ROOT
+
+    state = tmp_path / "state"
+    p = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "show-plan", f"STATE={state}",
+                        "CONFIGS=configs/demo.yaml configs/bce.yaml", "DATASET=nih", "IMG_SIZE=64"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert out.index("STEMS := demo bce") < out.index("runs/nih_64/demo/model.pt:")  # variables, then rules
+    for target in ("runs/nih_64/bce/model.pt:", "runs/nih_64/demo/crt/model.pt:", "runs/nih_64/bce/pred_test.csv:",
+                   "data/cache/nih_64/train/manifest.json:"):
+        assert target in out, target
+    assert not (ROOT / "runs" / "nih_64").exists()  # printed, not run
+
+
+def test_make_clean_removes_the_state_and_never_outputs(tmp_path):
+    import subprocess
+
+    from conftest import ROOT
+
+    state = tmp_path / "state"
+    (state / "demo_64").mkdir(parents=True)
+    (state / "vars.mk").write_text("STEMS :=\n")
+    runs = tmp_path / "runs"
+    (runs / "x").mkdir(parents=True)
+    p = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "clean", f"STATE={state}",
+                        f"RUNS_ROOT={runs}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert not state.exists() and (runs / "x").is_dir()
