@@ -33,6 +33,7 @@ ENSEMBLE    ?= mean#                                 mean | rank | weighted | gr
 TRAIN_ARGS  ?=#                                      config overrides for every stage of every config (e.g. --epochs 3)
 PREDICT_ARGS ?=#                                     extra flags for predict.py (e.g. --tta flip_scale)
 PREPROCESS_ARGS ?=#                                  extra flags for preprocess.py (e.g. --skip-bad)
+LOGGER      ?= none#                                 experiment trackers for training: none | tensorboard | wandb | mlflow (comma-separated; docs/tracking.md)
 POSTPROC    ?= off#                                  off | auto: apply the post-processing chosen on val to the test predictions
 NPROC       ?= 1#                                    processes (GPUs) per node: >1 runs train.py under torchrun (DDP)
 NNODES      ?= 1#                                    nodes for training (torchrun); run `make train` on every node
@@ -45,7 +46,7 @@ SUB_DIR     ?= submissions#                          where submissions are writt
 STATE       ?= .make#                                Make's stamps and generated variables
 PYTHON      ?= python3#                              interpreter used to create the virtualenv
 VARIABLES := DATASET DATA_DIR TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV META_CSV LABELS_FILE TEST_LABELS \
-	IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE TRAIN_ARGS PREDICT_ARGS PREPROCESS_ARGS POSTPROC NPROC NNODES \
+	IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE TRAIN_ARGS PREDICT_ARGS PREPROCESS_ARGS LOGGER POSTPROC NPROC NNODES \
 	NODE_RANK MASTER_ADDR MASTER_PORT CACHE_ROOT RUNS_ROOT SUB_DIR STATE PYTHON
 
 # ---- derived ---------------------------------------------------------------------------------
@@ -179,10 +180,19 @@ endef
 # $(1) = config stem. INIT_<stem> names the run a resolution-ladder config starts from; a config
 # whose BASE_<stem> is another stem (same training, other post-training keys) trains nothing and
 # re-trains its head on that stem's backbone.
+# the tracker packages LOGGER names, installed into the venv when missing (requirements-track.txt)
+TRACK_PKG_tensorboard := tensorboard
+TRACK_PKG_wandb := wandb
+TRACK_PKG_mlflow := mlflow
+TRACK_INSTALL = $(foreach t,$(filter-out none,$(subst $(comma), ,$(LOGGER))),$(PY) -c 'import $(TRACK_PKG_$(t))' 2>/dev/null || \
+	$(VENV)/bin/pip install -q "$$(grep -E '^$(TRACK_PKG_$(t))' requirements-track.txt)";)
+comma := ,
+
 define TRAIN_RULE
 $(R_$(1))/model.pt: $(S_$(1))/train.stamp $(C_$(1))/train/manifest.json $(if $(INIT_$(1)),$(R_$(INIT_$(1)))/model.pt) | $(VENV)/.installed
+	$$(TRACK_INSTALL)
 	$$(TRAIN_CMD) --config $(CFG_$(1)) --cache $(C_$(1))/train --out $(R_$(1)) --resume $(TRAIN_ARGS) \
-		$(if $(INIT_$(1)),--init_checkpoint $(R_$(INIT_$(1)))/model.pt)
+		$(if $(filter-out none,$(LOGGER)),--logger $(LOGGER)) $(if $(INIT_$(1)),--init_checkpoint $(R_$(INIT_$(1)))/model.pt)
 endef
 
 define RUN_RULES

@@ -73,6 +73,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "compile": (False, bool, "torch.compile the model"),
     "grad_checkpointing": (False, bool, "recompute block activations in backward (less memory, ~1/3 more compute)"),
     "nan_check_steps": (50, int, "check the loss for NaN/inf every this many batches (and at epoch end)"),
+    "logger": ("none", str, "experiment trackers, comma-separated (none, tensorboard, wandb, mlflow): "
+                            "offline, files under the run folder (docs/tracking.md)"),
     "ema": (False, bool, "keep an EMA of the weights; evaluate and keep the EMA"),
     "ema_decay": (0.9999, float, "EMA decay per optimizer step"),
     "patience": (0, int, "early stopping: epochs without val mAP gain (0 = off)"),
@@ -195,7 +197,7 @@ POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
 # post keys that define the val subsets every choice on val is made on (cxrlt/evaluation/selection.py): an
 # input of each stage that chooses on val (cRT's head, predict's post-processing, the ensemble)
 SELECTION_KEYS = ("select_on", "proxy_require_finding")
-RUN_KEYS = {"workers", "device", "compile", "grad_checkpointing", "nan_check_steps"}
+RUN_KEYS = {"workers", "device", "compile", "grad_checkpointing", "nan_check_steps", "logger"}
 # train keys that may be raised after a run finished: the run is then extended, not redone
 EXTENDABLE_KEYS = {"epochs", "patience"}
 
@@ -244,6 +246,8 @@ CHOICES = {
     "in_chans": (1, 3),
     "select_on": ("auto", "proxy", "full"),
 }
+# keys whose value is a comma-separated list of CHOICES
+LIST_CHOICES = {"logger": ("none", "tensorboard", "wandb", "mlflow")}
 
 
 def check_registry(key: str, registry) -> None:
@@ -296,6 +300,11 @@ def coerce(key: str, value, source: str):
         raise ConfigError(
             f"{source}: config key '{key}' = {value!r} is not one of {sorted(CHOICES[key], key=str)}"
         )
+    if key in LIST_CHOICES:
+        bad = [v for v in value.split(",") if v.strip() not in LIST_CHOICES[key]]
+        if bad:
+            raise ConfigError(f"{source}: config key '{key}' = {value!r}: {bad[0]!r} is not one of "
+                              f"{', '.join(LIST_CHOICES[key])} (comma-separated)")
     if typ in (int, float):
         _check_range(key, value, source)
     elif typ is str:

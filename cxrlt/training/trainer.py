@@ -96,6 +96,7 @@ from cxrlt.training import distributed as D
 from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
 from cxrlt.training.device import autocast_ctx, enable_cuda_fast_paths, optimizer_kwargs
 from cxrlt.core.errors import InputError
+from cxrlt.training import tracking
 from cxrlt.core.fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
 from cxrlt.core.hashing import text_key
 from cxrlt.pipeline.fingerprints import file_key, touch
@@ -654,6 +655,7 @@ class Trainer:
         chance = float(prev[self.y_val.sum(0) > 0].mean()) if len(self.y_val) else float("nan")
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
         so = self.sets["select_on"]
+        tracker = tracking.start(self.out, cfg, self.dist.is_main)
         for epoch in range(self.start_epoch, cfg["epochs"]):
             stats = self.train_epoch(epoch)
             p = self.validate()
@@ -672,6 +674,7 @@ class Trainer:
                 if d["improved"]:
                     torch_save({**meta, "model": weights}, self.out / "best.pt")
                 append_jsonl(self.out / "metrics.jsonl", record)
+                tracker.log_metrics(epoch, record)
                 last = {**meta, "model": weights, "train_model": self.model.state_dict(),
                         "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
                         "val_table": [_plain_row(t) for t in self.table]}
@@ -690,6 +693,7 @@ class Trainer:
                 break
         if self.dist.is_main:
             self._write_model_pt()
+        tracker.finish()
         D.barrier(self.dist)
         D.teardown(self.dist)
         return self._result()
