@@ -330,6 +330,7 @@ class Trainer:
         from cxrlt.models.losses import build_loss
         from cxrlt.models.model import build_model
         from cxrlt.data.samplers import build_sampler
+        from cxrlt.data.labelmask import annotated_counts, has_unannotated
 
         cfg = self.cfg
         # ---- data ----
@@ -341,7 +342,9 @@ class Trainer:
                              f"(folds are numbered from 0, FOLDS of them)")
         y_train = self.cache.targets(self.train_rows)
         self.y_val = self.cache.targets(self.val_rows)
-        self.class_counts = y_train.sum(0)
+        # positives / annotated images per label, over annotated entries only (NaN = unannotated)
+        self.class_counts, self.annotated = annotated_counts(y_train)
+        self.masked = has_unannotated(y_train)
         images = self.cache.images_path
         self.train_ds = CacheDataset(images, self.train_rows, y_train, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
         # validation: each rank a strided share of the val rows, no padding, gathered afterwards
@@ -367,7 +370,7 @@ class Trainer:
         self.model = build_model(cfg, len(self.labels), labels=self.labels).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(cfg, self.class_counts, len(self.train_rows)).to(self.device)
+        self.loss_fn = build_loss(cfg, self.class_counts, self.annotated, nan_mask=self.masked).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
@@ -650,8 +653,8 @@ class Trainer:
                  f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch, "
                  f"global batch {cfg['batch_size'] * self.dist.world * self.accum}")
         # chance level of macro AP = mean prevalence of the labels that have val positives
-        prev = self.y_val.mean(0)
-        chance = float(prev[self.y_val.sum(0) > 0].mean()) if len(self.y_val) else float("nan")
+        prev = np.nanmean(self.y_val, 0)
+        chance = float(prev[np.nansum(self.y_val, 0) > 0].mean()) if len(self.y_val) else float("nan")
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
         so = self.sets["select_on"]
         for epoch in range(self.start_epoch, cfg["epochs"]):
