@@ -501,7 +501,8 @@ class Trainer:
             "config": dict(self.cfg), "labels": self.labels, "epoch": epoch, "step": self.step,
             "best_map": self.best_map, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "class_counts": [float(c) for c in self.class_counts], "cache": str(self.cache_dir),
-            "selection": self.selection, **self._run_state(),
+            "selection": self.selection, "init": dict(getattr(self.model, "init_info", {}) or {}),
+            **self._run_state(),
         }
 
     def _eval_model(self):

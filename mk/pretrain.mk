@@ -1,0 +1,45 @@
+# ---- pretraining on a public chest X-ray dataset (docs/pretraining.md) -------------------------
+# make pretrain PRETRAIN_CONFIG=configs/x.yaml PRETRAIN_DATASET=nih|chexpert|mimic PRETRAIN_DATA_DIR=DIR
+# builds the dataset's train cache from its native layout (preprocess.py external) and trains the
+# config on it. A PadChest config starts from the result with
+#   init_checkpoint: $(PRETRAIN_MODEL)     (the head is re-initialised: the labels differ)
+# and `make all ... PRETRAIN_FOR="<its stem>"` trains the pretraining run first.
+# Both recipes always run and decide themselves: preprocess.py leaves an unchanged cache as it is,
+# train.py --resume leaves a finished run with the same training keys as it is (model.pt untouched),
+# so a PadChest run retrains only when the pretrained model really changed.
+PRETRAIN_CONFIG        ?=#                              the config trained on the external dataset
+PRETRAIN_DATASET       ?= nih#                          nih | chexpert | mimic (cxrlt/data/external.py)
+PRETRAIN_DATA_DIR      ?=#                              the dataset's folder as downloaded
+PRETRAIN_UNCERTAIN     ?= zeros#                        an uncertain (-1) label: ones | zeros | ignore
+PRETRAIN_BLANK         ?= zeros#                        a blank label: zeros | ignore
+PRETRAIN_OFFICIAL_TEST ?= keep#                         the dataset's own test split: keep | drop
+PRETRAIN_SIZE          ?= $(IMG_SIZE)#                  side of its cached images
+PRETRAIN_ARGS          ?=#                              config overrides of the pretraining run only
+PRETRAIN_FOR           ?=#                              config stems whose training waits for the pretraining run
+
+PRETRAIN_STEM  := $(basename $(notdir $(PRETRAIN_CONFIG)))
+PRETRAIN_KEY   := u$(PRETRAIN_UNCERTAIN)-b$(PRETRAIN_BLANK)-$(PRETRAIN_OFFICIAL_TEST)
+PRETRAIN_CACHE := $(CACHE_ROOT)/$(PRETRAIN_DATASET)_$(PRETRAIN_SIZE)/train-$(PRETRAIN_KEY)
+PRETRAIN_RUN   := $(RUNS_ROOT)/pretrain/$(PRETRAIN_DATASET)_$(PRETRAIN_SIZE)-$(PRETRAIN_KEY)/$(PRETRAIN_STEM)
+PRETRAIN_MODEL := $(PRETRAIN_RUN)/model.pt
+
+.PHONY: pretrain pretrain-check
+pretrain: $(PRETRAIN_MODEL) ## train PRETRAIN_CONFIG on a public dataset (PRETRAIN_DATASET, PRETRAIN_DATA_DIR)
+	@echo "pretrained: $(PRETRAIN_MODEL)  (a config starts from it with init_checkpoint: $(PRETRAIN_MODEL))"
+
+pretrain-check:
+	$(if $(PRETRAIN_CONFIG),,$(error PRETRAIN_CONFIG is not set (the config to pretrain, e.g. configs/demo.yaml)))
+	$(if $(PRETRAIN_DATA_DIR),,$(error PRETRAIN_DATA_DIR is not set (the $(PRETRAIN_DATASET) folder as downloaded)))
+	@:
+
+$(PRETRAIN_CACHE)/manifest.json: pretrain-check FORCE | $(VENV)/.installed
+	$(PY) preprocess.py external --dataset $(PRETRAIN_DATASET) --data-dir $(PRETRAIN_DATA_DIR) \
+		--uncertain $(PRETRAIN_UNCERTAIN) --blank $(PRETRAIN_BLANK) --official-test $(PRETRAIN_OFFICIAL_TEST) \
+		--size $(PRETRAIN_SIZE) --folds $(FOLDS) --out $(@D) $(PREPROCESS_ARGS)
+
+$(PRETRAIN_MODEL): $(PRETRAIN_CACHE)/manifest.json FORCE | $(VENV)/.installed
+	$(TRAIN_CMD) --config $(PRETRAIN_CONFIG) --cache $(PRETRAIN_CACHE) --out $(PRETRAIN_RUN) --resume \
+		--img_size $(PRETRAIN_SIZE) $(PRETRAIN_ARGS)
+
+# the PadChest runs that start from the pretrained model wait for it
+$(foreach s,$(PRETRAIN_FOR),$(eval $(R_$(s))/model.pt: $(PRETRAIN_MODEL)))
