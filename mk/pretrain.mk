@@ -43,3 +43,18 @@ $(PRETRAIN_MODEL): $(PRETRAIN_CACHE)/manifest.json FORCE | $(VENV)/.installed
 
 # the PadChest runs that start from the pretrained model wait for it
 $(foreach s,$(PRETRAIN_FOR),$(eval $(R_$(s))/model.pt: $(PRETRAIN_MODEL)))
+
+# ---- the pretraining demo: synthetic NIH-shaped data -> the demo recipe -> PadChest demo ------------
+DEMO_EXTERNAL_DIR := data/demo_external
+.PHONY: demo-pretrain demo-pretrain-data
+demo-pretrain-data: $(DEMO_EXTERNAL_DIR)/nih/Data_Entry_2017_v2020.csv ## write the synthetic NIH-, CheXpert- and MIMIC-shaped datasets
+
+$(DEMO_EXTERNAL_DIR)/nih/Data_Entry_2017_v2020.csv: | $(VENV)/.installed
+	$(PY) -m cxrlt.synth.external --kind nih --out $(DEMO_EXTERNAL_DIR)/nih --n 1500
+	$(PY) -m cxrlt.synth.external --kind chexpert --out $(DEMO_EXTERNAL_DIR)/chexpert --n 300
+	$(PY) -m cxrlt.synth.external --kind mimic --out $(DEMO_EXTERNAL_DIR)/mimic --n 300
+
+demo-pretrain: $(VENV)/.installed $(DEMO_DIR)/train.csv $(DEMO_EXTERNAL_DIR)/nih/Data_Entry_2017_v2020.csv ## pretrain on synthetic NIH, then the PadChest demo (CPU, minutes)
+	$(MAKE) --no-print-directory all $(DEMO_VARS) NAME=demo_pretrain CONFIGS=configs/demo_pretrained.yaml \
+		PRETRAIN_CONFIG=configs/demo.yaml PRETRAIN_DATASET=nih PRETRAIN_DATA_DIR=$(DEMO_EXTERNAL_DIR)/nih \
+		PRETRAIN_SIZE=64 PRETRAIN_FOR=demo_pretrained
