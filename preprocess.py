@@ -6,7 +6,8 @@
         --size 512 --out ROOT/test-<key>        (key: python -m cxrlt.data.identity TEST.csv [META.csv])
     python preprocess.py external --dataset {nih,chexpert,mimic} --data-dir DIR [--uncertain ones|zeros|ignore]
         [--blank zeros|ignore] [--official-test keep|drop] --size 512 --out ROOT/train
-        (a public dataset in its native layout: cxrlt/data/external.py, docs/pretraining.md)
+        (a public dataset in its native layout: cxrlt/data/external.py, docs/pretraining.md; repeat
+        --dataset/--data-dir [--uncertain/--blank] for one cache of several datasets, the union of labels)
 
 ROOT is data/cache/<dataset>_<size>: the caches in it reuse each other's decoded images (by
 ImageID, when the file is unchanged), so a new test list, a label or Removal edit, or another
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from cxrlt.core.cli import main_wrapper, positive_int
+from cxrlt.core.errors import InputError
 from cxrlt.data.external import BLANK_POLICIES, DATASETS, UNCERTAIN_POLICIES
 
 
@@ -39,12 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     te.add_argument("--test-csv", required=True, help="list of images to predict (ImageID column)")
     ex = sub.add_parser("external", help="a train cache of NIH ChestX-ray14, CheXpert or MIMIC-CXR-JPG as downloaded",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ex.add_argument("--dataset", required=True, choices=list(DATASETS), help="the dataset's layout")
-    ex.add_argument("--data-dir", required=True, help="the dataset folder (its label CSVs and images)")
-    ex.add_argument("--uncertain", default="zeros", choices=list(UNCERTAIN_POLICIES),
-                    help="an uncertain (-1) label: 1, 0 or unannotated (masked out of training)")
-    ex.add_argument("--blank", default="zeros", choices=list(BLANK_POLICIES),
-                    help="a blank (not mentioned) label: 0 or unannotated")
+    ex.add_argument("--dataset", required=True, action="append", choices=list(DATASETS),
+                    help="the dataset's layout; repeat with --data-dir for one cache of several datasets "
+                         "(the union of their labels; a label a dataset lacks is unannotated)")
+    ex.add_argument("--data-dir", required=True, action="append", help="the dataset folder (its label CSVs and images)")
+    ex.add_argument("--uncertain", action="append", choices=list(UNCERTAIN_POLICIES),
+                    help="an uncertain (-1) label: 1, 0 or unannotated (masked out of training); once for all "
+                         "datasets or once per --dataset (default zeros)")
+    ex.add_argument("--blank", action="append", choices=list(BLANK_POLICIES),
+                    help="a blank (not mentioned) label: 0 or unannotated; once or once per --dataset (default zeros)")
     ex.add_argument("--official-test", default="keep", choices=["keep", "drop"],
                     help="the dataset's own test split (NIH test_list.txt, CheXpert valid.csv, MIMIC split=test)")
     ex.add_argument("--folds", type=int, default=5, help="patient-grouped stratified folds")
@@ -66,13 +71,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from cxrlt.data.cache_build import build_external_cache, build_test_cache, build_train_cache
+    from cxrlt.data.cache_build import build_multi_cache, build_test_cache, build_train_cache
 
     a = parse_args(argv)
     common = dict(workers=a.workers, skip_bad=a.skip_bad, low=a.window_low, high=a.window_high, force=a.force)
     if a.kind == "external":
-        build_external_cache(a.dataset, a.data_dir, a.out, a.size, uncertain=a.uncertain, blank=a.blank,
-                             official_test=a.official_test, folds=a.folds, seed=a.seed, **common)
+        n = len(a.dataset)
+        if len(a.data_dir) != n:
+            raise InputError(f"preprocess.py external: {n} --dataset but {len(a.data_dir)} --data-dir (one each)")
+        policies = []
+        for flag, given in (("--uncertain", a.uncertain), ("--blank", a.blank)):
+            given = given or ["zeros"]
+            if len(given) not in (1, n):
+                raise InputError(f"preprocess.py external: {len(given)} {flag} for {n} --dataset (give one, or one each)")
+            policies.append(given * n if len(given) == 1 else given)
+        build_multi_cache(list(zip(a.dataset, a.data_dir, *policies)), a.out, a.size,
+                          official_test=a.official_test, folds=a.folds, seed=a.seed, **common)
         return 0
     common["meta_csv"] = a.meta_csv
     if a.kind == "train":

@@ -4,6 +4,7 @@ train caches built from them (cache_build.build_external_cache, preprocess.py ex
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_nih_labels_keys_and_split(tmp_path):
     ext = external.read_dataset("nih", _nih(tmp_path))
     f = ext.frame
     assert ext.labels == external.NIH_LABELS
-    assert f["ImageID"].tolist()[0] == "00000001_000.png"
+    assert f["ImageID"].tolist()[:2] == ["images_001/images/00000001_000.png", "images_002/images/00000001_001.png"]
     y = f[ext.labels].astype(float).to_numpy()
     j = {lab: k for k, lab in enumerate(ext.labels)}
     assert y[0, j["Cardiomegaly"]] == 1 and y[0, j["Effusion"]] == 1 and y[0].sum() == 2
@@ -86,7 +87,7 @@ def test_nih_cache_decodes_alpha_and_reports_missing(tmp_path):
     m = build_external_cache("nih", d, tmp_path / "cache" / "train", SIZE, folds=2, workers=1)
     c = open_cache(tmp_path / "cache" / "train")
     assert m["dataset"] == "nih" and c.labels == external.NIH_LABELS and len(c.index) == 5
-    row = c.index["row"][c.index["ImageID"] == "00000001_001.png"].iloc[0]
+    row = c.index["row"][c.index["ImageID"] == "images_002/images/00000001_001.png"].iloc[0]
     img = np.asarray(c.images[row])
     assert img.max() == 255 - 60 and img.min() == 60  # gray of the colour channels, alpha (7) ignored
     assert not np.isnan(c.targets(c.rows())).any()
@@ -273,3 +274,31 @@ def test_synthetic_datasets_read_back(tmp_path, kind):
     m = build_external_cache(kind, tmp_path / kind, tmp_path / "c" / kind / "train", SIZE, folds=2, workers=1)
     assert m["counts"]["images"] == 40
     assert write_external(tmp_path / kind, kind, n=40, seed=5, workers=1)["skipped"]
+
+
+def test_several_datasets_in_one_cache(tmp_path, capsys):
+    from conftest import run_script_inprocess
+
+    nih, chex = _nih(tmp_path), _chexpert(tmp_path)
+    rc, _o, _e = run_script_inprocess(capsys, "preprocess.py", "external", "--dataset", "nih", "--data-dir", nih,
+                                      "--dataset", "chexpert", "--data-dir", chex, "--uncertain", "zeros",
+                                      "--uncertain", "ignore", "--size", SIZE, "--folds", "2", "--workers", "1",
+                                      "--out", tmp_path / "c" / "train")
+    assert rc == 0
+    c = open_cache(tmp_path / "c" / "train")
+    union = external.NIH_LABELS + [lab for lab in external.CHEXPERT_LABELS if lab not in external.NIH_LABELS]
+    assert c.labels == union and len(c.index) == 9
+    y = c.targets(c.rows())
+    ids = c.ids(c.rows())
+    from_nih = np.array([i.startswith("nih/") for i in ids])
+    assert from_nih.sum() == 5 and all(i.startswith("CheXpert-v1.0-small/") for i in ids[~from_nih])
+    j = {lab: k for k, lab in enumerate(c.labels)}
+    assert np.isnan(y[from_nih, j["Support Devices"]]).all()  # not an NIH label: unannotated
+    assert np.isnan(y[~from_nih, j["Effusion"]]).all()  # not a CheXpert label
+    assert not np.isnan(y[:, j["No Finding"]]).any() and not np.isnan(y[:, j["Cardiomegaly"]]).any()
+    assert np.isnan(y[~from_nih, j["Edema"]]).sum() == 2  # CheXpert's -1 under ignore
+    pats = c.patient_keys(c.rows())
+    assert {p.split(":")[0] for p in pats} == {"nih", "chexpert"}
+    m = json.loads((tmp_path / "c" / "train" / "manifest.json").read_text())
+    assert [d["dataset"] for d in m["datasets"]] == ["nih", "chexpert"]
+    assert m["label_policy"][1] == {"uncertain": "ignore", "blank": "zeros"}

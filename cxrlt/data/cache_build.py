@@ -99,33 +99,76 @@ def build_test_cache(test_csv, image_dir, out, size: int, *, meta_csv=None, work
 
 
 def build_external_cache(dataset: str, data_dir, out, size: int, *, uncertain: str = "zeros", blank: str = "zeros",
-                         official_test: str = "keep", folds: int = 5, seed: int = 0, workers: int | None = None,
-                         skip_bad: bool = False, low: float = 0.5, high: float = 99.5, force: bool = False) -> dict:
+                         official_test: str = "keep", **kw) -> dict:
     """Build (or resume, or reuse) a train cache of a public dataset in its native layout
     (cxrlt/data/external.py: nih, chexpert, mimic) -> manifest. Unannotated entries (an `ignore`
-    policy) are blank label cells. official_test: keep | drop the dataset's own test split."""
-    _check_params(data_dir, size, low, high)
+    policy) are blank label cells. official_test: keep | drop the dataset's own test split.
+    kw: folds, seed, workers, skip_bad, low, high, force (as build_train_cache)."""
+    return build_multi_cache([(dataset, data_dir, uncertain, blank)], out, size, official_test=official_test, **kw)
+
+
+def build_multi_cache(parts, out, size: int, *, official_test: str = "keep", folds: int = 5, seed: int = 0,
+                      workers: int | None = None, skip_bad: bool = False, low: float = 0.5, high: float = 99.5,
+                      force: bool = False) -> dict:
+    """One train cache of several public datasets: parts = [(dataset, data_dir, uncertain, blank)].
+
+    Labels: the union of the datasets' label sets (first appearance order); a label a dataset does
+    not annotate is a blank cell (unannotated: masked in training). ImageIDs are paths relative to
+    the data folders' common parent; with several parts, patient and study keys are prefixed by
+    the dataset's name (no two datasets share a patient)."""
+    if not parts:
+        raise InputError("no dataset given (--dataset / --data-dir)")
+    for _ds, data_dir, _u, _b in parts:
+        _check_params(data_dir, size, low, high)
     if int(folds) < 2:
         raise InputError(f"--folds {folds}: need at least 2")
     if official_test not in ("keep", "drop"):
         raise InputError(f"--official-test {official_test!r}: expected keep or drop")
-    ext = external.read_dataset(dataset, data_dir, uncertain, blank)
-    df, labels = ext.frame, ext.labels
-    keep = np.ones(len(df), dtype=bool) if official_test == "keep" else (df["official"] != "test").to_numpy()
-    removed = int((~keep).sum())
-    df, csv_file, csv_row = df[keep].reset_index(drop=True), ext.csv_file[keep], ext.csv_row[keep]
+    dirs = [os.path.realpath(d) for _ds, d, _u, _b in parts]
+    image_dir = dirs[0] if len(dirs) == 1 else os.path.commonpath(dirs)
+    if len(set(dirs)) < len(dirs):
+        raise InputError(f"--data-dir: the same folder is given twice ({dirs})")
+    frames, labels, files, rows, sources, infos, removed = [], [], [], [], {}, [], 0
+    for (dataset, data_dir, uncertain, blank), real in zip(parts, dirs):
+        ext = external.read_dataset(dataset, data_dir, uncertain, blank)
+        df = ext.frame
+        keep = np.ones(len(df), dtype=bool) if official_test == "keep" else (df["official"] != "test").to_numpy()
+        removed += int((~keep).sum())
+        df = df[keep].reset_index(drop=True)
+        prefix = os.path.relpath(real, image_dir)
+        if prefix != ".":
+            df["ImageID"] = prefix.replace(os.sep, "/") + "/" + df["ImageID"]
+        if len(parts) > 1:
+            for col in ("patient", "study"):
+                df[col] = f"{dataset}:" + df[col]
+            df["PatientID"] = df["patient"]
+        labels += [lab for lab in ext.labels if lab not in labels]
+        frames.append(df)
+        files.append(ext.csv_file[keep])
+        rows.append(ext.csv_row[keep])
+        sources.update({f"{dataset}:{k}" if len(parts) > 1 else k: v for k, v in ext.sources.items()})
+        infos.append({"dataset": dataset, "data_dir": os.fspath(data_dir), "images": int(len(df)),
+                      "label_policy": {"uncertain": uncertain, "blank": blank},
+                      **{k: v for k, v in ext.info.items() if k not in ("dataset", "uncertain", "blank")}})
+    df = pd.concat(frames, ignore_index=True)  # a label a dataset lacks: <NA> (unannotated)
+    for lab in labels:
+        df[lab] = df[lab].astype("Int8")
     if len(df) == 0:
-        raise InputError(f"{data_dir}: no images left after dropping the official test split")
+        raise InputError(f"{image_dir}: no images left after dropping the official test split")
+    dup = df["ImageID"].duplicated().to_numpy()
+    if dup.any():
+        raise InputError(f"{image_dir}: image {df['ImageID'][dup].iloc[0]!r} is listed by two datasets")
     df["split"] = "train"
     strat = df[labels].fillna(0).astype(np.int64)  # folds stratify on the annotated positives
     df["fold"] = assign_folds(pd.concat([df[["patient"]], strat], axis=1), labels, k=int(folds), seed=int(seed),
                               group_col="patient")
     index = df[INDEX_FIXED_COLUMNS[1:] + labels].reset_index(drop=True)
-    info = {"folds": int(folds), "seed": int(seed), "removed": removed, "dataset": dataset,
-            "label_policy": {"uncertain": uncertain, "blank": blank}, "official_test": official_test, **{
-                k: v for k, v in ext.info.items() if k not in ("dataset", "uncertain", "blank")}}
-    table = _Table("train", index, labels, csv_file, csv_row, ext.sources, info)
-    return _build(table, data_dir, Path(out), _pixels(size, low, high), workers, skip_bad, force)
+    policy = [i["label_policy"] for i in infos] if len(infos) > 1 else infos[0]["label_policy"]
+    info = {"folds": int(folds), "seed": int(seed), "removed": removed, "official_test": official_test,
+            "label_policy": policy,
+            **({"datasets": infos} if len(infos) > 1 else {k: v for k, v in infos[0].items() if k != "label_policy"})}
+    table = _Table("train", index, labels, np.concatenate(files), np.concatenate(rows), sources, info)
+    return _build(table, image_dir, Path(out), _pixels(size, low, high), workers, skip_bad, force)
 
 
 def _check_params(image_dir, size, low, high) -> None:

@@ -8,7 +8,8 @@ dataset's own label set and its patient, study and projection keys:
   pipe-separated ``Finding Labels`` (``No Finding`` for none), ``Follow-up #``, ``Patient ID``,
   ``View Position``; images anywhere below the folder (``images_*/images/``, 8-bit PNG). Labels: the
   14 findings then ``No Finding`` (1 only when no finding is listed). Official test split:
-  ``test_list.txt``. Study: ``<patient>|<follow-up>``.
+  ``test_list.txt``. Study: ``<patient>|<follow-up>``. ImageIDs are the images' paths below the
+  folder (``images_001/images/00000001_000.png``; found by one walk).
 * ``chexpert`` (full or ``-small``): ``train.csv`` and ``valid.csv`` (``Path``, ``Frontal/Lateral``,
   ``AP/PA``, 14 labels valued 1, 0, -1 = uncertain, blank = not mentioned). ``Path`` starts with the
   dataset's folder name (``CheXpert-v1.0-small/train/...``); ImageIDs are the rest of it, relative to
@@ -185,6 +186,7 @@ def read_nih(data_dir) -> ExternalRows:
     if os.path.isfile(test_list):
         with open(test_list, encoding="utf-8") as f:
             test_ids = {line.strip() for line in f if line.strip()}
+    where = _image_paths(data_dir, (".png",))
     findings = {lab: j for j, lab in enumerate(NIH_LABELS)}
     nf = findings["No Finding"]
     cols = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "View Position"]
@@ -208,17 +210,30 @@ def read_nih(data_dir) -> ExternalRows:
         blank_id = [k for k, v in enumerate(ids) if not v]
         if blank_id:
             raise InputError(f"{entry}: row {first + blank_id[0]}, column 'Image Index': blank")
+        official = ["test" if i in test_ids else "train" for i in ids]
+        ids = [where.get(i, i) for i in ids]  # the file's path below the folder (a missing one: its name)
         patient = chunk["Patient ID"].str.strip()
         patient = patient.where(patient != "", pd.Series(ids, index=chunk.index)).tolist()
         study = [f"{p}|{f.strip()}" if f.strip() else i for p, f, i in zip(patient, chunk["Follow-up #"], ids)]
-        keys = _keys_frame(ids, patient, study, [_view(v) for v in chunk["View Position"]],
-                           ["test" if i in test_ids else "train" for i in ids])
+        keys = _keys_frame(ids, patient, study, [_view(v) for v in chunk["View Position"]], official)
         keys.index = chunk.index
         parts.append(pd.concat([keys, _int8_frame(y, NIH_LABELS, chunk.index)], axis=1))
         files += [entry] * len(chunk)
         rows += list(range(first, first + len(chunk)))
     return _finish(parts, list(NIH_LABELS), files, rows,
                    {"entry_csv": entry, "test_list": test_list if test_ids else None}, {})
+
+
+def _image_paths(data_dir, suffixes) -> dict[str, str]:
+    """File name -> its path relative to data_dir (one walk; the first in walk order if repeated)."""
+    out: dict[str, str] = {}
+    for root, dirs, names in os.walk(data_dir):
+        dirs.sort()
+        rel = os.path.relpath(root, data_dir)
+        for name in sorted(names):
+            if name.lower().endswith(suffixes) and name not in out:
+                out[name] = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+    return out
 
 
 def _view(v: str) -> str:
