@@ -8,19 +8,23 @@
 # train.py --resume leaves a finished run with the same training keys as it is (model.pt untouched),
 # so a PadChest run retrains only when the pretrained model really changed.
 PRETRAIN_CONFIG        ?=#                              the config trained on the external dataset
-PRETRAIN_DATASET       ?= nih#                          nih | chexpert | mimic (cxrlt/data/external.py)
-PRETRAIN_DATA_DIR      ?=#                              the dataset's folder as downloaded
-PRETRAIN_UNCERTAIN     ?= zeros#                        an uncertain (-1) label: ones | zeros | ignore
-PRETRAIN_BLANK         ?= zeros#                        a blank label: zeros | ignore
+PRETRAIN_DATASET       ?= nih#                          nih | chexpert | mimic (cxrlt/data/external.py); several: one cache, union of labels
+PRETRAIN_DATA_DIR      ?=#                              the dataset's folder as downloaded (one per PRETRAIN_DATASET)
+PRETRAIN_UNCERTAIN     ?= zeros#                        an uncertain (-1) label: ones | zeros | ignore (one, or one per dataset)
+PRETRAIN_BLANK         ?= zeros#                        a blank label: zeros | ignore (one, or one per dataset)
 PRETRAIN_OFFICIAL_TEST ?= keep#                         the dataset's own test split: keep | drop
 PRETRAIN_SIZE          ?= $(IMG_SIZE)#                  side of its cached images
 PRETRAIN_ARGS          ?=#                              config overrides of the pretraining run only
 PRETRAIN_FOR           ?=#                              config stems whose training waits for the pretraining run
 
 PRETRAIN_STEM  := $(basename $(notdir $(PRETRAIN_CONFIG)))
-PRETRAIN_KEY   := u$(PRETRAIN_UNCERTAIN)-b$(PRETRAIN_BLANK)-$(PRETRAIN_OFFICIAL_TEST)
-PRETRAIN_CACHE := $(CACHE_ROOT)/$(PRETRAIN_DATASET)_$(PRETRAIN_SIZE)/train-$(PRETRAIN_KEY)
-PRETRAIN_RUN   := $(RUNS_ROOT)/pretrain/$(PRETRAIN_DATASET)_$(PRETRAIN_SIZE)-$(PRETRAIN_KEY)/$(PRETRAIN_STEM)
+PRETRAIN_EMPTY :=
+PRETRAIN_SPACE := $(PRETRAIN_EMPTY) $(PRETRAIN_EMPTY)
+PRETRAIN_JOIN   = $(subst $(PRETRAIN_SPACE),+,$(strip $(1)))
+PRETRAIN_KEY   := u$(call PRETRAIN_JOIN,$(PRETRAIN_UNCERTAIN))-b$(call PRETRAIN_JOIN,$(PRETRAIN_BLANK))-$(PRETRAIN_OFFICIAL_TEST)
+PRETRAIN_NAME  := $(call PRETRAIN_JOIN,$(PRETRAIN_DATASET))
+PRETRAIN_CACHE := $(CACHE_ROOT)/$(PRETRAIN_NAME)_$(PRETRAIN_SIZE)/train-$(PRETRAIN_KEY)
+PRETRAIN_RUN   := $(RUNS_ROOT)/pretrain/$(PRETRAIN_NAME)_$(PRETRAIN_SIZE)-$(PRETRAIN_KEY)/$(PRETRAIN_STEM)
 PRETRAIN_MODEL := $(PRETRAIN_RUN)/model.pt
 
 .PHONY: pretrain pretrain-check
@@ -33,8 +37,9 @@ pretrain-check:
 	@:
 
 $(PRETRAIN_CACHE)/manifest.json: pretrain-check FORCE | $(VENV)/.installed
-	$(PY) preprocess.py external --dataset $(PRETRAIN_DATASET) --data-dir $(PRETRAIN_DATA_DIR) \
-		--uncertain $(PRETRAIN_UNCERTAIN) --blank $(PRETRAIN_BLANK) --official-test $(PRETRAIN_OFFICIAL_TEST) \
+	$(PY) preprocess.py external $(foreach d,$(PRETRAIN_DATASET),--dataset $(d)) $(foreach d,$(PRETRAIN_DATA_DIR),--data-dir $(d)) \
+		$(foreach u,$(PRETRAIN_UNCERTAIN),--uncertain $(u)) $(foreach b,$(PRETRAIN_BLANK),--blank $(b)) \
+		--official-test $(PRETRAIN_OFFICIAL_TEST) \
 		--size $(PRETRAIN_SIZE) --folds $(FOLDS) --out $(@D) $(PREPROCESS_ARGS)
 
 $(PRETRAIN_MODEL): $(PRETRAIN_CACHE)/manifest.json FORCE | $(VENV)/.installed
