@@ -110,3 +110,22 @@ def test_validation_ap_on_annotated_rows():
     np.testing.assert_allclose(ap[1], average_precision_per_label(y[:, 1:], p[:, 1:])[0])
     np.testing.assert_allclose(auc_per_label(masked, p)[0], auc_per_label(y[20:, :1], p[20:, :1])[0])
     assert score(masked, p)["mAP"] == pytest.approx(ap.mean())
+
+
+def test_training_on_a_cache_with_unannotated_entries(tmp_path, capsys):
+    import json
+
+    from conftest import run_script_inprocess
+    from test_external import _chexpert, _nih
+
+    from cxrlt.data.cache_build import build_multi_cache
+
+    build_multi_cache([("nih", _nih(tmp_path), "zeros", "zeros"), ("chexpert", _chexpert(tmp_path), "ignore", "ignore")],
+                      tmp_path / "c" / "train", 32, folds=2, workers=1)
+    rc, _out, _err = run_script_inprocess(
+        capsys, "train.py", "--cache", tmp_path / "c" / "train", "--out", tmp_path / "run", "--model", "test_convnext",
+        "--pretrained", "false", "--epochs", "1", "--batch_size", "2", "--workers", "0", "--device", "cpu",
+        "--loss", "db", "--sampler", "repeat_factor", "--img_size", "32", "--warmup_epochs", "0")
+    assert rc == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert lines and all(np.isfinite(x["train_loss"]) and np.isfinite(x["val_mAP"]) for x in lines)
