@@ -206,6 +206,11 @@ def run_train_key(cfg: dict) -> str:
         if not os.path.isfile(cfg["init_checkpoint"]):
             raise InputError(f"{cfg['init_checkpoint']}: init_checkpoint not found")
         train = _hex(f"{train}|{file_key(cfg['init_checkpoint'])}", 16)
+    if cfg["pseudo_labels"]:  # the soft labels and their images are inputs too
+        for path in (cfg["pseudo_labels"], os.path.join(cfg["pseudo_cache"], "manifest.json")):
+            if not os.path.isfile(path):
+                raise InputError(f"{path}: not found (pseudo_labels / pseudo_cache)")
+            train = _hex(f"{train}|{file_key(path)}", 16)
     return train
 
 
@@ -347,6 +352,9 @@ class Trainer:
         self.masked = has_unannotated(y_train)
         images = self.cache.images_path
         self.train_ds = CacheDataset(images, self.train_rows, y_train, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
+        self.pseudo = bool(cfg["pseudo_labels"])
+        if self.pseudo:  # soft labels of another cache's images beside the real ones (cxrlt/post/pseudo.py)
+            y_train = self._add_pseudo(y_train)
         # validation: each rank a strided share of the val rows, no padding, gathered afterwards
         my_val = np.arange(self.dist.rank, len(self.val_rows), self.dist.world)
         self.val_ds = CacheDataset(images, self.val_rows[my_val], self.y_val[my_val])
@@ -389,6 +397,29 @@ class Trainer:
             self._load_last(last)
         self.selection = self._selection()
         self._write_run_json()
+
+    def _add_pseudo(self, y_real: np.ndarray) -> np.ndarray:
+        """Train on pseudo_cache's images with the soft labels of pseudo_labels too, weighted by
+        pseudo_weight in the loss and in the class counts -> the sampler's targets (real, then soft)."""
+        from cxrlt.data.cache import open_cache
+        from cxrlt.data.dataset import AugConfig, CacheDataset, WeightedConcat
+        from cxrlt.post.pseudo import read_soft_labels
+
+        cfg = self.cfg
+        if not cfg["pseudo_cache"]:
+            raise InputError(f"pseudo_labels {cfg['pseudo_labels']}: pseudo_cache (the cache of its images) is not set")
+        cache = open_cache(cfg["pseudo_cache"])
+        if cache.size != self.cache.size:
+            raise InputError(f"{cfg['pseudo_cache']}: images are {cache.size} px, the training cache's {self.cache.size} px")
+        rows, y_soft = read_soft_labels(cfg["pseudo_labels"], cache, self.labels)
+        w = float(cfg["pseudo_weight"])
+        soft_ds = CacheDataset(cache.images_path, rows, y_soft, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
+        self.train_ds = WeightedConcat([(self.train_ds, 1.0), (soft_ds, w)])
+        self.class_counts = self.class_counts + w * y_soft.sum(0)
+        self.annotated = self.annotated + w * len(y_soft)
+        log.info(f"pseudo-labels: {len(rows)} images of {cfg['pseudo_cache']} with soft labels "
+                 f"({cfg['pseudo_labels']}), weight {w}")
+        return np.concatenate([y_real, y_soft])
 
     # ---- the epoch choice (module doc "Best epoch") --------------------------------------------
     def _selection_keys(self, last: dict | None) -> dict:
@@ -549,7 +580,7 @@ class Trainer:
         lr = self._set_lr()
         i = -1
         # zip takes the batch count first: the loader is never asked for a batch past the cap
-        for i, (x, y, _) in zip(range(self.batches_per_epoch), loader):
+        for i, (x, y, extra) in zip(range(self.batches_per_epoch), loader):
             wait += time.perf_counter() - t_wait
             x = x.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
@@ -561,7 +592,8 @@ class Trainer:
             with sync:
                 with autocast_ctx(dev, self.amp):
                     logits = self.forward(x)
-                loss = self.loss_fn(logits.float(), y)
+                weight = extra.to(dev, non_blocking=True)[:, None].expand_as(y) if self.pseudo else None
+                loss = self.loss_fn(logits.float(), y, mask=weight)
                 (loss / self.accum).backward()
             loss = loss.detach()
             n_bad += ~torch.isfinite(loss)
