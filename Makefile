@@ -130,7 +130,7 @@ show-plan: ## print the variables and stage rules the plan generates for the cur
 	@:
 
 # ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
-NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain
+NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
 ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
 include $(STATE)/vars.mk
 endif

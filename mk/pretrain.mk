@@ -66,3 +66,11 @@ demo-pretrain: $(VENV)/.installed $(DEMO_DIR)/train.csv $(DEMO_EXTERNAL_DIR)/nih
 	$(MAKE) --no-print-directory all $(DEMO_VARS) NAME=demo_pretrain CONFIGS=configs/demo_pretrained.yaml \
 		PRETRAIN_CONFIG=configs/demo.yaml PRETRAIN_DATASET=nih PRETRAIN_DATA_DIR=$(DEMO_EXTERNAL_DIR)/nih \
 		PRETRAIN_SIZE=64 PRETRAIN_FOR=demo_pretrained
+
+# ---- pseudo-labels: a trained run's labels on the external cache (pseudo_label.py) ---------------
+PSEUDO_CHECKPOINT ?=#                                   model.pt of the run that labels the images
+PSEUDO_OUT        ?= $(RUNS_ROOT)/pseudo/$(PRETRAIN_NAME)_$(PRETRAIN_SIZE)-$(PRETRAIN_KEY).csv
+.PHONY: pseudo-labels
+pseudo-labels: $(PRETRAIN_CACHE)/manifest.json | $(VENV)/.installed ## soft labels of PSEUDO_CHECKPOINT's labels on the external cache
+	$(if $(PSEUDO_CHECKPOINT),,$(error PSEUDO_CHECKPOINT is not set (the model.pt that predicts the soft labels)))
+	$(PY) pseudo_label.py --checkpoint $(PSEUDO_CHECKPOINT) --cache $(PRETRAIN_CACHE) --out $(PSEUDO_OUT)
