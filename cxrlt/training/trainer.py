@@ -592,8 +592,10 @@ class Trainer:
             with sync:
                 with autocast_ctx(dev, self.amp):
                     logits = self.forward(x)
-                weight = extra.to(dev, non_blocking=True)[:, None].expand_as(y) if self.pseudo else None
-                loss = self.loss_fn(logits.float(), y, mask=weight)
+                if self.pseudo:  # per-sample weights (real 1, soft pseudo_weight) through the loss mask
+                    loss = self.loss_fn(logits.float(), y, mask=extra.to(dev, non_blocking=True)[:, None].expand_as(y))
+                else:
+                    loss = self.loss_fn(logits.float(), y)
                 (loss / self.accum).backward()
             loss = loss.detach()
             n_bad += ~torch.isfinite(loss)
