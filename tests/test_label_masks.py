@@ -129,3 +129,5 @@ def test_training_on_a_cache_with_unannotated_entries(tmp_path, capsys):
     assert rc == 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert lines and all(np.isfinite(x["train_loss"]) and np.isfinite(x["val_mAP"]) for x in lines)
+    by = lines[-1]["val_mAP_by_dataset"]  # validation per dataset, each on the labels it annotates
+    assert set(by) <= {"nih", "chexpert"} and by

@@ -337,3 +337,12 @@ def read_mimic(data_dir, uncertain: str, blank: str) -> ExternalRows:
     return _finish(parts, list(MIMIC_LABELS), files, rows,
                    {"labels_csv": labels_csv, "metadata_csv": meta_csv, "split_csv": split_csv},
                    {"unlabelled_images": unlabelled})
+
+
+def dataset_of_rows(cache, rows) -> np.ndarray | None:
+    """The dataset of each row of a cache built from several datasets (its patient keys start with
+    `<dataset>:`); None for a cache of one dataset (or PadChest's)."""
+    parts = (cache.manifest or {}).get("datasets") or []
+    if len(parts) < 2:
+        return None
+    return np.array([p.split(":", 1)[0] for p in cache.patient_keys(rows)], dtype=object)

@@ -336,6 +336,7 @@ class Trainer:
         from cxrlt.models.model import build_model
         from cxrlt.data.samplers import build_sampler
         from cxrlt.data.labelmask import annotated_counts, has_unannotated
+        from cxrlt.data.external import dataset_of_rows
 
         cfg = self.cfg
         # ---- data ----
@@ -393,6 +394,7 @@ class Trainer:
         self.table: list[dict] = []  # score_row of every epoch so far (index = epoch): the epoch choice
         self.selection_keys = self._selection_keys(last)
         self.sets = val_sets(self.cache, self.val_rows, self.selection_keys)
+        self.val_datasets = dataset_of_rows(self.cache, self.val_rows)  # a multi-dataset cache: mAP per dataset
         if last is not None:
             self._load_last(last)
         self.selection = self._selection()
@@ -469,7 +471,17 @@ class Trainer:
                 "bad_epochs": self.bad_epochs, "selection": self.selection, "v": v,
                 "record": {"val_mAP": json_float(v["mAP"]), "val_mAUC": json_float(v["mAUC"]),
                            "val_proxy_mAP": json_float(row["proxy"]), "val_select_mAP": json_float(row[so]),
-                           "select_on": so, "val_honest_mAP": json_float(sel["honest"]), "best_epoch": self.best_epoch}}
+                           "select_on": so, "val_honest_mAP": json_float(sel["honest"]), "best_epoch": self.best_epoch,
+                           **self._by_dataset(p)}}
+
+    def _by_dataset(self, p: np.ndarray) -> dict:
+        """{"val_mAP_by_dataset": {dataset: mAP on its val images and the labels it annotates}} of a
+        multi-dataset cache; {} otherwise."""
+        if self.val_datasets is None:
+            return {}
+        return {"val_mAP_by_dataset": {d: json_float(score(self.y_val[self.val_datasets == d],
+                                                           p[self.val_datasets == d], auc=False)["mAP"])
+                                       for d in dict.fromkeys(self.val_datasets)}}
 
     def _selection(self, sel: dict | None = None) -> dict:
         """The run's "selection" summary (module doc): the best epoch's scores and the honest number."""
