@@ -171,6 +171,15 @@ def test_chexpert_cache_masks_and_key(tmp_path):
     assert a["label_policy"] == {"uncertain": "ignore", "blank": "ignore"}
 
 
+def test_chexpert_path_without_the_folder_name(tmp_path):
+    d = _chexpert(tmp_path)
+    p = d / "train.csv"
+    p.write_text(p.read_text().replace("CheXpert-v1.0-small/train/", "train/"))
+    ext = external.read_dataset("chexpert", d, "ones", "zeros")
+    assert ext.frame["ImageID"].tolist()[:2] == ["train/patient00001/study1/view1_frontal.jpg",
+                                                 "train/patient00002/study2/view1_frontal.jpg"]
+
+
 def test_chexpert_bad_value(tmp_path):
     d = _chexpert(tmp_path)
     p = d / "train.csv"

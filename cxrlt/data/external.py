@@ -264,10 +264,12 @@ def read_chexpert(data_dir, uncertain: str, blank: str) -> ExternalRows:
             ids, patient, study = [], [], []
             for i, p in enumerate(chunk["Path"].tolist()):
                 parts_ = p.strip().replace("\\", "/").split("/")
-                if len(parts_) < 4:
+                if parts_ and parts_[0].lower().startswith("chexpert"):
+                    parts_ = parts_[1:]  # the dataset's own folder name (CheXpert-v1.0[-small]): data_dir itself
+                if len(parts_) < 3:
                     raise InputError(f"{path}: row {first + i}, column 'Path': {p!r} is not "
-                                     f"<folder>/<split>/patientNNNNN/studyN/viewN_<view>.jpg")
-                rel = parts_[1:]  # drop the dataset's own folder name (CheXpert-v1.0[-small])
+                                     f"[CheXpert-v1.0-small/]<split>/patientNNNNN/studyN/viewN_<view>.jpg")
+                rel = parts_
                 ids.append("/".join(rel))
                 patient.append(rel[-3])
                 study.append(f"{rel[-3]}/{rel[-2]}")
