@@ -48,7 +48,14 @@ $(PRETRAIN_MODEL): $(PRETRAIN_CACHE)/manifest.json FORCE | $(VENV)/.installed
 
 # the PadChest runs that start from the pretrained model wait for it (STEMS: set by the plan; Make
 # reads the makefiles again once the plan is remade, so the stems of this command's CONFIGS apply)
-$(foreach s,$(filter $(STEMS),$(PRETRAIN_FOR)),$(eval $(R_$(s))/model.pt: $(PRETRAIN_MODEL)))
+$(foreach s,$(filter $(STEMS),$(PRETRAIN_FOR)),$(eval $(R_$(s))/model.pt: $(PRETRAIN_RUN)/model.key))
+
+# model.pt's content key, rewritten only when the weights change: an up-to-date pretraining run
+# (train.py touches model.pt) re-runs nothing downstream
+$(PRETRAIN_RUN)/model.key: $(PRETRAIN_MODEL)
+	@$(PY) -c "import os, sys; from cxrlt.core.hashing import file_key; k = file_key(sys.argv[1]) + '\n'; \
+		p = sys.argv[2]; old = open(p).read() if os.path.exists(p) else ''; k != old and open(p, 'w').write(k)" \
+		$(PRETRAIN_MODEL) $@
 
 # ---- the pretraining demo: synthetic NIH-shaped data -> the demo recipe -> PadChest demo ------------
 DEMO_EXTERNAL_DIR := data/demo_external
