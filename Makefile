@@ -131,7 +131,7 @@ show-plan: ## print the variables and stage rules the plan generates for the cur
 	@:
 
 # ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
-NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo clean demo-task2
+NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
 ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
 include $(STATE)/vars.mk
 endif
@@ -252,4 +252,4 @@ all: $(SUB).csv $(if $(TEST_LABELS),$(SUB).score.json) ## everything: caches, tr
 	$(if $(TEST_LABELS),@$(PY) -c "import json; m=json.load(open('$(SUB).score.json')); print(f\"test mAP {m['mAP']:.4f}  mAUC {m['mAUC']:.4f}  (scored against $(TEST_LABELS))\")")
 
 # ---- studies and Task 2 -------------------------------------------------------------------------
-include mk/studies.mk mk/task2.mk
+include mk/studies.mk mk/task2.mk mk/pretrain.mk

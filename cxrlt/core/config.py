@@ -29,6 +29,9 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "pretrained_file": ("", str, "local weights file for the timm model (no network needed)"),
     "init_checkpoint": ("", str, "initialise from one of our own checkpoints (model.pt/best.pt)"),
     "init_from": ("", str, "Make: start from the model.pt of the run of this config stem (sets init_checkpoint)"),
+    "pseudo_cache": ("", str, "a cache whose images train with soft labels (pseudo_labels; e.g. a public dataset's)"),
+    "pseudo_labels": ("", str, "soft-label CSV of pseudo_cache's images (pseudo_label.py), trained beside the real labels"),
+    "pseudo_weight": (0.5, float, "weight of a soft (pseudo) label in the loss, relative to a real label"),
     "img_size": (0, int, "the cache image size this config needs (0 = the Make default IMG_SIZE)"),
     "in_chans": (3, int, "3: replicate grayscale to RGB; 1: timm sums the first conv's weights"),
     "head": ("linear", str, "classifier head (cxrlt/models/model.py)"),
@@ -123,6 +126,7 @@ DEFAULTS = {k: v[0] for k, v in SCHEMA.items()}
 RANGES: dict[str, str] = {
     "in_chans": ">= 1",  # (and CHOICES)
     "cosine_scale": "> 0",
+    "pseudo_weight": "> 0",
     "csra_lambda": ">= 0",
     "csra_temperature": "> 0",
     "drop_path": "[0, 1)",

@@ -52,6 +52,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxrlt.data import decode_worker
+from cxrlt.data import external
 from cxrlt.data import identity
 from cxrlt.data.cache import CACHE_VERSION, partial_dir
 from cxrlt.data.decode_pool import DecodePool
@@ -95,6 +96,79 @@ def build_test_cache(test_csv, image_dir, out, size: int, *, meta_csv=None, work
     table = _test_table(test_csv, meta_csv)
     _check_not_in_train(table, test_csv, out.parent / "train")
     return _build(table, image_dir, out, _pixels(size, low, high), workers, skip_bad, force)
+
+
+def build_external_cache(dataset: str, data_dir, out, size: int, *, uncertain: str = "zeros", blank: str = "zeros",
+                         official_test: str = "keep", **kw) -> dict:
+    """Build (or resume, or reuse) a train cache of a public dataset in its native layout
+    (cxrlt/data/external.py: nih, chexpert, mimic) -> manifest. Unannotated entries (an `ignore`
+    policy) are blank label cells. official_test: keep | drop the dataset's own test split.
+    kw: folds, seed, workers, skip_bad, low, high, force (as build_train_cache)."""
+    return build_multi_cache([(dataset, data_dir, uncertain, blank)], out, size, official_test=official_test, **kw)
+
+
+def build_multi_cache(parts, out, size: int, *, official_test: str = "keep", folds: int = 5, seed: int = 0,
+                      workers: int | None = None, skip_bad: bool = False, low: float = 0.5, high: float = 99.5,
+                      force: bool = False) -> dict:
+    """One train cache of several public datasets: parts = [(dataset, data_dir, uncertain, blank)].
+
+    Labels: the union of the datasets' label sets (first appearance order); a label a dataset does
+    not annotate is a blank cell (unannotated: masked in training). ImageIDs are paths relative to
+    the data folders' common parent; with several parts, patient and study keys are prefixed by
+    the dataset's name (no two datasets share a patient)."""
+    if not parts:
+        raise InputError("no dataset given (--dataset / --data-dir)")
+    for _ds, data_dir, _u, _b in parts:
+        _check_params(data_dir, size, low, high)
+    if int(folds) < 2:
+        raise InputError(f"--folds {folds}: need at least 2")
+    if official_test not in ("keep", "drop"):
+        raise InputError(f"--official-test {official_test!r}: expected keep or drop")
+    dirs = [os.path.realpath(d) for _ds, d, _u, _b in parts]
+    image_dir = dirs[0] if len(dirs) == 1 else os.path.commonpath(dirs)
+    if len(set(dirs)) < len(dirs):
+        raise InputError(f"--data-dir: the same folder is given twice ({dirs})")
+    frames, labels, files, rows, sources, infos, removed = [], [], [], [], {}, [], 0
+    for (dataset, data_dir, uncertain, blank), real in zip(parts, dirs):
+        ext = external.read_dataset(dataset, data_dir, uncertain, blank)
+        df = ext.frame
+        keep = np.ones(len(df), dtype=bool) if official_test == "keep" else (df["official"] != "test").to_numpy()
+        removed += int((~keep).sum())
+        df = df[keep].reset_index(drop=True)
+        prefix = os.path.relpath(real, image_dir)
+        if prefix != ".":
+            df["ImageID"] = prefix.replace(os.sep, "/") + "/" + df["ImageID"]
+        if len(parts) > 1:
+            for col in ("patient", "study"):
+                df[col] = f"{dataset}:" + df[col]
+            df["PatientID"] = df["patient"]
+        labels += [lab for lab in ext.labels if lab not in labels]
+        frames.append(df)
+        files.append(ext.csv_file[keep])
+        rows.append(ext.csv_row[keep])
+        sources.update({f"{dataset}:{k}" if len(parts) > 1 else k: v for k, v in ext.sources.items()})
+        infos.append({"dataset": dataset, "data_dir": os.fspath(data_dir), "images": int(len(df)),
+                      "label_policy": {"uncertain": uncertain, "blank": blank},
+                      **{k: v for k, v in ext.info.items() if k not in ("dataset", "uncertain", "blank")}})
+    df = pd.concat(frames, ignore_index=True)  # a label a dataset lacks: <NA> (unannotated)
+    for lab in labels:
+        df[lab] = df[lab].astype("Int8")
+    if len(df) == 0:
+        raise InputError(f"{image_dir}: no images left after dropping the official test split")
+    dup = df["ImageID"].duplicated().to_numpy()
+    if dup.any():
+        raise InputError(f"{image_dir}: image {df['ImageID'][dup].iloc[0]!r} is listed by two datasets")
+    df["split"] = "train"
+    strat = df[labels].fillna(0).astype(np.int64)  # folds stratify on the annotated positives
+    df["fold"] = assign_folds(pd.concat([df[["patient"]], strat], axis=1), labels, k=int(folds), seed=int(seed),
+                              group_col="patient")
+    index = df[INDEX_FIXED_COLUMNS[1:] + labels].reset_index(drop=True)
+    policy = [i["label_policy"] for i in infos] if len(infos) > 1 else infos[0]["label_policy"]
+    info = {"folds": int(folds), "seed": int(seed), "removed": removed, "official_test": official_test,
+            "label_policy": policy,
+            **({"datasets": infos} if len(infos) > 1 else {k: v for k, v in infos[0].items() if k != "label_policy"})}
+    table = _Table("train", index, labels, np.concatenate(files), np.concatenate(rows), sources, info)
+    return _build(table, image_dir, Path(out), _pixels(size, low, high), workers, skip_bad, force)
 
 
 def _check_params(image_dir, size, low, high) -> None:
@@ -427,17 +501,19 @@ def _inputs_key(table: _Table, files: _Files, pixels: dict) -> str:
     decoded again), size and windowing."""
     h = hashlib.sha256(_index_text(table.index).encode())
     h.update(json.dumps([table.labels, files.size.tolist(), files.mtime_ns.tolist()]).encode())
-    return json_key({"pixels": pixels, "table": h.hexdigest()})
+    policy = table.info.get("label_policy")  # external datasets: how uncertain / blank cells were read
+    return json_key({"pixels": pixels, "table": h.hexdigest(), **({"label_policy": policy} if policy else {})})
 
 
 def _content_key(index: pd.DataFrame, labels: list[str], size_of_line: np.ndarray, pixels: dict,
-                 failures: list[dict]) -> str:
+                 failures: list[dict], policy: dict | None = None) -> str:
     """Cache.key: the rows (with labels, folds and keys), the size of each image's source file,
     size, windowing and the images left out. No paths or times: the same inputs give the same
     key on every machine."""
     h = hashlib.sha256(_index_text(index.drop(columns="row")).encode())
     h.update(json.dumps([labels, size_of_line.tolist(), sorted(f["ImageID"] for f in failures)]).encode())
-    return json_key({"pixels": pixels, "content": h.hexdigest()})
+    extra = {"label_policy": policy} if policy else {}
+    return json_key({"pixels": pixels, "content": h.hexdigest(), **extra})
 
 
 # ---- reusing pixels ---------------------------------------------------------------------------------
@@ -792,7 +868,8 @@ def _finalize(out: Path, partial: Path, table: _Table, files: _Files, rows: np.n
     _write(partial / "sources.csv", sources.to_csv(index=False, lineterminator="\n"))
     manifest = {
         "format": "cxrlt image cache", "version": CACHE_VERSION, "kind": table.kind,
-        "key": _content_key(index, table.labels, files.size[keep], pixels, failures),
+        "key": _content_key(index, table.labels, files.size[keep], pixels, failures,
+                            table.info.get("label_policy")),
         "inputs_key": inputs_key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "pixels": pixels, "labels": table.labels, "array_rows": int(np.load(partial / "images.npy",
                                                                             mmap_mode="r").shape[0]),
@@ -831,6 +908,8 @@ def _counts(table: _Table, index: pd.DataFrame, failures: list[dict]) -> dict:
     if table.kind == "train":
         counts.update(removed=table.info["removed"],
                       positives={lab: int(index[lab].sum()) for lab in table.labels},
+                      **({"annotated": {lab: int(index[lab].notna().sum()) for lab in table.labels}}
+                         if any(index[lab].isna().any() for lab in table.labels) else {}),
                       fold_sizes=np.bincount(index["fold"].to_numpy(), minlength=table.info["folds"]).tolist())
     return counts
 

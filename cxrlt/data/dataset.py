@@ -116,6 +116,28 @@ class CacheDataset(Dataset):
         return x, y, row
 
 
+class WeightedConcat(Dataset):
+    """Several CacheDatasets as one, each sample with its part's weight: (x, y, weight) (the
+    weight replaces the row of CacheDataset). Real labels weigh 1, soft pseudo-labels less."""
+
+    def __init__(self, parts):
+        self.parts = [(ds, float(w)) for ds, w in parts]
+        self.starts = np.cumsum([0] + [len(ds) for ds, _ in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds, _ in self.parts:
+            ds.set_epoch(epoch)
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        ds, w = self.parts[k]
+        x, y, _row = ds[i - int(self.starts[k])]
+        return x, y, torch.tensor(w, dtype=torch.float32)
+
+
 PREFETCH_FACTOR = 4  # batches each worker keeps ready (in /dev/shm: see make_loader)
 
 

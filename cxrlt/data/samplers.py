@@ -31,6 +31,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from cxrlt.core.config import check_registry
+from cxrlt.data.labelmask import annotated_counts
 from cxrlt.core.errors import ConfigError
 
 
@@ -111,8 +112,9 @@ class ClassAwareSampler(EpochSampler):
 
 def repeat_factors(targets: np.ndarray, threshold: float) -> np.ndarray:
     """Per-row repeat factor max(1, max over its labels of sqrt(t / f_c)); 1 for unlabelled rows."""
-    pos = np.asarray(targets) > 0.5
-    freq = pos.mean(axis=0)  # f_c; 0 for an absent label, which no row carries anyway
+    pos = np.asarray(targets) > 0.5  # a NaN (unannotated) label is never a positive
+    positives, annotated = annotated_counts(targets)  # f_c over the rows that annotate label c
+    freq = positives / np.maximum(annotated, 1)  # 0 for an absent label, which no row carries anyway
     with np.errstate(divide="ignore"):
         r_label = np.maximum(1.0, np.sqrt(threshold / np.where(freq > 0, freq, np.inf)))
     r_row = np.where(pos, r_label[None, :], 1.0).max(axis=1, initial=1.0)

@@ -33,23 +33,37 @@ def _check_arrays(y, p) -> tuple[np.ndarray, np.ndarray]:
     return (y > 0.5).astype(np.int8), p
 
 
+def _annotated(y) -> np.ndarray | None:
+    """(N, C) bool: the entries with a label (a NaN label is unannotated: a masked label of a
+    multi-dataset cache); None when every entry is annotated."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.floating):
+        return None
+    known = ~np.isnan(y)
+    if known.all():
+        return None
+    return known if known.ndim == 2 else known[:, None]
+
+
 def _per_label(y, p, fn, need_negative: bool) -> np.ndarray:
-    """Apply fn(y_c, p_c) to every label that has a positive (and a negative if asked), else NaN."""
+    """Apply fn(y_c, p_c) to every label that has a positive (and a negative if asked), else NaN;
+    on its annotated rows only."""
+    known = _annotated(y)
     y, p = _check_arrays(y, p)
     out = np.full(y.shape[1], np.nan)
     for c in range(y.shape[1]):
-        pos = int(y[:, c].sum())
-        if pos == 0 or (need_negative and pos == len(y)):
+        y_c, p_c = (y[:, c], p[:, c]) if known is None else (y[known[:, c], c], p[known[:, c], c])
+        pos = int(y_c.sum())
+        if pos == 0 or (need_negative and pos == len(y_c)):
             continue
-        out[c] = fn(y[:, c], p[:, c])
+        out[c] = fn(y_c, p_c)
     return out
 
 
 def average_precision_per_label(y, p) -> np.ndarray:
     """(C,) AP per label; NaN for labels with no positive (weighted_ap with unit weights: equal to
     sklearn's average_precision_score, without its per-call overhead)."""
-    y, p = _check_arrays(y, p)
-    return resampled_ap(y, p, np.ones((1, len(y)), np.int32))[0]
+    return resampled_ap(y, p, np.ones((1, len(np.asarray(y))), np.int32))[0]
 
 
 def auc_per_label(y, p) -> np.ndarray:
@@ -231,7 +245,9 @@ def weighted_ap(y_c, p_c, w) -> np.ndarray:
 
 
 def resampled_ap(y, p, weights) -> np.ndarray:
-    """(B, C) per-label AP of (y, p) under each resample's weights (NaN: no positive drawn)."""
+    """(B, C) per-label AP of (y, p) under each resample's weights (NaN: no positive drawn).
+    A NaN label (unannotated) weighs 0: each label is scored on its annotated rows."""
+    known = _annotated(y)
     y, p = _check_arrays(y, p)
     weights = np.asarray(weights)
     b, n = weights.shape
@@ -241,7 +257,8 @@ def resampled_ap(y, p, weights) -> np.ndarray:
         if not y[:, c].any():
             continue
         for s in range(0, b, step):
-            out[s:s + step, c] = weighted_ap(y[:, c], p[:, c], weights[s:s + step])
+            w = weights[s:s + step] if known is None else weights[s:s + step] * known[:, c]
+            out[s:s + step, c] = weighted_ap(y[:, c], p[:, c], w)
     return out
 
 

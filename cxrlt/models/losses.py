@@ -31,6 +31,13 @@ already re-weight by class, so combining them with DRW is refused (ConfigError).
 
 Label counts come from the TRAINING fold; a label with no positive there is treated as having
 one (counts are clamped to >= 1) so that no weight or margin becomes inf/NaN.
+
+Label masks. forward(logits, targets, mask=None) takes an optional (B, C) annotation mask (1 =
+annotated). A masked entry (mask 0, or a NaN target when the loss was built with nan_mask) adds
+nothing to the loss and gets zero gradient; the loss is then the mean over the ANNOTATED entries
+(the plain mean when every entry is annotated). The counts a loss is built from are then counted
+over annotated images only: build_loss's num_samples may be a (C,) array of annotated images
+per label (cxrlt.data.labelmask.annotated_counts).
 """
 
 from __future__ import annotations
@@ -77,6 +84,31 @@ def effective_number_weights(counts, beta: float) -> np.ndarray:
     return w / w.mean()
 
 
+def annotation_mask(y: torch.Tensor, mask: torch.Tensor | None = None,
+                    nan_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (targets with every unannotated entry set to 0, float mask (1 = annotated) or None).
+
+    mask: an explicit (B, C) mask; nan_mask: NaN targets are unannotated too. None when neither
+    applies (no extra work on the unmasked path)."""
+    m = None
+    if mask is not None:
+        if mask.shape != y.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} must have the targets' shape {tuple(y.shape)}")
+        m = mask.to(device=y.device, dtype=torch.float32)
+    if nan_mask:
+        known = (~torch.isnan(y)).float()
+        m = known if m is None else m * known
+    if m is None:
+        return y, None
+    return torch.where(m > 0, torch.nan_to_num(y, nan=0.0), torch.zeros_like(y)), m
+
+
+def masked_mean(elements: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-element loss over the annotated entries (0 when none is). Multiplying
+    by the mask (not indexing) keeps shapes static and gives masked entries exactly zero gradient."""
+    return (elements * m).sum() / m.sum().clamp_min(1.0)
+
+
 class LossBase(nn.Module):
     """Base of all losses: mean over elements of pos_weight * positive term + negative term.
 
@@ -87,6 +119,7 @@ class LossBase(nn.Module):
     def __init__(self):
         super().__init__()
         self.drw_epoch = -1
+        self.nan_mask = False  # NaN targets are unannotated entries (set by build_loss)
         self.register_buffer("drw_weights", None, persistent=False)
         self.register_buffer("active_pos_weight", None, persistent=False)
 
@@ -104,15 +137,18 @@ class LossBase(nn.Module):
     def terms(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if logits.shape != targets.shape or logits.dim() != 2:
             raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be (B, C)")
         z = logits.float()
         y = targets.to(device=z.device, dtype=torch.float32)
+        y, m = annotation_mask(y, mask, self.nan_mask)
         pos, neg = self.terms(z, y)
         if self.active_pos_weight is not None:
             pos = pos * self.active_pos_weight.to(z.device)
-        return (pos + neg).mean()
+        if m is None:
+            return (pos + neg).mean()
+        return masked_mean(pos + neg, m)
 
 
 class BCELoss(LossBase):
@@ -230,7 +266,7 @@ class DBLoss(LossBase):
                  neg_scale: float, kappa: float, focal_gamma: float):
         super().__init__()
         n = _clamped_counts(counts)
-        N = max(int(num_samples), 1)
+        N = np.maximum(np.asarray(num_samples, dtype=np.float64), 1.0)  # an int, or annotated images per label
         if neg_scale <= 0:
             raise ConfigError(f"db_neg_scale must be > 0, got {neg_scale}")
         self.alpha, self.beta, self.mu = float(alpha), float(beta), float(mu)
@@ -264,7 +300,7 @@ class DBLoss(LossBase):
 def bce_pos_weights(counts, num_samples: int) -> np.ndarray:
     """(N - n_j) / n_j with both counts clamped to >= 1, clipped to [BCE_PW_MIN, BCE_PW_MAX]."""
     n = _clamped_counts(counts)
-    negatives = np.maximum(float(num_samples) - n, 1.0)
+    negatives = np.maximum(np.asarray(num_samples, dtype=np.float64) - n, 1.0)  # N: an int or (C,) annotated
     return np.clip(negatives / n, BCE_PW_MIN, BCE_PW_MAX)
 
 
@@ -283,10 +319,13 @@ LOSSES = {
 check_registry("loss", LOSSES)
 
 
-def build_loss(cfg: dict, class_counts: np.ndarray, num_samples: int, name: str | None = None) -> LossBase:
+def build_loss(cfg: dict, class_counts: np.ndarray, num_samples, name: str | None = None,
+               nan_mask: bool = False) -> LossBase:
     """The loss named `name` (default cfg["loss"]), parameterised by the training-fold counts.
 
-    class_counts: positives per label in the training fold (C,); num_samples: training images.
+    class_counts: positives per label in the training fold (C,); num_samples: training images
+    (int), or annotated training images per label ((C,) array: labelmask.annotated_counts). nan_mask: NaN
+    targets are unannotated entries (masked out of the loss).
     DRW is enabled from cfg drw_epoch (>= 0) with cfg drw_beta; call loss.set_epoch(e) each epoch.
     """
     name = cfg["loss"] if name is None else name
@@ -294,6 +333,7 @@ def build_loss(cfg: dict, class_counts: np.ndarray, num_samples: int, name: str 
         raise ConfigError(f"unknown loss '{name}' (choose one of: {', '.join(LOSSES)})")
     counts = _clamped_counts(class_counts)
     loss = LOSSES[name](cfg, counts, num_samples)
+    loss.nan_mask = bool(nan_mask)
     drw_epoch = int(cfg.get("drw_epoch", -1))
     if drw_epoch >= 0:
         if name in _CLASS_WEIGHTED:

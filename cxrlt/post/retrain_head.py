@@ -333,14 +333,16 @@ def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path,
     line per epoch to out_dir/metrics.jsonl.
     """
     from cxrlt.models.losses import build_loss
+    from cxrlt.data.labelmask import annotated_counts, has_unannotated
     from cxrlt.data.samplers import build_sampler
     from cxrlt.evaluation.selection import json_float
 
-    counts = y_tr.sum(0)
+    counts, annotated = annotated_counts(y_tr)  # over annotated entries (NaN = unannotated)
     start = starting_head(model.head, cfg["crt_reinit"], cfg["seed"])
     head = copy.deepcopy(start).to(device)
     # the head's loss re-balances through the sampler; the backbone run's DRW schedule does not apply
-    loss_fn = build_loss({**cfg, "drw_epoch": -1}, counts, len(y_tr), name=cfg["crt_loss"]).to(device)
+    loss_fn = build_loss({**cfg, "drw_epoch": -1}, counts, annotated, name=cfg["crt_loss"],
+                         nan_mask=has_unannotated(y_tr)).to(device)
     sampler = build_sampler(cfg["crt_sampler"], y_tr, cfg, seed=cfg["seed"])
     bs = min(cfg["crt_batch_size"], len(y_tr))
     steps_per_epoch = max(1, len(sampler) // bs)

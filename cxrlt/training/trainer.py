@@ -207,6 +207,11 @@ def run_train_key(cfg: dict) -> str:
         if not os.path.isfile(cfg["init_checkpoint"]):
             raise InputError(f"{cfg['init_checkpoint']}: init_checkpoint not found")
         train = _hex(f"{train}|{file_key(cfg['init_checkpoint'])}", 16)
+    if cfg["pseudo_labels"]:  # the soft labels and their images are inputs too
+        for path in (cfg["pseudo_labels"], os.path.join(cfg["pseudo_cache"], "manifest.json")):
+            if not os.path.isfile(path):
+                raise InputError(f"{path}: not found (pseudo_labels / pseudo_cache)")
+            train = _hex(f"{train}|{file_key(path)}", 16)
     return train
 
 
@@ -331,6 +336,8 @@ class Trainer:
         from cxrlt.models.losses import build_loss
         from cxrlt.models.model import build_model
         from cxrlt.data.samplers import build_sampler
+        from cxrlt.data.labelmask import annotated_counts, has_unannotated
+        from cxrlt.data.external import dataset_of_rows
 
         cfg = self.cfg
         # ---- data ----
@@ -342,9 +349,14 @@ class Trainer:
                              f"(folds are numbered from 0, FOLDS of them)")
         y_train = self.cache.targets(self.train_rows)
         self.y_val = self.cache.targets(self.val_rows)
-        self.class_counts = y_train.sum(0)
+        # positives / annotated images per label, over annotated entries only (NaN = unannotated)
+        self.class_counts, self.annotated = annotated_counts(y_train)
+        self.masked = has_unannotated(y_train)
         images = self.cache.images_path
         self.train_ds = CacheDataset(images, self.train_rows, y_train, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
+        self.pseudo = bool(cfg["pseudo_labels"])
+        if self.pseudo:  # soft labels of another cache's images beside the real ones (cxrlt/post/pseudo.py)
+            y_train = self._add_pseudo(y_train)
         # validation: each rank a strided share of the val rows, no padding, gathered afterwards
         my_val = np.arange(self.dist.rank, len(self.val_rows), self.dist.world)
         self.val_ds = CacheDataset(images, self.val_rows[my_val], self.y_val[my_val])
@@ -368,7 +380,7 @@ class Trainer:
         self.model = build_model(cfg, len(self.labels), labels=self.labels).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(cfg, self.class_counts, len(self.train_rows)).to(self.device)
+        self.loss_fn = build_loss(cfg, self.class_counts, self.annotated, nan_mask=self.masked).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
@@ -383,10 +395,34 @@ class Trainer:
         self.table: list[dict] = []  # score_row of every epoch so far (index = epoch): the epoch choice
         self.selection_keys = self._selection_keys(last)
         self.sets = val_sets(self.cache, self.val_rows, self.selection_keys)
+        self.val_datasets = dataset_of_rows(self.cache, self.val_rows)  # a multi-dataset cache: mAP per dataset
         if last is not None:
             self._load_last(last)
         self.selection = self._selection()
         self._write_run_json()
+
+    def _add_pseudo(self, y_real: np.ndarray) -> np.ndarray:
+        """Train on pseudo_cache's images with the soft labels of pseudo_labels too, weighted by
+        pseudo_weight in the loss and in the class counts -> the sampler's targets (real, then soft)."""
+        from cxrlt.data.cache import open_cache
+        from cxrlt.data.dataset import AugConfig, CacheDataset, WeightedConcat
+        from cxrlt.post.pseudo import read_soft_labels
+
+        cfg = self.cfg
+        if not cfg["pseudo_cache"]:
+            raise InputError(f"pseudo_labels {cfg['pseudo_labels']}: pseudo_cache (the cache of its images) is not set")
+        cache = open_cache(cfg["pseudo_cache"])
+        if cache.size != self.cache.size:
+            raise InputError(f"{cfg['pseudo_cache']}: images are {cache.size} px, the training cache's {self.cache.size} px")
+        rows, y_soft = read_soft_labels(cfg["pseudo_labels"], cache, self.labels)
+        w = float(cfg["pseudo_weight"])
+        soft_ds = CacheDataset(cache.images_path, rows, y_soft, aug=AugConfig.from_config(cfg), seed=cfg["seed"])
+        self.train_ds = WeightedConcat([(self.train_ds, 1.0), (soft_ds, w)])
+        self.class_counts = self.class_counts + w * y_soft.sum(0)
+        self.annotated = self.annotated + w * len(y_soft)
+        log.info(f"pseudo-labels: {len(rows)} images of {cfg['pseudo_cache']} with soft labels "
+                 f"({cfg['pseudo_labels']}), weight {w}")
+        return np.concatenate([y_real, y_soft])
 
     # ---- the epoch choice (module doc "Best epoch") --------------------------------------------
     def _selection_keys(self, last: dict | None) -> dict:
@@ -436,7 +472,17 @@ class Trainer:
                 "bad_epochs": self.bad_epochs, "selection": self.selection, "v": v,
                 "record": {"val_mAP": json_float(v["mAP"]), "val_mAUC": json_float(v["mAUC"]),
                            "val_proxy_mAP": json_float(row["proxy"]), "val_select_mAP": json_float(row[so]),
-                           "select_on": so, "val_honest_mAP": json_float(sel["honest"]), "best_epoch": self.best_epoch}}
+                           "select_on": so, "val_honest_mAP": json_float(sel["honest"]), "best_epoch": self.best_epoch,
+                           **self._by_dataset(p)}}
+
+    def _by_dataset(self, p: np.ndarray) -> dict:
+        """{"val_mAP_by_dataset": {dataset: mAP on its val images and the labels it annotates}} of a
+        multi-dataset cache; {} otherwise."""
+        if self.val_datasets is None:
+            return {}
+        return {"val_mAP_by_dataset": {d: json_float(score(self.y_val[self.val_datasets == d],
+                                                           p[self.val_datasets == d], auc=False)["mAP"])
+                                       for d in dict.fromkeys(self.val_datasets)}}
 
     def _selection(self, sel: dict | None = None) -> dict:
         """The run's "selection" summary (module doc): the best epoch's scores and the honest number."""
@@ -499,7 +545,8 @@ class Trainer:
             "config": dict(self.cfg), "labels": self.labels, "epoch": epoch, "step": self.step,
             "best_map": self.best_map, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "class_counts": [float(c) for c in self.class_counts], "cache": str(self.cache_dir),
-            "selection": self.selection, **self._run_state(),
+            "selection": self.selection, "init": dict(getattr(self.model, "init_info", {}) or {}),
+            **self._run_state(),
         }
 
     def _eval_model(self):
@@ -546,7 +593,7 @@ class Trainer:
         lr = self._set_lr()
         i = -1
         # zip takes the batch count first: the loader is never asked for a batch past the cap
-        for i, (x, y, _) in zip(range(self.batches_per_epoch), loader):
+        for i, (x, y, extra) in zip(range(self.batches_per_epoch), loader):
             wait += time.perf_counter() - t_wait
             x = x.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
@@ -558,7 +605,10 @@ class Trainer:
             with sync:
                 with autocast_ctx(dev, self.amp):
                     logits = self.forward(x)
-                loss = self.loss_fn(logits.float(), y)
+                if self.pseudo:  # per-sample weights (real 1, soft pseudo_weight) through the loss mask
+                    loss = self.loss_fn(logits.float(), y, mask=extra.to(dev, non_blocking=True)[:, None].expand_as(y))
+                else:
+                    loss = self.loss_fn(logits.float(), y)
                 (loss / self.accum).backward()
             loss = loss.detach()
             n_bad += ~torch.isfinite(loss)
@@ -651,8 +701,8 @@ class Trainer:
                  f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch, "
                  f"global batch {cfg['batch_size'] * self.dist.world * self.accum}")
         # chance level of macro AP = mean prevalence of the labels that have val positives
-        prev = self.y_val.mean(0)
-        chance = float(prev[self.y_val.sum(0) > 0].mean()) if len(self.y_val) else float("nan")
+        prev = np.nanmean(self.y_val, 0)
+        chance = float(prev[np.nansum(self.y_val, 0) > 0].mean()) if len(self.y_val) else float("nan")
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
         so = self.sets["select_on"]
         tracker = tracking.start(self.out, cfg, self.dist.is_main)
