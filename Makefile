@@ -8,7 +8,7 @@
 # CSV contents, the Make variables it uses). The stamps are written by cxrlt/pipeline/plan.py, which runs
 # at the start of every make (the rule for $(STATE)/vars.mk) and rewrites a stamp only when its
 # content changes. A stage that runs and finds its output already built from the same inputs only
-# touches it, so a second `make all` has nothing to do. README.md: "What re-runs when you change X".
+# touches it, so a second `make all` has nothing to do. docs/pipeline.md: "What re-runs when you change X".
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:

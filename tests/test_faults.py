@@ -305,7 +305,7 @@ def test_make_all_killed_mid_training_then_rerun_finishes(fx, ref_run, tmp_path)
     roots = {"CACHE_ROOT": tmp_path / "cache", "RUNS_ROOT": tmp_path / "runs", "SUB_DIR": tmp_path / "sub",
              "STATE": tmp_path / "state"}
     cache, runs, sub = roots["CACHE_ROOT"] / f"tiny_{SIZE}", roots["RUNS_ROOT"] / f"tiny_{SIZE}", roots["SUB_DIR"] / "tiny"
-    variables = [f"DATASET=tiny", f"TRAIN_CSV={fx['train_csv']}", f"IMAGE_DIR={fx['images']}",
+    variables = ["DATASET=tiny", f"TRAIN_CSV={fx['train_csv']}", f"IMAGE_DIR={fx['images']}",
                  f"TEST_CSV={fx['test_csv']}", f"REMOVAL_CSV={fx['removal']}", "TEST_LABELS=",
                  f"IMG_SIZE={SIZE}", "FOLDS=3", f"CONFIGS={fx['cfg']}", "NAME=tiny", "PREDICT_ARGS=--workers 0",
                  *(f"{k}={v}" for k, v in roots.items())]

@@ -39,7 +39,7 @@ def test_make_all_on_a_14_label_dataset_then_nothing_to_redo(tmp_path):
     (tmp_path / "nih.txt").write_text("\n".join(NIH_LABELS) + "\n")
     d = tmp_path / "data" / "nih"
     generate(d, n_train=120, n_test=20, seed=3, min_side=48, max_side=80, labels=NIH_LABELS, progress=False)
-    vars_ = [f"DATASET=nih", f"TRAIN_CSV={d}/train.csv", f"IMAGE_DIR={d}/images",
+    vars_ = ["DATASET=nih", f"TRAIN_CSV={d}/train.csv", f"IMAGE_DIR={d}/images",
              f"TEST_CSV={d}/CXRLT_2026_TEST_ALL_TASK1.csv", f"REMOVAL_CSV={d}/Removal.csv",
              f"TEST_LABELS={d}/test_labels.csv", "IMG_SIZE=32", "FOLDS=3", "NAME=nih",
              "CONFIGS=configs/demo.yaml", "TRAIN_ARGS=--epochs 1 --workers 0 --batch_size 16",

@@ -1,6 +1,6 @@
 """`make all` is always right: after each ordinary edit a participant makes, exactly the stages that
 read what changed re-run, the submission reflects the current inputs, and a further `make -n all`
-has nothing to do. One test per row of README's "What re-runs when you change X" table.
+has nothing to do. One test per row of docs/pipeline.md's "What re-runs when you change X" table.
 
 One tiny world (data, caches, a trained run, its submission) is built once per module with a real
 `make all`; every test works on a copy of it (`cp -a` keeps file times, so the copy is as up to
@@ -311,7 +311,7 @@ def test_image_dir_change_decodes_only_images_whose_file_changed(world, tmp_path
     assert world.path(OUTPUTS["model"]).read_bytes() == model  # nor retrained
     settled(world, IMAGE_DIR=str(images))
     # another folder where one training image is another picture: only it is decoded again (Make sees
-    # IMAGE_DIR; a file edited in place in the same folder needs `preprocess.py --force`, see README)
+    # IMAGE_DIR; a file edited in place in the same folder needs `preprocess.py --force`, see docs/pipeline.md)
     other = tmp_path / "images2"
     subprocess.run(["cp", "-a", str(images), str(other)], check=True)
     train = pd.read_csv(world.path("in/train.csv"), dtype=str)
@@ -352,7 +352,7 @@ def test_stage_outputs_are_refused_when_run_by_hand_on_other_inputs(world):
     p = world.make("-n", "all")  # the 32 px world is still complete
     assert p.returncode == 0
     env = dict(make_env())
-    q = subprocess.run([str(ROOT / ".venv/bin/python"), "predict.py", "--checkpoint", f"runs/tiny_16/tiny/crt/model.pt",
+    q = subprocess.run([str(ROOT / ".venv/bin/python"), "predict.py", "--checkpoint", "runs/tiny_16/tiny/crt/model.pt",
                         "--cache", f"data/cache/tiny_{SIZE}/train", "--split", "val", "--out", "x.csv"],
                        cwd=world.repo, env=env, capture_output=True, text=True, timeout=300)
     assert q.returncode == 2 and "size" in q.stderr and "Traceback" not in q.stderr

@@ -43,7 +43,6 @@ Runs in well under a second: no torch, no pandas; file hashes are cached by (pat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 from pathlib import Path
