@@ -86,16 +86,19 @@ def test_effective_number_weights():
     np.testing.assert_allclose(effective_number_weights(n, beta), raw / raw.mean(), rtol=1e-10)
     assert effective_number_weights(n, beta).mean() == pytest.approx(1.0)
     np.testing.assert_allclose(effective_number_weights(n, 0.0), 1.0)
-    # zero count is treated as one, never inf
+    # a zero count is never inf: it gets the neutral weight, and the others are normalised without it
     w = effective_number_weights(np.array([0, 1, 5]), 0.9999)
-    assert np.all(np.isfinite(w)) and w[0] == pytest.approx(w[1])
+    assert np.all(np.isfinite(w)) and w[0] == 1.0 and w[1:].mean() == pytest.approx(1.0)
 
 
 def test_class_balanced():
     beta = 0.999
-    n = np.maximum(COUNTS, 1).astype(float)
-    w = (1 - beta) / (1 - beta**n)
-    w = w / w.mean()
+    # normalised over the labels with a positive; the label without one keeps weight 1
+    seen = COUNTS > 0
+    n = COUNTS[seen].astype(float)
+    w = np.ones(len(COUNTS))
+    w[seen] = (1 - beta) / (1 - beta**n)
+    w[seen] /= w[seen].mean()
     ref = (w * bce_elems(Z, Y)).mean()
     assert run(build_loss(cfg(loss="cb", cb_beta=beta), COUNTS, N)) == pytest.approx(ref, rel=1e-5)
 
@@ -103,9 +106,10 @@ def test_class_balanced():
 def ldam_ref(z, y, counts, max_m, s):
     """LDAM as in the paper, on RAW scores z: BCE(s * (z - y * m_j)). The loss itself takes real
     logits (s * z, what the model's head returns), so the tests feed it s * Z."""
-    n = np.maximum(counts, 1).astype(float)
-    m = n ** -0.25
-    m = m * max_m / m.max()
+    seen = np.asarray(counts) > 0  # the rarest label WITH a positive gets max_m; one without, max_m too
+    m = np.full(len(counts), float(max_m))
+    m[seen] = np.asarray(counts, dtype=float)[seen] ** -0.25
+    m[seen] = m[seen] * max_m / m[seen].max()
     return bce_elems(s * (z - y * m), y), m
 
 
@@ -113,7 +117,7 @@ def test_ldam_per_class_margin():
     s, max_m = 5.0, 0.5
     loss = build_loss(cfg(loss="ldam", ldam_s=s, ldam_max_m=max_m), COUNTS, N)
     elems, m = ldam_ref(Z, Y, COUNTS, max_m, s)
-    assert m.max() == pytest.approx(max_m) and m[3] == pytest.approx(max_m)  # rarest label
+    assert m.max() == pytest.approx(max_m) and m[2] == pytest.approx(max_m)  # rarest label with a positive
     assert run(loss, s * Z) == pytest.approx(elems.mean(), rel=1e-5)
     # row 2 has three positives with different margins: each element uses its own class's margin
     assert run(loss, s * Z[2:3], Y[2:3]) == pytest.approx(elems[2].mean(), rel=1e-5)
@@ -204,3 +208,18 @@ def test_bf16_logits_are_upcast():
 def test_unknown_loss_name():
     with pytest.raises(ConfigError, match="unknown loss 'bogus'"):
         build_loss(cfg(), COUNTS, N, name="bogus")
+
+
+def test_a_label_without_training_positives_leaves_the_other_labels_margins_and_weights_alone():
+    import numpy as np
+
+    from cxrlt.models.losses import effective_number_weights, ldam_margins
+
+    counts = np.array([5000.0, 300.0, 12.0, 3.0])
+    with_empty = np.append(counts, 0.0)  # a label that no training image has
+    assert np.allclose(ldam_margins(with_empty, 0.5)[:4], ldam_margins(counts, 0.5))
+    assert ldam_margins(counts, 0.5).max() == 0.5
+    for beta in (0.999, 0.9999, 1.0):
+        w, w0 = effective_number_weights(counts, beta), effective_number_weights(with_empty, beta)
+        assert np.allclose(w0[:4], w), beta
+        assert w0[4] == 1.0 and np.isclose(w.mean(), 1.0)

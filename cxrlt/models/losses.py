@@ -29,8 +29,11 @@ effective-number weights (beta = cfg drw_beta, mean 1 over labels) from set_epoc
 on; before that the weights are 1. Negative terms always keep weight 1. cb, bce_pw and db
 already re-weight by class, so combining them with DRW is refused (ConfigError).
 
-Label counts come from the TRAINING fold; a label with no positive there is treated as having
-one (counts are clamped to >= 1) so that no weight or margin becomes inf/NaN.
+Label counts come from the TRAINING fold. A label with no positive there must not distort the
+others: LDAM margins and effective-number weights (CB, DRW) are normalised over the labels that
+have a positive; a label without one gets the neutral weight 1 and the largest margin max_m (it
+has no positive term the margin could act on). Per-label quantities (DB's prior, BCE pos_weight)
+clamp its count to 1 so that nothing becomes inf/NaN.
 
 Label masks. forward(logits, targets, mask=None) takes an optional (B, C) annotation mask (1 =
 annotated). A masked entry (mask 0, or a NaN target when the loss was built with nan_mask) adds
@@ -56,24 +59,37 @@ BCE_PW_MAX = 1000.0
 BCE_PW_MIN = 1e-3
 
 
-def _clamped_counts(counts) -> np.ndarray:
+def _checked_counts(counts) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size == 0:
         raise ValueError(f"class_counts must be a non-empty 1-D array, got shape {counts.shape}")
     if not np.all(np.isfinite(counts)) or np.any(counts < 0):
         raise ValueError("class_counts must be finite and >= 0")
-    return np.maximum(counts, 1.0)
+    return counts
+
+
+def _clamped_counts(counts) -> np.ndarray:
+    return np.maximum(_checked_counts(counts), 1.0)
 
 
 def effective_number_weights(counts, beta: float) -> np.ndarray:
     """w_j = (1 - beta) / (1 - beta^n_j) (inverse effective number), normalised to mean 1.
 
-    counts are clamped to >= 1. beta = 0 gives uniform weights; beta -> 1 tends to 1/n_j
-    (used exactly when beta >= 1).
+    The mean is taken over the labels with a positive; a label without one gets weight 1 (see
+    the module docstring). beta = 0 gives uniform weights; beta -> 1 tends to 1/n_j (used exactly
+    when beta >= 1).
     """
-    n = _clamped_counts(counts)
+    counts = _checked_counts(counts)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"effective-number beta must be in [0, 1], got {beta}")
+    seen = counts > 0
+    out = np.ones_like(counts)
+    if seen.any():
+        out[seen] = _effective_number(counts[seen], beta)
+    return out
+
+
+def _effective_number(n: np.ndarray, beta: float) -> np.ndarray:
     if beta >= 1.0:
         w = 1.0 / n
     elif beta == 0.0:
@@ -217,9 +233,14 @@ class ClassBalancedLoss(BCELoss):
 
 
 def ldam_margins(counts, max_m: float) -> np.ndarray:
-    """m_j = max_m * (n_min / n_j)^(1/4): proportional to n_j^(-1/4), rarest label gets max_m."""
-    n = _clamped_counts(counts)
-    return max_m * (n.min() / n) ** 0.25
+    """m_j = max_m * (n_min / n_j)^(1/4): proportional to n_j^(-1/4), the rarest label with a
+    positive gets max_m (n_min over labels with a positive; a label without one gets max_m)."""
+    n = _checked_counts(counts)
+    seen = n > 0
+    m = np.full_like(n, float(max_m))
+    if seen.any():
+        m[seen] = max_m * (n[seen].min() / n[seen]) ** 0.25
+    return m
 
 
 class LDAMLoss(LossBase):
@@ -304,7 +325,7 @@ def bce_pos_weights(counts, num_samples: int) -> np.ndarray:
     return np.clip(negatives / n, BCE_PW_MIN, BCE_PW_MAX)
 
 
-# cfg loss -> (cfg, clamped positive counts per label, training images) -> the loss; its names are
+# cfg loss -> (cfg, positive counts per label, training images) -> the loss; its names are
 # config.LOSS_NAMES
 LOSSES = {
     "bce": lambda cfg, counts, n: BCELoss(),
@@ -331,7 +352,7 @@ def build_loss(cfg: dict, class_counts: np.ndarray, num_samples, name: str | Non
     name = cfg["loss"] if name is None else name
     if name not in LOSSES:
         raise ConfigError(f"unknown loss '{name}' (choose one of: {', '.join(LOSSES)})")
-    counts = _clamped_counts(class_counts)
+    counts = _checked_counts(class_counts)
     loss = LOSSES[name](cfg, counts, num_samples)
     loss.nan_mask = bool(nan_mask)
     drw_epoch = int(cfg.get("drw_epoch", -1))
