@@ -146,7 +146,8 @@ $(STATE)/vars.mk: FORCE | $(VENV)/.installed
 		--stamp='$(DATASET)_zeroshot=$(subst ','\'',$(ZS_INPUTS))' \
 		--stamp-inputs='$(DATASET)_zeroshot=$(ZS_PROMPTS) $(TASK2_LABEL_SET)' \
 		--stamp-inputs='$(NAME)_score=$(TEST_LABELS)' --stamp-inputs='$(NAME)_task2_score=$(TASK2_LABELS)' \
-		--study='$(STUDY_PLAN)' $(DRY_RUN)
+		--study='$(STUDY_PLAN)' $(DRY_RUN) \
+		--explicit='$(foreach v,TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV,$(if $(filter command line environment environment override,$(origin $(v))),$(v)))'
 
 FORCE:
 

@@ -179,3 +179,36 @@ def test_make_clean_removes_the_state_and_never_outputs(tmp_path):
                         f"RUNS_ROOT={runs}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert not state.exists() and (runs / "x").is_dir()
+
+
+@pytest.mark.parametrize("var, attr, expect", [
+    ("REMOVAL_CSV", "removal_csv", "REMOVAL_CSV={p}: no such file; check the path (or leave it empty"),
+    ("TEST_CSV", "test_csv", "TEST_CSV={p}: no such file"),
+    ("TRAIN_CSV", "train_csv", "TRAIN_CSV={p}: no such file"),
+    ("IMAGE_DIR", "image_dir", "IMAGE_DIR={p}: no such folder"),
+])
+def test_a_path_variable_the_user_set_must_exist_before_any_stamp(setup, var, attr, expect):
+    typo = setup / "Removel.csv"
+    with pytest.raises(InputError) as e:
+        run_plan(setup, explicit=var, **{attr: typo})
+    assert str(e.value).startswith(expect.format(p=typo))
+    assert not (setup / ".make").exists()  # nothing written
+    run_plan(setup, **{attr: typo} if var == "REMOVAL_CSV" else {})  # a default that does not exist: not given
+
+
+def test_a_test_list_without_an_imageid_column_is_refused_up_front(setup):
+    (setup / "test.csv").write_text("Image Index,Finding Labels\n00000001_000.png,Mass\n")
+    with pytest.raises(InputError, match=r"TEST_CSV=.*test.csv: row 1 has no 'ImageID' column \(found: Image Index"):
+        run_plan(setup)
+    assert not (setup / ".make").exists()
+
+
+def test_make_stops_on_a_mistyped_removal_csv_before_any_stage(tmp_path):
+    import subprocess
+
+    from conftest import ROOT
+
+    p = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "-n", "all", f"STATE={tmp_path}/s",
+                        f"REMOVAL_CSV={tmp_path}/Removel.csv"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and f"REMOVAL_CSV={tmp_path}/Removel.csv: no such file" in p.stderr
+    assert "preprocess.py" not in p.stdout

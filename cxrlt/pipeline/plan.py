@@ -43,6 +43,7 @@ Runs in well under a second: no torch, no pandas; file hashes are cached by (pat
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shlex
 from pathlib import Path
@@ -214,6 +215,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", default="")
     for name in ("train-args", "predict-args", "preprocess-args"):
         p.add_argument(f"--{name}", default="")
+    p.add_argument("--explicit", default="", metavar="VARS",
+                   help="the path variables the user set (Make's origin: command line or environment): each "
+                        "must name an existing file or folder")
     p.add_argument("--dry-run", action="store_true",
                    help="make -n: stamps changed now get their old time back when a later plan restores them")
     p.add_argument("--stamp", action="append", default=[], metavar="NAME=TEXT",
@@ -234,8 +238,35 @@ SINGLE_WORD = {"dataset": "DATASET", "name": "NAME", "train_csv": "TRAIN_CSV", "
 OPTIONAL_FILES = {"meta_csv": "META_CSV", "labels_file": "LABELS_FILE", "test_labels": "TEST_LABELS"}
 
 
+# path variables with a default: a default that does not exist is "not given" (e.g. no Removal.csv),
+# a value the user typed must exist (a typo must not silently drop the removal list)
+EXPLICIT_PATHS = {"TRAIN_CSV": ("train_csv", "file"), "TEST_CSV": ("test_csv", "file"),
+                  "REMOVAL_CSV": ("removal_csv", "file"), "IMAGE_DIR": ("image_dir", "folder")}
+
+
+def _check_test_list_header(path: str) -> None:
+    """The test list is read by the last stages: a wrong file is refused before any stage runs."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    if "ImageID" not in [h.strip() for h in header]:
+        found = ", ".join(header[:5]) or "an empty file"
+        raise InputError(f"TEST_CSV={path}: row 1 has no 'ImageID' column (found: {found}); TEST_CSV is the list "
+                         f"of images to predict")
+
+
 def check_variables(a: argparse.Namespace) -> None:
     """Refuse, in one line naming the variable, a Make variable that no stage could use."""
+    for var in a.explicit.split():
+        if var not in EXPLICIT_PATHS:
+            continue
+        attr, kind = EXPLICIT_PATHS[var]
+        value = getattr(a, attr)
+        exists = os.path.isfile(value) if kind == "file" else os.path.isdir(value)
+        if value and not exists:
+            optional = " (or leave it empty to go without it)" if var == "REMOVAL_CSV" else ""
+            raise InputError(f"{var}={value}: no such {kind}; check the path{optional}")
+    if a.test_csv and os.path.isfile(a.test_csv):
+        _check_test_list_header(a.test_csv)
     if not str(a.img_size).isdigit() or int(a.img_size) < 8:
         raise InputError(f"IMG_SIZE={a.img_size}: expected a whole number of pixels >= 8")
     for attr, (var, allowed) in ENUM_VARIABLES.items():
