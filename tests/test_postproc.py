@@ -137,3 +137,23 @@ def test_apply_matches_the_grid_scores_and_the_choice_round_trips(tmp_path):
     assert params.as_dict() == res["choice"] and set(config.POSTPROC_KEYS) == set(res["choice"])
     q = P.apply(p, keys, LABELS, None, params)
     assert macro_map(keys.y, q)[0] == pytest.approx(res["chosen"]["full"])
+
+
+@pytest.mark.parametrize("gain, applied", [(-0.01, False), (0.0, False), (0.02, True)])
+def test_the_best_grid_point_is_applied_only_when_its_honest_gain_is_positive(monkeypatch, gain, applied):
+    from cxrlt.evaluation import selection
+
+    keys, p = _pairs_problem(np.random.default_rng(0))
+    sets = val_sets_from_keys(keys, LABELS, {"select_on": "full"})
+    real = selection.cross_fit
+
+    def fake(n, predict, y, sets):  # the real table, a chosen non-default point, the given honest gain
+        sel = real(n, predict, y, sets)
+        return {**sel, "choice": n - 1, "honest_gain": gain, "honest": 0.5 + gain}
+
+    monkeypatch.setattr(selection, "cross_fit", fake)
+    res = P.choose_postproc(p, keys, LABELS, None, sets)
+    best = [g for g in P.grid(LABELS) if g.patient_context_weight == 0][-1].as_dict()  # no context here
+    assert res["best"] == best and res["kept_raw"] is (not applied)
+    assert res["choice"] == (best if applied else P.grid(LABELS)[0].as_dict())
+    assert ("raw predictions are kept" in P.summary_line(res)) is (not applied)

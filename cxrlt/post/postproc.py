@@ -26,9 +26,11 @@ whole prediction set, so pooling sees only the subset's images, like the test li
 
 `<pred_val.csv>.postproc.json` (written by predict.py --split val; its "choice" is read by
 config.load_postproc for --postproc-from):
-  {"choice": {normal_gating_alpha, study_pool_weight, patient_context_weight},
-   "chosen": {full, proxy, half_a, half_b, halves}  (val mAP of the choice on each subset; halves:
-   its halves-basis score, cxrlt/evaluation/selection.py), "raw": the same for no post-processing,
+  {"choice": {normal_gating_alpha, study_pool_weight, patient_context_weight} (what is applied: the
+   best grid point when its honest gain is positive, else the no-op, "kept_raw": true),
+   "chosen": {full, proxy, half_a, half_b, halves}  (val mAP of the applied choice on each subset;
+   halves: its halves-basis score, cxrlt/evaluation/selection.py), "best" / "best_scores": the grid
+   point that won on the selection set and its scores, "raw": the same for no post-processing,
    "honest": the selection-set mAP the whole choice procedure is worth, cross-fitted (raw's mAP
    on the selection set + "honest_gain": half B scored with the choice made on half A and vice
    versa, minus raw, on the halves basis), "select_on", "sets" {subset: n images},
@@ -185,7 +187,13 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
 
     sel = cross_fit(len(points), predict, keys.y, sets)
     table = [{**g.as_dict(), **public_row(row)} for g, row in zip(points, sel["table"])]
-    return {"choice": points[sel["choice"]].as_dict(), "chosen": _scores(table[sel["choice"]]),
+    # the best grid point is applied only when the honest (cross-fitted) estimate says the choice
+    # procedure gains: a choice that wins on the selection set by chance would cost on the test list
+    kept_raw = sel["choice"] != 0 and not sel["honest_gain"] > 0
+    applied = 0 if kept_raw else sel["choice"]
+    return {"choice": points[applied].as_dict(), "chosen": _scores(table[applied]),
+            "best": points[sel["choice"]].as_dict(), "best_scores": _scores(table[sel["choice"]]),
+            "kept_raw": kept_raw,
             "raw": _scores(table[0]), "honest": sel["honest"], "honest_gain": sel["honest_gain"],
             "select_on": sets["select_on"], "describe": sets["describe"],
             "sets": {"full": len(sets["full"]), "proxy": len(sets["proxy"]), "half_a": len(sets["halves"][0]),
@@ -200,10 +208,14 @@ def _scores(row: dict) -> dict:
 
 def summary_line(res: dict) -> str:
     """One line: raw vs chosen on full / proxy, and the honest numbers."""
-    c, r = res["chosen"], res["raw"]
-    ch = res["choice"]
+    c, r = res["best_scores"], res["raw"]
+    ch = res["best"]
     ch = (f"gating alpha {ch['normal_gating_alpha']:g}, study pooling {ch['study_pool_weight']:g}, "
           f"patient context {ch['patient_context_weight']:g}")
-    return (f"post-processing chosen on {res['select_on']}: {ch} | val mAP full {r['full']:.4f} -> {c['full']:.4f}, "
+    line = (f"post-processing chosen on {res['select_on']}: {ch} | val mAP full {r['full']:.4f} -> {c['full']:.4f}, "
             f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted on {res['select_on']}) "
             f"{r[res['select_on']]:.4f} -> {res['honest']:.4f}")
+    if res["kept_raw"]:
+        line += (f" | honest gain {res['honest_gain']:+.4f} is not positive: the raw predictions are kept "
+                 f"(no post-processing)")
+    return line
