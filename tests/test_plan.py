@@ -212,3 +212,16 @@ def test_make_stops_on_a_mistyped_removal_csv_before_any_stage(tmp_path):
                         f"REMOVAL_CSV={tmp_path}/Removel.csv"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and f"REMOVAL_CSV={tmp_path}/Removel.csv: no such file" in p.stderr
     assert "preprocess.py" not in p.stdout
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_an_init_from_cycle_is_refused_naming_the_configs(setup, pair):
+    a = setup / "a.yaml"
+    b = setup / "b.yaml"
+    a.write_text(with_values(setup / "demo.yaml", init_from="b" if pair else "a"))
+    b.write_text(with_values(setup / "demo.yaml", init_from="a"))
+    configs = f"{a} {b}" if pair else str(a)
+    loop = f"{a} -> {b} -> {a}" if pair else f"{a} -> {a}"
+    with pytest.raises(InputError, match=f"init_from forms a cycle \\({loop}\\)"):
+        run_plan(setup, configs=configs)
+    assert not (setup / ".make").exists()

@@ -77,6 +77,19 @@ def file_content(path) -> str | None:
     return file_key(path) if path and os.path.isfile(path) else None
 
 
+def _check_init_chain(stem: str, cfgs: dict, files: dict) -> None:
+    """init_from must lead to a config that starts from pretrained weights, never back to itself."""
+    chain, cur = [stem], str(cfgs[stem].get("init_from", "") or "")
+    while cur and cur in cfgs:
+        if cur in chain:
+            loop = " -> ".join(files[s] for s in chain[chain.index(cur):] + [cur])
+            raise InputError(f"{files[stem]}: init_from forms a cycle ({loop}): each run would start from "
+                             f"another that is not trained yet; one config of the chain must start from "
+                             f"pretrained weights (no init_from)")
+        chain.append(cur)
+        cur = str(cfgs[cur].get("init_from", "") or "")
+
+
 def test_list_key(test_csv, meta_csv) -> str:
     """Names the test cache of a test list: the contents of the list and of META_CSV (not their
     paths or times); `none` when there is no test list."""
@@ -147,6 +160,7 @@ def plan(a: argparse.Namespace) -> list[str]:
         if init and init not in cfgs:
             raise InputError(f"{files[stem]}: init_from '{init}' is not one of CONFIGS ({' '.join(stems)}): "
                              f"add its config to CONFIGS so that its run is trained first")
+        _check_init_chain(stem, cfgs, files)
         # the first config with exactly this training owns the run; later ones reuse its backbone
         training = json_key({"train": config_mod.train_part(cfg), "size": size, "init": init})
         bases[stem] = owner.setdefault(training, stem)
