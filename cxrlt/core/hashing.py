@@ -6,6 +6,7 @@ the same thing is hashed:
 
     json_key(obj)   16 hex digits of a JSON-serialisable value (dict order does not matter)
     text_key(text)  16 hex digits of a string
+    bytes_key(data) / file_digest(path)   16 hex digits of bytes in memory / of a file read now
     file_key(path)  16 hex digits of a file's CONTENT (never its path or time), cached in a
                     sidecar `.<name>.sha256` beside the file and trusted while the file's size and
                     mtime_ns are unchanged: a multi-GB checkpoint or a 50 MB CSV is read once, and
@@ -41,7 +42,9 @@ def bytes_key(data) -> str:
     return hashlib.sha256(data).hexdigest()[:KEY_HEX]
 
 
-def _file_digest(path) -> str:
+def file_digest(path) -> str:
+    """A file's content key read now, streamed, with no sidecar (equals bytes_key of its bytes):
+    for files in folders that are the user's (image folders, often read-only)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
@@ -64,7 +67,7 @@ def file_key(path) -> str:
             return digest
     except (OSError, ValueError):
         pass
-    digest = _file_digest(path)
+    digest = file_digest(path)
     try:  # a cache, not a result: a read-only folder just means hashing again next time
         write_text(side, f"{stamp} {digest}")
     except OSError:

@@ -58,7 +58,7 @@ from cxrlt.data.cache import CACHE_VERSION, partial_dir
 from cxrlt.data.decode_pool import DecodePool
 from cxrlt.core.errors import InputError
 from cxrlt.core.fileio import output_lock, write_json, write_text
-from cxrlt.core.hashing import bytes_key, file_key, json_key
+from cxrlt.core.hashing import file_digest, file_key, json_key
 from cxrlt.data.splits import assign_folds
 from cxrlt.data.tables import INDEX_FIXED_COLUMNS, NON_LABEL_COLUMNS, read_id_list, read_meta_csv, read_training_csv
 
@@ -605,7 +605,7 @@ def _pixel_sources(stores: list[_Store], files: _Files, need: np.ndarray) -> tup
         to_hash = np.unique(probe.merge(same_size, on=["ImageID", "bytes"])["line"].to_numpy())
         for i in tqdm(to_hash, unit="img", desc="hash moved files", dynamic_ncols=True, disable=len(to_hash) < 100):
             try:
-                files.keys[i] = int(file_key_uncached(files.paths[i]), 16)
+                files.keys[i] = int(file_digest(files.paths[i]), 16)  # = the worker's bytes_key
             except OSError:
                 pass  # unreadable now: decoding reports it
         match(["ImageID", "bytes", "key"], to_hash)
@@ -630,13 +630,6 @@ def _copy_pixels(partial: Path, done: np.ndarray, keys: np.ndarray, stores: list
     del images
     _save_done(partial, done, keys)
     return len(lines)
-
-
-def file_key_uncached(path) -> str:
-    """The content key of an image file, as the decode worker computes it from the bytes it reads
-    (no sidecar: image folders are the user's, often read-only)."""
-    with open(path, "rb") as f:
-        return bytes_key(f.read())
 
 
 # ---- the partial folder -----------------------------------------------------------------------------
