@@ -3,7 +3,7 @@ import pytest
 from cxrlt.core import config
 from cxrlt.core.errors import ConfigError
 
-CONFIGS = ["paper_ldam_drw", "winner_db_cas", "bce", "asl", "demo"]
+CONFIGS = ["paper_ldam_drw", "db_cas_csra", "bce", "asl", "demo"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -21,7 +21,7 @@ def test_paper_config_is_the_paper_recipe():
 
 
 def test_winner_config():
-    cfg = config.resolve(["configs/winner_db_cas.yaml"])
+    cfg = config.resolve(["configs/db_cas_csra.yaml"])
     assert (cfg["loss"], cfg["sampler"], cfg["head"], cfg["ema"]) == ("db", "class_aware", "csra", True)
 
 

@@ -321,7 +321,7 @@ def test_one_epoch_of_the_winners_recipe(demo_cache, tmp_path):
     # CSRA head + distribution-balanced loss + class-aware sampling + EMA + head warm-up + clipping
     from cxrlt.core import config
 
-    cfg = config.resolve(["configs/winner_db_cas.yaml"], dict(model="test_convnext", pretrained=False, epochs=1,
+    cfg = config.resolve(["configs/db_cas_csra.yaml"], dict(model="test_convnext", pretrained=False, epochs=1,
                                                              batch_size=16, workers=0, device="cpu", ema_decay=0.9))
     out = tmp_path / "run"
     res = train(cfg, str(demo_cache), str(out))

@@ -57,20 +57,32 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "db_neg_scale": (2.0, float, "DB loss: negative-tolerant lambda"),
     "db_init_bias": (0.05, float, "DB loss: kappa (bias init scale)"),
     "db_focal_gamma": (2.0, float, "DB loss: focal gamma (0 = off)"),
+    "margin_bce_max_m": (0.2, float, "margin_bce: positive-logit margin of the most frequent label"),
+    "margin_bce_power": (0.5, float, "margin_bce: exponent of the effective-number weight (cb_beta) on both terms"),
     # --- sampling ----------------------------------------------------------------------
     "sampler": ("instance", str, "training sampler (cxrlt/data/samplers.py)"),
     "rfs_threshold": (0.001, float, "repeat-factor sampling threshold t"),
+    "rfs_cap": (0.0, float, "repeat-factor sampling: cap on an image's repeat factor (0 = none; the 2026 winner: 10)"),
+    "rfs_frequency": ("image", str, "repeat-factor f_c: image (fraction of images with the label, LVIS) | "
+                                    "label_share (n_c / sum of all labels' n, the 2026 winner's code)"),
+    "rfs_rounding": ("stochastic", str, "repeat-factor rounding: stochastic (floor + Bernoulli of the fraction, "
+                                        "new each epoch) | round (round(r), as the 2026 winner's code)"),
+    "rfs_epoch": ("fixed", str, "repeat-factor epoch: fixed (N images) | expanded (every repeat: sum of r images)"),
+    "train_projections": ("all", str, "train on all images | frontal ones only (needs META_CSV; the test set is frontal)"),
     # --- optimisation ------------------------------------------------------------------
     "epochs": (15, int, "training epochs"),
     "batch_size": (32, int, "batch size per process"),
     "lr": (1e-4, float, "peak learning rate (backbone)"),
     "head_lr": (0.0, float, "head learning rate (0 = same as lr)"),
     "weight_decay": (1e-5, float, "AdamW weight decay"),
+    "head_weight_decay": (-1.0, float, "AdamW weight decay of the head (-1 = weight_decay)"),
     "warmup_epochs": (1.0, float, "linear warm-up length in epochs"),
     "min_lr": (1e-6, float, "cosine schedule floor"),
     "grad_clip": (0.0, float, "clip gradient norm (0 = off)"),
     "accum_steps": (1, int, "gradient accumulation steps"),
     "head_warmup_epochs": (0, int, "first epochs train the head only (backbone frozen)"),
+    "head_warmup_lr": (0.0, float, "> 0: the head-only epochs are a phase of their own at this constant head LR; "
+                                   "warm-up, cosine and EMA start after them (the 2026 winner's code). 0: one schedule"),
     "amp": (True, bool, "mixed precision (bf16) on GPU; always fp32 on CPU"),
     "channels_last": (True, bool, "channels_last memory format on GPU"),
     "compile": (False, bool, "torch.compile the model"),
@@ -147,6 +159,11 @@ RANGES: dict[str, str] = {
     "db_init_bias": ">= 0",
     "db_focal_gamma": ">= 0",
     "rfs_threshold": "(0, 1]",
+    "rfs_cap": ">= 0",
+    "margin_bce_max_m": "[0, 10]",
+    "margin_bce_power": "[0, 4]",
+    "head_weight_decay": ">= -1",
+    "head_warmup_lr": ">= 0",
     "epochs": ">= 1",
     "batch_size": ">= 1",
     "lr": "> 0",
@@ -184,6 +201,11 @@ RANGES: dict[str, str] = {
 RELATIONS: list[tuple[tuple[str, ...], object, str]] = [
     (("min_lr", "lr"), lambda c: c["min_lr"] <= c["lr"],
      "min_lr is above lr: the cosine schedule would rise instead of decay"),
+    (("head_warmup_lr", "head_warmup_epochs"), lambda c: c["head_warmup_lr"] == 0 or c["head_warmup_epochs"] > 0,
+     "head_warmup_lr sets the LR of the head-only epochs, but head_warmup_epochs is 0"),
+    (("head_warmup_lr", "head_warmup_epochs", "epochs"),
+     lambda c: c["head_warmup_lr"] == 0 or c["head_warmup_epochs"] < c["epochs"],
+     "the separate head phase (head_warmup_lr) takes every epoch: raise epochs above head_warmup_epochs"),
 ]
 
 # String keys whose values follow a pattern (the help text says which).
@@ -211,9 +233,21 @@ def group(key: str) -> str:
     return "post" if key in POST_KEYS else "run" if key in RUN_KEYS else "train"
 
 
+# Train keys added after runs existed, with the value that reproduces what runs did before the
+# key: a key at that value is left out of train_part, so adding a key never retrains finished
+# runs (their train keys stay the same). Only a key whose default IS that value may be listed.
+LATER_KEYS = {
+    "rfs_cap": 0.0, "rfs_frequency": "image", "rfs_rounding": "stochastic", "rfs_epoch": "fixed",
+    "train_projections": "all", "margin_bce_max_m": 0.2, "margin_bce_power": 0.5,
+    "head_weight_decay": -1.0, "head_warmup_lr": 0.0,
+}
+
+
 def train_part(cfg: dict) -> dict:
-    """The keys of cfg that the trained weights depend on (group 'train'), sorted."""
-    return {k: cfg[k] for k in sorted(cfg) if group(k) == "train"}
+    """The keys of cfg that the trained weights depend on (group 'train'), sorted; LATER_KEYS
+    at their neutral value left out."""
+    return {k: cfg[k] for k in sorted(cfg)
+            if group(k) == "train" and not (k in LATER_KEYS and cfg[k] == LATER_KEYS[k])}
 
 
 def train_key(cfg: dict, exclude=EXTENDABLE_KEYS) -> str:
@@ -231,9 +265,9 @@ ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", 
 # not read from those modules, because those import torch and this module must not: Make's plan
 # (cxrlt/pipeline/plan.py) checks every config at parse time, in well under a second.
 HEAD_NAMES = ("linear", "cosine", "csra")
-LOSS_NAMES = ("bce", "bce_pw", "focal", "asl", "cb", "ldam", "db")
+LOSS_NAMES = ("bce", "bce_pw", "focal", "asl", "cb", "ldam", "db", "margin_bce")
 SAMPLER_NAMES = ("instance", "class_aware", "repeat_factor")
-TTA_NAMES = ("none", "flip", "flip_scale", "medium")
+TTA_NAMES = ("none", "flip", "flip_scale", "medium", "released_medium")
 ENSEMBLE_METHODS = ("mean", "rank", "weighted", "greedy")  # ensemble.py --method, Make's ENSEMBLE
 
 # key -> its allowed values; --help lists them after the key's help text
@@ -249,6 +283,10 @@ CHOICES = {
     "crt_feature_cache": ("auto", "float32", "float16", "off"),
     "in_chans": (1, 3),
     "select_on": ("auto", "proxy", "full"),
+    "rfs_frequency": ("image", "label_share"),
+    "rfs_rounding": ("stochastic", "round"),
+    "rfs_epoch": ("fixed", "expanded"),
+    "train_projections": ("all", "frontal"),
 }
 # keys whose value is a comma-separated list of CHOICES
 LIST_CHOICES = {"logger": ("none", "tensorboard", "wandb", "mlflow")}

@@ -111,6 +111,21 @@ class Cache:
             keep &= folds != exclude_fold
         return self.index["row"].to_numpy(dtype=np.int64)[keep]
 
+    def training_rows(self, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(train rows, val rows) of a run: the training split without / with cfg val_fold. With
+        cfg train_projections "frontal" the TRAINING rows keep frontal images only (the val rows
+        stay whole: selection has its own frontal proxy); it needs known projections (META_CSV)."""
+        train = self.rows("train", exclude_fold=cfg["val_fold"])
+        val = self.rows("train", fold=cfg["val_fold"])
+        if cfg.get("train_projections", "all") == "frontal":
+            if not self.has_projection:
+                raise InputError(f"{self.path}/index.csv: train_projections frontal needs the images' "
+                                 f"projections, which this cache does not know (set META_CSV)")
+            train = train[self.frontal(train)]
+            if len(train) == 0:
+                raise InputError(f"{self.path}/index.csv: train_projections frontal leaves no training image")
+        return train, val
+
     def targets(self, rows) -> np.ndarray:
         """float32 (len(rows), C) labels (NaN for test rows)."""
         return self._y[self._lines(rows)]

@@ -22,6 +22,12 @@ Names (cfg["loss"] or the `name` argument of build_loss):
           loss = BCE(z - y * s * m_j, y), i.e. BCE(s * (r - y * m_j), y), with margins
           m_j ~ n_j^(-1/4), the rarest label's m = cfg ldam_max_m (applied in logit units)
   db      distribution-balanced loss (Wu et al. 2020), see DBLoss
+  margin_bce  the CXR-LT 2026 winner's released loss (github hieuphamha19/CXR_LT, named "DB" there
+          but neither DB's re-balancing nor its negative-tolerant term): BCE(z - y * m_j, y) with
+          a positive margin m_j that is LARGER for frequent labels, m_j = max_m * (u_j - u_min) /
+          (u_max - u_min), u_j = 1 / w_j, and both terms of label j weighted by w_j^power, w_j the
+          effective-number weight (beta = cfg cb_beta, mean 1); max_m = cfg margin_bce_max_m,
+          power = cfg margin_bce_power (released: 0.2 and 0.5, beta 0.9999)
 
 DRW (deferred re-weighting, Cao et al. 2019) is generic: when cfg drw_epoch >= 0 the positive
 terms of every loss without its own class weighting (bce, focal, asl, ldam) are multiplied by
@@ -54,7 +60,7 @@ from cxrlt.core.config import check_registry
 from cxrlt.core.errors import ConfigError
 
 # losses whose own definition already weights each label by its frequency
-_CLASS_WEIGHTED = {"bce_pw", "cb", "db"}
+_CLASS_WEIGHTED = {"bce_pw", "cb", "db", "margin_bce"}
 BCE_PW_MAX = 1000.0
 BCE_PW_MIN = 1e-3
 
@@ -277,7 +283,11 @@ class DBLoss(LossBase):
     (lambda = cfg db_neg_scale). Sign: the shift LOWERS a rare label's effective logit, so its
     negatives are already near zero loss and stop suppressing it, which is the point of the
     regulariser (this is also the sign of the authors' released code, which adds the bias).
-    We use one shift for both terms, as in the paper's formula.
+    We use one shift for both terms, as in the paper's formula. Mapping to the released code
+    (github wutong16/DistributionBalancedLoss, ResampleLoss): it computes the shift as
+    -log(1/p - 1) * init_bias / neg_scale, i.e. divides kappa by lambda; ours does not, so its
+    (init_bias, neg_scale) = (0.05, 2.0) is our (db_init_bias, db_neg_scale) = (0.025, 2.0):
+    db_init_bias = released init_bias / neg_scale.
     Optional focal modulation (cfg db_focal_gamma > 0): each term is multiplied by (1 - p_t)^g
     with p_t = sigmoid(z') for positives and sigmoid(-lambda z') for negatives. The constant
     "balance" factor of the released code is left out (it only rescales the loss).
@@ -318,6 +328,37 @@ class DBLoss(LossBase):
         return w * pos, w * neg
 
 
+def margin_bce_margins(counts, beta: float, max_m: float) -> np.ndarray:
+    """m_j = max_m * min-max-normalised 1 / w_j (w: effective-number weights): max_m for the most
+    frequent label, 0 for the rarest, over the labels with a positive (a label without one gets
+    0: it has no positive term). All labels equally frequent: 0 everywhere."""
+    n = _checked_counts(counts)
+    seen = n > 0
+    m = np.zeros_like(n)
+    if seen.sum() > 1:
+        u = 1.0 / effective_number_weights(n, beta)[seen]
+        span = u.max() - u.min()
+        if span > 0:
+            m[seen] = max_m * (u - u.min()) / span
+    return m
+
+
+class MarginBCELoss(LossBase):
+    """BCE(z - y * m_j, y), both terms weighted by w_j^power (module docstring: margin_bce)."""
+
+    def __init__(self, counts, beta: float, max_m: float, power: float):
+        super().__init__()
+        w = effective_number_weights(counts, beta) ** float(power)
+        self.register_buffer("margins", torch.tensor(margin_bce_margins(counts, beta, max_m), dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("class_weight", torch.tensor(w, dtype=torch.float32), persistent=False)
+
+    def terms(self, z, y):
+        zs = z - y * self.margins.to(z.device)
+        w = self.class_weight.to(z.device)
+        return w * y * F.softplus(-zs), w * (1 - y) * F.softplus(zs)
+
+
 def bce_pos_weights(counts, num_samples: int) -> np.ndarray:
     """(N - n_j) / n_j with both counts clamped to >= 1, clipped to [BCE_PW_MIN, BCE_PW_MAX]."""
     n = _clamped_counts(counts)
@@ -336,6 +377,8 @@ LOSSES = {
     "ldam": lambda cfg, counts, n: LDAMLoss(counts, cfg["ldam_max_m"], cfg["ldam_s"]),
     "db": lambda cfg, counts, n: DBLoss(counts, n, cfg["db_alpha"], cfg["db_beta"], cfg["db_mu"], cfg["db_neg_scale"],
                                         cfg["db_init_bias"], cfg["db_focal_gamma"]),
+    "margin_bce": lambda cfg, counts, n: MarginBCELoss(counts, cfg["cb_beta"], cfg["margin_bce_max_m"],
+                                                       cfg["margin_bce_power"]),
 }
 check_registry("loss", LOSSES)
 

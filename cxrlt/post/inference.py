@@ -16,6 +16,11 @@ normalisation), so a view costs one forward pass and nothing on the CPU:
     flip        identity, horizontal flip
     flip_scale  identity, flip, zoom-in 1.1 (centre crop), zoom-out 0.9 (zero padding)
     medium      flip_scale's four views plus the flipped zooms (6 views)
+    released_medium  the CXR-LT 2026 winner's "medium" (github hieuphamha19/CXR_LT, tta.py):
+                identity, flip, rotations by +5 and -5 degrees, zoom-in 1.1, zoom-out 0.9 (6 views;
+                its zoom-out pads by reflection, ours with black like flip_scale's)
+
+A view is (flip, scale, rotation in degrees); rotations are about the centre, black outside.
 
 Views are merged by the mean probability (`prob`) or by the mean logit (`logit`, then sigmoid).
 """
@@ -29,18 +34,28 @@ import torch.nn.functional as F
 from cxrlt.core.config import check_registry
 
 TTA_VIEWS = {
-    "none": [(False, 1.0)],
-    "flip": [(False, 1.0), (True, 1.0)],
-    "flip_scale": [(False, 1.0), (True, 1.0), (False, 1.1), (False, 0.9)],
-    "medium": [(False, 1.0), (True, 1.0), (False, 1.1), (False, 0.9), (True, 1.1), (True, 0.9)],
+    "none": [(False, 1.0, 0.0)],
+    "flip": [(False, 1.0, 0.0), (True, 1.0, 0.0)],
+    "flip_scale": [(False, 1.0, 0.0), (True, 1.0, 0.0), (False, 1.1, 0.0), (False, 0.9, 0.0)],
+    "medium": [(False, 1.0, 0.0), (True, 1.0, 0.0), (False, 1.1, 0.0), (False, 0.9, 0.0), (True, 1.1, 0.0),
+               (True, 0.9, 0.0)],
+    "released_medium": [(False, 1.0, 0.0), (True, 1.0, 0.0), (False, 1.0, 5.0), (False, 1.0, -5.0),
+                        (False, 1.1, 0.0), (False, 0.9, 0.0)],
 }
 check_registry("tta", TTA_VIEWS)
 
 
-def apply_view(x: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:
-    """One TTA view of a float batch (B, C, H, W): optional h-flip, then zoom about the centre."""
+def apply_view(x: torch.Tensor, flip: bool, scale: float, rotate: float = 0.0) -> torch.Tensor:
+    """One TTA view of a float batch (B, C, H, W): optional h-flip, rotation by `rotate` degrees
+    about the centre (black outside), then zoom about the centre."""
     if flip:
         x = torch.flip(x, dims=[3])
+    if rotate:
+        a = np.deg2rad(rotate)
+        theta = torch.tensor([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0]],
+                             dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if scale != 1.0:
         h, w = x.shape[-2:]
         nh, nw = int(round(h * scale)), int(round(w * scale))
@@ -105,8 +120,8 @@ def predict_tta(model, loader, device, tta: str = "none", merge: str = "prob", a
     def merged(x):
         x = x.float()
         acc = None
-        for flip, scale in views:
-            z = model(model_input(model, apply_view(x, flip, scale), channels_last)).float()
+        for flip, scale, rotate in views:
+            z = model(model_input(model, apply_view(x, flip, scale, rotate), channels_last)).float()
             z = torch.sigmoid(z) if merge == "prob" else z
             acc = z if acc is None else acc + z
         acc = acc / len(views)

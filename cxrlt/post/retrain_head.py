@@ -524,8 +524,8 @@ def _build(src: Path, cache, out: Path, cfg: dict, method: str, stage_inputs: di
     model, ck = load_trained(src, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    splits = {"train": cache.rows("train", exclude_fold=cfg["val_fold"]),
-              "val": cache.rows("train", fold=cfg["val_fold"])}
+    train_rows, val_rows = cache.training_rows(cfg)  # the rows the backbone trained on (train_projections)
+    splits = {"train": train_rows, "val": val_rows}
     y_tr, y_va = cache.targets(splits["train"]), cache.targets(splits["val"])
     amp = bool(cfg["amp"]) and device.type == "cuda"
     inputs, summary = prepare_inputs(model, cache, splits, out, cfg, model_key, device, amp, log)

@@ -136,6 +136,14 @@ class EMA:
         for a, b in self._copy:
             a.copy_(b)
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the average afresh from the current weights (decay ramp from step 0)."""
+        self.steps = 0
+        torch._foreach_copy_(self._avg, self._src)
+        for a, b in self._copy:
+            a.copy_(b)
+
     def state_dict(self) -> dict:
         return {"steps": self.steps, "module": self.module.state_dict()}
 
@@ -144,9 +152,19 @@ class EMA:
         self.module.load_state_dict(sd["module"])  # in place: the lerp lists stay valid
 
 
+def head_phase_steps(cfg: dict, steps_per_epoch: int) -> int:
+    """Optimizer steps of the separate head-only phase (head_warmup_lr > 0), else 0."""
+    return cfg["head_warmup_epochs"] * steps_per_epoch if cfg["head_warmup_lr"] > 0 else 0
+
+
 def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
-    """LR factor at an optimizer step: linear warm-up, cosine decay to min_lr/lr, DRW drop."""
-    total = max(1, cfg["epochs"] * steps_per_epoch)
+    """LR factor at an optimizer step: linear warm-up, cosine decay to min_lr/lr, DRW drop.
+
+    With a separate head phase (head_warmup_lr > 0) the schedule starts after its steps (the
+    phase's own LR is set by Trainer._set_lr)."""
+    phase = head_phase_steps(cfg, steps_per_epoch)
+    step = max(0, step - phase)
+    total = max(1, cfg["epochs"] * steps_per_epoch - phase)
     warm = int(round(cfg["warmup_epochs"] * steps_per_epoch))
     floor = cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0
     if warm > 0 and step < warm:
@@ -154,22 +172,24 @@ def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
     else:
         progress = min(1.0, (step - warm) / max(1, total - warm))
         mult = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if cfg["drw_epoch"] >= 0 and step >= cfg["drw_epoch"] * steps_per_epoch:
+    if cfg["drw_epoch"] >= 0 and step + phase >= cfg["drw_epoch"] * steps_per_epoch:
         mult *= cfg["drw_lr_factor"]
     return mult
 
 
 def param_groups(model, cfg: dict) -> list[dict]:
-    """AdamW groups: backbone / head LR, and no weight decay on 1-D tensors (norms, biases)."""
+    """AdamW groups: backbone / head LR and weight decay (head_weight_decay, -1 = weight_decay),
+    no weight decay on 1-D tensors (norms, biases)."""
     groups = []
-    for name, params, lr in (
-        ("backbone", list(model.backbone_parameters()), cfg["lr"]),
-        ("head", list(model.head_parameters()), cfg["head_lr"] or cfg["lr"]),
+    head_wd = cfg["weight_decay"] if cfg["head_weight_decay"] < 0 else cfg["head_weight_decay"]
+    for name, params, lr, wd in (
+        ("backbone", list(model.backbone_parameters()), cfg["lr"], cfg["weight_decay"]),
+        ("head", list(model.head_parameters()), cfg["head_lr"] or cfg["lr"], head_wd),
     ):
         decay = [p for p in params if p.requires_grad and p.ndim > 1]
         no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
         if decay:
-            groups.append({"params": decay, "base_lr": lr, "weight_decay": cfg["weight_decay"], "part": name})
+            groups.append({"params": decay, "base_lr": lr, "weight_decay": wd, "part": name})
         if no_decay:
             groups.append({"params": no_decay, "base_lr": lr, "weight_decay": 0.0, "part": name})
     return groups
@@ -341,8 +361,7 @@ class Trainer:
         cfg = self.cfg
         # ---- data ----
         self.labels = list(self.cache.labels)
-        self.train_rows = self.cache.rows("train", exclude_fold=cfg["val_fold"])
-        self.val_rows = self.cache.rows("train", fold=cfg["val_fold"])
+        self.train_rows, self.val_rows = self.cache.training_rows(cfg)
         if len(self.val_rows) == 0:
             raise InputError(f"{self.cache_dir}/index.csv: no training rows in val_fold {cfg['val_fold']} "
                              f"(folds are numbered from 0, FOLDS of them)")
@@ -556,9 +575,13 @@ class Trainer:
         mult = lr_multiplier(self.step, self.cfg, self.steps_per_epoch)
         epoch = self.step // self.steps_per_epoch
         head_only = epoch < self.cfg["head_warmup_epochs"]
+        phase_lr = self.cfg["head_warmup_lr"] if head_only else 0.0  # > 0: the separate head phase
         lr = 0.0
         for g in self.optimizer.param_groups:
-            g["lr"] = 0.0 if (head_only and g["part"] == "backbone") else g["base_lr"] * mult
+            if head_only and g["part"] == "backbone":
+                g["lr"] = 0.0
+            else:
+                g["lr"] = phase_lr or g["base_lr"] * mult
             lr = max(lr, g["lr"])
         return lr
 
@@ -706,6 +729,9 @@ class Trainer:
         so = self.sets["select_on"]
         tracker = tracking.start(self.out, cfg, self.dist.is_main)
         for epoch in range(self.start_epoch, cfg["epochs"]):
+            if self.ema is not None and cfg["head_warmup_lr"] > 0 and epoch == cfg["head_warmup_epochs"] > 0:
+                self.ema.restart()  # the separate head phase is over: the EMA averages the full training only
+                log.info(f"epoch {epoch + 1}: head-only phase over, EMA restarted from the current weights")
             stats = self.train_epoch(epoch)
             p = self.validate()
             # rank 0 decides; every rank takes its decision (patience must stop all of them together)
