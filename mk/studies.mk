@@ -11,7 +11,7 @@ STUDY_PLAN  := $(if $(filter study,$(MAKECMDGOALS)),$(STUDY))
 STUDY_NAME ?=
 STUDY_STEMS ?=
 STUDY_MANIFEST ?=
-.PHONY: study demo-study
+.PHONY: study demo-study demo-winner-ablation
 
 ifneq ($(filter study,$(MAKECMDGOALS)),)
 ifeq ($(STUDY),)
@@ -31,3 +31,6 @@ study: $(if $(STUDY_NAME),$(REPORTS_DIR)/$(STUDY_NAME)/table.md) ## train, evalu
 
 demo-study: $(VENV)/.installed $(DEMO_DIR)/train.csv ## a small loss study on the demo dataset (CPU, minutes) -> reports/demo_losses/
 	$(MAKE) --no-print-directory study $(DEMO_VARS) STUDY=studies/demo_losses.yaml POSTPROC=off
+
+demo-winner-ablation: $(VENV)/.installed $(DEMO_DIR)/train.csv ## the winner's recipe, one lever off per variant, on the demo -> reports/demo_winner_ablation/
+	$(MAKE) --no-print-directory study $(DEMO_VARS) STUDY=studies/demo_winner_ablation.yaml POSTPROC=off

@@ -223,3 +223,39 @@ def test_one_epoch_of_the_winner_config(demo_cache, tmp_path):
     recs = read_jsonl(out / "metrics.jsonl")
     assert len(recs) == 2 and all(np.isfinite(r["train_loss"]) for r in recs)
     assert 0 < res["best_map"] <= 1
+
+
+@pytest.mark.parametrize("study", ["studies/winner_ablation.yaml", "studies/demo_winner_ablation.yaml"])
+def test_ablation_variants_turn_one_lever_off_each(study, tmp_path):
+    from cxrlt.studies import spec
+
+    s = spec.load_study(study)
+    base = config.resolve(list(s.base))
+    assert s.baseline == "winner" and s.variants["winner"] == {}
+    for name, over in s.variants.items():
+        if name != "winner":
+            assert any(base[k] != v for k, v in over.items()), name  # a real change of the recipe
+
+
+def test_demo_ablation_trains_one_epoch_per_distinct_backbone(demo_cache, tmp_path):
+    """The demo ablation's variants, one epoch each (the study's own configs, tiny sizes)."""
+    import os
+
+    from conftest import ROOT
+    from cxrlt.studies import spec
+    from cxrlt.training.trainer import train
+
+    os.chdir(ROOT)
+    s = spec.expand("studies/demo_winner_ablation.yaml", tmp_path / "state")
+    trained = {}
+    for run in s.runs:
+        head_epochs = min(1, config.resolve([run["config"]])["head_warmup_epochs"])
+        cfg = config.resolve([run["config"]], dict(epochs=2, head_warmup_epochs=head_epochs, batch_size=16,
+                                                   workers=0, device="cpu", max_train_batches=3))
+        key = config.train_key(cfg)
+        if key in trained:  # post-training variants (TTA, gating) share the winner's backbone
+            continue
+        res = train(cfg, str(demo_cache), str(tmp_path / run["stem"]))
+        assert 0 < res["best_map"] <= 1, run["stem"]
+        trained[key] = run["stem"]
+    assert len(trained) == len(s.variants) - 1  # no_gating reuses the winner's run
