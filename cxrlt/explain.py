@@ -176,9 +176,9 @@ def for_display(m: np.ndarray) -> np.ndarray:
 
 def render_panel(image: np.ndarray, maps: np.ndarray, titles: list[str], path, suptitle: str = "") -> None:
     """The image and one overlay per map (K, h, w; upsampled to the image) with its peak marked, as one PNG."""
-    from cxrlt.evaluation.report import _pyplot, _save
+    from cxrlt.evaluation.plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     k = len(maps)
     fig, axes = plt.subplots(1, k + 1, figsize=(2.6 * (k + 1), 2.9), squeeze=False)
     axes = axes[0]
@@ -194,7 +194,7 @@ def render_panel(image: np.ndarray, maps: np.ndarray, titles: list[str], path, s
         ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle, fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---- explain.py ---------------------------------------------------------------------------------------------

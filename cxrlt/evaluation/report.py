@@ -37,15 +37,13 @@ import pandas as pd
 
 from cxrlt.evaluation import metrics as M
 from cxrlt.core.errors import InputError
-from cxrlt.core.fileio import atomic_path, read_jsonl, write_csv, write_json, write_text
+from cxrlt.core.fileio import read_jsonl, write_csv, write_json, write_text
 from cxrlt.data.tables import LabelTable, labels_from_file, read_label_table, read_predictions
+from cxrlt.evaluation.plotting import GROUP_COLOURS, pyplot, save_figure
 from cxrlt.evaluation.selection import ValKeys, keys_from_index
 
 N_RAREST_PR = 6
 ECE_BINS = 15
-GROUP_COLOURS = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
-
-
 @dataclass
 class EvalData:
     """Aligned ground truth and predictions, plus where the training frequencies come from."""
@@ -264,23 +262,8 @@ def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) ->
 
 
 # ---- plots (matplotlib Agg, imported lazily so the metrics need no display) --------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-
-
 def plot_ap_vs_frequency(per_label: pd.DataFrame, summary: dict, path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     d = per_label[per_label["AP"].notna()]
     for g in M.GROUPS:
@@ -298,14 +281,14 @@ def plot_ap_vs_frequency(per_label: pd.DataFrame, summary: dict, path) -> None:
     ax.set_ylabel("AP")
     ax.set_title(f"Per-label AP vs training frequency (mAP {_fmt(summary['mAP'])})")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pr_rarest(data: EvalData, per_label: pd.DataFrame, path, n: int = N_RAREST_PR) -> None:
     """PR curves of the n rarest labels (by training count) that have a positive here."""
     from sklearn.metrics import precision_recall_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     idx = [i for i in np.argsort(data.train_counts, kind="stable") if data.y[:, i].any()][:n]
     cols = 3
     rows = max(1, math.ceil(len(idx) / cols))
@@ -325,12 +308,12 @@ def plot_pr_rarest(data: EvalData, per_label: pd.DataFrame, path, n: int = N_RAR
     if not idx:
         axes[0, 0].text(0.5, 0.5, "no label has a positive", ha="center")
     fig.suptitle("Precision-recall curves of the rarest labels")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_training_curves(records: list[dict], path) -> None:
     """train_loss, val mAP/mAUC and lr per epoch from a training metrics.jsonl."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     # val_mAP is the full val fold; the proxy and the honest (cross-fitted) mAP of the epoch choice,
     # when the log has them (cxrlt/training/trainer.py), show how far the full fold is from the test-like numbers
@@ -348,7 +331,7 @@ def plot_training_curves(records: list[dict], path) -> None:
     lrs = [r["lr"] for r in records if isinstance(r.get("lr"), (int, float))]
     if lrs and min(lrs) > 0:  # a schedule spans decades; log needs every value > 0
         axes[2].set_yscale("log")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---- the whole evaluation --------------------------------------------------------------------------

@@ -488,9 +488,9 @@ def plot_map(table, path) -> None:
     """Left: mAP with its interval per variant; right: the paired difference to the baseline."""
     from matplotlib.ticker import MaxNLocator
 
-    from cxrlt.evaluation.report import _pyplot, _save
+    from cxrlt.evaluation.plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(table)
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * n + 1.6), sharey=True)
     y = np.arange(n)[::-1].astype(float)
@@ -507,14 +507,14 @@ def plot_map(table, path) -> None:
         ax.grid(axis="x", alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(6))
     fig.suptitle("mAP per variant (red: baseline)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_groups(table, path) -> None:
     from cxrlt.evaluation import metrics as M
-    from cxrlt.evaluation.report import GROUP_COLOURS, _pyplot, _save
+    from cxrlt.evaluation.plotting import GROUP_COLOURS, pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(table)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * n + 2), 4.2))
     x = np.arange(n)
@@ -528,13 +528,13 @@ def plot_groups(table, path) -> None:
     ax.set_ylabel("val mAP of the group (95% interval)")
     ax.set_ylim(0, 1)
     ax.legend(ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.12))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_heatmap(per_label, variants: list[str], path) -> None:
-    from cxrlt.evaluation.report import _pyplot, _save
+    from cxrlt.evaluation.plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     data = per_label[variants].to_numpy(float)
     fig, ax = plt.subplots(figsize=(1.0 * len(variants) + 4, 0.28 * len(per_label) + 1.8))
     im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="viridis", vmin=0, vmax=1)
@@ -550,7 +550,7 @@ def plot_heatmap(per_label, variants: list[str], path) -> None:
                 ax.text(j, i, "no val positive", ha="center", va="center", fontsize=5, color="grey")
     fig.colorbar(im, ax=ax, label="val AP")
     ax.set_title("Per-label AP (rows: most frequent label first; (group, training count))")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(manifest: dict, table, per_label, out_dir, n_boot: int) -> None:
