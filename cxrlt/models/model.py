@@ -224,7 +224,8 @@ class MLDecoderLayer(nn.Module):
         return self.norm3(q + self.drop3(self.ff(q)))
 
     def reset_parameters(self) -> None:
-        self.cross._reset_parameters()
+        self.cross.out_proj.reset_parameters()  # (MultiheadAttention's own reset leaves this weight alone)
+        self.cross._reset_parameters()  # in-projection, and the zero biases as at construction
         for m in (self.ff[0], self.ff[3], self.norm1, self.norm2, self.norm3):
             m.reset_parameters()
 
