@@ -76,8 +76,11 @@ def test_logits_are_float32_under_bf16_autocast(name):
 def test_whole_model_logits_are_float32_under_bf16_autocast():
     model = build_model(tiny_cfg(head="ml_decoder", **NEW["ml_decoder"]), num_classes=C).eval()
     x = model.normalize(torch.randint(0, 255, (2, 1, 64, 64), dtype=torch.uint8))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model(x).dtype == torch.float32
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, feat = model(x), model.features(x)
+        assert z.dtype == torch.float32
+        torch.testing.assert_close(z, model.head.classify(feat.float()), rtol=1e-6, atol=1e-6)
 
 
 # ---- formulas ----------------------------------------------------------------------------------
