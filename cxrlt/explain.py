@@ -7,10 +7,13 @@ Methods (`method`):
              For the linear head this is the class activation map w_c . A up to a positive factor;
              for the cosine head the gradient also carries the feature normalisation.
   attention  the CSRA head's class-specific spatial attention: softmax over locations of T * s_c,
-             s = the head's per-location class scores (its 1x1 conv), T = csra_temperature. With
-             T >= CSRA_MAX_TEMPERATURE (max pooling) the attention is one-hot, so the class score
-             map ReLU(s_c) is shown instead.
-  auto       attention for a csra head, gradcam for the others.
+             s = the head's per-location class scores (its 1x1 conv, divided by ||w_c|| when
+             csra_normalize), T = csra_temperature. With T >= CSRA_MAX_TEMPERATURE (max pooling)
+             the attention is one-hot, so the class score map ReLU(s_c) is shown instead. The
+             bn_attention head's class attention: softmax over locations of its 1x1 conv on the
+             BatchNorm'd map. The ml_decoder head has none per label (its queries attend, and a
+             query serves several labels when mld_queries < labels): gradcam applies.
+  auto       attention for a csra or bn_attention head, gradcam for the others.
 The maps are computed at the feature map's resolution (upsampled, bilinear, only for display);
 `peak` is the centre of the highest cell, in input pixels. Nothing here writes into the run.
 
@@ -54,16 +57,20 @@ def extra_logit_scale(model, ck: dict) -> float:
 
 
 def resolve_method(model, method: str) -> str:
-    from cxrlt.models.model import CSRAHead
+    from cxrlt.models.model import BNAttentionHead, CSRAHead, MLDecoderHead
 
     if method not in METHODS:
         raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
-    csra = isinstance(model.head, CSRAHead)
+    attends = isinstance(model.head, (CSRAHead, BNAttentionHead))
     if method == "auto":
-        return "attention" if csra else "gradcam"
-    if method == "attention" and not csra:
-        raise InputError(f"--method attention needs a CSRA head (this model's head is {type(model.head).__name__}); "
-                         f"use gradcam")
+        return "attention" if attends else "gradcam"
+    if method == "attention" and isinstance(model.head, MLDecoderHead):
+        raise InputError("--method attention: the ml_decoder head has no attention map per label (its queries "
+                         "attend to the feature map, and one query serves several labels when mld_queries < "
+                         "labels); use gradcam")
+    if method == "attention" and not attends:
+        raise InputError(f"--method attention needs a csra or bn_attention head (this model's head is "
+                         f"{type(model.head).__name__}); use gradcam")
     return method
 
 
@@ -117,12 +124,18 @@ def gradcam(model, x: torch.Tensor, classes: list[int], layer: str | None = None
 
 @torch.no_grad()
 def csra_attention(model, x: torch.Tensor, classes: list[int]):
-    """CSRA's class-specific attention maps (B, len(classes), h, w) and the logits (B, C)."""
-    from cxrlt.models.model import CSRA_MAX_TEMPERATURE
+    """The class-specific attention maps (B, len(classes), h, w) of a csra or bn_attention head,
+    and the logits (B, C)."""
+    from cxrlt.models.model import CSRA_MAX_TEMPERATURE, BNAttentionHead
 
     head = model.head
     feat = model.features(x)
-    s = head.conv(feat).float()  # (B, C, h, w) per-location class scores
+    with torch.autocast(feat.device.type, enabled=False):  # in float32, as the head computes them
+        if isinstance(head, BNAttentionHead):
+            b, _, h, w = feat.shape
+            att = head.attention(head.normed(feat.float())).view(b, -1, h, w)
+            return att[:, classes], head.classify(head.pool(feat)).float()
+        s = head.class_scores(feat.float())  # (B, C, h, w) per-location class scores
     b, c, h, w = s.shape
     if head.temperature >= CSRA_MAX_TEMPERATURE:
         att = F.relu(s)
@@ -142,7 +155,7 @@ def class_maps(model, images: torch.Tensor, classes: list[int], method: str = "a
     x = model.normalize(images)
     if method == "attention":
         if layer:
-            raise InputError("--layer applies to gradcam only (CSRA's attention lives on the head's feature map)")
+            raise InputError("--layer applies to gradcam only (the head's attention lives on its feature map)")
         maps, logits = csra_attention(model, x, classes)
     else:
         maps, logits = gradcam(model, x, classes, layer)

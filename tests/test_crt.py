@@ -16,7 +16,8 @@ from cxrlt.models.model import build_head
 from cxrlt.data.rowfile import RowWriter
 
 F, C = 12, 5
-HEADS = {"linear": {}, "cosine": {}, "csra": {"csra_lambda": 1.0, "csra_temperature": 2.0}}
+# csra on raw scores (csra_normalize false): the form tau-normalisation can change
+HEADS = {"linear": {}, "cosine": {}, "csra": {"csra_lambda": 1.0, "csra_temperature": 2.0, "csra_normalize": False}}
 
 
 def _cfg(head, **kw):
@@ -126,8 +127,12 @@ def test_tau_moves_the_per_label_ap_only_through_csra_attention():
 @pytest.mark.parametrize("head, extra, refused", [
     ("cosine", {}, "the cosine head normalises every class weight"),
     ("linear", {}, "on a linear head"),
-    ("csra", {"csra_temperature": 99.0}, "csra_temperature >= 99"),
-    ("csra", {"csra_temperature": 1.0}, None),
+    ("seed_linear", {}, "on the seed_linear head"),
+    ("bn_attention", {}, "on the bn_attention head"),
+    ("ml_decoder", {}, "the ml_decoder head has no single class weight"),
+    ("csra", {}, "csra_normalize divides each class's scores"),  # the default: normalised scores
+    ("csra", {"csra_temperature": 99.0, "csra_normalize": False}, "csra_temperature >= 99"),
+    ("csra", {"csra_temperature": 1.0, "csra_normalize": False}, None),
 ])
 def test_tau_is_refused_where_it_cannot_change_the_map(head, extra, refused):
     cfg = config.resolve([], {"head": head, **extra})

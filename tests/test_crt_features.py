@@ -1,6 +1,7 @@
 """cRT's head inputs: cached on disk (float32 / float16) or recomputed every epoch, keyed by fingerprints.
 
-One small CSRA run (timm's test_vit: its head input is a (64, 1, 4) token map at 32 px).
+One small CSRA run (timm's test_vit: its head input is a (64, 1, 4) token map at 32 px), on raw
+scores (csra_normalize false), the form tau-normalisation applies to.
 """
 
 import json
@@ -23,7 +24,7 @@ from cxrlt.training.trainer import train
 @pytest.fixture(scope="module")
 def csra_run(demo_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("crt_features") / "csra"
-    train(tiny_cfg(model="test_vit", head="csra", csra_lambda=1.0, epochs=2, crt_epochs=2, crt_batch_size=32),
+    train(tiny_cfg(model="test_vit", head="csra", csra_lambda=1.0, csra_normalize=False, epochs=2, crt_epochs=2, crt_batch_size=32),
           str(demo_cache), str(out))
     return out
 

@@ -90,7 +90,8 @@ def test_csra_attention_is_the_softmax_of_the_class_scores_over_locations():
     att, _ = X.csra_attention(model, x, [0, 2])
     assert att.shape == (1, 2, 2, 2)
     assert torch.allclose(att.sum(dim=(2, 3)), torch.ones(1, 2), atol=1e-6)
-    s = model.head.conv(model.features(x))[0, 2].flatten()
+    # csra_normalize (the default): each class's scores divided by its weight's norm
+    s = model.head.conv(model.features(x))[0, 2].flatten() / model.head.conv.weight[2].norm()
     assert torch.allclose(att[0, 1].flatten(), torch.softmax(2.0 * s, 0), atol=1e-6)
 
 
@@ -101,11 +102,11 @@ def test_a_finer_layer_gives_a_finer_map_and_a_wrong_one_is_named():
     assert X.gradcam(model, x, [0], layer="layer2")[0].shape[-2:] == (8, 8)
     with pytest.raises(X.InputError, match="--layer 'nope'.*layer1"):
         X.gradcam(model, x, [0], layer="nope")
-    with pytest.raises(X.InputError, match="needs a CSRA head"):
+    with pytest.raises(X.InputError, match="needs a csra or bn_attention head"):
         X.class_maps(model, torch.zeros(1, 1, 64, 64, dtype=torch.uint8), [0], "attention")
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", [*HEADS, "bn_attention", "ml_decoder", "seed_linear"])
 def test_explain_cli_writes_a_panel_per_image_for_every_head(tmp_path, head):
     import explain as script
     from cxrlt.core.fileio import torch_save
@@ -122,7 +123,7 @@ def test_explain_cli_writes_a_panel_per_image_for_every_head(tmp_path, head):
                         "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     rows = pd.read_csv(tmp_path / "out" / "explain.csv")
     assert list(rows["ImageID"]) == ["img0.png", "img0.png", "img1.png", "img1.png"]
-    assert set(rows["method"]) == {"attention" if head == "csra" else "gradcam"}
+    assert set(rows["method"]) == {"attention" if head in ("csra", "bn_attention") else "gradcam"}
     assert rows["prob"].between(0, 1).all() and rows["peak_x"].isin([16, 48]).all()  # 2 x 2 maps at 64 px
     for i in range(2):
         assert (tmp_path / "out" / f"img{i}.png").stat().st_size > 3000

@@ -195,10 +195,15 @@ def test_frontal_only_needs_projections(demo_dataset, tmp_path):
 # ---- train keys of finished runs ---------------------------------------------------------------------
 def test_later_keys_at_their_neutral_value_keep_old_train_keys():
     for key, neutral in config.LATER_KEYS.items():
-        assert config.DEFAULTS[key] == neutral, key
+        assert callable(neutral) or config.DEFAULTS[key] == neutral, key
     old = {k: v for k, v in config.DEFAULTS.items() if k not in config.LATER_KEYS}  # a run from before
     assert config.train_key(old) == config.train_key(config.DEFAULTS)
     assert config.train_key(dict(config.DEFAULTS, rfs_cap=10.0)) != config.train_key(config.DEFAULTS)
+    # a CSRA run's key holds csra_normalize (it changed what CSRA computes); another head's does not
+    csra = dict(config.DEFAULTS, head="csra")
+    old_csra = {k: v for k, v in csra.items() if k not in config.LATER_KEYS}
+    assert config.train_key(csra) != config.train_key(old_csra)
+    assert config.train_key(dict(config.DEFAULTS, csra_normalize=False)) == config.train_key(config.DEFAULTS)
 
 
 # ---- the config ----------------------------------------------------------------------------
@@ -259,3 +264,7 @@ def test_demo_ablation_trains_one_epoch_per_distinct_backbone(demo_cache, tmp_pa
         assert 0 < res["best_map"] <= 1, run["stem"]
         trained[key] = run["stem"]
     assert len(trained) == len(s.variants) - 1  # no_gating reuses the winner's run
+
+
+def test_winner_head_is_the_released_attention_head():
+    assert config.resolve(["configs/winner.yaml"])["head"] == "bn_attention"

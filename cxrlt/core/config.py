@@ -38,6 +38,14 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "cosine_scale": (1.0, float, "cosine head output scale (keep 1 with LDAM, whose s scales)"),
     "csra_lambda": (0.1, float, "CSRA: weight of the class-specific attention term"),
     "csra_temperature": (1.0, float, "CSRA: softmax temperature of the spatial attention"),
+    "csra_normalize": (True, bool, "CSRA: divide each class's score map by the norm of its weight before the "
+                                   "temperature (the official CSRA code); false: raw scores (runs saved before "
+                                   "this key read as false)"),
+    "mld_queries": (100, int, "ml_decoder: fixed random queries (capped at the label count; fewer than the "
+                              "labels: group FC, ceil(labels / queries) outputs per query)"),
+    "mld_layers": (1, int, "ml_decoder: decoder layers"),
+    "mld_dim": (768, int, "ml_decoder: embedding width (a multiple of 8, its attention heads)"),
+    "seed_dropout": (0.5, float, "seed_linear: dropout between its LayerNorm and linear layer"),
     "drop_path": (0.0, float, "stochastic depth rate"),
     # --- loss --------------------------------------------------------------------------
     "loss": ("bce", str, "training loss (cxrlt/models/losses.py)"),
@@ -116,8 +124,8 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "crt_sampler": ("class_aware", str, "cRT: sampler"),
     "crt_loss": ("bce", str, "cRT: loss"),
     "crt_feature_cache": ("auto", str, "cRT: head inputs cached on disk: float32 | float16 | off (backbone every "
-                                       "cRT epoch) | auto (pooled heads float32, csra maps float16, off when the "
-                                       "disk lacks room)"),
+                                       "cRT epoch) | auto (pooled heads float32, map heads' (csra, "
+                                       "bn_attention, ml_decoder) float16, off when the disk lacks room)"),
     "tta": ("flip", str, "test-time augmentation views (cxrlt/post/inference.py)"),
     "tta_merge": ("prob", str, "average the views' probabilities (prob) or logits (logit)"),
     "normal_gating_alpha": (0.0, float, "p_k *= (1 - p_Normal)^alpha for findings; 0 = off"),
@@ -141,6 +149,10 @@ RANGES: dict[str, str] = {
     "pseudo_weight": "> 0",
     "csra_lambda": ">= 0",
     "csra_temperature": "> 0",
+    "mld_queries": ">= 1",
+    "mld_layers": ">= 1",
+    "mld_dim": ">= 8",
+    "seed_dropout": "[0, 1)",
     "drop_path": "[0, 1)",
     "focal_gamma": ">= 0",
     "asl_gamma_neg": ">= 0",
@@ -206,6 +218,8 @@ RELATIONS: list[tuple[tuple[str, ...], object, str]] = [
     (("head_warmup_lr", "head_warmup_epochs", "epochs"),
      lambda c: c["head_warmup_lr"] == 0 or c["head_warmup_epochs"] < c["epochs"],
      "the separate head phase (head_warmup_lr) takes every epoch: raise epochs above head_warmup_epochs"),
+    (("mld_dim",), lambda c: c["mld_dim"] % 8 == 0,
+     "mld_dim must be a multiple of 8 (the ML-Decoder's attention heads)"),
 ]
 
 # String keys whose values follow a pattern (the help text says which).
@@ -233,21 +247,31 @@ def group(key: str) -> str:
     return "post" if key in POST_KEYS else "run" if key in RUN_KEYS else "train"
 
 
-# Train keys added after runs existed, with the value that reproduces what runs did before the
-# key: a key at that value is left out of train_part, so adding a key never retrains finished
-# runs (their train keys stay the same). Only a key whose default IS that value may be listed.
+# Train keys added after runs existed. Each is left out of train_part where it cannot have
+# changed what finished runs did, so adding a key never retrains them (their train keys stay the
+# same): a value = the key is left out at that value (which reproduces the behaviour from before
+# the key, and is its default); a function of the config = the key is left out where it is
+# True (the key does not act in that run, e.g. a head's key under another head).
 LATER_KEYS = {
     "rfs_cap": 0.0, "rfs_frequency": "image", "rfs_rounding": "stochastic", "rfs_epoch": "fixed",
     "train_projections": "all", "margin_bce_max_m": 0.2, "margin_bce_power": 0.5,
     "head_weight_decay": -1.0, "head_warmup_lr": 0.0,
+    "csra_normalize": lambda c: c["head"] != "csra",
+    "mld_queries": 100, "mld_layers": 1, "mld_dim": 768, "seed_dropout": 0.5,
 }
+
+
+def _left_out(key: str, cfg: dict) -> bool:
+    if key not in LATER_KEYS:
+        return False
+    rule = LATER_KEYS[key]
+    return bool(rule(cfg)) if callable(rule) else cfg[key] == rule
 
 
 def train_part(cfg: dict) -> dict:
     """The keys of cfg that the trained weights depend on (group 'train'), sorted; LATER_KEYS
-    at their neutral value left out."""
-    return {k: cfg[k] for k in sorted(cfg)
-            if group(k) == "train" and not (k in LATER_KEYS and cfg[k] == LATER_KEYS[k])}
+    left out where they cannot have acted."""
+    return {k: cfg[k] for k in sorted(cfg) if group(k) == "train" and not _left_out(k, cfg)}
 
 
 def train_key(cfg: dict, exclude=EXTENDABLE_KEYS) -> str:
@@ -264,7 +288,7 @@ ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", 
 # which checks at import that it holds exactly these names (check_registry). They are spelt here,
 # not read from those modules, because those import torch and this module must not: Make's plan
 # (cxrlt/pipeline/plan.py) checks every config at parse time, in well under a second.
-HEAD_NAMES = ("linear", "cosine", "csra")
+HEAD_NAMES = ("linear", "cosine", "csra", "bn_attention", "ml_decoder", "seed_linear")
 LOSS_NAMES = ("bce", "bce_pw", "focal", "asl", "cb", "ldam", "db", "margin_bce")
 SAMPLER_NAMES = ("instance", "class_aware", "repeat_factor")
 TTA_NAMES = ("none", "flip", "flip_scale", "medium", "released_medium")
@@ -584,9 +608,16 @@ def save(cfg: dict, path) -> None:
     write_text(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
+# keys whose meaning for a config saved before the key existed differs from today's default: a saved
+# config (checkpoint, run folder) without the key reads as this value, so an old run keeps behaving
+# as it was trained
+ABSENT_DEFAULTS = {"csra_normalize": False}
+
+
 def check_dict(cfg: dict, source: str) -> dict:
-    """Validate a config dict read back from a checkpoint (older keys are tolerated)."""
-    out = dict(DEFAULTS)
+    """Validate a config dict read back from a checkpoint (older keys are tolerated; a key it lacks
+    takes ABSENT_DEFAULTS' value when listed there, else the default)."""
+    out = {**DEFAULTS, **ABSENT_DEFAULTS}
     for k, v in cfg.items():
         if k in SCHEMA:
             out[k] = coerce(k, v, source)

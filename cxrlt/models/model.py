@@ -21,11 +21,26 @@ Heads (cfg["head"]):
   cosine  global average pool -> cosine similarity with each class weight, times
           cfg cosine_scale (scores in [-scale, scale]; use with LDAM, whose s scales them)
   csra    class-specific residual attention (Zhu & Wu, ICCV 2021): per-location class scores
-          s = W f (B, C, h*w) from a 1x1 conv; logits = mean_loc(s) + lambda * sum_loc(a * s)
-          with a = softmax over locations of T*s (T = cfg csra_temperature; T >= 99 means max
-          pooling, the T -> inf limit), lambda = cfg csra_lambda; plus a per-class bias (not in
-          the paper; it lets the head learn label priors like the linear head). pool() is the
-          identity because the head needs the map.
+          s = W f (B, C, h*w) from a 1x1 conv, divided by ||w_c|| per class when cfg csra_normalize
+          (as the official code, github Kevinz-code/CSRA; false: the raw scores of older runs, whose
+          effective temperature T*||w_c|| drifts as the weights grow); logits = mean_loc(s) +
+          lambda * sum_loc(a * s) with a = softmax over locations of T*s (T = cfg csra_temperature;
+          T >= 99 means max pooling, the T -> inf limit), lambda = cfg csra_lambda; plus a per-class
+          bias (not in the paper; it lets the head learn label priors like the linear head).
+  bn_attention  the CXR-LT 2026 winner's head (github hieuphamha19/CXR_LT, train_csra_head.py):
+          x = BatchNorm2d(map); logits = fc(mean_loc x) + lambda * (fc.weight . (sum_loc a_c x) + fc.bias)
+          with a_c = softmax over locations of a 1x1 conv's class maps (no temperature), the attended
+          features scored by the same linear layer; lambda = cfg csra_lambda (0.1 there).
+  ml_decoder  ML-Decoder (Ridnik et al., WACV 2023; github Alibaba-MIIL/ML_Decoder): the map's
+          locations are tokens, embedded by a linear layer + ReLU to cfg mld_dim; cfg mld_queries
+          fixed random queries (not trained; capped at the label count) attend to them through cfg
+          mld_layers decoder layers (no self-attention: cross-attention, 8 heads, feed-forward 2048,
+          dropout 0.1, post-norm); a group fully-connected layer gives each query ceil(C / Q) labels.
+  seed_linear  the reference paper's head (github Nikhil-Rao20/Long_Tail, models/convnext.py):
+          global average pool -> LayerNorm -> Dropout(cfg seed_dropout) -> linear with bias; with
+          loss ldam the head's logit_scale is s, which is the paper's s inside the loss (its
+          BCE(s (z - y m)) on raw scores z is our BCE on real logits s z with margins s m).
+pool() is the identity for the map heads (csra, bn_attention, ml_decoder), which need the map.
 
 Weights: cfg pretrained + pretrained_file loads a local timm weight file (no network);
 pretrained without a file uses timm's hub download; init_checkpoint loads one of our own
@@ -116,11 +131,12 @@ class CosineHead(Head):
 
 
 class CSRAHead(Head):
-    def __init__(self, num_features: int, num_classes: int, lam: float, temperature: float):
+    def __init__(self, num_features: int, num_classes: int, lam: float, temperature: float,
+                 normalize: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ConfigError(f"csra_temperature must be > 0, got {temperature}")
-        self.lam, self.temperature = float(lam), float(temperature)
+        self.lam, self.temperature, self.normalize = float(lam), float(temperature), bool(normalize)
         self.conv = nn.Conv2d(num_features, num_classes, kernel_size=1, bias=False)
         self.bias = nn.Parameter(torch.zeros(num_classes))
         self.reset_parameters()
@@ -128,8 +144,15 @@ class CSRAHead(Head):
     def pool(self, feat: torch.Tensor) -> torch.Tensor:
         return feat
 
+    def class_scores(self, feat: torch.Tensor) -> torch.Tensor:
+        """Per-location class scores (B, C, h, w): the 1x1 conv, divided by ||w_c|| when normalize."""
+        s = self.conv(feat)
+        if self.normalize:
+            s = s / self.conv.weight.flatten(1).norm(dim=1).clamp_min(1e-12).view(1, -1, 1, 1)
+        return s
+
     def scores(self, feat: torch.Tensor) -> torch.Tensor:
-        s = self.conv(feat).flatten(2)  # (B, C, h*w); fp32: see Head.classify
+        s = self.class_scores(feat).flatten(2)  # (B, C, h*w); fp32: see Head.classify
         base = s.mean(dim=2)
         if self.temperature >= CSRA_MAX_TEMPERATURE:
             att = s.amax(dim=2)
@@ -143,6 +166,133 @@ class CSRAHead(Head):
         nn.init.zeros_(self.bias)
 
 
+class BNAttentionHead(Head):
+    """The CXR-LT 2026 winner's head (module doc): BatchNorm2d, then GAP + lambda x class attention."""
+
+    def __init__(self, num_features: int, num_classes: int, lam: float):
+        super().__init__()
+        self.lam = float(lam)
+        self.bn = nn.BatchNorm2d(num_features)
+        self.fc = nn.Linear(num_features, num_classes)
+        self.att = nn.Conv2d(num_features, num_classes, kernel_size=1, bias=False)
+        self.reset_parameters()
+
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:
+        return feat
+
+    def normed(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.bn(feat)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Class attention over locations (B, C, h*w) of the normalised map x, each row summing to 1."""
+        return torch.softmax(self.att(x).flatten(2), dim=2)
+
+    def scores(self, feat: torch.Tensor) -> torch.Tensor:
+        x = self.normed(feat)
+        flat = x.flatten(2)  # (B, F, h*w)
+        gap = self.fc(flat.mean(dim=2))
+        attended = torch.bmm(self.attention(x), flat.transpose(1, 2))  # (B, C, F)
+        att = (attended * self.fc.weight.unsqueeze(0)).sum(dim=2) + self.fc.bias
+        return gap + self.lam * att
+
+    def reset_parameters(self) -> None:
+        # the winner's initialisation: xavier-uniform weights, zero bias, a fresh BatchNorm
+        self.bn.reset_parameters()  # (running statistics too)
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        nn.init.xavier_uniform_(self.att.weight)
+
+
+MLD_HEADS, MLD_FEEDFORWARD, MLD_DROPOUT = 8, 2048, 0.1  # the official ML-Decoder's fixed settings
+
+
+class MLDecoderLayer(nn.Module):
+    """One ML-Decoder layer as the official TransformerDecoderLayerOptimal: no self-attention
+    (q = norm1(q + dropout(q))), cross-attention to the tokens, feed-forward; post-norm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.cross = nn.MultiheadAttention(dim, MLD_HEADS, dropout=MLD_DROPOUT, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, MLD_FEEDFORWARD), nn.ReLU(), nn.Dropout(MLD_DROPOUT),
+                                nn.Linear(MLD_FEEDFORWARD, dim))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop1, self.drop2, self.drop3 = (nn.Dropout(MLD_DROPOUT) for _ in range(3))
+
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.norm1(q + self.drop1(q))
+        q = self.norm2(q + self.drop2(self.cross(q, tokens, tokens, need_weights=False)[0]))
+        return self.norm3(q + self.drop3(self.ff(q)))
+
+    def reset_parameters(self) -> None:
+        self.cross.out_proj.reset_parameters()  # (MultiheadAttention's own reset leaves this weight alone)
+        self.cross._reset_parameters()  # in-projection, and the zero biases as at construction
+        for m in (self.ff[0], self.ff[3], self.norm1, self.norm2, self.norm3):
+            m.reset_parameters()
+
+
+class MLDecoderHead(Head):
+    """ML-Decoder (module doc). Attributes: queries (Q, D) buffer (fixed, drawn again by
+    reset_parameters), group_weight (Q, D, k) and bias (C) of the group fully-connected output."""
+
+    def __init__(self, num_features: int, num_classes: int, queries: int, layers: int, dim: int):
+        super().__init__()
+        if dim % MLD_HEADS:
+            raise ConfigError(f"mld_dim must be a multiple of {MLD_HEADS}, got {dim}")
+        self.num_classes = num_classes
+        q = min(int(queries), num_classes)
+        self.group = -(-num_classes // q)  # labels per query
+        self.embed = nn.Linear(num_features, dim)
+        self.register_buffer("queries", torch.empty(q, dim))
+        self.layers = nn.ModuleList(MLDecoderLayer(dim) for _ in range(int(layers)))
+        self.group_weight = nn.Parameter(torch.empty(q, dim, self.group))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.reset_parameters()
+
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:
+        return feat
+
+    def decode(self, feat: torch.Tensor) -> torch.Tensor:
+        """The queries after the decoder (B, Q, D)."""
+        tokens = F.relu(self.embed(feat.flatten(2).transpose(1, 2)))  # (B, h*w, D)
+        q = self.queries.unsqueeze(0).expand(len(tokens), -1, -1)
+        for layer in self.layers:
+            q = layer(q, tokens)
+        return q
+
+    def scores(self, feat: torch.Tensor) -> torch.Tensor:
+        h = self.decode(feat)
+        out = torch.einsum("bqd,qdk->bqk", h, self.group_weight).flatten(1)  # query q -> labels q*k .. q*k+k-1
+        return out[:, :self.num_classes] + self.bias
+
+    def reset_parameters(self) -> None:
+        self.embed.reset_parameters()
+        nn.init.normal_(self.queries)  # as the official nn.Embedding (not trained)
+        for layer in self.layers:
+            layer.reset_parameters()
+        nn.init.xavier_normal_(self.group_weight)
+        nn.init.zeros_(self.bias)
+
+
+class SeedLinearHead(Head):
+    """The reference paper's head (module doc): GAP -> LayerNorm -> Dropout -> linear with bias."""
+
+    def __init__(self, num_features: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(num_features)
+        self.drop = nn.Dropout(float(dropout))
+        self.fc = nn.Linear(num_features, num_classes)
+
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:
+        return feat.mean(dim=(2, 3))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.norm(x)))
+
+    def reset_parameters(self) -> None:
+        self.norm.reset_parameters()
+        self.fc.reset_parameters()
+
+
 def logit_scale_for(cfg: dict) -> float:
     """The head's logit_scale a config implies: LDAM's s with the ldam loss, else 1."""
     return float(cfg["ldam_s"]) if cfg["loss"] == "ldam" else 1.0
@@ -152,7 +302,10 @@ def logit_scale_for(cfg: dict) -> float:
 HEADS = {
     "linear": lambda cfg, f, c: LinearHead(f, c),
     "cosine": lambda cfg, f, c: CosineHead(f, c, cfg["cosine_scale"]),
-    "csra": lambda cfg, f, c: CSRAHead(f, c, cfg["csra_lambda"], cfg["csra_temperature"]),
+    "csra": lambda cfg, f, c: CSRAHead(f, c, cfg["csra_lambda"], cfg["csra_temperature"], cfg["csra_normalize"]),
+    "bn_attention": lambda cfg, f, c: BNAttentionHead(f, c, cfg["csra_lambda"]),
+    "ml_decoder": lambda cfg, f, c: MLDecoderHead(f, c, cfg["mld_queries"], cfg["mld_layers"], cfg["mld_dim"]),
+    "seed_linear": lambda cfg, f, c: SeedLinearHead(f, c, cfg["seed_dropout"]),
 }
 check_registry("head", HEADS)
 
@@ -214,7 +367,7 @@ class CXRModel(nn.Module):
         raise RuntimeError(f"unsupported backbone output shape {tuple(f.shape)}")
 
     def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the head classifies: pooled features (linear/cosine) or the map (csra)."""
+        """What the head classifies: pooled features (linear, cosine, seed_linear) or the map (map heads)."""
         return self.head.pool(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

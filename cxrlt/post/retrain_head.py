@@ -29,9 +29,15 @@ tau-normalisation (`--method tau`, training-free): w_j <- w_j / ||w_j||^tau for 
 tau chosen on the val fold from TAU_GRID (tau = 0 is the unchanged head). It multiplies class j's
 scores by a positive constant, which leaves the ranking of the images for that label (its AP,
 hence the mAP) unchanged unless the scores pass through a non-linearity before the logit: of
-our heads only CSRA's spatial attention (softmax over locations, csra_temperature < 99) does. So
-it runs on such a head and is refused, with the reason, on the others (cosine: every class
-weight is normalised, all norms are 1; linear and max-pooling CSRA: a positive factor per label).
+our heads only CSRA's spatial attention on raw scores (softmax over locations, csra_temperature < 99,
+csra_normalize false) does. So it runs on such a head and is refused, with the reason, on the others
+(cosine and normalised CSRA: the scores are divided by the weight norms, so tau changes nothing;
+linear, seed_linear, bn_attention, ml_decoder and max-pooling CSRA: a positive factor per label on
+the last linear map, whose attention (if any) does not read that weight).
+
+Every head re-initialises through its own reset_parameters: bn_attention its BatchNorm (running
+statistics too), linear layer and attention conv; ml_decoder its embedding, decoder layers, group
+fully-connected output and its fixed queries (drawn again from the seed).
 
 The source run's original head is always a candidate (the first: the no-choice default), then
 each cRT epoch's head (or each tau of the grid). Every candidate's val predictions are scored on
@@ -139,17 +145,25 @@ def check_tau_applies(cfg: dict) -> None:
     from cxrlt.models.model import CSRA_MAX_TEMPERATURE
 
     head = cfg["head"]
+    positive = ("w_j/||w_j||^tau multiplies each label's score by a positive constant before its bias, which "
+                "keeps every per-label ranking, so the val mAP is the same for every tau")
     why = {
         "cosine": "the cosine head normalises every class weight (all norms are 1), so tau changes nothing",
-        "linear": "on a linear head w_j/||w_j||^tau multiplies each label's logit by a positive constant, "
-                  "which keeps every per-label ranking, so the val mAP is the same for every tau",
+        "linear": f"on a linear head {positive}",
+        "seed_linear": f"on the seed_linear head {positive}",
+        "bn_attention": f"on the bn_attention head (its attention comes from its own 1x1 conv) {positive}",
+        "ml_decoder": "the ml_decoder head has no single class weight matrix (its labels are scored by the "
+                      "group fully-connected layer, where a positive factor per label keeps every ranking)",
     }.get(head)
-    if head == "csra" and cfg["csra_temperature"] >= CSRA_MAX_TEMPERATURE:
+    if head == "csra" and cfg["csra_normalize"]:
+        why = "csra_normalize divides each class's scores by its weight's norm, so tau changes nothing"
+    elif head == "csra" and cfg["csra_temperature"] >= CSRA_MAX_TEMPERATURE:
         why = ("with csra_temperature >= 99 (max pooling) the CSRA head's logit is a positive multiple of "
                "the weight's scale, so the val mAP is the same for every tau")
     if why:
         raise InputError(f"--method tau: {why}; use --method crt (tau changes the ranking only through "
-                         f"CSRA's spatial attention, csra_temperature < {CSRA_MAX_TEMPERATURE:g})")
+                         f"CSRA's spatial attention on raw scores: csra_normalize false, csra_temperature < "
+                         f"{CSRA_MAX_TEMPERATURE:g})")
 
 
 # ---- head inputs: cached row files or the backbone on the fly -------------------------------------

@@ -266,7 +266,7 @@ def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume
     state = read_run_json(out) if has_run else None
     if has_run and state is None:
         # a run written before run.json: its train key from its config.yaml, its data assumed unchanged
-        old_cfg = {**config_mod.DEFAULTS, **config_mod.load_yaml(out / "config.yaml")}
+        old_cfg = {**config_mod.DEFAULTS, **config_mod.ABSENT_DEFAULTS, **config_mod.load_yaml(out / "config.yaml")}
         state = {"train_key": run_train_key(old_cfg), "data_key": keys["data_key"], "image_size": image_size}
     if has_run and state.get("image_size", image_size) != image_size:
         raise InputError(f"{out}: this run was trained on {state['image_size']} px images but the cache has "
