@@ -3,11 +3,13 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_cfg
 from cxrlt.core import config
 from cxrlt.core.errors import ConfigError
 from cxrlt.data.dataset import AugConfig, CacheDataset, apply_clahe, augment
+from cxrlt.training.mixing import Mixer, mix
 
 OFF = dict(hflip=0.0, rotate=0.0, scale=0.0, translate=0.0, brightness=0.0, contrast=0.0)
 # every augmentation on, each with probability 1
@@ -120,3 +122,85 @@ def test_config_keys_reach_the_augmentation_and_default_off():
     assert (d.clahe_p, d.noise_p, d.dropout_p, d.affine_p, d.color_p) == (0.0, 0.0, 0.0, 1.0, 1.0)
     with pytest.raises(ConfigError, match="variance"):
         config.resolve([], {"aug_noise_var_min": 6.0})
+
+
+# ---- mixup / cutmix ------------------------------------------------------------------------------
+def _batch(n=8, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=g), (torch.rand(n, c, generator=g) < 0.4).float()
+
+
+def test_mixup_mixes_images_and_labels_by_one_lambda():
+    x, y = _batch()
+    m = Mixer(mixup_alpha=0.4, cutmix_alpha=0.0, prob=1.0, seed=1)
+    d = m.draw(0, 0, 8, 16, 16)
+    lam, perm = d["lam"], torch.as_tensor(d["perm"])
+    assert d["kind"] == "mixup" and 0 < lam < 1 and sorted(d["perm"]) == list(range(8))
+    xm, ym = m(x, y, 0, 0)
+    assert torch.allclose(ym, lam * y + (1 - lam) * y[perm])  # the convex combination of the two label vectors
+    assert torch.allclose(xm, lam * x + (1 - lam) * x[perm])
+    assert ((ym > 0) & (ym < 1)).any()  # soft targets
+    # deterministic per (seed, epoch, batch); another batch or epoch draws anew
+    assert torch.equal(m(x, y, 0, 0)[1], ym)
+    assert not torch.equal(m(x, y, 0, 1)[1], ym) and not torch.equal(m(x, y, 1, 0)[1], ym)
+
+
+def test_cutmix_pastes_a_box_and_lambda_is_the_own_area():
+    x, y = _batch()
+    m = Mixer(mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, seed=2)
+    for b in range(10):
+        d = m.draw(0, b, 8, 16, 16)
+        y0, y1, x0, x1 = d["box"]
+        assert d["kind"] == "cutmix" and d["lam"] == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 256)
+        xm, ym = m(x, y, 0, b)
+        perm = torch.as_tensor(d["perm"])
+        inside = torch.zeros(16, 16, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert torch.equal(xm[..., inside], x[perm][..., inside]) and torch.equal(xm[..., ~inside], x[..., ~inside])
+        assert torch.allclose(ym, d["lam"] * y + (1 - d["lam"]) * y[perm])
+
+
+def test_mix_prob_and_both_kinds():
+    m = Mixer(mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.5, seed=0)
+    draws = [m.draw(0, b, 8, 16, 16) for b in range(400)]
+    assert 0.4 < np.mean([d is None for d in draws]) < 0.6
+    kinds = [d["kind"] for d in draws if d is not None]
+    assert 0.35 < np.mean([k == "cutmix" for k in kinds]) < 0.65
+    assert Mixer.from_config(tiny_cfg()) is None  # off by default
+    x, y = _batch()
+    off = Mixer(0.4, 0.0, 0.0, 0)
+    assert off(x, y, 0, 0)[1] is y
+
+
+def test_unannotated_targets_stay_masked_where_either_image_lacks_them():
+    x, y = _batch()
+    y[0, 1] = float("nan")
+    d = Mixer(0.4, 0.0, 1.0, 0).draw(0, 0, 8, 16, 16)
+    _, ym = mix(x, y, d)
+    j = int(np.flatnonzero(d["perm"] == 0)[0])  # the image mixed with image 0's labels
+    assert torch.isnan(ym[0, 1]) and torch.isnan(ym[j, 1]) and torch.isnan(ym).sum() == (2 if j != 0 else 1)
+
+
+@pytest.mark.parametrize("loss", ["ldam", "db"])
+def test_mixing_is_refused_with_a_loss_that_takes_hard_labels_only(loss):
+    with pytest.raises(ConfigError, match="mixed .soft. labels"):
+        config.resolve([], {"loss": loss, "mixup_alpha": 0.2})
+    with pytest.raises(ConfigError, match="mixed .soft. labels"):
+        config.resolve([], {"loss": loss, "cutmix_alpha": 1.0})
+    for ok in ("bce", "bce_pw", "focal", "asl", "cb"):
+        config.resolve([], {"loss": ok, "mixup_alpha": 0.2, "cutmix_alpha": 1.0})
+
+
+def test_the_trainer_feeds_mixed_labels_to_the_loss(demo_cache, tmp_path):
+    from cxrlt.training.trainer import Trainer
+
+    seen = {}
+    for name, kw in (("plain", {}), ("mixed", {"mixup_alpha": 0.4, "cutmix_alpha": 1.0})):
+        tr = Trainer(tiny_cfg(epochs=1, max_train_batches=3, **kw), str(demo_cache), str(tmp_path / name))
+        targets = []
+        forward = tr.loss_fn.forward
+        tr.loss_fn.forward = lambda z, y, mask=None, f=forward: (targets.append(y.clone()), f(z, y, mask))[1]
+        tr.train_epoch(0)
+        seen[name] = torch.cat(targets)
+    assert set(seen["plain"].unique().tolist()) <= {0.0, 1.0}
+    assert ((seen["mixed"] > 0) & (seen["mixed"] < 1)).any()

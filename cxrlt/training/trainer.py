@@ -337,6 +337,7 @@ class Trainer:
         from cxrlt.data.samplers import build_sampler
         from cxrlt.data.labelmask import annotated_counts, has_unannotated
         from cxrlt.data.external import dataset_of_rows
+        from cxrlt.training.mixing import Mixer
 
         cfg = self.cfg
         # ---- data ----
@@ -383,6 +384,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
+        self.mixer = Mixer.from_config(cfg, self.dist.rank)
         self.ddp_model = self.model
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
@@ -597,6 +599,8 @@ class Trainer:
             x = x.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
             x = self.model.normalize(x)
+            if self.mixer is not None:  # mixup / cutmix, drawn from (seed, epoch, batch, rank)
+                x, y = self.mixer(x, y, epoch, i)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             last_micro = (i + 1) % self.accum == 0
