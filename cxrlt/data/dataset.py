@@ -101,8 +101,10 @@ def augment(img: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.nda
         img = cv2.LUT(img, lut)
     if aug.noise_p > 0 and rng.random() < aug.noise_p:
         sigma = float(np.sqrt(rng.uniform(aug.noise_var_min, aug.noise_var_max)))
-        noisy = img.astype(np.float32) + rng.standard_normal(img.shape, dtype=np.float32) * sigma
-        img = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+        noisy = rng.standard_normal(img.shape, dtype=np.float32)
+        noisy *= sigma
+        noisy += img
+        img = np.clip(np.rint(noisy, out=noisy), 0, 255, out=noisy).astype(np.uint8)
     if aug.dropout_p > 0 and rng.random() < aug.dropout_p:
         img = coarse_dropout(img, aug.dropout_holes, aug.dropout_size, rng)
     return img

@@ -2,12 +2,15 @@
 
     for epoch in range(start, epochs):
         seed RNGs from (seed, epoch, rank); sampler/dataset/loss learn the epoch
-        for batch: uint8 -> device -> normalise -> forward (bf16 autocast on GPU) -> loss
+        for batch: uint8 -> device -> normalise -> (mixup/cutmix) -> forward (bf16 autocast on GPU) -> loss
                    -> backward -> (every accum_steps) clip, step, EMA update, LR from the step count
         validate on the held-out fold (EMA weights when EMA is on), all ranks' predictions gathered
         score them on the val subsets; rank 0 chooses the best epoch so far on the selection set
         log one line to metrics.jsonl; write last.pt (full state) and best.pt (the chosen epoch)
-    model.pt = the chosen epoch's weights (the file later stages read, written at the end of the run)
+        (swa_epochs: the epoch's weights join the SWA mean when it is one of the last swa_epochs)
+    swa.pt (swa_epochs > 0) = the SWA mean, BatchNorm statistics recomputed, scored on val
+    model.pt = the chosen epoch's weights (the file later stages read, written at the end of the run),
+               or swa.pt's (swa_model: swa, or compare when SWA scores at least the chosen epoch)
 
 Best epoch (cxrlt/evaluation/selection.py): every epoch's val predictions are scored on the full val fold,
 the test-like proxy subset and the two patient halves of the selection set (config select_on:
@@ -31,9 +34,9 @@ val_ap {label: AP on the full fold}. A value that is undefined (a subset without
 is null.
 
 Exact resume: every source of randomness is re-seeded from (seed, epoch) at the start of an
-epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row) and the
-LR is a pure function of the optimizer step. So last.pt only needs the model, optimizer, EMA, step
-and epoch for a resumed run to end with the same numbers as an uninterrupted one, plus what the
+epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row), mixup /
+cutmix of (seed, epoch, batch, rank), and the LR is a pure function of the optimizer step. So last.pt
+only needs the model, optimizer, EMA, the SWA mean, step and epoch for a resumed run to end with the same numbers as an uninterrupted one, plus what the
 epoch choice needs: the selection keys the run started with and the score table of the epochs so
 far ("val_table": per epoch the macro mAPs and the per-label APs of the two halves, 2 x C floats,
 which the cross-fitted honest number needs).
