@@ -351,19 +351,31 @@ def _kill_after_first_epoch(cmd, out, env=None):
     p.wait()
 
 
+# every augmentation on (CLAHE, noise, dropout and the gates: docs/augmentation.md), mixup and cutmix
+# (a loss that takes mixed labels) and SWA of the last 2 epochs
+EVERY_AUGMENTATION = ["--aug_hflip", "0.5", "--aug_affine_p", "0.6", "--aug_color_p", "0.5", "--aug_clahe_p", "0.5",
+                      "--aug_noise_p", "0.5", "--aug_dropout_p", "0.5", "--aug_dropout_size", "0.1", "--loss", "bce",
+                      "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--mix_prob", "0.8", "--swa_epochs", "2",
+                      "--swa_model", "swa"]
+
+
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted(demo_cache, tmp_path):
+@pytest.mark.parametrize("extra", [[], EVERY_AUGMENTATION], ids=["defaults", "every_augmentation_mixing_swa"])
+def test_resume_after_kill_matches_uninterrupted(demo_cache, tmp_path, extra):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_script(*_train_args(demo_cache, a), env={"OMP_NUM_THREADS": "1"})
-    _kill_after_first_epoch([sys.executable, *map(str, _train_args(demo_cache, b))], b)
+    run_script(*_train_args(demo_cache, a, *extra), env={"OMP_NUM_THREADS": "1"})
+    _kill_after_first_epoch([sys.executable, *map(str, _train_args(demo_cache, b, *extra))], b)
     assert not (b / "model.pt").exists()
-    run_script(*_train_args(demo_cache, b, "--resume"), env={"OMP_NUM_THREADS": "1"})
+    run_script(*_train_args(demo_cache, b, *extra, "--resume"), env={"OMP_NUM_THREADS": "1"})
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["epoch"] for r in rb] == [0, 1, 2]
     for x, y in zip(ra, rb):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
         assert x["val_mAP"] == pytest.approx(y["val_mAP"], rel=1e-5)
     assert _same_weights(_weights(a / "model.pt"), _weights(b / "model.pt"), atol=1e-5)
+    if extra:
+        assert load_checkpoint(b / "model.pt")["swa"]["epochs"] == [1, 2]
+        assert _same_weights(_weights(a / "swa.pt"), _weights(b / "swa.pt"), atol=1e-5)
 
 
 def _free_port() -> int:

@@ -266,5 +266,7 @@ def test_demo_ablation_trains_one_epoch_per_distinct_backbone(demo_cache, tmp_pa
     assert len(trained) == len(s.variants) - 1  # no_gating reuses the winner's run
 
 
-def test_winner_head_is_the_released_attention_head():
-    assert config.resolve(["configs/winner.yaml"])["head"] == "bn_attention"
+def test_winner_head_and_augmentations_are_the_released_ones():
+    cfg = config.resolve(["configs/winner.yaml"])
+    assert cfg["head"] == "bn_attention"
+    assert (cfg["aug_affine_p"], cfg["aug_clahe_p"], cfg["aug_noise_p"], cfg["aug_dropout_p"]) == (0.4, 0.2, 0.15, 0.15)

@@ -100,6 +100,10 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
                             "offline, files under the run folder (docs/tracking.md)"),
     "ema": (False, bool, "keep an EMA of the weights; evaluate and keep the EMA"),
     "ema_decay": (0.9999, float, "EMA decay per optimizer step"),
+    "swa_epochs": (0, int, "SWA: also average the weights at the end of each of the last this many epochs "
+                           "(BatchNorm statistics recomputed) into swa.pt (0 = off)"),
+    "swa_model": ("compare", str, "SWA: what model.pt holds: compare (the SWA weights when they score at least "
+                                  "the best epoch on the selection set) | swa | best (the best epoch)"),
     "patience": (0, int, "early stopping: epochs without val mAP gain (0 = off)"),
     # --- augmentation ------------------------------------------------------------------
     "aug_hflip": (0.5, float, "probability of a horizontal flip"),
@@ -108,6 +112,21 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "aug_translate": (0.05, float, "max shift as a fraction of the image size"),
     "aug_brightness": (0.1, float, "max brightness change (fraction of 255)"),
     "aug_contrast": (0.1, float, "max contrast change (fraction)"),
+    "aug_affine_p": (1.0, float, "probability of the rotate/zoom/shift warp (the flip has aug_hflip)"),
+    "aug_color_p": (1.0, float, "probability of the brightness/contrast change"),
+    "aug_clahe_p": (0.0, float, "probability of CLAHE (OpenCV; 0 = off)"),
+    "aug_clahe_clip": (2.0, float, "CLAHE clip limit, drawn uniformly from [1, this] (as albumentations)"),
+    "aug_clahe_tiles": (8, int, "CLAHE tile grid: tiles x tiles"),
+    "aug_noise_p": (0.0, float, "probability of additive Gaussian noise (0 = off)"),
+    "aug_noise_var_min": (1.0, float, "Gaussian noise variance, lowest (grey levels^2, 0-255 scale)"),
+    "aug_noise_var_max": (5.0, float, "Gaussian noise variance, highest (grey levels^2, 0-255 scale)"),
+    "aug_dropout_p": (0.0, float, "probability of coarse dropout (cutout; 0 = off)"),
+    "aug_dropout_holes": (6, int, "coarse dropout: holes (squares set to 0) per image"),
+    "aug_dropout_size": (0.046875, float, "coarse dropout: hole side, fraction of the image side (24 px at 512)"),
+    "mixup_alpha": (0.0, float, "mixup: Beta(alpha, alpha) mixing weight of images and labels (0 = off)"),
+    "cutmix_alpha": (0.0, float, "cutmix: Beta(alpha, alpha) area weight of images and labels (0 = off)"),
+    "mix_prob": (1.0, float, "probability that a batch is mixed when mixup/cutmix is on (both on: one of "
+                             "them at random, half each)"),
     # --- data / run --------------------------------------------------------------------
     "val_fold": (0, int, "fold of the index held out for validation"),
     "seed": (0, int, "random seed"),
@@ -187,6 +206,7 @@ RANGES: dict[str, str] = {
     "accum_steps": ">= 1",
     "head_warmup_epochs": ">= 0",
     "ema_decay": "(0, 1)",
+    "swa_epochs": ">= 0",
     "patience": ">= 0",
     "aug_hflip": "[0, 1]",
     "aug_rotate": "[0, 180]",
@@ -194,6 +214,20 @@ RANGES: dict[str, str] = {
     "aug_translate": "[0, 1)",
     "aug_brightness": "[0, 1]",
     "aug_contrast": "[0, 1)",
+    "aug_affine_p": "[0, 1]",
+    "aug_color_p": "[0, 1]",
+    "aug_clahe_p": "[0, 1]",
+    "aug_clahe_clip": ">= 1",
+    "aug_clahe_tiles": "[1, 64]",
+    "aug_noise_p": "[0, 1]",
+    "aug_noise_var_min": ">= 0",
+    "aug_noise_var_max": ">= 0",
+    "aug_dropout_p": "[0, 1]",
+    "aug_dropout_holes": "[0, 1000]",
+    "aug_dropout_size": "[0, 1]",
+    "mixup_alpha": ">= 0",
+    "cutmix_alpha": ">= 0",
+    "mix_prob": "[0, 1]",
     "val_fold": ">= 0",
     "seed": "[0, 4294967295]",  # numpy's legacy seeding takes 32 bits
     "workers": ">= 0",
@@ -220,6 +254,17 @@ RELATIONS: list[tuple[tuple[str, ...], object, str]] = [
      "the separate head phase (head_warmup_lr) takes every epoch: raise epochs above head_warmup_epochs"),
     (("mld_dim",), lambda c: c["mld_dim"] % 8 == 0,
      "mld_dim must be a multiple of 8 (the ML-Decoder's attention heads)"),
+    (("aug_noise_var_min", "aug_noise_var_max"), lambda c: c["aug_noise_var_min"] <= c["aug_noise_var_max"],
+     "the lowest Gaussian noise variance is above the highest"),
+    (("mixup_alpha", "cutmix_alpha", "loss"),
+     lambda c: not (c["mixup_alpha"] or c["cutmix_alpha"]) or c["loss"] not in HARD_LABEL_LOSSES,
+     "mixup/cutmix train on mixed (soft) labels, which this loss cannot take: its targets enter the loss "
+     "beyond the linear y * positive + (1 - y) * negative terms (ldam, margin_bce: a margin y * m; db: weights "
+     "from each image's positive labels); use bce, bce_pw, focal, asl or cb"),
+    (("mixup_alpha", "cutmix_alpha", "pseudo_labels"),
+     lambda c: not (c["mixup_alpha"] or c["cutmix_alpha"]) or not c["pseudo_labels"],
+     "mixup/cutmix with pseudo-labels is not supported (a mixed pair of a real and a pseudo-labelled image "
+     "would have no single sample weight): turn one of them off"),
 ]
 
 # String keys whose values follow a pattern (the help text says which).
@@ -258,6 +303,12 @@ LATER_KEYS = {
     "head_weight_decay": -1.0, "head_warmup_lr": 0.0,
     "csra_normalize": lambda c: c["head"] != "csra",
     "mld_queries": 100, "mld_layers": 1, "mld_dim": 768, "seed_dropout": 0.5,
+    "aug_affine_p": 1.0, "aug_color_p": 1.0, "aug_clahe_p": 0.0, "aug_noise_p": 0.0, "aug_dropout_p": 0.0,
+    "aug_clahe_clip": lambda c: c["aug_clahe_p"] == 0, "aug_clahe_tiles": lambda c: c["aug_clahe_p"] == 0,
+    "aug_noise_var_min": lambda c: c["aug_noise_p"] == 0, "aug_noise_var_max": lambda c: c["aug_noise_p"] == 0,
+    "aug_dropout_holes": lambda c: c["aug_dropout_p"] == 0, "aug_dropout_size": lambda c: c["aug_dropout_p"] == 0,
+    "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": lambda c: not (c["mixup_alpha"] or c["cutmix_alpha"]),
+    "swa_epochs": 0, "swa_model": lambda c: c["swa_epochs"] == 0,
 }
 
 
@@ -290,6 +341,9 @@ ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", 
 # (cxrlt/pipeline/plan.py) checks every config at parse time, in well under a second.
 HEAD_NAMES = ("linear", "cosine", "csra", "bn_attention", "ml_decoder", "seed_linear")
 LOSS_NAMES = ("bce", "bce_pw", "focal", "asl", "cb", "ldam", "db", "margin_bce")
+# losses whose targets enter beyond y * positive + (1 - y) * negative (cxrlt/models/losses.py): they take
+# 0/1 labels only, so mixup/cutmix (mixed labels) is refused with them (RELATIONS)
+HARD_LABEL_LOSSES = ("ldam", "db", "margin_bce")
 SAMPLER_NAMES = ("instance", "class_aware", "repeat_factor")
 TTA_NAMES = ("none", "flip", "flip_scale", "medium", "released_medium")
 ENSEMBLE_METHODS = ("mean", "rank", "weighted", "greedy")  # ensemble.py --method, Make's ENSEMBLE
@@ -311,6 +365,7 @@ CHOICES = {
     "rfs_rounding": ("stochastic", "round"),
     "rfs_epoch": ("fixed", "expanded"),
     "train_projections": ("all", "frontal"),
+    "swa_model": ("compare", "swa", "best"),
 }
 # keys whose value is a comma-separated list of CHOICES
 LIST_CHOICES = {"logger": ("none", "tensorboard", "wandb", "mlflow")}

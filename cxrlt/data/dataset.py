@@ -3,8 +3,8 @@
 The cache (see cxrlt/data/cache.py) holds every image as uint8 (size x size). A sample is read
 straight from images.npy (a pread of its row, cxrlt.data.rowfile: nothing stays mapped, so a loader
 worker's resident memory does not grow with the number of images it has read), augmented
-cheaply on the CPU in uint8 (one affine warp that does flip + rotation + zoom + shift, then a
-brightness/contrast lookup table) and handed to the device as uint8: conversion to float and
+cheaply on the CPU in uint8 (one affine warp that does flip + rotation + zoom + shift, CLAHE, a
+brightness/contrast lookup table, Gaussian noise, coarse dropout: docs/augmentation.md) and handed to the device as uint8: conversion to float and
 normalisation happen on the device in the training step (`model.normalize`), which keeps the
 loader's work and the host->device copy 4x smaller.
 
@@ -30,21 +30,51 @@ class AugConfig:
     translate: float = 0.05  # max shift, fraction of size
     brightness: float = 0.1  # max additive change, fraction of 255
     contrast: float = 0.1  # max multiplicative change
+    affine_p: float = 1.0  # probability of the rotate/zoom/shift part of the warp (the flip has its own)
+    color_p: float = 1.0  # probability of the brightness/contrast change
+    clahe_p: float = 0.0  # probability of CLAHE
+    clahe_clip: float = 2.0  # CLAHE clip limit: drawn uniformly from [1, clahe_clip] (as albumentations)
+    clahe_tiles: int = 8  # CLAHE tile grid (tiles x tiles)
+    noise_p: float = 0.0  # probability of additive Gaussian noise
+    noise_var_min: float = 1.0  # its variance, drawn uniformly from [min, max], in grey levels^2 (0-255 scale)
+    noise_var_max: float = 5.0
+    dropout_p: float = 0.0  # probability of coarse dropout (cutout)
+    dropout_holes: int = 6  # holes of it, each dropout_size x dropout_size, filled with 0
+    dropout_size: float = 24 / 512  # hole side, fraction of the image side (24 px at 512)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "AugConfig":
         return cls(
             hflip=cfg["aug_hflip"], rotate=cfg["aug_rotate"], scale=cfg["aug_scale"],
             translate=cfg["aug_translate"], brightness=cfg["aug_brightness"], contrast=cfg["aug_contrast"],
+            affine_p=cfg["aug_affine_p"], color_p=cfg["aug_color_p"],
+            clahe_p=cfg["aug_clahe_p"], clahe_clip=cfg["aug_clahe_clip"], clahe_tiles=cfg["aug_clahe_tiles"],
+            noise_p=cfg["aug_noise_p"], noise_var_min=cfg["aug_noise_var_min"], noise_var_max=cfg["aug_noise_var_max"],
+            dropout_p=cfg["aug_dropout_p"], dropout_holes=cfg["aug_dropout_holes"], dropout_size=cfg["aug_dropout_size"],
         )
 
     @property
     def is_identity(self) -> bool:
-        return not any([self.hflip, self.rotate, self.scale, self.translate, self.brightness, self.contrast])
+        affine = self.affine_p > 0 and any([self.rotate, self.scale, self.translate])
+        color = self.color_p > 0 and any([self.brightness, self.contrast])
+        noise = self.noise_p > 0 and self.noise_var_max > 0
+        dropout = self.dropout_p > 0 and self.dropout_holes > 0 and self.dropout_size > 0
+        return not any([self.hflip, affine, color, self.clahe_p, noise, dropout])
+
+
+def apply_clahe(img: np.ndarray, clip: float, tiles: int) -> np.ndarray:
+    """CLAHE (OpenCV) of a uint8 HxW image: clip limit `clip`, a tiles x tiles grid."""
+    return cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(int(tiles), int(tiles))).apply(img)
 
 
 def augment(img: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.ndarray:
-    """Random flip/rotate/zoom/shift (one warp) and brightness/contrast on a uint8 HxW image."""
+    """Augment a uint8 HxW image, in this order (the winner's albumentations pipeline, see
+    docs/augmentation.md): flip and (with probability affine_p) rotate/zoom/shift as one warp;
+    CLAHE (clahe_p); brightness/contrast (color_p); Gaussian noise (noise_p); coarse dropout
+    (dropout_p). Every draw comes from `rng`. The first seven draws are those of the flip /
+    rotate / zoom / shift / brightness / contrast augmentation alone, taken whatever the
+    probabilities; each further draw is taken only when its probability is not 0 (or, for the
+    two gates affine_p and color_p, not 1): the defaults give the pixels of that augmentation."""
     h, w = img.shape
     flip = rng.random() < aug.hflip
     angle = rng.uniform(-aug.rotate, aug.rotate)
@@ -52,6 +82,10 @@ def augment(img: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.nda
     tx, ty = rng.uniform(-aug.translate, aug.translate, size=2) * (w, h)
     alpha = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
     beta = rng.uniform(-aug.brightness, aug.brightness) * 255.0
+    if aug.affine_p < 1 and not rng.random() < aug.affine_p:
+        angle, zoom, tx, ty = 0.0, 1.0, 0.0, 0.0
+    if aug.color_p < 1 and not rng.random() < aug.color_p:
+        alpha, beta = 1.0, 0.0
 
     if flip or angle or zoom != 1.0 or tx or ty:
         m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, zoom)
@@ -59,10 +93,33 @@ def augment(img: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.nda
             m = m @ np.array([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
         m[:, 2] += (tx, ty)
         img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if aug.clahe_p > 0 and rng.random() < aug.clahe_p:
+        img = apply_clahe(img, rng.uniform(1.0, max(1.0, aug.clahe_clip)), aug.clahe_tiles)
     if alpha != 1.0 or beta:
         # contrast around the mid-grey, then brightness, through a 256-entry lookup table
         lut = np.clip((np.arange(256, dtype=np.float32) - 127.5) * alpha + 127.5 + beta, 0, 255).astype(np.uint8)
         img = cv2.LUT(img, lut)
+    if aug.noise_p > 0 and rng.random() < aug.noise_p:
+        sigma = float(np.sqrt(rng.uniform(aug.noise_var_min, aug.noise_var_max)))
+        noisy = rng.standard_normal(img.shape, dtype=np.float32)
+        noisy *= sigma
+        noisy += img
+        img = np.clip(np.rint(noisy, out=noisy), 0, 255, out=noisy).astype(np.uint8)
+    if aug.dropout_p > 0 and rng.random() < aug.dropout_p:
+        img = coarse_dropout(img, aug.dropout_holes, aug.dropout_size, rng)
+    return img
+
+
+def coarse_dropout(img: np.ndarray, holes: int, size: float, rng: np.random.Generator) -> np.ndarray:
+    """`holes` squares of side round(size x image side) (at least 1 px) set to 0, each at a
+    uniformly drawn position wholly inside the image (they may overlap)."""
+    h, w = img.shape
+    sh, sw = max(1, min(h, round(size * h))), max(1, min(w, round(size * w)))
+    ys = rng.integers(0, h - sh + 1, size=holes)
+    xs = rng.integers(0, w - sw + 1, size=holes)
+    img = img.copy()
+    for y0, x0 in zip(ys, xs):
+        img[y0:y0 + sh, x0:x0 + sw] = 0
     return img
 
 

@@ -14,7 +14,8 @@ Keys of a checkpoint written by train.py / retrain_head.py:
   image_size   side of the cache images it was trained on (predict/cRT/resume refuse another size)
   train_key, data_key  what the weights were trained from (config.train_key, the cache's key)
   (old files only) logit_scale: LDAM's s, now held by the model's head (load_trained sets it)
-  (last.pt only) optimizer, scheduler, ema, rng, ... for exact resume; selection_keys and
+  swa          (swa.pt, and model.pt when it holds the SWA weights) the SWA record (cxrlt/training/trainer.py)
+  (last.pt only) optimizer, scheduler, ema, swa (the running mean), rng, ... for exact resume; selection_keys and
                val_table (the per-epoch scores the epoch choice needs)
 """
 

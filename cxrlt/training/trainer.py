@@ -2,12 +2,15 @@
 
     for epoch in range(start, epochs):
         seed RNGs from (seed, epoch, rank); sampler/dataset/loss learn the epoch
-        for batch: uint8 -> device -> normalise -> forward (bf16 autocast on GPU) -> loss
+        for batch: uint8 -> device -> normalise -> (mixup/cutmix) -> forward (bf16 autocast on GPU) -> loss
                    -> backward -> (every accum_steps) clip, step, EMA update, LR from the step count
         validate on the held-out fold (EMA weights when EMA is on), all ranks' predictions gathered
         score them on the val subsets; rank 0 chooses the best epoch so far on the selection set
         log one line to metrics.jsonl; write last.pt (full state) and best.pt (the chosen epoch)
-    model.pt = the chosen epoch's weights (the file later stages read, written at the end of the run)
+        (swa_epochs: the epoch's weights join the SWA mean when it is one of the last swa_epochs)
+    swa.pt (swa_epochs > 0) = the SWA mean, BatchNorm statistics recomputed, scored on val
+    model.pt = the chosen epoch's weights (the file later stages read, written at the end of the run),
+               or swa.pt's (swa_model: swa, or compare when SWA scores at least the chosen epoch)
 
 Best epoch (cxrlt/evaluation/selection.py): every epoch's val predictions are scored on the full val fold,
 the test-like proxy subset and the two patient halves of the selection set (config select_on:
@@ -31,9 +34,9 @@ val_ap {label: AP on the full fold}. A value that is undefined (a subset without
 is null.
 
 Exact resume: every source of randomness is re-seeded from (seed, epoch) at the start of an
-epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row) and the
-LR is a pure function of the optimizer step. So last.pt only needs the model, optimizer, EMA, step
-and epoch for a resumed run to end with the same numbers as an uninterrupted one, plus what the
+epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row), mixup /
+cutmix of (seed, epoch, batch, rank), and the LR is a pure function of the optimizer step. So last.pt
+only needs the model, optimizer, EMA, the SWA mean, step and epoch for a resumed run to end with the same numbers as an uninterrupted one, plus what the
 epoch choice needs: the selection keys the run started with and the score table of the epochs so
 far ("val_table": per epoch the macro mAPs and the per-label APs of the two halves, 2 x C floats,
 which the cross-fitted honest number needs).
@@ -357,6 +360,8 @@ class Trainer:
         from cxrlt.data.samplers import build_sampler
         from cxrlt.data.labelmask import annotated_counts, has_unannotated
         from cxrlt.data.external import dataset_of_rows
+        from cxrlt.training.mixing import Mixer
+        from cxrlt.training.swa import SWA
 
         cfg = self.cfg
         # ---- data ----
@@ -402,6 +407,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
+        self.mixer = Mixer.from_config(cfg, self.dist.rank)
+        self.swa = SWA(cfg["swa_epochs"]) if cfg["swa_epochs"] > 0 else None
+        self.swa_record = None
         self.ddp_model = self.model
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
@@ -530,6 +538,8 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.ema is not None and "ema" in ck:
             self.ema.load_state_dict(ck["ema"])
+        if self.swa is not None and "swa" in ck:
+            self.swa.load_state_dict(ck["swa"])
         self.start_epoch = int(ck["epoch"]) + 1
         self.step = int(ck["step"])
         self.best_map = float(ck["best_map"])
@@ -556,7 +566,8 @@ class Trainer:
         if self.dist.is_main:
             write_json(self.out / "run.json", {**self._run_state(), "epochs_done": self.start_epoch,
                                                "best_map": self.best_map, "best_epoch": self.best_epoch,
-                                               "bad_epochs": self.bad_epochs, "selection": self.selection})
+                                               "bad_epochs": self.bad_epochs, "selection": self.selection,
+                                               **({"swa": self.swa_record} if self.swa_record else {})})
 
     def _meta(self, epoch: int) -> dict:
         return {
@@ -620,6 +631,8 @@ class Trainer:
             x = x.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
             x = self.model.normalize(x)
+            if self.mixer is not None:  # mixup / cutmix, drawn from (seed, epoch, batch, rank)
+                x, y = self.mixer(x, y, epoch, i)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             last_micro = (i + 1) % self.accum == 0
@@ -663,13 +676,13 @@ class Trainer:
             "data_wait_frac": wait / max(elapsed, 1e-9), "train_time_s": elapsed,
         }
 
-    def validate(self) -> np.ndarray:
-        """(n_val, C) val probabilities in val-row order, on every rank."""
+    def validate(self, model=None) -> np.ndarray:
+        """(n_val, C) val probabilities in val-row order, on every rank (of the eval model, or `model`)."""
         from cxrlt.data.dataset import make_loader
 
         loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"],
                              pin_memory=self.device.type == "cuda")
-        rows, probs = predict_tta(self._eval_model(), loader, self.device, "none", amp=self.amp,
+        rows, probs = predict_tta(model or self._eval_model(), loader, self.device, "none", amp=self.amp,
                                   channels_last=self.channels_last, progress=False, desc="val")
         gathered = D.all_gather_objects((rows, probs), self.dist)
         gathered = [g for g in gathered if len(g[0])]  # a rank may hold no val row
@@ -683,6 +696,62 @@ class Trainer:
         p = np.empty_like(probs)
         p[pos] = probs
         return p
+
+    # ---- SWA (cxrlt/training/swa.py) ----------------------------------------------------------
+    def _bn_batches(self, epoch: int):
+        """The training batches of `epoch` (its order and augmentations), normalised on the device."""
+        from cxrlt.data.dataset import make_loader
+
+        cfg, dev = self.cfg, self.device
+        seed_everything(cfg["seed"], epoch, self.dist.rank)
+        self.sampler.set_epoch(epoch)
+        self.train_ds.set_epoch(epoch)
+        loader = make_loader(self.train_ds, cfg["batch_size"], sampler=self.sampler, workers=cfg["workers"],
+                             drop_last=True, pin_memory=dev.type == "cuda")
+        for _, (x, _y, _extra) in zip(range(self.batches_per_epoch), loader):
+            x = self.model.normalize(x.to(dev, non_blocking=True))
+            yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _finish_swa(self) -> None:
+        """The SWA weights: BatchNorm statistics recomputed, scored on val like an epoch, written
+        to swa.pt with their record ("swa"); "chosen" says whether model.pt takes them: always
+        (swa_model swa), never (best), or (compare) when their selection-set mAP is at least the
+        best epoch's."""
+        from cxrlt.training.swa import batchnorms, recompute_bn, window
+
+        cfg, swa = self.cfg, self.swa
+        if not swa.epochs:
+            win = window(cfg["epochs"], swa.k)
+            log.info(f"SWA: the run stopped before its window (epochs {win.start + 1}-{win.stop}): no swa.pt")
+            return
+        model = swa.averaged(self.model)
+        n_bn = 0
+        if batchnorms(model):
+            with autocast_ctx(self.device, self.amp):
+                n_bn = recompute_bn(model, self._bn_batches(swa.epochs[-1]))
+            for bn in batchnorms(model):  # each rank saw its share: the mean of the ranks' statistics
+                for t in (bn.running_mean, bn.running_var):
+                    D.sum_(t, self.dist).div_(self.dist.world)
+        p = self.validate(model)
+        if self.dist.is_main:
+            v = score(self.y_val, p)
+            row = score_row(self.y_val, self.sets, lambda idx: p[idx])
+            so = self.sets["select_on"]
+            best = self.table[self.best_epoch][so] if 0 <= self.best_epoch < len(self.table) else float("nan")
+            chosen = cfg["swa_model"] == "swa" or (cfg["swa_model"] == "compare" and bool(row[so] >= best))
+            self.swa_record = {
+                "epochs": list(swa.epochs), "bn_batches": n_bn, "swa_model": cfg["swa_model"], "chosen": chosen,
+                "select_on": so, "val_mAP": json_float(v["mAP"]), "val_mAUC": json_float(v["mAUC"]),
+                "val_proxy_mAP": json_float(row["proxy"]), "val_select_mAP": json_float(row[so]),
+                "best_epoch_select_mAP": json_float(best)}
+            torch_save({**self._meta(swa.epochs[-1]), "model": model.state_dict(), "swa": self.swa_record},
+                       self.out / "swa.pt")
+            self._write_run_json()
+            log.info(f"SWA of epochs {swa.epochs[0] + 1}-{swa.epochs[-1] + 1}"
+                     + (f" (BatchNorm statistics recomputed on {n_bn} batches)" if n_bn else "")
+                     + f": val mAP {_fmt(v['mAP'])}, {so} {_fmt(row[so])} (best epoch {_fmt(best)}); "
+                     f"model.pt holds the {'SWA' if chosen else 'best epoch'} weights (swa_model {cfg['swa_model']})")
+        D.barrier(self.dist)
 
     # ---- the loop -----------------------------------------------------------------------
     def _settle(self) -> dict:
@@ -704,11 +773,19 @@ class Trainer:
 
     def _write_model_pt(self) -> None:
         """model.pt = best.pt's weights, described by the current config (an extended run's
-        best epoch may date from before its epochs/patience were raised)."""
+        best epoch may date from before its epochs/patience were raised); swa.pt's when it was
+        chosen (cfg swa_model, _finish_swa)."""
         best = load_checkpoint(self.out / "best.pt")
         best["config"] = dict(self.cfg)
         if self.selection is not None:  # the honest number of the whole run's choice, not best.pt's
             best["selection"] = self.selection
+        swa_pt = self.out / "swa.pt"
+        swa = load_checkpoint(swa_pt) if self.cfg["swa_epochs"] > 0 and swa_pt.exists() else None
+        if swa is not None and swa["swa"]["chosen"]:
+            r = swa["swa"]
+            best = {**best, "model": swa["model"], "best_map": r["val_mAP"], "swa": r}
+            best["selection"] = {**(best.get("selection") or {}), "weights": "swa",
+                                 **{k: r[k] for k in ("val_mAP", "val_proxy_mAP", "val_select_mAP")}}
         torch_save(best, self.out / "model.pt")
         log.info(f"done: {_selection_text(best.get('selection'), int(best['best_epoch']))}; "
                  f"weights in {self.out / 'model.pt'}")
@@ -728,11 +805,15 @@ class Trainer:
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
         so = self.sets["select_on"]
         tracker = tracking.start(self.out, cfg, self.dist.is_main)
+        if self.dist.is_main:  # an earlier end's SWA (before epochs were raised) is not this run's
+            (self.out / "swa.pt").unlink(missing_ok=True)
         for epoch in range(self.start_epoch, cfg["epochs"]):
             if self.ema is not None and cfg["head_warmup_lr"] > 0 and epoch == cfg["head_warmup_epochs"] > 0:
                 self.ema.restart()  # the separate head phase is over: the EMA averages the full training only
                 log.info(f"epoch {epoch + 1}: head-only phase over, EMA restarted from the current weights")
             stats = self.train_epoch(epoch)
+            if self.swa is not None:
+                self.swa.add(self.model, epoch, cfg["epochs"])
             p = self.validate()
             # rank 0 decides; every rank takes its decision (patience must stop all of them together)
             d = D.broadcast_object(self._select(epoch, p) if self.dist.is_main else None, self.dist)
@@ -755,6 +836,8 @@ class Trainer:
                         "val_table": [_plain_row(t) for t in self.table]}
                 if self.ema is not None:
                     last["ema"] = self.ema.state_dict()
+                if self.swa is not None:
+                    last["swa"] = self.swa.state_dict()
                 torch_save(last, self.out / "last.pt")  # written after metrics: it marks the epoch done
                 self._write_run_json()
                 log.info(f"epoch {epoch + 1}/{cfg['epochs']}  loss {stats['train_loss']:.4f}  "
@@ -766,6 +849,8 @@ class Trainer:
             if cfg["patience"] and self.bad_epochs >= cfg["patience"]:
                 log.info(f"early stop: no val mAP gain on {so} for {cfg['patience']} epochs")
                 break
+        if self.swa is not None:
+            self._finish_swa()
         if self.dist.is_main:
             self._write_model_pt()
         tracker.finish()
