@@ -351,6 +351,16 @@ CENTRE_MIN_IMAGES = 10
 CENTRE_MIN_POSITIVES = 5
 
 
+def centre_too_few(y) -> str:
+    """Why a centre's labels (n, C) are too few to score ('' when they are not)."""
+    y = np.asarray(y)
+    n_pos = int((np.nan_to_num(y.astype(np.float64)) > 0.5).sum())
+    if len(y) >= CENTRE_MIN_IMAGES and n_pos >= CENTRE_MIN_POSITIVES:
+        return ""
+    return (f"too few to score ({len(y)} images, {n_pos} positives; needs >= {CENTRE_MIN_IMAGES} images "
+            f"and >= {CENTRE_MIN_POSITIVES} positives)")
+
+
 def per_centre_map(y, p, centres, groups=None, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
                    level: float = 0.95) -> dict:
     """{centre: {"n_images", "n_positives", "scored", and "mAP", "low", "high", "unit", "n_units"
@@ -367,9 +377,9 @@ def per_centre_map(y, p, centres, groups=None, n_boot: int = N_BOOT, seed: int =
         idx = np.flatnonzero(centres == name)
         n_pos = int(y[idx].sum())
         entry = {"n_images": int(len(idx)), "n_positives": n_pos}
-        if len(idx) < CENTRE_MIN_IMAGES or n_pos < CENTRE_MIN_POSITIVES:
-            entry.update(scored=False, why=f"too few to score ({len(idx)} images, {n_pos} positives; needs "
-                                           f">= {CENTRE_MIN_IMAGES} images and >= {CENTRE_MIN_POSITIVES} positives)")
+        why = centre_too_few(y[idx])
+        if why:
+            entry.update(scored=False, why=why)
         else:
             g = None if groups is None else np.asarray(groups)[idx]
             b = bootstrap_map(raw[idx], p[idx], g, n_boot=n_boot, seed=seed, level=level)
