@@ -444,6 +444,12 @@ def _resolve_paths(image_dir, image_ids) -> list[str | None]:
     return paths
 
 
+def find_images(image_dir, image_ids) -> list[str | None]:
+    """Where the images of `image_ids` are under image_dir (None: not found), by the rule the
+    cache builder follows (top folder first, then subfolders such as NIH's images_001/images/)."""
+    return _resolve_paths(image_dir, list(image_ids))
+
+
 def _walk_names(image_dir: str, wanted: set[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     for root, _dirs, files in os.walk(image_dir):
