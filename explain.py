@@ -80,6 +80,7 @@ def pointing(a, model, ck, device) -> None:
     from pathlib import Path
 
     from cxrlt.core.errors import InputError
+    from cxrlt.data.cache_build import find_images
     from cxrlt.explain import image_size, images_from_cache, pointing_game, read_boxes
     from cxrlt.core.fileio import write_json
 
@@ -89,10 +90,11 @@ def pointing(a, model, ck, device) -> None:
     images, ids, y, _ = images_from_cache(a.cache, None, None, ck["config"]["val_fold"])
     wanted = set(boxes["ImageID"]) & set(ids)
     sizes = {}
-    for i in sorted(wanted):
-        f = Path(a.image_dir) / i
-        if not f.is_file():
-            raise InputError(f"{f}: not found (--image-dir must hold the images the boxes refer to)")
+    wanted = sorted(wanted)
+    for i, f in zip(wanted, find_images(a.image_dir, wanted)):  # subfolders too (NIH's images_001/images/)
+        if f is None:
+            raise InputError(f"{Path(a.image_dir) / i}: not found (--image-dir must hold the images the boxes "
+                             f"refer to)")
         sizes[i] = image_size(f)
     res = pointing_game(model, ck, images, ids, y, boxes, sizes, a.method, a.layer, device)
     write_json(Path(a.out) / "pointing.json", res)

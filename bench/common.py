@@ -107,7 +107,7 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
       images.npy     uint8 (n_train + n_val + n_test, size, size), written through a memmap in
                      chunks (so 20,000 x 256 px never sits in memory): a smooth chest-like blob
                      plus per-image noise (no all-zero pages, which the OS could share)
-      index.csv      row, ImageID, StudyDate_DICOM, PatientID, study, patient, projection, split,
+      index.csv      row, ImageID, StudyDate_DICOM, PatientID, study, patient, projection, centre, split,
                      fold, one 0/1 column per label (one image per study and patient, PA).
                      Rows 0..n_val-1: train split, fold 0 (the default val_fold); then n_train train
                      rows in folds 1..4; then n_test test rows (fold -1, labels empty)
@@ -134,7 +134,8 @@ def write_synthetic_cache(out, n_train: int, size: int, n_val: int = 0, n_test: 
     fold = [0] * n_val + [1 + i % 4 for i in range(n_train)] + [-1] * n_test
     ids, patients = [f"syn{i:07d}.png" for i in range(n)], [f"P{i:07d}" for i in range(n)]
     index = pd.DataFrame({"row": np.arange(n), "ImageID": ids, "StudyDate_DICOM": "20200101", "PatientID": patients,
-                          "study": ids, "patient": patients, "projection": "PA", "split": split, "fold": fold})
+                          "study": ids, "patient": patients, "projection": "PA", "centre": "unknown", "split": split,
+                          "fold": fold})
     y = _long_tail_labels(rng, n_val, n_train, len(labels))
     for j, lab in enumerate(labels):
         col = pd.array(np.concatenate([y[:, j], np.zeros(n_test, np.int8)]), dtype="Int8")

@@ -113,7 +113,7 @@ def demo_test_cache(demo_caches) -> Path:
 
 
 class IndexCache:
-    """The Cache API (rows, targets, ids, study/patient keys, projections, frontal) over a hand-made
+    """The Cache API (rows, targets, ids, study/patient keys, projections, centres, frontal) over a hand-made
     index DataFrame (row == position; columns split, fold, ImageID, study, patient, projection and
     the labels), for tests of code that reads keys without building a cache."""
 
@@ -144,6 +144,13 @@ class IndexCache:
 
     def projections(self, rows):
         return self._col("projection", rows)
+
+    def centres(self, rows):
+        if "centre" in self.index:
+            return self._col("centre", rows)
+        from cxrlt.data.identity import centre
+
+        return np.array([centre(i) for i in self.ids(rows)], dtype=object)
 
     def frontal(self, rows):
         proj = self.projections(rows)

@@ -40,6 +40,24 @@ ID_SHAPES = {
     "uid": re.compile(r"^\d{20,45}_\d{2}-\d{3}-\d{3}\.png$"),
 }
 LOSSY_PATIENT_ID = re.compile(r"^[1-9]\.\d{2}E\+(2[89]|3[0-8])$")
+# The second centre's images (cxrlt.synth.cohort.make_nih_cohort): NIH ChestX-ray14's ImageIDs.
+NIH_ID = re.compile(r"^\d{8}_\d{3}\.png$")
+
+
+def _is_nih(image_id: str) -> bool:
+    return bool(NIH_ID.match(image_id))
+
+
+def _path(root, image_id: str) -> Path:
+    """Where an image is: PadChest-shaped under images/, NIH-shaped in NIH's images_NNN/images/."""
+    if _is_nih(image_id):
+        return root / "images" / cohort.nih_folder(image_id) / image_id
+    return root / "images" / image_id
+
+
+def _padchest(df: pd.DataFrame) -> pd.DataFrame:
+    """The PadChest-shaped rows of a table (the facts of PadChest hold for them)."""
+    return df[~df.ImageID.map(_is_nih)]
 
 
 def _gen(out, **kw):
@@ -75,6 +93,8 @@ def _meta(root):
 
 
 def _study_of(image_id: str) -> str:
+    if _is_nih(image_id):
+        return image_id[:-4]  # every NIH image is a visit of its own
     return re.sub(r"_[^_]+\.png$", "", image_id)
 
 
@@ -115,7 +135,11 @@ def test_test_list_and_removal_are_shaped_like_the_official_files(ds):
             fields = line.split(",")
             assert len(fields) - 1 == real_fields[1], (name, line)  # 30 empty columns in the list
             assert all(f == "" for f in fields[3:])
-            assert LOSSY_PATIENT_ID.match(fields[2]) and re.fullmatch(r"\d{8}", fields[1])
+            assert re.fullmatch(r"\d{8}", fields[1])
+            if _is_nih(fields[0]):
+                assert re.fullmatch(r"[1-9]\d{0,4}", fields[2])  # NIH's plain Patient ID
+            else:
+                assert LOSSY_PATIENT_ID.match(fields[2])
     assert len(_csv(root, synth.TEST_LIST_NAME)) == N_TEST
 
 
@@ -141,8 +165,8 @@ def test_id_shapes_are_padchest_shapes_and_give_the_study_id(ds):
     shapes = meta.ImageID.map(_shape)
     assert shapes.notna().all(), meta.ImageID[shapes.isna()].tolist()
     assert (meta.ImageID.map(_study_of) == meta.StudyID).all()
-    csv_ids = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")]).ImageID
-    assert sorted(meta.ImageID) == sorted(csv_ids)  # one metadata row per image
+    csv_ids = _padchest(pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")])).ImageID
+    assert sorted(meta.ImageID) == sorted(csv_ids)  # one metadata row per PadChest image
 
 
 def test_cohort_id_shape_mix(big_cohort):
@@ -166,7 +190,7 @@ def test_cohort_id_shape_mix(big_cohort):
 def test_patient_ids_exact_in_metadata_lossy_in_csvs(ds):
     root, summary = ds
     meta = _meta(root).set_index("ImageID")
-    rows = pd.concat([_csv(root, "train.csv"), _csv(root, synth.TEST_LIST_NAME)])
+    rows = _padchest(pd.concat([_csv(root, "train.csv"), _csv(root, synth.TEST_LIST_NAME)]))
     exact = rows.ImageID.map(meta.PatientID)
     assert exact.str.fullmatch(r"\d{30,39}").all()
     assert (rows.PatientID == exact.map(lambda n: f"{int(n):.2E}")).all()
@@ -226,11 +250,11 @@ def test_training_studies_pair_pa_with_lateral(big_cohort):
 def test_test_list_is_frontal_one_image_per_study(ds, big_cohort):
     root, _ = ds
     meta = _meta(root).set_index("ImageID")
-    test_ids = _csv(root, synth.TEST_LIST_NAME).ImageID
+    test_ids = _padchest(_csv(root, synth.TEST_LIST_NAME)).ImageID
     assert set(meta.loc[test_ids].Projection) <= FRONTAL
     studies = meta.loc[test_ids].StudyID
     assert studies.is_unique
-    train_ids = _csv(root, "train.csv").ImageID
+    train_ids = _padchest(_csv(root, "train.csv")).ImageID
     assert not set(studies) & set(meta.loc[train_ids].StudyID)
     tests = [st for st in big_cohort if st.split == "test"]
     proj = pd.Series([st.images[0].projection for st in tests]).value_counts(normalize=True)
@@ -280,7 +304,8 @@ def test_minimum_positives_on_kept_frontal_images(ds):
     removal = set(_csv(root, "Removal.csv").ImageID)
     projection = _meta(root).set_index("ImageID").Projection
     train = _csv(root, "train.csv")
-    kept = train[~train.ImageID.isin(removal) & train.ImageID.map(projection).isin(FRONTAL)]
+    frontal = train.ImageID.map(projection).isin(FRONTAL) | train.ImageID.map(_is_nih)  # NIH: frontal only
+    kept = train[~train.ImageID.isin(removal) & frontal]
     assert (kept[CXRLT2026_LABELS].sum() >= labelling.MIN_POS_TRAIN).all()
     test = _csv(root, "test_labels.csv")
     assert (test[CXRLT2026_LABELS].sum() >= labelling.MIN_POS_TEST).all()
@@ -337,10 +362,10 @@ def test_findings_persist_across_a_patients_studies():
 def test_png_format_sizes_and_windows(ds):
     root, summary = ds
     ids = _meta(root).ImageID.tolist()
-    assert sorted(p.name for p in (root / "images").iterdir()) == sorted(ids)
+    assert sorted(p.name for p in (root / "images").glob("*.png")) == sorted(ids)
     shapes, maxima = set(), []
     for iid in ids:
-        img = cv2.imread(str(root / "images" / iid), cv2.IMREAD_UNCHANGED)
+        img = cv2.imread(str(_path(root, iid)), cv2.IMREAD_UNCHANGED)
         assert img.dtype == np.uint16 and img.ndim == 2
         h, w = img.shape
         assert MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE and h != w
@@ -356,7 +381,7 @@ def test_inverted_images_have_bright_background(ds):
     inverted = set(summary["inverted"])
     test_ids = _csv(root, "test_labels.csv").ImageID.tolist()[:10]
     for iid in sorted(inverted) + test_ids:
-        x = _windowed(root / "images" / iid)
+        x = _windowed(_path(root, iid))
         sides = np.concatenate([x[8:56, :2].ravel(), x[8:56, -2:].ravel()])  # air beside the body
         lungs = x[24:36, 20:44].ravel()  # lung fields of both views
         if iid in inverted:
@@ -373,7 +398,7 @@ def test_lateral_images_look_different(ds):
     meta = meta[~meta.ImageID.isin(summary["inverted"])]
 
     def mediastinal_contrast(iid):
-        x = _windowed(root / "images" / iid, 32)
+        x = _windowed(_path(root, iid), 32)
         return x[10:16, 14:18].mean() - (x[10:16, 8:12].mean() + x[10:16, 20:24].mean()) / 2
 
     lat = [mediastinal_contrast(i) for i in meta.ImageID[meta.Projection == "L"]]
@@ -394,7 +419,7 @@ def test_label_patterns_visible_on_frontal_images_at_64px(ds):
     projection = _meta(root).set_index("ImageID").Projection
     df = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")])
     df = df[~df.ImageID.isin(summary["inverted"]) & df.ImageID.map(projection).isin(FRONTAL)]
-    imgs = np.stack([_windowed(root / "images" / i) for i in df.ImageID])
+    imgs = np.stack([_windowed(_path(root, i)) for i in df.ImageID])
     p10, p90 = np.percentile(imgs, [10, 90], axis=(1, 2), keepdims=True)
     imgs = (imgs - p10) / (p90 - p10)
     weak = []
@@ -419,7 +444,7 @@ def test_boxes_inside_images_and_on_positive_findings(ds):
     assert list(boxes.columns) == ["ImageID", "label", "x0", "y0", "x1", "y1"]
     truth = pd.concat([_csv(root, "train.csv"), _csv(root, "test_labels.csv")]).set_index("ImageID")
     for row in boxes.itertuples():
-        h, w = cv2.imread(str(root / "images" / row.ImageID), cv2.IMREAD_UNCHANGED).shape
+        h, w = cv2.imread(str(_path(root, row.ImageID)), cv2.IMREAD_UNCHANGED).shape
         assert 0 <= row.x0 < row.x1 <= w and 0 <= row.y0 < row.y1 <= h, row
         assert truth.at[row.ImageID, row.label] == 1 and row.label != "Normal", row
     assert not boxes.duplicated(["ImageID", "label"]).any()
@@ -481,7 +506,7 @@ def test_deterministic_across_runs_and_worker_counts(tmp_path):
              synth.BOXES_NAME, "dataset.json"]
     for name in names:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
-    pngs = sorted(p.name for p in (one / "images").iterdir())
+    pngs = sorted(str(p.relative_to(one / "images")) for p in (one / "images").rglob("*.png"))
     match, mismatch, errors = filecmp.cmpfiles(one / "images", two / "images", pngs, shallow=False)
     assert not mismatch and not errors and len(match) == 50
 
@@ -524,10 +549,11 @@ def test_labels_file_with_14_labels(tmp_path):
     assert list(train.columns) == ID_COLUMNS + nih
     raw = (out / synth.TEST_LIST_NAME).read_text().split("\n")
     assert raw[0] == "ImageID,StudyDate_DICOM,PatientID" + "," * 14
-    assert all(re.search(r"E\+\d\d,{14}$", line) for line in raw[1:])
+    assert all(re.search(r"(E\+\d\d|^\d{8}_\d{3}\.png,\d{8},\d+),{14}$", line) for line in raw[1:])
     projection = _meta(out).set_index("ImageID").Projection
     removal = set(_csv(out, "Removal.csv").ImageID)
-    kept = train[~train.ImageID.isin(removal) & train.ImageID.map(projection).isin(FRONTAL)]
+    frontal = train.ImageID.map(projection).isin(FRONTAL) | train.ImageID.map(_is_nih)
+    kept = train[~train.ImageID.isin(removal) & frontal]
     assert (kept[nih].sum() >= labelling.MIN_POS_TRAIN).all()
     assert (_csv(out, "test_labels.csv")[nih].sum() >= labelling.MIN_POS_TEST).all()
     counts = train[nih].sum()

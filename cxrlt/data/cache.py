@@ -22,6 +22,7 @@ Files of a cache folder:
                    study            str, the study key (cxrlt.data.identity: PadChest StudyID when known)
                    patient          str, the patient key (exact when a metadata CSV was given)
                    projection       str, PA | AP | AP_horizontal | L | COSTAL ... ("" unknown)
+                   centre           str, padchest | nih | unknown (or the metadata's Centre)
                    split            "train" | "test"
                    fold             0..K-1 for train rows, -1 for test rows
                    <labels...>      train cache: one 0/1 column per label, training-CSV order;
@@ -54,7 +55,7 @@ from cxrlt.data.tables import ID_COLUMNS, INDEX_FIXED_COLUMNS, INDEX_KEY_COLUMNS
 if TYPE_CHECKING:
     import pandas as pd
 
-CACHE_VERSION = 3  # bump when the pixels or the layout produced for the same inputs change
+CACHE_VERSION = 4  # bump when the pixels or the layout produced for the same inputs change
 _STR_COLUMNS = [*ID_COLUMNS, *INDEX_KEY_COLUMNS, "split"]
 
 
@@ -141,6 +142,9 @@ class Cache:
 
     def projections(self, rows) -> np.ndarray:
         return self._column("projection", rows)
+
+    def centres(self, rows) -> np.ndarray:
+        return self._column("centre", rows)
 
     def frontal(self, rows) -> np.ndarray:
         """bool per row: a frontal projection; all True when the projection is unknown

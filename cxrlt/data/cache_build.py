@@ -239,22 +239,37 @@ def _test_table(test_csv, meta_csv) -> _Table:
 
 
 def _with_keys(df: pd.DataFrame, meta_csv) -> pd.DataFrame:
-    """df plus the study, patient and projection columns (rules: cxrlt/data/identity.py)."""
+    """df plus the study, patient, projection and centre columns (rules: cxrlt/data/identity.py)."""
     df = df.copy()
     ids = df["ImageID"].tolist()
     n = len(ids)
-    meta_patient, meta_date, meta_projection = [""] * n, [""] * n, [""] * n
+    meta_patient, meta_date, meta_projection, meta_centre = [""] * n, [""] * n, [""] * n, [""] * n
     if meta_csv is not None:
-        meta = read_meta_csv(meta_csv, ids=ids).set_index("ImageID")
+        meta = read_meta_csv(meta_csv, ids=ids)
+        _check_centres(meta_csv, meta)
+        meta = meta.set_index("ImageID")
         meta_patient = df["ImageID"].map(meta["PatientID"]).fillna("").tolist()
         meta_date = df["ImageID"].map(meta["StudyDate_DICOM"]).fillna("").tolist()
         meta_projection = df["ImageID"].map(meta["Projection"]).fillna("").tolist()
+        meta_centre = df["ImageID"].map(meta["Centre"]).fillna("").tolist()
     csv_patient, csv_date = df["PatientID"].tolist(), df["StudyDate_DICOM"].tolist()
     df["patient"] = [identity.patient_key(i, p, m) for i, p, m in zip(ids, csv_patient, meta_patient)]
     df["study"] = [identity.study_key(i, m.strip() or p.strip(), d.strip() or md)
                    for i, p, m, d, md in zip(ids, csv_patient, meta_patient, csv_date, meta_date)]
     df["projection"] = [identity.projection(p) for p in meta_projection]
+    df["centre"] = [identity.centre(i, c) for i, c in zip(ids, meta_centre)]
     return df
+
+
+def _check_centres(meta_csv, meta: pd.DataFrame) -> None:
+    """A metadata `Centre` value must be a name the index can hold (blank: from the ImageID)."""
+    given = meta["Centre"].str.strip()
+    bad = (given != "") & ~given.map(identity.valid_centre_name)
+    if bad.any():
+        row = meta.index[bad.to_numpy()][0]
+        raise InputError(f"{meta_csv}: row {row}, column 'Centre': {meta['Centre'][row]!r} is not a centre name "
+                         f"(letters, digits, '_', '.', '-'; e.g. {', '.join(identity.CENTRES[:2])}; blank: "
+                         f"from the ImageID's shape)")
 
 
 def _check_not_in_train(table: _Table, test_csv, train_dir: Path) -> None:
@@ -427,6 +442,12 @@ def _resolve_paths(image_dir, image_ids) -> list[str | None]:
         for i in missing:
             paths[i] = found.get(image_ids[i])
     return paths
+
+
+def find_images(image_dir, image_ids) -> list[str | None]:
+    """Where the images of `image_ids` are under image_dir (None: not found), by the rule the
+    cache builder follows (top folder first, then subfolders such as NIH's images_001/images/)."""
+    return _resolve_paths(image_dir, list(image_ids))
 
 
 def _walk_names(image_dir: str, wanted: set[str]) -> dict[str, str]:

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.core.errors import InputError
+from cxrlt.data import identity
 
 DATASETS = ("nih", "chexpert", "mimic")
 UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
@@ -170,7 +171,7 @@ def _keys_frame(ids, patient, study, projection, official, date=None) -> pd.Data
     n = len(ids)
     return pd.DataFrame({"ImageID": ids, "StudyDate_DICOM": date if date is not None else [""] * n,
                          "PatientID": patient, "study": study, "patient": patient, "projection": projection,
-                         "official": official})
+                         "centre": [identity.centre(i) for i in ids], "official": official})
 
 
 # ---- NIH ChestX-ray14 ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Standard library only: `test_cache_key` runs at every `make` (python -m cxrlt.data.identity).
 
-Rules (stored per image in a cache's index.csv as `study`, `patient`, `projection`):
+Rules (stored per image in a cache's index.csv as `study`, `patient`, `projection`, `centre`):
 
 * study: a PadChest-shaped ImageID (at least 15 digits first, `_<suffix>.png` last, e.g.
   `1019...3351_4_xfebel.png`) -> the ImageID without its last `_<suffix>.png`, which is
@@ -14,6 +14,10 @@ Rules (stored per image in a cache's index.csv as `study`, `patient`, `projectio
   that joins many patients), else the ImageID (a patient of its own).
 * projection: the metadata CSV's `Projection` (PadChest: PA, AP, AP_horizontal, L, COSTAL),
   '' when unknown (no metadata, image not in it, blank or UNK). Frontal = PA, AP, AP_horizontal.
+* centre: the hospital / dataset an image comes from (CXR-LT 2026's test list mixes PadChest and
+  NIH images): the metadata CSV's `Centre` when given and non-blank (lowercased), else from the
+  shape of the ImageID's file name: PadChest-shaped (above) -> `padchest`; NIH ChestX-ray14's
+  `<8-digit patient>_<3-digit follow-up>.png` (`00000001_000.png`) -> `nih`; else `unknown`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,36 @@ from cxrlt.core.hashing import file_key
 FRONTAL = ("PA", "AP", "AP_horizontal")
 _UNKNOWN_PROJECTION = {"", "UNK", "UNKNOWN", "NAN", "NONE"}
 _PADCHEST_ID = re.compile(r"^\d{15,}[^/\\]*_[^_/\\]+\.png$", re.IGNORECASE)
+_NIH_ID = re.compile(r"^\d{8}_\d{3}\.png$", re.IGNORECASE)
+CENTRES = ("padchest", "nih", "unknown")  # the centres the ImageID's shape tells apart
+_CENTRE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
 def is_padchest_id(image_id: str) -> bool:
     return bool(_PADCHEST_ID.match(image_id))
+
+
+def is_nih_id(image_id: str) -> bool:
+    return bool(_NIH_ID.match(image_id))
+
+
+def valid_centre_name(name: str) -> bool:
+    """A metadata `Centre` value the index can hold (lowercase letters, digits, `_.-`)."""
+    return bool(_CENTRE_NAME.match(name.strip().lower()))
+
+
+def centre(image_id: str, meta_centre: str = "") -> str:
+    """The centre of an image (see the module docstring): the metadata's, else from the shape of
+    the ImageID's file name (a path's folders are ignored: `images_001/images/00000001_000.png`)."""
+    given = meta_centre.strip().lower()
+    if given:
+        return given
+    name = image_id.replace("\\", "/").rsplit("/", 1)[-1]
+    if is_padchest_id(name):
+        return "padchest"
+    if is_nih_id(name):
+        return "nih"
+    return "unknown"
 
 
 def study_key(image_id: str, patient: str = "", study_date: str = "") -> str:

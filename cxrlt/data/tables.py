@@ -55,14 +55,14 @@ if TYPE_CHECKING:
 ID = "ImageID"
 ID_COLUMNS = ["ImageID", "StudyDate_DICOM", "PatientID"]
 # The study, patient and projection keys of a cache index (rules: cxrlt/data/identity.py): never labels.
-INDEX_KEY_COLUMNS = ["study", "patient", "projection"]
+INDEX_KEY_COLUMNS = ["study", "patient", "projection", "centre"]
 # A cache index.csv's columns before the labels, in order (cxrlt/data/cache.py).
 INDEX_FIXED_COLUMNS = ["row", *ID_COLUMNS, *INDEX_KEY_COLUMNS, "split", "fold"]
 # Every column of a challenge table that is not a label.
 NON_LABEL_COLUMNS = tuple(dict.fromkeys([*INDEX_FIXED_COLUMNS, *INDEX_KEY_COLUMNS]))
 
 # The metadata CSV's columns that are read (the others, Labels and Report among them, never are).
-META_COLUMNS = ["ImageID", "StudyID", "PatientID", "StudyDate_DICOM", "Projection", "ViewPosition_DICOM"]
+META_COLUMNS = ["ImageID", "StudyID", "PatientID", "StudyDate_DICOM", "Projection", "ViewPosition_DICOM", "Centre"]
 META_REQUIRED = ["ImageID", "PatientID", "Projection"]
 
 # How many offending cells/IDs an error message lists before "... and N more".

@@ -16,6 +16,10 @@ Outputs in the output folder (each written atomically):
   subsets (cache keys only): {"proxy": ..., "proxy_finding": ...} each {n_images, what, mAP, low, high}:
   the test-like subsets of cxrlt/evaluation/selection.py (frontal when known, one image per study; and only
   images with a finding).
+  centres: {centre: {n_images, n_positives, scored, and mAP, low, high, unit, n_units when scored,
+  else why}} (cxrlt.evaluation.metrics.per_centre_map): each centre's images scored apart, with its
+  own interval; centres from the cache index when it holds the images, else from the ImageIDs'
+  shape (cxrlt.data.identity.centre: padchest, nih, unknown).
   compare (with --compare OTHER): paired bootstrap of mAP(pred) - mAP(OTHER) on the same images,
   {other, mAP: {diff, low, high, frac_positive}, head, medium, tail, n_boot, ...}.
 - report.md, ap_vs_frequency.png, pr_curves_rarest.png, training_curves.png (with --train-log).
@@ -40,7 +44,7 @@ from cxrlt.core.errors import InputError
 from cxrlt.core.fileio import read_jsonl, write_csv, write_json, write_text
 from cxrlt.data.tables import LabelTable, labels_from_file, read_label_table, read_predictions
 from cxrlt.evaluation.plotting import GROUP_COLOURS, pyplot, save_figure
-from cxrlt.evaluation.selection import ValKeys, keys_from_index
+from cxrlt.evaluation.selection import ValKeys, keys_from_index, make_keys
 
 N_RAREST_PR = 6
 ECE_BINS = 15
@@ -57,6 +61,7 @@ class EvalData:
     frequency_source: str
     keys: ValKeys | None = None  # study/patient/projection keys of the images, when a cache has them
     keys_source: str = "none"
+    centres: np.ndarray | None = None  # (N,) centre per image: the cache's, else the ImageID's shape
 
 
 def load_eval_data(pred_path, labels_path, index_path=None) -> EvalData:
@@ -71,8 +76,9 @@ def load_eval_data(pred_path, labels_path, index_path=None) -> EvalData:
     table = read_label_table(labels_path, ids=pred.index.tolist(), ids_source=str(pred_path))
     counts, n_train, source = _train_frequencies(table, labels_path, index_path, labels)
     keys, keys_source = keys_from_index(labels_path if table.is_index else index_path, table.ids, table.y)
+    centres = keys.centre if keys is not None else make_keys(table.ids, table.y).centre
     return EvalData(table.ids, labels, table.y, pred.loc[table.ids].to_numpy(), counts, n_train, source,
-                    keys, keys_source)
+                    keys, keys_source, centres)
 
 
 def _train_frequencies(table: LabelTable, labels_path, index_path, labels):
@@ -166,6 +172,8 @@ def uncertainty(data: EvalData, label_groups, other: np.ndarray | None = None, o
                     + (", with a finding" if finding else ""))
             out["subsets"][name] = {"n_images": int(len(idx)), "what": what, "mAP": ci.get("value", float("nan")),
                                     "low": ci.get("low", float("nan")), "high": ci.get("high", float("nan"))}
+    if data.centres is not None:
+        out["centres"] = M.per_centre_map(data.y, data.p, data.centres, studies, n_boot)
     if other is not None:
         out["compare"] = {"other": str(other_path),
                           **M.paired_bootstrap(data.y, data.p, other, studies, label_groups, n_boot)}
@@ -221,12 +229,25 @@ def uncertainty_lines(summary: dict) -> list[str]:
              f"{_ci(b['mAP'])}; head {_ci(b['head'])}  medium {_ci(b['medium'])}  tail {_ci(b['tail'])}"]
     for name, s in summary.get("subsets", {}).items():
         lines.append(f"{name} ({s['what']}): {s['n_images']} images, mAP {_fmt(s['mAP'])} {_ci(s)}")
+    lines += centre_lines(summary.get("centres") or {})
     c = summary.get("compare")
     if c:
         m = c["mAP"]
         lines.append(f"vs {c['other']}: mAP difference {m['diff']:+.4f} {_ci(m)} (paired bootstrap); this file "
                      f"scores higher in {_fmt(m['frac_positive'], 3)} of the resamples")
     return lines
+
+
+def centre_lines(centres: dict) -> list[str]:
+    """One line per centre (cxrlt.evaluation.metrics.per_centre_map's dict): its mAP and 95%
+    interval beside the overall one, or why it is not scored."""
+    out = []
+    for name, c in centres.items():
+        if c["scored"]:
+            out.append(f"centre {name}: {c['n_images']} images, mAP {_fmt(c['mAP'])} {_ci(c)}")
+        else:
+            out.append(f"centre {name}: {c['n_images']} images, mAP not shown: {c['why']}")
+    return out
 
 
 def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) -> str:
@@ -238,7 +259,11 @@ def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) ->
         f"- training frequencies from: {summary['frequency_source']}",
         f"- thresholds: {summary['thresholds_source']}", "",
         "| metric | value |", "|---|---|",
-        f"| macro mAP | {_fmt(summary['mAP'])} |", f"| macro AUC | {_fmt(summary['mAUC'])} |",
+        f"| macro mAP | {_fmt(summary['mAP'])} |",
+        *[f"| macro mAP, centre {name} ({c['n_images']} images) | "
+          f"{_fmt(c['mAP']) + ' ' + _ci(c) if c['scored'] else 'too few to score'} |"
+          for name, c in (summary.get("centres") or {}).items()],
+        f"| macro AUC | {_fmt(summary['mAUC'])} |",
         f"| macro F1 @ 0.5 | {_fmt(summary['mF1'])} |",
         f"| macro F1 @ per-label thresholds | {_fmt(summary['mF1_tuned'])} |",
         f"| ECE ({summary['ece_bins']} equal-width bins, all image-label pairs) | {_fmt(summary['ece'])} |",

@@ -50,6 +50,7 @@ import numpy as np
 
 from cxrlt.core.config import SELECTION_KEYS
 from cxrlt.core.labels import NORMAL_LABEL
+from cxrlt.data.identity import centre as centre_of
 
 SELECT_ON = ("auto", "proxy", "full")
 SPLIT_SEED = 0  # fixed: every stage must see the same proxy and halves, whatever the training seed
@@ -65,10 +66,12 @@ class ValKeys:
     patient: np.ndarray  # str patient key (never blank)
     frontal: np.ndarray | None  # bool, None when the projection is unknown
     y: np.ndarray  # (N, C) labels
+    centre: np.ndarray | None = None  # str centre (cxrlt.data.identity.centre); make_keys always fills it
 
 
-def make_keys(ids, y, study=None, patient=None, frontal=None) -> ValKeys:
-    """ValKeys with blank or missing study/patient keys replaced by the ImageID (own group)."""
+def make_keys(ids, y, study=None, patient=None, frontal=None, centre=None) -> ValKeys:
+    """ValKeys with blank or missing study/patient keys replaced by the ImageID (own group), and
+    missing centres taken from the ImageIDs' shape (cxrlt.data.identity.centre)."""
     ids = np.asarray(ids, dtype=str)
 
     def fill(keys):
@@ -77,14 +80,16 @@ def make_keys(ids, y, study=None, patient=None, frontal=None) -> ValKeys:
         keys = np.asarray(keys, dtype=str)
         return np.where(np.char.strip(keys) == "", ids, keys)
 
+    centres = (np.array([centre_of(i) for i in ids], dtype=object) if centre is None
+               else np.asarray(centre, dtype=object))
     return ValKeys(ids, fill(study), fill(patient), None if frontal is None else np.asarray(frontal, bool),
-                   np.asarray(y))
+                   np.asarray(y), centres)
 
 
 def val_keys(cache, rows) -> ValKeys:
     """The keys of cache rows, through the Cache API."""
     return make_keys(cache.ids(rows), cache.targets(rows), cache.study_keys(rows), cache.patient_keys(rows),
-                     cache.frontal(rows) if cache.has_projection else None)
+                     cache.frontal(rows) if cache.has_projection else None, cache.centres(rows))
 
 
 def rows_of_ids(cache, ids) -> np.ndarray:
@@ -114,7 +119,8 @@ def keys_from_index(index_path, ids, y) -> tuple[ValKeys | None, str]:
     except (InputError, KeyError) as e:
         return None, f"{index_path}: {e}"
     frontal = cache.frontal(rows) if cache.has_projection else None
-    return make_keys(ids, y, cache.study_keys(rows), cache.patient_keys(rows), frontal), f"cache of {index_path}"
+    return (make_keys(ids, y, cache.study_keys(rows), cache.patient_keys(rows), frontal, cache.centres(rows)),
+            f"cache of {index_path}")
 
 
 def _hash(seed: int, key: str) -> int:

@@ -34,7 +34,11 @@ run's pred_val.csv and its train cache and writes reports/<name>/:
                   mAP, mAP_sd, mAP_low, mAP_high, mAUC, mAUC_sd, mF1_tuned, mF1_tuned_sd,
                   head_mAP, head_sd, head_low, head_high (same for medium, tail), diff_mAP, diff_sd,
                   diff_low, diff_high, p_better, n_images, unit (bootstrap unit: studies, or
-                  images when the cache has no study keys), n_units, stems (';'-joined run names).
+                  images when the cache has no study keys), n_units, stems (';'-joined run names),
+                  then per centre C of the val images (the cache's `centre`: padchest, nih, ...):
+                  n_images_C, mAP_C, mAP_C_low, mAP_C_high (that centre's images scored apart, the
+                  interval on the same resamples), scored_C (0: too few images or positives in a
+                  run, metrics.centre_too_few; mAP_C empty).
                   *_sd: sample sd over the variant's runs (seeds x folds), empty with one run;
                   diff_*: the variant minus the baseline (empty on the baseline's row); p_better:
                   share of bootstrap resamples in which the variant's mAP beats the baseline's.
@@ -262,6 +266,7 @@ class RunResult:
         return self.studies if self.studies is not None else np.arange(len(self.ids))
     summary: dict  # compute_metrics' summary
     per_label: object  # compute_metrics' per-label DataFrame
+    centres: np.ndarray | None = None  # (N,) centre per image (the cache's `centre` column)
 
 
 def load_run(stem: str, run: dict, run_dir, cache_dir) -> RunResult:
@@ -272,7 +277,7 @@ def load_run(stem: str, run: dict, run_dir, cache_dir) -> RunResult:
     summary, per_label = compute_metrics(data)
     studies = data.keys.study if data.keys is not None else None  # as evaluate.py's interval does
     return RunResult(stem, run["variant"], int(run["seed"]), int(run["fold"]), list(data.ids), list(data.labels),
-                     data.y, data.p, studies, summary, per_label)
+                     data.y, data.p, studies, summary, per_label, data.centres)
 
 
 # ---- statistics -----------------------------------------------------------------------------------------
@@ -326,6 +331,19 @@ class Resamples:
             self._stats[r.stem] = _row_means(M.resampled_ap(r.y, r.p, self._weights[r.fold]), _label_groups(r))
         return self._stats[r.stem]
 
+    def centre(self, r: RunResult, name: str) -> tuple[float, np.ndarray] | str:
+        """(mAP, per-resample mAP) of run r's images of centre `name`, on the same resamples as its
+        whole fold (the weights of those images' studies); or why it is too few to score."""
+        from cxrlt.evaluation import metrics as M
+
+        idx = np.flatnonzero(np.asarray(r.centres).astype(str) == name)
+        why = M.centre_too_few(r.y[idx])
+        if why:
+            return why
+        self.stats(r)  # draws the fold's weights
+        ap = M.resampled_ap(r.y[idx], r.p[idx], self._weights[r.fold][:, idx])
+        return M.macro_map(r.y[idx], r.p[idx])[0], _row_means(ap, _label_groups(r))["mAP"]
+
 
 def _check_paired(r: RunResult, b: RunResult) -> None:
     if r.ids != b.ids or r.labels != b.labels:
@@ -349,8 +367,9 @@ def _sd(values) -> float:
 
 
 def variant_row(variant: str, runs: list[RunResult], baseline_runs: list[RunResult], is_baseline: bool,
-                n_boot: int, resamples: Resamples) -> dict:
-    """One table row: point metrics (mean and sd over runs), bootstrap intervals, paired difference."""
+                n_boot: int, resamples: Resamples, centres: tuple = ()) -> dict:
+    """One table row: point metrics (mean and sd over runs), bootstrap intervals, paired difference,
+    and the mAP of each of `centres` (its images only) with its interval, NaN when too few."""
     from cxrlt.evaluation import metrics as M
 
     row = {"variant": variant, "baseline": int(is_baseline), "runs": len(runs)}
@@ -384,6 +403,16 @@ def variant_row(variant: str, runs: list[RunResult], baseline_runs: list[RunResu
         row.update(diff_mAP=math.nan, diff_sd=math.nan, diff_low=math.nan, diff_high=math.nan, p_better=math.nan)
     else:
         row.update(diff_mAP=diff[0], diff_sd=diff_sd, diff_low=diff[1], diff_high=diff[2], p_better=diff[3])
+    for name in centres:
+        got = [resamples.centre(r, name) for r in runs]
+        row[f"n_images_{name}"] = int(np.mean([(np.asarray(r.centres).astype(str) == name).sum() for r in runs]))
+        if any(isinstance(g, str) for g in got):  # too few in some run: no number
+            row.update({f"mAP_{name}": math.nan, f"mAP_{name}_low": math.nan, f"mAP_{name}_high": math.nan,
+                        f"scored_{name}": 0})
+        else:
+            lo, hi = _percentiles(np.mean([g[1] for g in got], axis=0))
+            row.update({f"mAP_{name}": float(np.mean([g[0] for g in got])), f"mAP_{name}_low": lo,
+                        f"mAP_{name}_high": hi, f"scored_{name}": 1})
     row["n_images"] = int(np.mean([len(r.ids) for r in runs]))
     row["unit"] = "studies" if runs[0].studies is not None else "images"
     row["n_units"] = int(np.mean([len(set(r.units)) for r in runs]))
@@ -409,7 +438,9 @@ def compare(manifest: dict, results: dict[str, RunResult], n_boot: int | None = 
             raise InputError(f"runs {first.stem} and {r.stem} have different label sets")
     resamples = Resamples(n_boot)
     base = manifest["baseline"]
-    rows = [variant_row(v, runs, by_variant[base], v == base, n_boot, resamples) for v, runs in by_variant.items()]
+    centres = sorted({str(c) for r in results.values() if r.centres is not None for c in r.centres})
+    rows = [variant_row(v, runs, by_variant[base], v == base, n_boot, resamples, centres)
+            for v, runs in by_variant.items()]
     table = pd.DataFrame(rows)
     pl = first.per_label[["label", "group", "train_count"]].copy()
     for v, runs in by_variant.items():
@@ -469,9 +500,30 @@ def markdown_table(manifest: dict, table, n_boot: int) -> str:
                      f"{_cell(r, 'mAUC', 'mAUC_sd')} | {_cell(r, 'mF1_tuned', 'mF1_tuned_sd')} | "
                      f"{_cell(r, 'head_mAP', 'head_sd')} | {_cell(r, 'medium_mAP', 'medium_sd')} | "
                      f"{_cell(r, 'tail_mAP', 'tail_sd')} |")
+    lines += centre_table(table)
     lines += ["", "![mAP per variant](map.png)", "", "![head / medium / tail](groups.png)", "",
               "![per-label AP](per_label_ap.png)", ""]
     return "\n".join(lines)
+
+
+def centre_table(table) -> list[str]:
+    """The per-centre mAP of every variant (its val images of that centre only), or 'too few'."""
+    names = [c[len("scored_"):] for c in table.columns if c.startswith("scored_")]
+    if not names:
+        return []
+    lines = ["", "Per centre (each centre's val images scored apart; 95% interval on the same resamples):", "",
+             "| variant | overall mAP | " + " | ".join(f"{n} mAP [95% CI]" for n in names) + " |",
+             "|---|---:|" + "---|" * len(names)]
+    for _, r in table.iterrows():
+        cells = []
+        for n in names:
+            if r[f"scored_{n}"]:
+                cells.append(f"{_f(r[f'mAP_{n}'])} [{_f(r[f'mAP_{n}_low'])}, {_f(r[f'mAP_{n}_high'])}] "
+                             f"({r[f'n_images_{n}']} images)")
+            else:
+                cells.append(f"too few to score ({r[f'n_images_{n}']} images)")
+        lines.append(f"| {r['variant']} | {_f(r['mAP'])} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _interval_bars(ax, pos, low, high, vertical: bool = False) -> None:

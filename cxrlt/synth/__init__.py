@@ -1,7 +1,8 @@
 """cxrlt.synth: the synthetic demo dataset, in the exact CXR-LT 2026 file layout.
 
     python -m cxrlt.synth --out data/demo [--n-train 1500] [--n-test 300] [--seed 0]
-        [--min-side 256] [--max-side 640] [--labels-file F] [--workers N] [--force]
+        [--min-side 256] [--max-side 640] [--n-nih-train N] [--n-nih-test N] [--labels-file F]
+        [--workers N] [--force]
 
 Files written under `<out>/` (all CSVs UTF-8, LF line endings, rows sorted by ImageID):
 
@@ -31,7 +32,8 @@ Files written under `<out>/` (all CSVs UTF-8, LF line endings, rows sorted by Im
   `img[y0:y1, x0:x1]`), one row per (image, labelled finding drawn); none for Normal, for
   occult findings (see below) or for findings that do not show in a lateral view. Rows
   sorted by ImageID then label order. Like PadChest's localisations, for explanation maps.
-* `images/<ImageID>`: 16-bit grayscale PNGs, sides in [min_side, max_side], never square.
+* `images/<ImageID>`: 16-bit grayscale PNGs, sides in [min_side, max_side], never square; the
+  NIH-shaped images (below) in `images/images_NNN/images/<ImageID>`: 8-bit, max_side square.
 * `dataset.json`: written last; marks the dataset complete and records the parameters and a
   summary (per-label counts, projections, inverted ImageIDs, ...).
 
@@ -43,6 +45,10 @@ yyyymmdd (2009-2017), shared by the images of a study. Training studies are most
 lateral pair or a single PA (~31% of training images lateral), some single AP /
 AP_horizontal frontals; the test list holds one FRONTAL image per study; about a third of
 test patients also have training studies.
+
+A second centre (CXR-LT 2026's test list mixes PadChest and NIH images): `--n-nih-train` /
+`--n-nih-test` (default 2% / 6%) of the images are NIH ChestX-ray14-shaped (cohort.make_nih_cohort:
+`00000001_000.png`, frontal only, plain Patient IDs in the CSVs, not in padchest_metadata.csv).
 
 Labels are drawn per study (all images of a study share them) with the long-tail profile
 of CXRLT2026_APPROX_COUNTS, realistic co-occurrences (a noisy-OR network that keeps the

@@ -18,6 +18,11 @@ Facts mirrored (measured on the official files):
   AP_horizontal frontals or lone laterals (~31% of training images lateral). The test list
   holds one FRONTAL image per study (PA ~93%, AP_horizontal ~6%, AP ~1%); about a third of
   test patients also have training studies.
+* A second centre, NIH ChestX-ray14 (CXR-LT 2026's test list mixes PadChest and NIH images): a
+  few patients (make_nih_cohort) with ImageIDs `<8-digit Patient ID>_<3-digit follow-up>.png`
+  (`00000001_000.png`), every image its own visit, frontal only (PA ~60%, AP ~40%, like NIH),
+  train and test patients disjoint; the CSVs hold the plain Patient ID. Their files are 8-bit
+  PNGs of another size (square) and contrast, under NIH's `images_001/images/` folders.
 """
 
 from __future__ import annotations
@@ -58,12 +63,18 @@ P_DASH_SUFFIX = 0.01  # image suffix `-` + 5 alnum instead of 6 alnum
 @dataclass
 class Patient:
     index: int  # distinct per real patient
-    number: int  # PadChest's exact PatientID (metadata CSV)
+    number: int  # PadChest's exact PatientID (metadata CSV); NIH: its Patient ID (1..30805)
+    centre: str = "padchest"  # "padchest" | "nih" (cxrlt.data.identity.centre)
 
     @property
     def lossy(self) -> str:
         """The PatientID of the challenge CSVs: Excel's float form, shared by many patients."""
         return f"{self.number:.2E}"
+
+    @property
+    def csv_id(self) -> str:
+        """The PatientID written in the CSVs: PadChest's lossy form; NIH's plain Patient ID."""
+        return str(self.number) if self.centre == "nih" else self.lossy
 
 
 @dataclass
@@ -279,3 +290,36 @@ def mark_removal(rng, studies: list[Study], n_train: int) -> None:
             break
         train[i].removed = True
         got += len(train[i].images)
+
+
+# ---- the second centre: NIH ChestX-ray14 -----------------------------------------------------------
+NIH_PATIENTS = 30805  # Patient IDs 1..30805, as in NIH's Data_Entry_2017.csv
+NIH_FOLLOW_UPS = ([1, 2, 3], [0.6, 0.25, 0.15])  # images (visits) per patient
+NIH_PROJECTIONS = (("PA", "AP"), (0.6, 0.4))
+NIH_FOLDERS = 12  # images_001 .. images_012, consecutive Patient IDs
+
+
+def nih_folder(image_id: str) -> str:
+    """NIH's download folder of an image (`images_001/images`): the folders hold consecutive IDs."""
+    k = 1 + (int(image_id[:8]) - 1) * NIH_FOLDERS // NIH_PATIENTS
+    return f"images_{k:03d}/images"
+
+
+def make_nih_cohort(rng: np.random.Generator, n_train: int, n_test: int, first_index: int) -> list[Study]:
+    """Exactly n_train training and n_test test images of NIH-shaped patients (train and test
+    patients disjoint), one study per image, patient indices from first_index on."""
+    numbers = sorted(int(n) + 1 for n in rng.choice(NIH_PATIENTS, size=n_train + n_test + 1, replace=False))
+    numbers = [numbers[i] for i in rng.permutation(len(numbers))]
+    studies: list[Study] = []
+    for split, n in (("test", n_test), ("train", n_train)):
+        left = n
+        while left > 0:
+            k = min(left, int(rng.choice(NIH_FOLLOW_UPS[0], p=NIH_FOLLOW_UPS[1])))
+            patient = Patient(first_index + len({s.patient.index for s in studies}), numbers.pop(), "nih")
+            for rank, date in enumerate(_dates(rng, k)):
+                proj = str(rng.choice(NIH_PROJECTIONS[0], p=NIH_PROJECTIONS[1]))
+                st = Study(split, patient, date, (proj,), rank, study_id=f"{patient.number:08d}_{rank:03d}")
+                st.images.append(Image(f"{st.study_id}.png", proj, proj))
+                studies.append(st)
+            left -= k
+    return studies

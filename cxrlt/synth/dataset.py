@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cxrlt.core.errors import InputError
 from cxrlt.core.labels import CXRLT2026_LABELS, read_labels_file
 from cxrlt.data.tables import ID_COLUMNS
-from cxrlt.synth.cohort import IdMaker, Study, make_cohort, mark_removal
+from cxrlt.synth.cohort import IdMaker, Study, make_cohort, make_nih_cohort, mark_removal, nih_folder
 from cxrlt.synth.files import (FORMAT_VERSION, MARKER_NAME, load_existing, summary_of, swap_into_place,
                     write_csvs)
 from cxrlt.synth.labelling import add_distractors, enforce_minimums, sample_labels
@@ -28,6 +28,21 @@ from cxrlt.synth.render import worker_init, write_image
 
 INVERTED_FRACTION = 0.03  # MONOCHROME1-like exports
 EXPORT_BITS = [10, 12, 12, 14, 15, 16]
+# The second centre (NIH-shaped images, cxrlt.synth.cohort.make_nih_cohort): their share of the
+# training and test images by default (1,500 / 300 -> 30 / 18), and how they are exported: 8-bit,
+# square at --max-side (NIH's are all 1024 x 1024), a near-full window with a harder contrast.
+NIH_TRAIN_SHARE, NIH_TEST_SHARE = 0.02, 0.06
+
+
+def default_nih(n_train: int, n_test: int) -> tuple[int, int]:
+    """The NIH-shaped images among n_train / n_test by default."""
+    return round(NIH_TRAIN_SHARE * n_train), round(NIH_TEST_SHARE * n_test)
+
+
+def _nih_export(rng) -> dict:
+    lo = float(rng.uniform(0, 12))
+    return dict(bits=8, window=(lo, float(rng.uniform(235, 255))), gamma=float(rng.uniform(1.2, 1.5)),
+                noise=float(rng.uniform(0.008, 0.012)), stretch=True)
 
 
 def _image_size(rng, min_side: int, max_side: int) -> tuple[int, int]:
@@ -60,25 +75,33 @@ def image_jobs(rng, studies: list[Study], labels: list[str], image_dir: Path, se
         if st.distractor >= 0:
             findings.append((len(labels) + st.distractor, None, DISTRACTORS[st.distractor]))
         for im in st.images:
-            bits, window = _export_window(rng)
+            if st.patient.centre == "nih":
+                path, shape, export = image_dir / nih_folder(im.image_id) / im.image_id, (max_side, max_side), \
+                    _nih_export(rng)
+            else:
+                bits, window = _export_window(rng)
+                path, shape = image_dir / im.image_id, _image_size(rng, min_side, max_side)
+                export = dict(bits=bits, window=window, gamma=float(rng.uniform(0.8, 1.25)),
+                              noise=float(rng.uniform(0.002, 0.006)))
             jobs.append(dict(
-                path=str(image_dir / im.image_id), image_id=im.image_id,
-                shape=_image_size(rng, min_side, max_side), seed=[seed, 7, len(jobs)],
+                path=str(path), image_id=im.image_id, shape=shape, seed=[seed, 7, len(jobs)],
                 view="frontal" if im.frontal else "lateral", projection=im.projection,
-                findings=findings, bits=bits, window=window,
-                gamma=float(rng.uniform(0.8, 1.25)), noise=float(rng.uniform(0.002, 0.006)),
-                inverted=False))
-    n_inv = max(1, round(INVERTED_FRACTION * len(jobs)))
-    for i in rng.choice(len(jobs), n_inv, replace=False):
+                findings=findings, **export, inverted=False))
+    padchest = [i for i, j in enumerate(jobs) if j["bits"] > 8]  # NIH's exports are never inverted
+    n_inv = min(len(padchest), max(1, round(INVERTED_FRACTION * len(jobs))))
+    for i in rng.choice(padchest, n_inv, replace=False):
         jobs[i]["inverted"] = True
     return jobs
 
 
-def _check_args(n_train, n_test, min_side, max_side, labels) -> None:
+def _check_args(n_train, n_test, min_side, max_side, labels, nih=(0, 0)) -> None:
     if n_train < 40:
         raise InputError(f"--n-train must be at least 40 (got {n_train})")
     if n_test < 10:
         raise InputError(f"--n-test must be at least 10 (got {n_test})")
+    for flag, k, n in (("--n-nih-train", nih[0], n_train), ("--n-nih-test", nih[1], n_test)):
+        if not 0 <= k <= n // 4:
+            raise InputError(f"{flag} must be in 0..{n // 4} (a quarter of {flag.replace('nih-', '')}; got {k})")
     if not 32 <= min_side < max_side:
         raise InputError(f"need 32 <= --min-side < --max-side (got {min_side}, {max_side}): "
                          f"images must be able to be non-square")
@@ -108,15 +131,19 @@ def _default_workers() -> int:
 
 def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
              min_side: int = 256, max_side: int = 640, labels: list[str] | None = None,
-             force: bool = False, workers: int | None = None, progress: bool = True) -> dict:
+             force: bool = False, workers: int | None = None, progress: bool = True,
+             nih: tuple[int, int] | None = None) -> dict:
     """Write the demo dataset to `out_dir` (see the cxrlt.synth docstring) and return its summary.
+
+    nih: (train, test) NIH-shaped images among the n_train / n_test (default: default_nih()).
 
     If `out_dir` already holds a complete dataset it is left alone (summary["skipped"] is True)
     unless force=True. Same arguments -> byte-identical files, whatever `workers` is.
     """
     t0 = time.perf_counter()
     labels = list(CXRLT2026_LABELS if labels is None else labels)
-    _check_args(n_train, n_test, min_side, max_side, labels)
+    nih = default_nih(n_train, n_test) if nih is None else (int(nih[0]), int(nih[1]))
+    _check_args(n_train, n_test, min_side, max_side, labels, nih)
     if seed < 0:
         raise InputError(f"--seed must be >= 0 (got {seed})")
     out = Path(out_dir)
@@ -137,7 +164,9 @@ def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
 
     rng = np.random.default_rng([seed, 1])
     ids = IdMaker(rng, random.Random(seed * 1_000_003 + 17))
-    studies = make_cohort(ids, rng, n_train, n_test)
+    studies = make_cohort(ids, rng, n_train - nih[0], n_test - nih[1])
+    first = 1 + max(st.patient.index for st in studies)
+    studies += make_nih_cohort(np.random.default_rng([seed, 3]), nih[0], nih[1], first)
     mark_removal(rng, studies, n_train)
     sample_labels(rng, studies, labels)
     enforce_minimums(rng, studies, labels)
@@ -148,6 +177,8 @@ def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
     try:
         (tmp / "images").mkdir()
         jobs = image_jobs(rng, studies, labels, tmp / "images", seed, min_side, max_side)
+        for folder in sorted({os.path.dirname(j["path"]) for j in jobs}):
+            os.makedirs(folder, exist_ok=True)  # NIH's images_001/images/ ...
         boxes = _render_all(jobs, workers or _default_workers(), progress)
         write_csvs(tmp, studies, labels, boxes)
         summary = summary_of(studies, labels, jobs, boxes, seed, min_side, max_side)
@@ -187,6 +218,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-side", type=int, default=256, help="smallest image side in pixels")
     ap.add_argument("--max-side", type=int, default=640, help="largest image side in pixels")
+    ap.add_argument("--n-nih-train", type=int, default=None,
+                    help=f"NIH-shaped images among --n-train (default {NIH_TRAIN_SHARE:.0%} of it)")
+    ap.add_argument("--n-nih-test", type=int, default=None,
+                    help=f"NIH-shaped images among --n-test (default {NIH_TEST_SHARE:.0%} of it)")
     ap.add_argument("--labels-file", help="one label per line (default: the 30 CXR-LT 2026 labels)")
     ap.add_argument("--workers", type=int, default=None,
                     help="image-writing processes (default: usable CPU cores, at most 8)")
@@ -198,11 +233,14 @@ def main(argv=None) -> int:
             raise InputError(f"{args.labels_file}: labels file not found")
         labels = read_labels_file(args.labels_file)
         _validate_label_names(args.labels_file, labels)
+    nih = default_nih(args.n_train, args.n_test)
+    nih = (nih[0] if args.n_nih_train is None else args.n_nih_train,
+           nih[1] if args.n_nih_test is None else args.n_nih_test)
     s = generate(args.out, args.n_train, args.n_test, args.seed, args.min_side, args.max_side,
-                 labels, force=args.force, workers=args.workers)
+                 labels, force=args.force, workers=args.workers, nih=nih)
     if not s["skipped"]:
-        print(f"{args.out}: {s['n_train']} train images ({s['n_lateral_train']} lateral, "
-              f"{s['n_removal_extra']} also in Removal.csv), {s['n_test']} test images, "
+        print(f"{args.out}: {s['n_train']} train images ({s['n_nih_train']} NIH-shaped, {s['n_lateral_train']} lateral, "
+              f"{s['n_removal_extra']} also in Removal.csv), {s['n_test']} test images ({s['n_nih_test']} NIH-shaped), "
               f"{len(s['labels'])} labels, {s['n_patients']} patients / {s['n_patient_ids']} "
               f"PatientIDs, {s['n_boxes']} boxes, {s['seconds']:.1f} s")
     return 0

@@ -17,7 +17,7 @@ TEST_LIST_NAME = "CXRLT_2026_TEST_ALL_TASK1.csv"
 META_NAME = "padchest_metadata.csv"
 BOXES_NAME = "boxes.csv"
 MARKER_NAME = "dataset.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: NIH-shaped images (a second centre)
 META_COLUMNS = ["ImageID", "StudyID", "PatientID", "StudyDate_DICOM", "Projection",
                 "ViewPosition_DICOM", "Labels", "Report"]
 BOXES_COLUMNS = ["ImageID", "label", "x0", "y0", "x1", "y1"]
@@ -32,7 +32,7 @@ def _rows(studies, with_labels: list[str] | None, empty_cols: int = 0) -> list[t
             tail = "," + ",".join("1" if lab in st.labels else "0" for lab in with_labels)
         tail += "," * empty_cols
         for iid in st.image_ids:
-            out.append((iid, f"{iid},{st.date},{st.patient.lossy}{tail}"))
+            out.append((iid, f"{iid},{st.date},{st.patient.csv_id}{tail}"))
     return sorted(out)
 
 
@@ -64,9 +64,12 @@ def write_csvs(root: Path, studies: list[Study], labels: list[str], boxes: list[
 
 
 def _write_metadata(path: Path, studies: list[Study], labels: list[str]) -> None:
-    """PadChest's metadata layout for every image (exact PatientID, StudyID, projection)."""
+    """PadChest's metadata layout for every PadChest image (exact PatientID, StudyID, projection);
+    the NIH-shaped images are not PadChest's, so not in it (their centre comes from their ImageID)."""
     rows = []
     for st in studies:
+        if st.patient.centre != "padchest":
+            continue
         found = [lab for lab in labels if lab in st.labels]
         report = ("hallazgos: " + "; ".join(found) + ".") if found else "sin hallazgos."
         for im in st.images:
@@ -126,7 +129,9 @@ def summary_of(studies, labels, jobs, boxes, seed, min_side, max_side) -> dict:
         train_projections=dict(sorted(projections.items())),
         n_removal_extra=n_images([s for s in train if s.removed]),
         n_studies=len(studies), n_patients=len({s.patient.index for s in studies}),
-        n_patient_ids=len({s.patient.lossy for s in studies}),
+        n_patient_ids=len({s.patient.csv_id for s in studies}),
+        n_nih_train=n_images([s for s in train if s.patient.centre == "nih"]),
+        n_nih_test=n_images([s for s in test if s.patient.centre == "nih"]),
         n_test_patients=len(test_patients), n_test_patients_with_train=len(with_train),
         n_unlabelled_images=n_images([s for s in studies if not s.labels]),
         n_boxes=len(boxes),

@@ -1,10 +1,12 @@
-"""One image from its job: anatomy, findings, noise, export window -> 16-bit PNG, and the box
+"""One image from its job: anatomy, findings, noise, export window -> 16-bit PNG (8-bit when the
+job's bits are 8: the NIH-shaped images), and the box
 of every finding drawn on it.
 
 A job (built by dataset.image_jobs) is a dict: path, image_id, shape (H, W), seed (list of
 ints), view ('frontal' | 'lateral'), projection (PA, AP, AP_horizontal, L), findings (list of
 (key, label or None for a distractor, PatternSpec of the frontal view)), bits, window (lo, hi),
-gamma, noise, inverted.
+gamma, noise, inverted, and optionally stretch (the NIH-shaped images: the render is first
+stretched to its own 0.5-99.5 percentile range, so the 8-bit export spans the image).
 
 Random streams are separate (numpy seeds `seed + [k]`): placement, marker and noise; the
 anatomy; and one per finding (keyed by its label's index), which also decides whether the
@@ -34,7 +36,7 @@ _ANATOMY_STREAM, _FINDING_STREAM = 1, 100
 
 
 def render_image(job: dict) -> tuple[np.ndarray, list[tuple]]:
-    """-> (2-D uint16 array (H, W), [(label, x0, y0, x1, y1)] boxes in pixels of that array,
+    """-> (2-D uint16 array (H, W), uint8 when bits <= 8, [(label, x0, y0, x1, y1)] boxes in pixels of that array,
     end-exclusive, one per labelled finding drawn)."""
     H, W = job["shape"]
     rng = np.random.default_rng(job["seed"])
@@ -61,7 +63,11 @@ def render_image(job: dict) -> tuple[np.ndarray, list[tuple]]:
     if rng.random() < 0.3:  # burnt-in side marker ("L"/"R") in a top corner
         y0, x0 = int(h * rng.uniform(0.02, 0.06)), int(w * rng.choice([0.04, 0.88]))
         cv.a[y0:y0 + max(2, h // 30), x0:x0 + max(2, w // 30)] = 1.1
-    x = np.clip(cv.a / 1.15, 0.0, 1.0) ** np.float32(job["gamma"])
+    x = np.clip(cv.a / 1.15, 0.0, 1.0)
+    if job.get("stretch"):  # NIH-shaped: the export already spans the image's own range
+        lo_x, hi_x = np.percentile(x, [0.5, 99.5])
+        x = np.clip((x - lo_x) / max(float(hi_x - lo_x), 1e-3), 0.0, 1.0)
+    x = x ** np.float32(job["gamma"])
     # Export window: stored = lo + (hi - lo) * x, or hi - (hi - lo) * x for MONOCHROME1-like
     # (inverted) files. Applied before the resize (both are linear) to work on fewer pixels.
     lo, hi = job["window"]
@@ -71,7 +77,7 @@ def render_image(job: dict) -> tuple[np.ndarray, list[tuple]]:
     x = cv2.resize(x, (W, H), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     x += rng.standard_normal((H, W), dtype=np.float32) * np.float32(job["noise"] * abs(scale))
     np.clip(x, 0, 2 ** job["bits"] - 1, out=x)
-    img = np.rint(x, out=x).astype(np.uint16)
+    img = np.rint(x, out=x).astype(np.uint8 if job["bits"] <= 8 else np.uint16)  # NIH-shaped: 8-bit
     return img, [(label, *_to_pixels(box, (h, w), (H, W))) for label, box in boxes]
 
 
