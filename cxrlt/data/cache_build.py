@@ -231,30 +231,52 @@ def _train_table(train_csv, removal_csv, meta_csv, labels_file, folds: int, seed
 
 def _test_table(test_csv, meta_csv) -> _Table:
     test = read_id_list(test_csv)
-    df = _with_keys(test, meta_csv)
+    df = _with_keys(test, meta_csv, test=True)
     df["split"], df["fold"] = "test", -1
     index = df[INDEX_FIXED_COLUMNS[1:]].reset_index(drop=True)
     return _Table("test", index, [], np.full(len(index), os.fspath(test_csv), dtype=object), test.index.to_numpy(),
                   {"test_csv": test_csv, "meta_csv": meta_csv}, {})
 
 
-def _with_keys(df: pd.DataFrame, meta_csv) -> pd.DataFrame:
-    """df plus the study, patient and projection columns (rules: cxrlt/data/identity.py)."""
+def _with_keys(df: pd.DataFrame, meta_csv, test: bool = False) -> pd.DataFrame:
+    """df plus the study, patient and projection columns (rules: cxrlt/data/identity.py).
+
+    For test images (test=True) the metadata CSV gives the projection only: CXR-LT 2026 forbids
+    re-identifying evaluation images (docs/rules.md), so their patient and study keys come from the
+    test list itself (the study from the PadChest ImageID)."""
     df = df.copy()
     ids = df["ImageID"].tolist()
     n = len(ids)
     meta_patient, meta_date, meta_projection = [""] * n, [""] * n, [""] * n
     if meta_csv is not None:
         meta = read_meta_csv(meta_csv, ids=ids).set_index("ImageID")
-        meta_patient = df["ImageID"].map(meta["PatientID"]).fillna("").tolist()
-        meta_date = df["ImageID"].map(meta["StudyDate_DICOM"]).fillna("").tolist()
+        _check_meta_matches(meta_csv, len(meta), n, test)
+        if not test:
+            meta_patient = df["ImageID"].map(meta["PatientID"]).fillna("").tolist()
+            meta_date = df["ImageID"].map(meta["StudyDate_DICOM"]).fillna("").tolist()
         meta_projection = df["ImageID"].map(meta["Projection"]).fillna("").tolist()
+        identity.check_projections(meta_csv, meta_projection)
     csv_patient, csv_date = df["PatientID"].tolist(), df["StudyDate_DICOM"].tolist()
     df["patient"] = [identity.patient_key(i, p, m) for i, p, m in zip(ids, csv_patient, meta_patient)]
     df["study"] = [identity.study_key(i, m.strip() or p.strip(), d.strip() or md)
                    for i, p, m, d, md in zip(ids, csv_patient, meta_patient, csv_date, meta_date)]
     df["projection"] = [identity.projection(p) for p in meta_projection]
     return df
+
+
+META_MIN_SHARE = 0.5  # a metadata CSV matching fewer of the training images is warned about
+
+
+def _check_meta_matches(meta_csv, matched: int, n: int, test: bool) -> None:
+    """A metadata CSV of another release (or a typo'd file) matches few or none of the images: none
+    of the training images is refused, few is a warning with the count (test: a warning only)."""
+    what = "test-list" if test else "training"
+    if matched == 0 and not test:
+        raise InputError(f"{meta_csv}: no ImageID of the metadata CSV is one of the {n} {what} images: another "
+                         f"release or the wrong file (META_CSV)")
+    if matched < META_MIN_SHARE * n:
+        print(f"warning: {meta_csv}: only {matched} of the {n} {what} images are in the metadata CSV; the others "
+              f"have no exact patient, study or projection (META_CSV)", file=sys.stderr)
 
 
 def _check_not_in_train(table: _Table, test_csv, train_dir: Path) -> None:
