@@ -83,6 +83,7 @@ def build_train_cache(train_csv, image_dir, out, size: int, *, removal_csv=None,
     if int(folds) < 2:
         raise InputError(f"--folds {folds}: need at least 2")
     table = _train_table(train_csv, removal_csv, meta_csv, labels_file, int(folds), int(seed))
+    _check_not_in_tests(table, train_csv, Path(out))
     return _build(table, image_dir, Path(out), _pixels(size, low, high), workers, skip_bad, force)
 
 
@@ -279,13 +280,38 @@ def _check_meta_matches(meta_csv, matched: int, n: int, test: bool) -> None:
               f"have no exact patient, study or projection (META_CSV)", file=sys.stderr)
 
 
+def _cache_ids(cache_dir: Path) -> set[str] | None:
+    """The ImageIDs of a finished cache (None: no cache there)."""
+    index = cache_dir / "index.csv"
+    if not (cache_dir / "manifest.json").is_file() or not index.is_file():
+        return None
+    return set(pd.read_csv(index, usecols=["ImageID"], dtype=str, keep_default_na=False)["ImageID"])
+
+
+def _check_not_in_tests(table: _Table, train_csv, train_dir: Path) -> None:
+    """The other order of _check_not_in_train: a train cache built after a test cache of the same
+    root refuses the images of that test list (whichever cache is built first, the overlap stops)."""
+    root = train_dir.parent
+    if not root.is_dir():
+        return
+    for test_dir in sorted(p for p in root.iterdir() if p.name.startswith("test") and p.is_dir()):
+        test_ids = _cache_ids(test_dir)
+        if not test_ids:
+            continue
+        both = np.flatnonzero(table.index["ImageID"].isin(test_ids).to_numpy())
+        if len(both):
+            iid = table.index["ImageID"].iloc[both[0]]
+            raise InputError(f"{train_csv}: row {table.csv_row[both[0]]}: ImageID '{iid}' is a test image (in "
+                             f"{test_dir}); {len(both)} training images are in that test list. Pass the official "
+                             f"Removal.csv (--removal-csv) or remove them from the training CSV")
+
+
 def _check_not_in_train(table: _Table, test_csv, train_dir: Path) -> None:
     """An image in both caches would be trained on and scored on. Checked against the train
-    cache of the same root when it exists."""
-    index = train_dir / "index.csv"
-    if not (train_dir / "manifest.json").is_file() or not index.is_file():
+    cache of the same root when it exists (and by the train cache against the test caches there)."""
+    train_ids = _cache_ids(train_dir)
+    if train_ids is None:
         return
-    train_ids = set(pd.read_csv(index, usecols=["ImageID"], dtype=str, keep_default_na=False)["ImageID"])
     both = np.flatnonzero(table.index["ImageID"].isin(train_ids).to_numpy())
     if len(both):
         iid = table.index["ImageID"].iloc[both[0]]
@@ -452,12 +478,29 @@ def _resolve_paths(image_dir, image_ids) -> list[str | None]:
 
 
 def _walk_names(image_dir: str, wanted: set[str]) -> dict[str, str]:
+    """name -> its path in a subfolder of image_dir. Symlinked subfolders are followed (each real
+    folder once, so a link loop ends); a name found in two subfolders is refused naming both,
+    unless the two files are byte-identical copies (which one is read then does not matter)."""
+    import filecmp
+
     found: dict[str, str] = {}
-    for root, _dirs, files in os.walk(image_dir):
+    seen = {os.path.realpath(image_dir)}
+    for root, dirs, files in os.walk(image_dir, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         if root == image_dir:
             continue
         for name in wanted.intersection(files):
-            found.setdefault(name, os.path.join(root, name))  # first in walk order if duplicated
+            path = os.path.join(root, name)
+            first = found.setdefault(name, path)
+            if first != path and not filecmp.cmp(first, path, shallow=False):
+                raise InputError(f"{image_dir}: two different files are named '{name}': {first} and {path}; "
+                                 f"an ImageID must name one image (remove or rename one of them)")
     return found
 
 

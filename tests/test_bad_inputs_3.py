@@ -1,0 +1,151 @@
+"""The bad-input corpus, round 3, by kind of input: metadata CSVs, the image folder, caches built in
+either order, label columns, Make variables, flags, Task-2 files, study files, submissions.
+
+Same rules as test_bad_inputs.py: every case asserts what the message names; scripts exit with
+status 2 and print one `error:` line, no traceback. A warning is one `warning:` line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cxrlt.core.errors import InputError
+from cxrlt.data import identity
+from cxrlt.data.cache import open_cache
+from cxrlt.data.cache_build import build_test_cache, build_train_cache
+from test_bad_inputs import SIZE, write_dataset
+
+
+@pytest.fixture
+def ds(tmp_path):
+    return write_dataset(tmp_path / "data")
+
+
+def write_meta(path: Path, ids, projections, patient="P") -> Path:
+    lines = ["ImageID,PatientID,StudyDate_DICOM,Projection"]
+    lines += [f"{iid},{patient}{k % 4},2016010{k % 9},{pr}" for k, (iid, pr) in enumerate(zip(ids, projections))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train(ds, out, **kw):
+    return build_train_cache(ds["train_csv"], ds["image_dir"], out, SIZE, folds=2, workers=1, **kw)
+
+
+# ---- metadata CSV: the Projection vocabulary ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("word, canonical", [
+    ("POSTEROANTERIOR", "PA"), ("postero-anterior", "PA"), ("PA", "PA"), ("ANTEROPOSTERIOR", "AP"),
+    ("AP", "AP"), ("AP_horizontal", "AP_horizontal"), ("AP HORIZONTAL", "AP_horizontal"), ("LATERAL", "L"),
+    ("LL", "L"), ("L", "L"), ("COSTAL", "COSTAL"), ("UNK", ""), ("", ""),
+])
+def test_known_projection_spellings_are_mapped(word, canonical):
+    assert identity.projection(word) == canonical
+
+
+def test_dicom_projection_words_make_images_frontal(ds, tmp_path):
+    n = 12
+    words = ["POSTEROANTERIOR", "LATERAL", "ANTEROPOSTERIOR"] * 4
+    meta = write_meta(tmp_path / "meta.csv", ds["ids"][:n], words)
+    train(ds, tmp_path / "c/train", meta_csv=meta)
+    cache = open_cache(tmp_path / "c/train")
+    assert cache.has_projection
+    assert cache.frontal(cache.rows()).sum() == 8  # PA + AP, not the laterals
+
+
+def test_a_projection_vocabulary_with_no_known_word_is_refused_naming_the_values(ds, tmp_path):
+    meta = write_meta(tmp_path / "meta.csv", ds["ids"][:12], ["FRONT", "SIDE"] * 6)
+    with pytest.raises(InputError, match=r"column 'Projection': no value is a known projection \(seen: 'FRONT'"):
+        train(ds, tmp_path / "c/train", meta_csv=meta)
+    assert not (tmp_path / "c/train").exists()
+
+
+def test_a_few_unknown_projection_words_are_a_warning_naming_them(ds, tmp_path, capsys):
+    meta = write_meta(tmp_path / "meta.csv", ds["ids"][:12], ["PA"] * 10 + ["EXCLUDE", "EXCLUDE"])
+    train(ds, tmp_path / "c/train", meta_csv=meta)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "'EXCLUDE' x2" in err and "count as unknown" in err
+
+
+# ---- metadata CSV: rows that match the images ------------------------------------------------------------
+
+
+def test_a_metadata_csv_matching_no_training_image_is_refused(ds, tmp_path):
+    meta = write_meta(tmp_path / "meta.csv", [f"other_{k}.png" for k in range(12)], ["PA"] * 12)
+    with pytest.raises(InputError, match=r"no ImageID of the metadata CSV is one of the 12 training images"):
+        train(ds, tmp_path / "c/train", meta_csv=meta)
+
+
+def test_a_metadata_csv_matching_few_training_images_is_a_warning_with_the_count(ds, tmp_path, capsys):
+    meta = write_meta(tmp_path / "meta.csv", ds["ids"][:3] + [f"other_{k}.png" for k in range(9)], ["PA"] * 12)
+    train(ds, tmp_path / "c/train", meta_csv=meta)
+    assert "only 3 of the 12 training images are in the metadata CSV" in capsys.readouterr().err
+
+
+def test_test_images_take_only_the_projection_from_the_metadata(ds, tmp_path):
+    ids = ds["ids"]
+    meta = write_meta(tmp_path / "meta.csv", ids, ["PA"] * len(ids), patient="EXACT")
+    train(ds, tmp_path / "c/train", meta_csv=meta)
+    build_test_cache(ds["test_csv"], ds["image_dir"], tmp_path / "c/test", SIZE, meta_csv=meta, workers=1)
+    tr, te = open_cache(tmp_path / "c/train"), open_cache(tmp_path / "c/test")
+    assert all(p.startswith("EXACT") for p in tr.patient_keys(tr.rows()))
+    assert set(te.patient_keys(te.rows())) == {"9.9E+38"}  # the test list's own column (docs/rules.md)
+    assert set(te.projections(te.rows())) == {"PA"}
+
+
+# ---- caches built in either order ------------------------------------------------------------------------
+
+
+def test_overlap_is_refused_when_the_test_cache_is_built_first(ds, tmp_path):
+    leaked = ds["ids"][:2]  # two training images also on the test list
+    text = ds["test_csv"].read_text() + "".join(f"{i},20200101,9.9E+38,,,\n" for i in leaked)
+    ds["test_csv"].write_text(text)
+    build_test_cache(ds["test_csv"], ds["image_dir"], tmp_path / "c/test-x", SIZE, workers=1)
+    with pytest.raises(InputError, match=rf"ImageID '{leaked[0]}' is a test image \(in .*test-x\); 2 training"):
+        train(ds, tmp_path / "c/train")
+    assert not (tmp_path / "c/train").exists()
+
+
+# ---- the image folder -------------------------------------------------------------------------------------
+
+
+def _move_to_subfolders(ds, names):
+    img = ds["image_dir"]
+    for k, name in enumerate(names):
+        (img / f"part{k % 2}").mkdir(exist_ok=True)
+        os.replace(img / name, img / f"part{k % 2}" / name)
+
+
+def test_two_different_files_with_one_name_in_two_subfolders_are_refused_naming_both(ds, tmp_path):
+    img = ds["image_dir"]
+    name = ds["ids"][0]
+    _move_to_subfolders(ds, ds["ids"][:2])
+    (img / "part1" / name).write_bytes((img / "part1" / ds["ids"][1]).read_bytes())  # another image
+    with pytest.raises(InputError, match=rf"two different files are named '{name}': .*part\d/{name} and "
+                                         rf".*part\d/{name}"):
+        train(ds, tmp_path / "c/train")
+
+
+def test_identical_copies_in_two_subfolders_are_fine(ds, tmp_path):
+    img = ds["image_dir"]
+    name = ds["ids"][0]
+    _move_to_subfolders(ds, [name])
+    (img / "part1").mkdir()
+    (img / "part1" / name).write_bytes((img / "part0" / name).read_bytes())
+    train(ds, tmp_path / "c/train")
+
+
+def test_images_in_a_symlinked_subfolder_are_found(ds, tmp_path):
+    img = ds["image_dir"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ds["ids"][:4]:
+        os.replace(img / name, elsewhere / name)
+    (img / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(img, target_is_directory=True)  # a loop ends
+    train(ds, tmp_path / "c/train")
+    assert len(open_cache(tmp_path / "c/train").rows()) == 12
