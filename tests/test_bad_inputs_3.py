@@ -149,3 +149,23 @@ def test_images_in_a_symlinked_subfolder_are_found(ds, tmp_path):
     (elsewhere / "loop").symlink_to(img, target_is_directory=True)  # a loop ends
     train(ds, tmp_path / "c/train")
     assert len(open_cache(tmp_path / "c/train").rows()) == 12
+
+
+# ---- label columns -----------------------------------------------------------------------------------------
+
+
+def test_the_30_official_labels_in_another_column_order_are_read_by_name(tmp_path):
+    import numpy as np
+
+    from cxrlt.core.labels import CXRLT2026_LABELS as OFFICIAL
+    from cxrlt.data.tables import read_training_csv
+
+    shuffled = OFFICIAL[::-1]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (4, 30))
+    lines = ["ImageID,StudyDate_DICOM,PatientID," + ",".join(shuffled)]
+    lines += [f"{k}_a.png,20170101,{k}," + ",".join(map(str, y[k])) for k in range(4)]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    df, labels = read_training_csv(tmp_path / "t.csv")
+    assert labels == list(OFFICIAL)  # the official order, whatever the file's
+    assert (df[shuffled].to_numpy() == y).all()  # each column by its name
