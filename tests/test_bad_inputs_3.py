@@ -169,3 +169,86 @@ def test_the_30_official_labels_in_another_column_order_are_read_by_name(tmp_pat
     df, labels = read_training_csv(tmp_path / "t.csv")
     assert labels == list(OFFICIAL)  # the official order, whatever the file's
     assert (df[shuffled].to_numpy() == y).all()  # each column by its name
+
+
+# ---- Make variables ------------------------------------------------------------------------------------------
+
+
+def _make(*args):
+    import subprocess
+
+    from conftest import ROOT
+
+    return subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("goal, assignment, culprit", [
+    ("all", "POSTPROC=on", "POSTPROC=on: expected one of off auto"),
+    ("all", "ENSEMBLE=avg", "ENSEMBLE=avg: expected one of mean"),
+    ("all", "LOGGER=none,tensorbored", "LOGGER=none,tensorbored: tensorbored is not one of"),
+    ("pretrain", "PRETRAIN_DATASET=nih chexpart", "PRETRAIN_DATASET=nih chexpart: chexpart is not one of"),
+    ("pretrain", "PRETRAIN_UNCERTAIN=one", "PRETRAIN_UNCERTAIN=one: one is not one of ones zeros ignore"),
+    ("pretrain", "PRETRAIN_BLANK=ones", "PRETRAIN_BLANK=ones: ones is not one of zeros ignore"),
+    ("pretrain", "PRETRAIN_OFFICIAL_TEST=keep drop", "PRETRAIN_OFFICIAL_TEST=keep drop: expected one of keep drop"),
+    ("task2", "ZS_METHOD=dot", "ZS_METHOD=dot: expected one of cosine softmax"),
+    ("all", "TASK2=yes", "TASK2=yes: expected one of 1"),
+    ("all", "DATA_DIR=my data", "DATA_DIR='my data' contains a space"),
+    ("all", "NAME=my try", "NAME='my try' contains a space"),
+    ("all", "NAME=demo ", "NAME='demo ' contains a space"),
+    ("demo", "STATE=my state", "STATE='my state' contains a space"),
+    ("task2", "ZS_PROMPTS=my prompts.yaml", "ZS_PROMPTS='my prompts.yaml' contains a space"),
+])
+def test_a_make_variable_outside_its_values_stops_every_goal_naming_it(tmp_path, goal, assignment, culprit):
+    p = _make("-n", goal, f"STATE={tmp_path}/s", assignment)
+    assert p.returncode == 2 and culprit in p.stderr, p.stderr
+    assert p.stderr.count("***") == 1 and "preprocess.py" not in p.stdout
+    assert not (tmp_path / "s").exists()
+
+
+def _enumerated_make_variables() -> dict[str, str]:
+    """Every Make variable whose comment lists its values as `a | b` -> the Makefile it is in."""
+    import re
+
+    from conftest import ROOT
+
+    found = {}
+    for mk in [ROOT / "Makefile", *sorted((ROOT / "mk").glob("*.mk"))]:
+        for line in mk.read_text().splitlines():
+            m = re.match(r"^([A-Z0-9_]+)\s*\?=[^#]*#(.*)$", line)
+            if m and re.search(r"\S \| \S", m.group(2)):
+                found[m.group(1)] = mk.read_text()
+    return found
+
+
+def test_every_enumerated_make_variable_is_checked_with_the_scripts_own_values():
+    import re
+
+    from cxrlt.core.config import ENSEMBLE_METHODS
+    from cxrlt.data.external import BLANK_POLICIES, DATASETS, UNCERTAIN_POLICIES
+    from cxrlt.training.tracking import BACKENDS
+    from cxrlt.zeroshot.scoring import METHODS
+
+    found = _enumerated_make_variables()
+    not_an_enum = {"ZS_MODEL"}  # hf-hub:ORG/REPO | local-dir:FOLDER | a config name: a pattern, not a list
+    assert {"POSTPROC", "ENSEMBLE", "LOGGER", "ZS_METHOD", "PRETRAIN_DATASET", "TASK2"} <= set(found)
+    checked = {}
+    for var, text in found.items():
+        if var in not_an_enum:
+            continue
+        m = re.search(rf"\$\(call check_enum(?:_list)?,{var},([^)]*)\)", text)
+        assert m, f"{var} lists its values but no check_enum checks them"
+        checked[var] = m.group(1).split()
+    assert checked["ENSEMBLE"] == list(ENSEMBLE_METHODS)
+    assert checked["PRETRAIN_DATASET"] == list(DATASETS)
+    assert checked["PRETRAIN_UNCERTAIN"] == list(UNCERTAIN_POLICIES)
+    assert checked["PRETRAIN_BLANK"] == list(BLANK_POLICIES)
+    assert checked["ZS_METHOD"] == list(METHODS)
+    assert checked["LOGGER"] == ["none", *BACKENDS]
+
+
+def test_the_defaults_and_good_values_pass_the_make_checks(tmp_path):
+    for extra in ([], ["POSTPROC=auto", "ENSEMBLE=greedy", "LOGGER=tensorboard,mlflow", "TASK2=1",
+                       "PRETRAIN_DATASET=nih chexpert", "PRETRAIN_UNCERTAIN=ones zeros"]):
+        p = _make("help", f"STATE={tmp_path}/s", *extra)
+        assert p.returncode == 0, p.stderr
