@@ -252,3 +252,29 @@ def test_the_defaults_and_good_values_pass_the_make_checks(tmp_path):
                        "PRETRAIN_DATASET=nih chexpert", "PRETRAIN_UNCERTAIN=ones zeros"]):
         p = _make("help", f"STATE={tmp_path}/s", *extra)
         assert p.returncode == 0, p.stderr
+
+
+# ---- weights files -----------------------------------------------------------------------------------------
+
+
+def test_task2_weights_that_need_pickled_code_are_one_line_naming_the_file(tmp_path):
+    """The rule for every weights file (ours, timm's pretrained_file, open_clip's): weights_only."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cxrlt.zeroshot.scoring import load_encoder
+    from cxrlt.zeroshot.tiny_clip import write_tiny_model
+    from test_bad_inputs import NotAllowed
+
+    folder = write_tiny_model(tmp_path / "clip", image_size=16)
+    evil = tmp_path / "evil" / "open_clip_pytorch_model.bin"
+    evil.parent.mkdir()
+    shutil.copy(folder / "open_clip_config.json", evil.parent)
+    torch.save({"state_dict": load_file(str(folder / "open_clip_model.safetensors")), "extra": NotAllowed()}, evil)
+    with pytest.raises(InputError) as e:
+        load_encoder(f"local-dir:{evil.parent}", device="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"{evil.parent}: refused to load: the weights file needs pickled Python objects"), msg
+    assert "\n" not in msg
