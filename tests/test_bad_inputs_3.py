@@ -278,3 +278,38 @@ def test_task2_weights_that_need_pickled_code_are_one_line_naming_the_file(tmp_p
     msg = str(e.value)
     assert msg.startswith(f"{evil.parent}: refused to load: the weights file needs pickled Python objects"), msg
     assert "\n" not in msg
+
+
+# ---- the plan: a dataset name that does not fit its labels ---------------------------------------------------
+
+
+def _plan(tmp_path, dataset, header):
+    import shutil
+
+    from conftest import ROOT
+    from cxrlt.pipeline import plan
+
+    (tmp_path / "train.csv").write_text(",".join(["ImageID", "StudyDate_DICOM", "PatientID", *header]) + "\n")
+    (tmp_path / "test.csv").write_text("ImageID\nx.png\n")
+    (tmp_path / "images").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "configs" / "demo.yaml", tmp_path / "demo.yaml")
+    argv = [f"--state={tmp_path}/.make", f"--mk={tmp_path}/.make/vars.mk", f"--dataset={dataset}",
+            f"--train-csv={tmp_path}/train.csv", f"--image-dir={tmp_path}/images", f"--test-csv={tmp_path}/test.csv",
+            "--img-size=64", "--folds=5", f"--configs={tmp_path}/demo.yaml", "--name=x", "--ensemble=mean",
+            "--postproc=off"]
+    assert plan.main(argv) == 0
+
+
+NIH14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+         "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+
+
+def test_dataset_cxrlt2026_for_another_label_set_is_a_warning(tmp_path, capsys):
+    from cxrlt.core.labels import CXRLT2026_LABELS
+
+    _plan(tmp_path, "cxrlt2026", NIH14)
+    err = capsys.readouterr().err
+    assert "warning: DATASET=cxrlt2026 but TRAIN_CSV=" in err and "has 14 labels that are not CXR-LT 2026's" in err
+    _plan(tmp_path, "nih", NIH14)  # its own name: nothing to say
+    _plan(tmp_path, "cxrlt2026", CXRLT2026_LABELS[::-1])  # the 30, in any order
+    assert "warning" not in capsys.readouterr().err
