@@ -49,6 +49,28 @@ VARIABLES := DATASET DATA_DIR TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV META_CSV 
 	IMG_SIZE FOLDS CONFIGS NAME ENSEMBLE TRAIN_ARGS PREDICT_ARGS PREPROCESS_ARGS LOGGER POSTPROC NPROC NNODES \
 	NODE_RANK MASTER_ADDR MASTER_PORT CACHE_ROOT RUNS_ROOT SUB_DIR STATE PYTHON
 
+# ---- enumerated variables: a value outside the list stops every make, naming the variable ----------
+# $(call check_enum,VAR,allowed words): one word (or empty: the default applies);
+# $(call check_enum_list,VAR,allowed words): several, separated by spaces or commas. Every variable
+# with a fixed set of values is checked here or at its definition in mk/*.mk (tests/test_make_variables.py
+# finds them by their `a | b` comment and keeps the lists equal to the scripts' own).
+enum_comma := ,
+enum_words = $(strip $(subst $(enum_comma), ,$($(1))))
+check_enum = $(if $(or $(filter-out $(2),$(call enum_words,$(1))),$(word 2,$(call enum_words,$(1)))),\
+	$(error $(1)=$($(1)): expected one of $(2)))
+check_enum_list = $(if $(filter-out $(2),$(call enum_words,$(1))),\
+	$(error $(1)=$($(1)): $(filter-out $(2),$(call enum_words,$(1))) is not one of $(2)))
+# variables naming one file, folder or name: a space would make Make split them into several words
+enum_empty :=
+enum_space := $(enum_empty) $(enum_empty)
+check_one_word = $(if $(findstring $(enum_space),$($(1))),$(error $(1)='$($(1))' contains a space: Make splits it \
+	into several words; rename or link the path without spaces))
+$(foreach v,DATASET DATA_DIR TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV META_CSV LABELS_FILE TEST_LABELS NAME \
+	CACHE_ROOT RUNS_ROOT SUB_DIR STATE,$(call check_one_word,$(v)))
+$(call check_enum,POSTPROC,off auto)
+$(call check_enum,ENSEMBLE,mean rank weighted greedy)
+$(call check_enum_list,LOGGER,none tensorboard wandb mlflow)
+
 # ---- derived ---------------------------------------------------------------------------------
 VENV := .venv
 PY   ?= $(VENV)/bin/python

@@ -182,11 +182,12 @@ def submission_order(labels: list[str], labels_file, source) -> list[int]:
 
     Without a labels file the inputs' own order, checked against the official label set (a set
     nearly equal to it is a mistake); with one, that file's order (the same set required)."""
-    from cxrlt.core.labels import check_label_set, read_labels_file
+    from cxrlt.core.labels import by_name, check_label_set, read_labels_file
 
     if not labels_file:
-        check_label_set(labels, f"{source}: row 1 (header)")
-        return list(range(len(labels)))
+        want = by_name(labels)  # the official 30 in another order: read by name, written in the official order
+        check_label_set(want, f"{source}: row 1 (header)")
+        return [labels.index(x) for x in want]
     want = read_labels_file(labels_file)
     if set(want) != set(labels):
         missing = [x for x in want if x not in labels]

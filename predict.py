@@ -81,9 +81,16 @@ def main(argv=None) -> int:
         raise InputError(f"{args.cache}/index.csv: no rows for split '{args.split}'; --split {args.split} "
                          f"reads {what}")
     keys = val_keys(cache, rows)
-    need_context = args.split == "val" or params.patient_context_weight > 0
+    if params.patient_context_weight > 0 and not cfg["allow_patient_linking"]:
+        raise InputError(f"patient_context_weight {params.patient_context_weight:g}"
+                         f"{' (from ' + args.postproc_from + ')' if chosen else ''} links test images to training "
+                         f"patients, which CXR-LT 2026 forbids; set allow_patient_linking: true to opt in "
+                         f"(docs/rules.md)")
+    linking = bool(cfg["allow_patient_linking"])
+    need_context = linking and (args.split == "val" or params.patient_context_weight > 0)
     ctx_cache = context_cache(args, cache) if need_context else None
-    context = postproc.Context.from_cache(ctx_cache) if ctx_cache is not None else None
+    context = (postproc.Context.from_cache(ctx_cache, csv_patient=args.split == "test")
+               if ctx_cache is not None else None)
     inputs = {"model": file_key(args.checkpoint), "cache": cache.key, "split": args.split,
               "post": stage_inputs.predict_keys(cfg), "apply_choice": args.apply_choice,
               "context": ctx_cache.key if ctx_cache is not None else None}
@@ -101,13 +108,16 @@ def main(argv=None) -> int:
 
     if args.split == "val":
         sets = val_sets_from_keys(keys, labels, cfg)
-        res = postproc.choose_postproc(probs, keys, labels, context, sets)
+        res = postproc.choose_postproc(probs, keys, labels, context, sets, allow_patient_linking=linking)
         write_json(args.out + ".postproc.json", {**res, "tta": cfg["tta"]})
-        print(f"{sets['describe']}; {res['n_with_context']} image(s) with patient context (tta {cfg['tta']})")
-        print(postproc.summary_line(res))
+        ctx = (f"{res['n_with_context']} image(s) with patient context" if linking
+               else "patient context off (allow_patient_linking: false)")
+        print(f"{sets['describe']}; {ctx} (tta {cfg['tta']})")
+        print(postproc.summary_line(res, applied=args.apply_choice))
         if args.apply_choice:
             params = postproc.PostParams.from_cfg({**cfg, **res["choice"]})
-            print("post-processing: the choice above is applied to these predictions (POSTPROC=auto)")
+            what = "the raw predictions are kept" if res["kept_raw"] else "the choice above is applied"
+            print(f"post-processing: {what} (POSTPROC=auto)")
         else:
             print("post-processing: the choice above is reported only, not applied (POSTPROC=off; "
                   "the predictions use the config's own post-processing keys)")

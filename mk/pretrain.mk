@@ -17,6 +17,11 @@ PRETRAIN_SIZE          ?= $(IMG_SIZE)#                  side of its cached image
 PRETRAIN_ARGS          ?=#                              config overrides of the pretraining run only
 PRETRAIN_FOR           ?=#                              config stems whose training waits for the pretraining run
 
+$(call check_enum_list,PRETRAIN_DATASET,nih chexpert mimic)
+$(call check_enum_list,PRETRAIN_UNCERTAIN,ones zeros ignore)
+$(call check_enum_list,PRETRAIN_BLANK,zeros ignore)
+$(call check_enum,PRETRAIN_OFFICIAL_TEST,keep drop)
+
 PRETRAIN_STEM  := $(basename $(notdir $(PRETRAIN_CONFIG)))
 PRETRAIN_EMPTY :=
 PRETRAIN_SPACE := $(PRETRAIN_EMPTY) $(PRETRAIN_EMPTY)

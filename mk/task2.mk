@@ -10,9 +10,12 @@ ZS_WEIGHTS   ?=#                             local weights file for a config-nam
 ZS_PROMPTS   ?= prompts/task2.yaml#          prompts per finding (positive, optional negative)
 ZS_METHOD    ?= cosine#                      cosine (mean cosine over prompts -> sigmoid) | softmax (positive vs negative)
 ZS_ARGS      ?=#                             extra zeroshot.py flags (e.g. --pool embedding --temperature 0.05 --device cpu)
-TASK2        ?=#                             1: `make all` also writes the Task-2 submission
+TASK2        ?=#                             1 | (empty): `make all` also writes the Task-2 submission
 TASK2_LABELS ?=#                             optional: Task-2 labels for TEST_CSV; then `make task2` scores the submission
 VARIABLES += ZS_MODEL ZS_WEIGHTS ZS_PROMPTS ZS_METHOD ZS_ARGS TASK2 TASK2_LABELS
+$(call check_enum,ZS_METHOD,cosine softmax)
+$(foreach v,ZS_MODEL ZS_WEIGHTS ZS_PROMPTS TASK2_LABELS,$(call check_one_word,$(v)))
+$(call check_enum,TASK2,1)
 TASK2_LABEL_SET := prompts/cxrlt2026_task2_labels.txt
 ZS_DIR    := $(RUNS_ROOT)/$(DATASET)_zeroshot
 ZS_PRED   := $(ZS_DIR)/pred_test.csv

@@ -81,9 +81,9 @@ def test_selection_keys_are_checked(key, value, expected):
 
 def test_selection_and_postprocessing_keys_are_post_keys():
     cfg = config.resolve([], {"select_on": "full", "proxy_require_finding": True, "normal_gating_alpha": -1,
-                              "patient_context_weight": 0.3})
+                              "patient_context_weight": 0.3, "allow_patient_linking": True})
     assert cfg["select_on"] == "full" and cfg["proxy_require_finding"] is True
-    for k in ("select_on", "proxy_require_finding", "patient_context_weight", "study_pool_weight"):
+    for k in ("select_on", "proxy_require_finding", "patient_context_weight", "allow_patient_linking", "study_pool_weight"):
         assert config.group(k) == "post"
     assert config.train_key(cfg) == config.train_key(config.DEFAULTS)
 

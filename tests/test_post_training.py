@@ -114,11 +114,18 @@ def test_postproc_from_applies_the_val_choice_to_test_predictions(trained_run, d
     choice.write_text(json.dumps({"choice": {"normal_gating_alpha": 0.0, "study_pool_weight": 0.0,
                                              "patient_context_weight": 0.5}}))
     ctx = tmp_path / "ctx.csv"
-    assert run_script_inprocess(capsys, "predict.py", *common, "--out", ctx, "--postproc-from", choice)[0] == 0
+    # refused unless the user opts in to linking test images to training patients (docs/rules.md)
+    code, _out, err = run_script_inprocess(capsys, "predict.py", *common, "--out", ctx, "--postproc-from", choice)
+    assert code == 2 and "allow_patient_linking: true" in err and not ctx.exists()
+    assert run_script_inprocess(capsys, "predict.py", *common, "--out", ctx, "--postproc-from", choice,
+                                "--allow_patient_linking", "true")[0] == 0
     c = pd.read_csv(ctx)
     test_cache = open_cache(demo_test_cache)
     keys = val_keys(test_cache, test_cache.rows("test"))
-    mean, has = Context.from_cache(open_cache(demo_test_cache.parent / "train")).mean_labels(keys.patient, keys.study)
+    train = open_cache(demo_test_cache.parent / "train")
+    mean, has = Context.from_cache(train, csv_patient=True).mean_labels(keys.patient, keys.study)
+    # the test images' patients are the test list's own PatientID, never META_CSV's (docs/rules.md)
+    assert not set(keys.patient) & set(train.patient_keys(train.rows()))
     assert 0 < has.sum() < len(has)  # the demo's test patients with earlier training studies
     assert list(c["ImageID"]) == list(keys.ids)
     q = a[labels].to_numpy()

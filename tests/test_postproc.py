@@ -115,13 +115,19 @@ def test_patient_context_weight_is_chosen_when_earlier_studies_predict_the_label
     p = 1 / (1 + np.exp(-(1.0 * (2 * y - 1) + rng.normal(0, 1.5, y.shape))))  # a weak model
     keys = make_keys([f"i{k}" for k in range(len(y))], y, studies, patients, np.ones(len(y), bool))
     context = P.Context(keys.patient, keys.study, y.astype(float))  # the val labels as the labelled pool
-    res = P.choose_postproc(p, keys, LABELS, context, val_sets_from_keys(keys, LABELS, {"select_on": "proxy"}))
+    sets = val_sets_from_keys(keys, LABELS, {"select_on": "proxy"})
+    # by default (CXR-LT 2026's rules: docs/rules.md) no image is linked to its patient's labels
+    off = P.choose_postproc(p, keys, LABELS, context, sets)
+    assert off["n_with_context"] == 0 and not off["allow_patient_linking"]
+    assert all(g["patient_context_weight"] == 0 for g in off["grid"]) and off["choice"]["patient_context_weight"] == 0
+    res = P.choose_postproc(p, keys, LABELS, context, sets, allow_patient_linking=True)  # opted in
     assert res["n_with_context"] == len(y)
     assert res["choice"]["patient_context_weight"] > 0
     assert res["honest_gain"] > 0.02 and res["honest"] > res["raw"]["proxy"]
     # the same predictions without context keys to match gain nothing from the context weights
     lonely = make_keys(keys.ids, y, studies, [f"x{k}" for k in range(len(y))], keys.frontal)
-    res2 = P.choose_postproc(p, lonely, LABELS, context, val_sets_from_keys(lonely, LABELS, {}))
+    res2 = P.choose_postproc(p, lonely, LABELS, context, val_sets_from_keys(lonely, LABELS, {}),
+                             allow_patient_linking=True)
     assert res2["n_with_context"] == 0 and res2["choice"]["patient_context_weight"] == 0
 
 
@@ -157,3 +163,25 @@ def test_the_best_grid_point_is_applied_only_when_its_honest_gain_is_positive(mo
     assert res["best"] == best and res["kept_raw"] is (not applied)
     assert res["choice"] == (best if applied else P.grid(LABELS)[0].as_dict())
     assert ("raw predictions are kept" in P.summary_line(res)) is (not applied)
+    assert ("is positive: applied" in P.summary_line(res)) is applied
+    assert "not applied (POSTPROC=off" in P.summary_line(res, applied=False)  # reported only
+
+
+def test_the_honest_gain_has_a_bootstrap_interval_around_it_in_the_line():
+    keys, p = _pairs_problem(np.random.default_rng(0))
+    res = P.choose_postproc(p, keys, LABELS, None, val_sets_from_keys(keys, LABELS, {"select_on": "full"}))
+    iv = res["honest_gain_interval"]
+    assert iv["low"] < iv["high"] and iv["n_boot"] > 100 and iv["gain"] == res["honest_gain"]
+    assert iv["low"] - 0.05 <= res["honest_gain"] <= iv["high"] + 0.05  # near the resamples, not far out
+    assert f"[{iv['low']:+.4f}, {iv['high']:+.4f}]" in P.summary_line(res)
+
+
+def test_patient_context_needs_the_explicit_opt_in_key():
+    from cxrlt.core import config
+    from cxrlt.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="allow_patient_linking: true"):
+        config.resolve(None, {"patient_context_weight": 0.2})
+    opted = config.resolve(None, {"patient_context_weight": 0.2, "allow_patient_linking": True})
+    assert opted["patient_context_weight"] == 0.2
+    assert config.DEFAULTS["allow_patient_linking"] is False and config.group("allow_patient_linking") == "post"

@@ -72,6 +72,10 @@ def test_expand_writes_one_config_per_variant_seed_and_only_rewrites_changed_con
     ("variant: {a: {}}", "unknown key(s) ['variant']"),
     ("variants: {a: {}}\nbaseline: a\nbaseline: a", "duplicate key 'baseline'"),
     ("variants: {a: {lr: 1.0e-5, min_lr: 1.0e-3}}", "(variant 'a'): min_lr = 0.001, lr = 1e-05: min_lr is above lr"),
+    # a variant that changes nothing would be compared with a difference of 0 by construction
+    ("variants: {a: {}, b: {workers: 0}}", "variant 'b' is identical to the baseline 'a'"),
+    ("variants: {a: {lr: 0.5}, b: {}}\nbaseline: b\noverrides: {lr: 0.5}", "variant 'a' is identical to the baseline 'b'"),
+    ("variants: {a: {}, b: {lr: 0.5}, c: {lr: 0.5}}", "variant 'c' is identical to variant 'b'"),
 ])
 def test_a_wrong_study_file_is_a_one_line_error_naming_it(tmp_path, body, message):
     f = write_study(tmp_path, body)

@@ -149,7 +149,11 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "tta_merge": ("prob", str, "average the views' probabilities (prob) or logits (logit)"),
     "normal_gating_alpha": (0.0, float, "p_k *= (1 - p_Normal)^alpha for findings; 0 = off"),
     "study_pool_weight": (0.0, float, "blend with the mean over the same study (exact study key); 0 = off"),
-    "patient_context_weight": (0.0, float, "blend with the training labels of the patient's other studies; 0 = off"),
+    "patient_context_weight": (0.0, float, "blend with the training labels of the patient's other studies; 0 = off "
+                                           "(needs allow_patient_linking)"),
+    "allow_patient_linking": (False, bool, "let post-processing link an image to the training labels of 'the same "
+                                           "patient' (patient_context_weight, and its place in POSTPROC=auto's grid); "
+                                           "off: CXR-LT 2026 forbids re-identifying evaluation images (docs/rules.md)"),
     # --- selection on the val fold (cxrlt/evaluation/selection.py) ------------------------------------
     "select_on": ("auto", str, "val subset choices are made on: auto (proxy when projection known) | proxy | full"),
     "proxy_require_finding": (False, bool, "proxy subset: only images with a positive label other than Normal"),
@@ -265,6 +269,10 @@ RELATIONS: list[tuple[tuple[str, ...], object, str]] = [
      lambda c: not (c["mixup_alpha"] or c["cutmix_alpha"]) or not c["pseudo_labels"],
      "mixup/cutmix with pseudo-labels is not supported (a mixed pair of a real and a pseudo-labelled image "
      "would have no single sample weight): turn one of them off"),
+    (("patient_context_weight", "allow_patient_linking"),
+     lambda c: c["patient_context_weight"] == 0 or c["allow_patient_linking"],
+     "patient_context_weight links test images to training patients, which CXR-LT 2026 forbids; set "
+     "allow_patient_linking: true to opt in (docs/rules.md)"),
 ]
 
 # String keys whose values follow a pattern (the help text says which).
@@ -277,8 +285,8 @@ PATTERNS = {"device": r"auto|cpu|cuda(:\d+)?"}
 #   train everything else: the trained weights depend on it.
 # A new key is `train` unless it is listed here.
 POST_KEYS = {k for k in SCHEMA if k.startswith("crt_")} | {
-    "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "patient_context_weight", "select_on",
-    "proxy_require_finding"}
+    "tta", "tta_merge", "normal_gating_alpha", "study_pool_weight", "patient_context_weight",
+    "allow_patient_linking", "select_on", "proxy_require_finding"}
 # post keys that define the val subsets every choice on val is made on (cxrlt/evaluation/selection.py): an
 # input of each stage that chooses on val (cRT's head, predict's post-processing, the ensemble)
 SELECTION_KEYS = ("select_on", "proxy_require_finding")

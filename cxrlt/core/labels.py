@@ -107,6 +107,15 @@ def read_labels_file(path) -> list[str]:
     return labels
 
 
+def by_name(labels: list[str], official: list[str] = CXRLT2026_LABELS) -> list[str]:
+    """The official order when `labels` are exactly the official labels in another order (columns
+    are read by name: a table with the 30 labels in any order is read the same), else `labels`."""
+    labels = list(labels)
+    if len(labels) == len(official) and set(labels) == set(official):
+        return list(official)
+    return labels
+
+
 def check_label_set(labels: list[str], where: str, official: list[str] = CXRLT2026_LABELS) -> None:
     """InputError naming the difference when `labels` is close to `official` but not equal to it.
 

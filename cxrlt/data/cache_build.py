@@ -83,6 +83,7 @@ def build_train_cache(train_csv, image_dir, out, size: int, *, removal_csv=None,
     if int(folds) < 2:
         raise InputError(f"--folds {folds}: need at least 2")
     table = _train_table(train_csv, removal_csv, meta_csv, labels_file, int(folds), int(seed))
+    _check_not_in_tests(table, train_csv, Path(out))
     return _build(table, image_dir, Path(out), _pixels(size, low, high), workers, skip_bad, force)
 
 
@@ -231,15 +232,19 @@ def _train_table(train_csv, removal_csv, meta_csv, labels_file, folds: int, seed
 
 def _test_table(test_csv, meta_csv) -> _Table:
     test = read_id_list(test_csv)
-    df = _with_keys(test, meta_csv)
+    df = _with_keys(test, meta_csv, test=True)
     df["split"], df["fold"] = "test", -1
     index = df[INDEX_FIXED_COLUMNS[1:]].reset_index(drop=True)
     return _Table("test", index, [], np.full(len(index), os.fspath(test_csv), dtype=object), test.index.to_numpy(),
                   {"test_csv": test_csv, "meta_csv": meta_csv}, {})
 
 
-def _with_keys(df: pd.DataFrame, meta_csv) -> pd.DataFrame:
-    """df plus the study, patient, projection and centre columns (rules: cxrlt/data/identity.py)."""
+def _with_keys(df: pd.DataFrame, meta_csv, test: bool = False) -> pd.DataFrame:
+    """df plus the study, patient, projection and centre columns (rules: cxrlt/data/identity.py).
+
+    For test images (test=True) the metadata CSV gives the projection and the centre only: CXR-LT
+    2026 forbids re-identifying evaluation images (docs/rules.md), so their patient and study keys
+    come from the test list itself (the study from the PadChest ImageID)."""
     df = df.copy()
     ids = df["ImageID"].tolist()
     n = len(ids)
@@ -248,10 +253,13 @@ def _with_keys(df: pd.DataFrame, meta_csv) -> pd.DataFrame:
         meta = read_meta_csv(meta_csv, ids=ids)
         _check_centres(meta_csv, meta)
         meta = meta.set_index("ImageID")
-        meta_patient = df["ImageID"].map(meta["PatientID"]).fillna("").tolist()
-        meta_date = df["ImageID"].map(meta["StudyDate_DICOM"]).fillna("").tolist()
+        _check_meta_matches(meta_csv, len(meta), n, test)
+        if not test:
+            meta_patient = df["ImageID"].map(meta["PatientID"]).fillna("").tolist()
+            meta_date = df["ImageID"].map(meta["StudyDate_DICOM"]).fillna("").tolist()
         meta_projection = df["ImageID"].map(meta["Projection"]).fillna("").tolist()
         meta_centre = df["ImageID"].map(meta["Centre"]).fillna("").tolist()
+        identity.check_projections(meta_csv, meta_projection)
     csv_patient, csv_date = df["PatientID"].tolist(), df["StudyDate_DICOM"].tolist()
     df["patient"] = [identity.patient_key(i, p, m) for i, p, m in zip(ids, csv_patient, meta_patient)]
     df["study"] = [identity.study_key(i, m.strip() or p.strip(), d.strip() or md)
@@ -272,13 +280,53 @@ def _check_centres(meta_csv, meta: pd.DataFrame) -> None:
                          f"from the ImageID's shape)")
 
 
+META_MIN_SHARE = 0.5  # a metadata CSV matching fewer of the training images is warned about
+
+
+def _check_meta_matches(meta_csv, matched: int, n: int, test: bool) -> None:
+    """A metadata CSV of another release (or a typo'd file) matches few or none of the images: none
+    of the training images is refused, few is a warning with the count (test: a warning only)."""
+    what = "test-list" if test else "training"
+    if matched == 0 and not test:
+        raise InputError(f"{meta_csv}: no ImageID of the metadata CSV is one of the {n} {what} images: another "
+                         f"release or the wrong file (META_CSV)")
+    if matched < META_MIN_SHARE * n:
+        print(f"warning: {meta_csv}: only {matched} of the {n} {what} images are in the metadata CSV; the others "
+              f"have no exact patient, study or projection (META_CSV)", file=sys.stderr)
+
+
+def _cache_ids(cache_dir: Path) -> set[str] | None:
+    """The ImageIDs of a finished cache (None: no cache there)."""
+    index = cache_dir / "index.csv"
+    if not (cache_dir / "manifest.json").is_file() or not index.is_file():
+        return None
+    return set(pd.read_csv(index, usecols=["ImageID"], dtype=str, keep_default_na=False)["ImageID"])
+
+
+def _check_not_in_tests(table: _Table, train_csv, train_dir: Path) -> None:
+    """The other order of _check_not_in_train: a train cache built after a test cache of the same
+    root refuses the images of that test list (whichever cache is built first, the overlap stops)."""
+    root = train_dir.parent
+    if not root.is_dir():
+        return
+    for test_dir in sorted(p for p in root.iterdir() if p.name.startswith("test") and p.is_dir()):
+        test_ids = _cache_ids(test_dir)
+        if not test_ids:
+            continue
+        both = np.flatnonzero(table.index["ImageID"].isin(test_ids).to_numpy())
+        if len(both):
+            iid = table.index["ImageID"].iloc[both[0]]
+            raise InputError(f"{train_csv}: row {table.csv_row[both[0]]}: ImageID '{iid}' is a test image (in "
+                             f"{test_dir}); {len(both)} training images are in that test list. Pass the official "
+                             f"Removal.csv (--removal-csv) or remove them from the training CSV")
+
+
 def _check_not_in_train(table: _Table, test_csv, train_dir: Path) -> None:
     """An image in both caches would be trained on and scored on. Checked against the train
-    cache of the same root when it exists."""
-    index = train_dir / "index.csv"
-    if not (train_dir / "manifest.json").is_file() or not index.is_file():
+    cache of the same root when it exists (and by the train cache against the test caches there)."""
+    train_ids = _cache_ids(train_dir)
+    if train_ids is None:
         return
-    train_ids = set(pd.read_csv(index, usecols=["ImageID"], dtype=str, keep_default_na=False)["ImageID"])
     both = np.flatnonzero(table.index["ImageID"].isin(train_ids).to_numpy())
     if len(both):
         iid = table.index["ImageID"].iloc[both[0]]
@@ -451,12 +499,29 @@ def find_images(image_dir, image_ids) -> list[str | None]:
 
 
 def _walk_names(image_dir: str, wanted: set[str]) -> dict[str, str]:
+    """name -> its path in a subfolder of image_dir. Symlinked subfolders are followed (each real
+    folder once, so a link loop ends); a name found in two subfolders is refused naming both,
+    unless the two files are byte-identical copies (which one is read then does not matter)."""
+    import filecmp
+
     found: dict[str, str] = {}
-    for root, _dirs, files in os.walk(image_dir):
+    seen = {os.path.realpath(image_dir)}
+    for root, dirs, files in os.walk(image_dir, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         if root == image_dir:
             continue
         for name in wanted.intersection(files):
-            found.setdefault(name, os.path.join(root, name))  # first in walk order if duplicated
+            path = os.path.join(root, name)
+            first = found.setdefault(name, path)
+            if first != path and not filecmp.cmp(first, path, shallow=False):
+                raise InputError(f"{image_dir}: two different files are named '{name}': {first} and {path}; "
+                                 f"an ImageID must name one image (remove or rename one of them)")
     return found
 
 

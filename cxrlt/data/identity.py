@@ -79,10 +79,51 @@ def patient_key(image_id: str, csv_patient: str = "", meta_patient: str = "") ->
     return meta_patient.strip() or csv_patient.strip() or image_id
 
 
+# the spellings of each projection (PadChest's own words, DICOM's ViewPosition / Projection words),
+# compared in upper case with '-', ' ' and '_' ignored
+_SPELLINGS = {
+    "PA": ("PA", "POSTEROANTERIOR", "POSTERIORANTERIOR", "PAPOSTEROANTERIOR"),
+    "AP": ("AP", "ANTEROPOSTERIOR", "ANTERIORPOSTERIOR", "APANTEROPOSTERIOR"),
+    "AP_horizontal": ("APHORIZONTAL", "APSUPINE", "APHORIZ"),
+    "L": ("L", "LAT", "LATERAL", "LL", "RL", "LEFTLATERAL", "RIGHTLATERAL"),
+    "COSTAL": ("COSTAL",),
+}
+_CANONICAL = {s: name for name, spellings in _SPELLINGS.items() for s in spellings}
+
+
+def _squash(value: str) -> str:
+    return "".join(c for c in value.upper() if c not in " -_")
+
+
 def projection(meta_projection: str = "") -> str:
-    """The metadata's projection as written, '' when unknown."""
+    """The metadata's projection in PadChest's words (PA, AP, AP_horizontal, L, COSTAL; DICOM words
+    such as POSTEROANTERIOR or LATERAL are mapped), '' when unknown (blank, UNK, or a word of
+    another vocabulary: check_projections names those)."""
     p = meta_projection.strip()
-    return "" if p.upper() in _UNKNOWN_PROJECTION else p
+    if p.upper() in _UNKNOWN_PROJECTION:
+        return ""
+    return _CANONICAL.get(_squash(p), "")
+
+
+def check_projections(source, values) -> None:
+    """Projection values no spelling maps: refused when no value is known at all (no image would
+    count as frontal and every choice on the test-like proxy would silently fall back to the full
+    fold), else a warning naming them (those images count as of unknown projection)."""
+    from collections import Counter
+
+    from cxrlt.core.errors import InputError
+
+    given = [str(v).strip() for v in values if str(v).strip().upper() not in _UNKNOWN_PROJECTION]
+    unknown = Counter(v for v in given if _squash(v) not in _CANONICAL)
+    if not unknown:
+        return
+    seen = ", ".join(f"{v!r} x{c}" for v, c in unknown.most_common(6))
+    known = "PA, AP, AP_horizontal, L, COSTAL (or POSTEROANTERIOR, ANTEROPOSTERIOR, LATERAL, ...)"
+    if len(unknown) and sum(unknown.values()) == len(given):
+        raise InputError(f"{source}: column 'Projection': no value is a known projection (seen: {seen}); "
+                         f"expected {known}")
+    print(f"warning: {source}: column 'Projection': {sum(unknown.values())} value(s) are not a known projection "
+          f"and count as unknown (seen: {seen}); expected {known}", file=sys.stderr)
 
 
 def test_cache_key(test_csv, meta_csv=None) -> str:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cxrlt.core.errors import InputError
-from cxrlt.core.labels import check_label_set, read_labels_file
+from cxrlt.core.labels import by_name, check_label_set, read_labels_file
 
 # pandas is imported inside the functions: the cache's decode workers import this module (for the
 # column names) through cxrlt.data.cache, and start in ~0.5 s without pandas instead of ~2 s.
@@ -88,7 +88,7 @@ def read_training_csv(path, labels_file=None) -> tuple[pd.DataFrame, list[str]]:
         for lab in labels:
             _require_column(path, header, lab, what="label column", note=f" (listed in {labels_file})")
     else:
-        labels = _header_labels(path, header, raw, non_labels=ID_COLUMNS)
+        labels = by_name(_header_labels(path, header, raw, non_labels=ID_COLUMNS))  # any order of the 30
         check_label_set(labels, f"{path}: row 1 (header)")
     return _finish_labelled(path, header, raw, ID_COLUMNS, labels), labels
 

@@ -44,17 +44,26 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                          f"neither a zip archive nor a pickle)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise InputError(
-            f"{path}: refused to load: the checkpoint needs pickled Python objects, which could run "
-            f"arbitrary code (weights_only=True). Re-save it as a plain state_dict. ({_first_line(e)})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError, struct.error) as e:
-        # a truncated or corrupt file fails anywhere inside torch.load's readers
-        raise InputError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    except LOAD_ERRORS as e:
+        raise InputError(load_error(path, e)) from None
     if not isinstance(ckpt, dict):
         raise InputError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt
+
+
+# what torch.load (ours, timm's, open_clip's) raises for a file that is not plain weights: a truncated or
+# corrupt file fails anywhere inside its readers
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError,
+               struct.error)
+
+
+def load_error(path, e: BaseException, what: str = "checkpoint") -> str:
+    """The one line for a weights file torch.load refused: pickled code (weights_only=True, the one
+    rule for every weights file the pipeline reads), or an unreadable file."""
+    if isinstance(e, pickle.UnpicklingError):
+        return (f"{path}: refused to load: the {what} needs pickled Python objects, which could run "
+                f"arbitrary code (weights_only=True). Re-save it as a plain state_dict. ({_first_line(e)})")
+    return f"{path}: not a readable {what} ({_first_line(e)})"
 
 
 def _first_line(e: BaseException) -> str:

@@ -268,6 +268,27 @@ def _check_test_list_header(path: str) -> None:
                          f"of images to predict")
 
 
+def _warn_dataset_name(a: argparse.Namespace) -> None:
+    """DATASET still the default `cxrlt2026` for a label set that is not CXR-LT's: its caches and runs
+    would land in (and be mixed up with) the cxrlt2026_* folders. A warning: the run itself is right."""
+    import sys
+
+    from cxrlt.core.labels import CXRLT2026_LABELS, read_labels_file
+
+    if a.dataset != "cxrlt2026" or not a.train_csv or not os.path.isfile(a.train_csv):
+        return
+    if a.labels_file and os.path.isfile(a.labels_file):
+        labels = read_labels_file(a.labels_file)
+    else:
+        with open(a.train_csv, newline="", encoding="utf-8-sig", errors="replace") as f:
+            header = [h.strip() for h in next(csv.reader(f), [])]
+        labels = [h for h in header if h and h not in ("ImageID", "StudyDate_DICOM", "PatientID")]
+    if set(labels) != set(CXRLT2026_LABELS):
+        print(f"warning: DATASET=cxrlt2026 but TRAIN_CSV={a.train_csv} has {len(labels)} labels that are not "
+              f"CXR-LT 2026's 30 (e.g. {', '.join(labels[:3])}); its caches and runs go to the cxrlt2026_* "
+              f"folders: give it its own name (make ... DATASET=<name>)", file=sys.stderr)
+
+
 def check_variables(a: argparse.Namespace) -> None:
     """Refuse, in one line naming the variable, a Make variable that no stage could use."""
     for var in a.explicit.split():
@@ -298,6 +319,7 @@ def check_variables(a: argparse.Namespace) -> None:
             raise InputError(f"{var}={value}: no such file (leave {var} empty to go without it)")
         if value and not os.access(value, os.R_OK):
             raise InputError(f"{var}={value}: not readable")
+    _warn_dataset_name(a)
 
 
 def main(argv=None) -> int:

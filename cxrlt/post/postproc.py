@@ -67,10 +67,13 @@ class PostParams:
         return asdict(self)
 
 
-def grid(labels) -> list[PostParams]:
-    """Every grid point (no gating exponents when there is no Normal label); no-op first."""
+def grid(labels, allow_patient_linking: bool = False) -> list[PostParams]:
+    """Every grid point (no gating exponents when there is no Normal label; patient context only
+    when the user opted in to linking images to training patients, config allow_patient_linking:
+    docs/rules.md); no-op first."""
     alphas = GATING_GRID if NORMAL_LABEL in labels else (0.0,)
-    return [PostParams(a, w, c) for a, w, c in product(alphas, POOL_GRID, CONTEXT_GRID)]
+    contexts = CONTEXT_GRID if allow_patient_linking else (0.0,)
+    return [PostParams(a, w, c) for a, w, c in product(alphas, POOL_GRID, contexts)]
 
 
 def normal_gating(p: np.ndarray, labels, alpha: float, normal: str = NORMAL_LABEL) -> np.ndarray:
@@ -114,12 +117,19 @@ class Context:
     y: np.ndarray
 
     @classmethod
-    def from_cache(cls, cache) -> Context:
-        """Every labelled (split == train) image of a cache, all folds."""
-        from cxrlt.evaluation.selection import val_keys
+    def from_cache(cls, cache, csv_patient: bool = False) -> Context:
+        """Every labelled (split == train) image of a cache, all folds. csv_patient: keyed by the
+        training CSV's own PatientID instead of the exact patient key, for test images (whose
+        patient is the test list's PatientID: META_CSV never re-identifies a test image)."""
+        from cxrlt.evaluation.selection import make_keys, val_keys
 
-        keys = val_keys(cache, cache.rows("train"))
-        return cls(keys.patient, keys.study, np.nan_to_num(np.asarray(keys.y, dtype=np.float64)))
+        rows = cache.rows("train")
+        keys = val_keys(cache, rows)
+        patient = keys.patient
+        if csv_patient:
+            patient = make_keys(keys.ids, keys.y, patient=cache.index["PatientID"].to_numpy(dtype=object)[
+                cache._lines(rows)]).patient
+        return cls(patient, keys.study, np.nan_to_num(np.asarray(keys.y, dtype=np.float64)))
 
     def mean_labels(self, patient_keys, study_keys) -> tuple[np.ndarray, np.ndarray]:
         """(N, C) mean label vector of each image's patient's images in OTHER studies, and (N,)
@@ -171,14 +181,18 @@ def apply(p: np.ndarray, keys, labels, context: Context | None, params: PostPara
     return postprocess(p, labels, keys.study, *context_of(context, keys, p.shape[1]), params)
 
 
-def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: dict) -> dict:
+def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: dict,
+                    allow_patient_linking: bool = False) -> dict:
     """Score the grid on every val subset and choose on the selection set (see the docstring).
 
-    p: (N, C) val probabilities; keys: ValKeys of the same rows (y = labels); sets: val_sets()."""
-    from cxrlt.evaluation.selection import cross_fit, public_row
+    p: (N, C) val probabilities; keys: ValKeys of the same rows (y = labels); sets: val_sets().
+    Patient context is in the grid only with allow_patient_linking (docs/rules.md)."""
+    from cxrlt.evaluation.selection import cross_fit, honest_gain_interval, public_row
 
+    if not allow_patient_linking:
+        context = None
     ctx_mean, has_ctx = context_of(context, keys, p.shape[1])
-    points = grid(labels)
+    points = grid(labels, allow_patient_linking)
     if not has_ctx.any():  # nothing to blend with: the context weights would all tie
         points = [g for g in points if g.patient_context_weight == 0]
 
@@ -186,6 +200,7 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
         return postprocess(p[idx], labels, keys.study[idx], ctx_mean[idx], has_ctx[idx], points[i])
 
     sel = cross_fit(len(points), predict, keys.y, sets)
+    interval = honest_gain_interval(sel, predict, keys.y, sets, keys.study)
     table = [{**g.as_dict(), **public_row(row)} for g, row in zip(points, sel["table"])]
     # the best grid point is applied only when the honest (cross-fitted) estimate says the choice
     # procedure gains: a choice that wins on the selection set by chance would cost on the test list
@@ -195,6 +210,7 @@ def choose_postproc(p: np.ndarray, keys, labels, context: Context | None, sets: 
             "best": points[sel["choice"]].as_dict(), "best_scores": _scores(table[sel["choice"]]),
             "kept_raw": kept_raw,
             "raw": _scores(table[0]), "honest": sel["honest"], "honest_gain": sel["honest_gain"],
+            "honest_gain_interval": interval, "allow_patient_linking": bool(allow_patient_linking),
             "select_on": sets["select_on"], "describe": sets["describe"],
             "sets": {"full": len(sets["full"]), "proxy": len(sets["proxy"]), "half_a": len(sets["halves"][0]),
                      "half_b": len(sets["halves"][1])},
@@ -206,8 +222,10 @@ def _scores(row: dict) -> dict:
     return {k: row[k] for k in ("full", "proxy", "half_a", "half_b", "halves")}
 
 
-def summary_line(res: dict) -> str:
-    """One line: raw vs chosen on full / proxy, and the honest numbers."""
+def summary_line(res: dict, applied: bool = True) -> str:
+    """One line: raw vs chosen on full / proxy, the honest numbers with the honest gain's interval,
+    and what is applied: the choice (applied, POSTPROC=auto, when its honest gain is positive), the
+    raw predictions (a gain that is not positive), or nothing (applied=False: reported only)."""
     c, r = res["best_scores"], res["raw"]
     ch = res["best"]
     ch = (f"gating alpha {ch['normal_gating_alpha']:g}, study pooling {ch['study_pool_weight']:g}, "
@@ -215,7 +233,14 @@ def summary_line(res: dict) -> str:
     line = (f"post-processing chosen on {res['select_on']}: {ch} | val mAP full {r['full']:.4f} -> {c['full']:.4f}, "
             f"proxy {r['proxy']:.4f} -> {c['proxy']:.4f}, honest (cross-fitted on {res['select_on']}) "
             f"{r[res['select_on']]:.4f} -> {res['honest']:.4f}")
+    iv = res.get("honest_gain_interval")
+    gain = f"honest gain {res['honest_gain']:+.4f}"
+    if iv:
+        gain += f" [{iv['low']:+.4f}, {iv['high']:+.4f}] ({iv['level']:.0%} bootstrap over studies)"
+    if not applied:
+        return line + f" | {gain} | not applied (POSTPROC=off: reported only)"
     if res["kept_raw"]:
-        line += (f" | honest gain {res['honest_gain']:+.4f} is not positive: the raw predictions are kept "
-                 f"(no post-processing)")
-    return line
+        return line + f" | {gain} is not positive: not applied, the raw predictions are kept (no post-processing)"
+    if res["choice"] == PostParams().as_dict():
+        return line + f" | {gain} | nothing to apply (the best choice is no post-processing)"
+    return line + f" | {gain} is positive: applied"

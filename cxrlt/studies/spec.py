@@ -177,6 +177,7 @@ def _base_mapping(study: Study) -> dict:
 def run_specs(study: Study) -> list[dict]:
     """One {"stem", "variant", "seed", "fold", "keys"} per (variant, seed, fold), in study order."""
     base = _base_mapping(study)
+    _check_distinct(study, base)
     specs = []
     for v, over in study.variants.items():
         keys = {**base, **study.overrides, **over}
@@ -196,6 +197,23 @@ def run_specs(study: Study) -> list[dict]:
                     run_keys["val_fold"] = fold
                 specs.append({"stem": stem, "variant": v, "seed": seed, "fold": fold, "keys": run_keys})
     return specs
+
+
+def _check_distinct(study: Study, base: dict) -> None:
+    """Two variants that resolve to the same config (run keys aside: workers, device, ...) would be
+    compared with a difference of 0 by construction: refused, naming both (the baseline first)."""
+    seen: dict[str, str] = {}
+    order = [study.baseline, *(v for v in study.variants if v != study.baseline)]
+    for v in order:
+        full = {**config_mod.DEFAULTS, **base, **study.overrides, **study.variants[v]}
+        key = json.dumps({k: full[k] for k in sorted(full) if config_mod.group(k) != "run"}, sort_keys=True,
+                         default=str)
+        if key in seen:
+            other = seen[key]
+            what = f"the baseline '{other}'" if other == study.baseline else f"variant '{other}'"
+            _fail(study.file, f"variant '{v}' is identical to {what} (its keys {study.variants[v] or '{}'} "
+                              f"change nothing): comparing them measures a difference of 0 by construction")
+        seen[key] = v
 
 
 def config_text(study: Study, spec: dict) -> str:
