@@ -219,13 +219,14 @@ def test_train_cache_layout_index_and_removal(ds, tmp_path):
     ids = ds["ids"]
     idx = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False)
     assert list(idx.columns) == ["row", "ImageID", "StudyDate_DICOM", "PatientID", "study", "patient", "projection",
-                                 "split", "fold", *LABELS]
+                                 "centre", "split", "fold", *LABELS]
     keep = [i for i in range(12) if i not in (3, 8)]
     assert idx["ImageID"].tolist() == [ids[i] for i in keep]  # removal drops its rows, order kept
     assert idx["row"].tolist() == [str(i) for i in range(10)] and (idx["split"] == "train").all()
     assert idx["PatientID"].iloc[0] == "1.90E+38" and idx["patient"].iloc[0] == "1.90E+38"
     assert idx["study"].iloc[0] == "1.90E+38|20160100"  # not PadChest-shaped IDs: patient|date
     assert (idx["projection"] == "").all() and set(idx["fold"]) == {"0", "1", "2"}
+    assert (idx["centre"] == "unknown").all()  # neither PadChest- nor NIH-shaped IDs
     assert (idx[LABELS].astype(int).to_numpy() == ds["y"][keep]).all()
     assert (out / "labels.txt").read_text() == "Normal\nMass\nHernia\n"
 
@@ -250,7 +251,7 @@ def test_test_cache_holds_every_listed_image_and_no_labels(ds, tmp_path):
     assert out.name == f"test-{identity.test_cache_key(ds['test_csv'])}"
     idx = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False)
     assert list(idx.columns) == ["row", "ImageID", "StudyDate_DICOM", "PatientID", "study", "patient", "projection",
-                                 "split", "fold"]
+                                 "centre", "split", "fold"]
     assert idx["ImageID"].tolist() == ds["ids"][12:]  # the one in Removal.csv too: a test list is never cut
     assert (idx["split"] == "test").all() and (idx["fold"] == "-1").all()
     assert idx["PatientID"].iloc[0] == "00.5E+38" and (out / "labels.txt").read_text() == ""

@@ -67,7 +67,7 @@ def write_external(out_dir, kind: str, n: int = 600, seed: int = 101, min_side: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         generate(work / "src", n_train=n, n_test=10, seed=seed, min_side=min_side, max_side=max_side,
-                 workers=workers, progress=False)
+                 workers=workers, progress=False, nih=(0, 0))  # the images only: one flat folder
         df, src_labels = read_training_csv(work / "src" / "train.csv")
         mapping = LABEL_MAPS[kind]
         y = np.zeros((len(df), len(labels)), dtype=np.int8)
