@@ -9,7 +9,9 @@ import torch.nn as nn
 from torch.optim.swa_utils import update_bn
 
 from conftest import tiny_cfg
+from cxrlt.evaluation.metrics import score
 from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.post.inference import load_trained
 from cxrlt.training.swa import SWA, batchnorms, recompute_bn, window
 from cxrlt.training.trainer import Trainer
 
@@ -88,6 +90,9 @@ def test_trainer_writes_swa_pt_the_mean_of_the_last_epochs_with_recomputed_bn(de
     update_bn(list(tr._bn_batches(2)), ref)
     for k in bn_stats:
         assert torch.allclose(swa["model"][k], ref.state_dict()[k], rtol=1e-4, atol=1e-5), k
+    # swa.pt loads like any checkpoint, and its recorded val mAP is that of its weights
+    loaded, _ = load_trained(out / "swa.pt")
+    assert score(tr.y_val, tr.validate(loaded))["mAP"] == pytest.approx(swa["swa"]["val_mAP"], abs=1e-6)
     model = load_checkpoint(out / "model.pt")
     picked = swa if swa_model == "swa" else load_checkpoint(out / "best.pt")
     assert all(torch.equal(model["model"][k], picked["model"][k]) for k in picked["model"])
