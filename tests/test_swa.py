@@ -9,7 +9,9 @@ import torch.nn as nn
 from torch.optim.swa_utils import update_bn
 
 from conftest import tiny_cfg
+from cxrlt.evaluation.metrics import score
 from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.post.inference import load_trained
 from cxrlt.training.swa import SWA, batchnorms, recompute_bn, window
 from cxrlt.training.trainer import Trainer
 
@@ -54,7 +56,7 @@ def test_recompute_bn_averages_the_batches_statistics():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("swa_model", ["swa", "best"])
+@pytest.mark.parametrize("swa_model", ["swa", "best", "compare"])
 def test_trainer_writes_swa_pt_the_mean_of_the_last_epochs_with_recomputed_bn(demo_cache, tmp_path, swa_model):
     cfg = tiny_cfg(model="test_resnet", epochs=3, swa_epochs=2, swa_model=swa_model, max_train_batches=4)
     out = tmp_path / "run"
@@ -88,12 +90,18 @@ def test_trainer_writes_swa_pt_the_mean_of_the_last_epochs_with_recomputed_bn(de
     update_bn(list(tr._bn_batches(2)), ref)
     for k in bn_stats:
         assert torch.allclose(swa["model"][k], ref.state_dict()[k], rtol=1e-4, atol=1e-5), k
+    # swa.pt loads like any checkpoint, and its recorded val mAP is that of its weights
+    loaded, _ = load_trained(out / "swa.pt")
+    assert score(tr.y_val, tr.validate(loaded))["mAP"] == pytest.approx(swa["swa"]["val_mAP"], abs=1e-6)
+    r = swa["swa"]
+    chosen = {"swa": True, "best": False, "compare": r["val_select_mAP"] >= r["best_epoch_select_mAP"]}[swa_model]
+    assert r["chosen"] == chosen
     model = load_checkpoint(out / "model.pt")
-    picked = swa if swa_model == "swa" else load_checkpoint(out / "best.pt")
+    picked = swa if chosen else load_checkpoint(out / "best.pt")
     assert all(torch.equal(model["model"][k], picked["model"][k]) for k in picked["model"])
-    assert (model.get("selection", {}).get("weights") == "swa") == (swa_model == "swa")
+    assert (model.get("selection", {}).get("weights") == "swa") == chosen
     run = json.loads((out / "run.json").read_text())
-    assert run["swa"]["chosen"] == (swa_model == "swa") and run["swa"]["val_mAP"] is not None
+    assert run["swa"] == r and r["val_mAP"] is not None
 
 
 @pytest.mark.slow

@@ -55,6 +55,8 @@ class SWA:
             else:
                 for k, v in sd.items():
                     m = self.mean[k]
+                    if m.device != v.device:  # a mean read from last.pt (on the CPU), a model on a GPU
+                        m = self.mean[k] = m.to(v.device)
                     if m.dtype.is_floating_point:
                         m.add_(v.detach().to(m.dtype) - m, alpha=1.0 / (n + 1))  # running mean of n + 1
                     else:
