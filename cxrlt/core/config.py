@@ -70,6 +70,10 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "min_lr": (1e-6, float, "cosine schedule floor"),
     "grad_clip": (0.0, float, "clip gradient norm (0 = off)"),
     "accum_steps": (1, int, "gradient accumulation steps"),
+    "lr_ref_batch": (0, int, "the global batch (batch_size x processes x accum_steps) lr, head_lr and min_lr are for; "
+                             "0 = the run's own global batch (the LRs are used as given)"),
+    "lr_scale": ("none", str, "LRs for a global batch G other than lr_ref_batch: none (as given) | linear "
+                              "(x G / lr_ref_batch) | sqrt (x sqrt(G / lr_ref_batch))"),
     "head_warmup_epochs": (0, int, "first epochs train the head only (backbone frozen)"),
     "amp": (True, bool, "mixed precision (bf16) on GPU; always fp32 on CPU"),
     "channels_last": (True, bool, "channels_last memory format on GPU"),
@@ -156,6 +160,7 @@ RANGES: dict[str, str] = {
     "min_lr": ">= 0",
     "grad_clip": ">= 0",
     "accum_steps": ">= 1",
+    "lr_ref_batch": ">= 0",
     "head_warmup_epochs": ">= 0",
     "ema_decay": "(0, 1)",
     "patience": ">= 0",
@@ -249,6 +254,7 @@ CHOICES = {
     "crt_feature_cache": ("auto", "float32", "float16", "off"),
     "in_chans": (1, 3),
     "select_on": ("auto", "proxy", "full"),
+    "lr_scale": ("none", "linear", "sqrt"),
 }
 # keys whose value is a comma-separated list of CHOICES
 LIST_CHOICES = {"logger": ("none", "tensorboard", "wandb", "mlflow")}

@@ -64,6 +64,15 @@ Run folder (--out) and its keys (see DESIGN "Run folder keys"):
     back and continued, else training starts afresh.
   A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
 
+Learning rate and global batch: an epoch is N // G optimizer steps (N sampled rows, G =
+batch_size x processes x accum_steps), and warm-up, cosine and DRW are counted in optimizer steps,
+so 1 GPU x accum_steps 8 and 8 GPUs x 1 run the same schedule at the same LR step by step
+(epoch_shape). The configured lr, head_lr and min_lr are for the global batch lr_ref_batch (0 =
+whatever G the run has: used as given, the old rule); lr_scale linear / sqrt multiplies them by
+G / lr_ref_batch or its square root (timm's rule), none uses them as given. The first log line
+of a run says G, the steps per epoch, the warm-up steps and the effective LRs; run.json records
+global_batch, steps_per_epoch, lr_factor and effective_lr.
+
 World size: last.pt and run.json record the world size W and the global batch
 G = batch_size x W x accum_steps. A resume with another world size W' keeps G (and with it the
 optimizer-step schedule and the samples of every step, see samplers.py) by running
@@ -159,12 +168,39 @@ def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
     return mult
 
 
-def param_groups(model, cfg: dict) -> list[dict]:
-    """AdamW groups: backbone / head LR, and no weight decay on 1-D tensors (norms, biases)."""
+def lr_scale_factor(cfg: dict, global_batch: int) -> float:
+    """The factor the configured LRs are multiplied by for a run of `global_batch` images per
+    optimizer step (module doc "Learning rate and global batch"): 1 when lr_ref_batch is 0 or
+    lr_scale is none, else G / ref (linear) or sqrt(G / ref) (sqrt)."""
+    ref, rule = int(cfg["lr_ref_batch"]), cfg["lr_scale"]
+    if not ref or rule == "none":
+        return 1.0
+    ratio = global_batch / ref
+    return ratio if rule == "linear" else math.sqrt(ratio)
+
+
+def epoch_shape(num_rows: int, batch_size: int, world: int, accum: int, max_batches: int = 0) -> tuple[int, int]:
+    """(micro-batches per process, optimizer steps) of one epoch over `num_rows` sampled rows.
+
+    An epoch is num_rows // G optimizer steps, G = batch_size x world x accum the global batch, so
+    any layout of the same G (1 process x accum 8, 8 processes x accum 1) has the same number of
+    steps and, the schedule being counted in steps, the same LR at every step; each process runs
+    accum micro-batches per step (none left over whose gradient would be thrown away).
+    max_batches (debug) caps the micro-batches; the steps follow (at least 1 for the schedule)."""
+    steps = num_rows // (batch_size * world * accum)
+    batches = steps * accum
+    if max_batches:
+        batches = min(batches, max_batches)
+    return batches, max(1, batches // accum)
+
+
+def param_groups(model, cfg: dict, scale: float = 1.0) -> list[dict]:
+    """AdamW groups: backbone / head LR (x scale, see lr_scale_factor), and no weight decay on
+    1-D tensors (norms, biases)."""
     groups = []
     for name, params, lr in (
-        ("backbone", list(model.backbone_parameters()), cfg["lr"]),
-        ("head", list(model.head_parameters()), cfg["head_lr"] or cfg["lr"]),
+        ("backbone", list(model.backbone_parameters()), cfg["lr"] * scale),
+        ("head", list(model.head_parameters()), (cfg["head_lr"] or cfg["lr"]) * scale),
     ):
         decay = [p for p in params if p.requires_grad and p.ndim > 1]
         no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
@@ -364,15 +400,16 @@ class Trainer:
 
         last = load_checkpoint(self.out / "last.pt") if resume and (self.out / "last.pt").exists() else None
         self.accum = self._accum_steps(last)
-        n_batches = len(self.sampler) // cfg["batch_size"]
+        self.global_batch = cfg["batch_size"] * self.dist.world * self.accum
+        n_batches, self.steps_per_epoch = epoch_shape(self.sampler.num_rows, cfg["batch_size"], self.dist.world,
+                                                      self.accum, cfg["max_train_batches"])
         if n_batches == 0:
             raise InputError(
-                f"batch_size {cfg['batch_size']} x {self.dist.world} process(es) is larger than the "
-                f"{len(self.train_rows)} training images")
-        if cfg["max_train_batches"]:
-            n_batches = min(n_batches, cfg["max_train_batches"])
+                f"the global batch of {self.global_batch} images (batch_size {cfg['batch_size']} x "
+                f"{self.dist.world} process(es) x accum_steps {self.accum}) is larger than the "
+                f"{self.sampler.num_rows} training images")
         self.batches_per_epoch = n_batches
-        self.steps_per_epoch = max(1, n_batches // self.accum)
+        self.lr_factor = lr_scale_factor(cfg, self.global_batch)
 
         # ---- model, loss, optimisation ----
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
@@ -380,7 +417,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.class_counts, self.annotated, nan_mask=self.masked).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"],
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg, self.lr_factor), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
         self.ddp_model = self.model
@@ -531,7 +568,9 @@ class Trainer:
 
     def _run_state(self) -> dict:
         return {**self.keys, "image_size": int(self.cache.size), "world_size": self.dist.world,
-                "global_batch": self.cfg["batch_size"] * self.dist.world * self.accum, "accum_steps": self.accum}
+                "global_batch": self.global_batch, "accum_steps": self.accum,
+                "steps_per_epoch": self.steps_per_epoch, "lr_factor": self.lr_factor,
+                "effective_lr": self.cfg["lr"] * self.lr_factor}
 
     def _write_run_json(self) -> None:
         if self.dist.is_main:
@@ -547,6 +586,18 @@ class Trainer:
             "selection": self.selection, "init": dict(getattr(self.model, "init_info", {}) or {}),
             **self._run_state(),
         }
+
+    def _lr_line(self) -> str:
+        """The log line of the recipe's scale: global batch, steps per epoch, effective LRs."""
+        cfg, f = self.cfg, self.lr_factor
+        g = self.global_batch
+        why = ("as given" if not cfg["lr_ref_batch"] or cfg["lr_scale"] == "none" else
+               f"x {f:.4g} = {cfg['lr_scale']} scale of global batch {g} / lr_ref_batch {cfg['lr_ref_batch']}")
+        warm = int(round(cfg["warmup_epochs"] * self.steps_per_epoch))
+        return (f"global batch {g} = batch_size {cfg['batch_size']} x {self.dist.world} process(es) x accum_steps "
+                f"{self.accum}; {self.steps_per_epoch} optimizer steps/epoch, warm-up {warm} steps; effective lr "
+                f"{cfg['lr'] * f:.3e}, head_lr {(cfg['head_lr'] or cfg['lr']) * f:.3e}, min_lr {cfg['min_lr'] * f:.3e} "
+                f"({why})")
 
     def _eval_model(self):
         return self.ema.module if self.ema is not None else self.model
@@ -697,8 +748,8 @@ class Trainer:
         pos = self.class_counts
         log.info(f"train {len(self.train_rows)} images, val {len(self.val_rows)} (fold {cfg['val_fold']}), "
                  f"{len(self.labels)} labels, rarest training label has {int(pos.min())} positives; "
-                 f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch, "
-                 f"global batch {cfg['batch_size'] * self.dist.world * self.accum}")
+                 f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch")
+        log.info(self._lr_line())
         # chance level of macro AP = mean prevalence of the labels that have val positives
         prev = np.nanmean(self.y_val, 0)
         chance = float(prev[np.nansum(self.y_val, 0) > 0].mean()) if len(self.y_val) else float("nan")
