@@ -102,7 +102,8 @@ from tqdm import tqdm
 from cxrlt.core import config as config_mod
 from cxrlt.training import distributed as D
 from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
-from cxrlt.training.device import autocast_ctx, enable_cuda_fast_paths, optimizer_kwargs
+from cxrlt.training.device import (autocast_ctx, choose_grad_checkpointing, compile_on, enable_cuda_fast_paths,
+                                   maybe_compile, optimizer_kwargs, probe_step_memory)
 from cxrlt.core.errors import InputError
 from cxrlt.training import tracking
 from cxrlt.core.fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
@@ -416,6 +417,7 @@ class Trainer:
         self.model = build_model(cfg, len(self.labels), labels=self.labels).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._grad_checkpointing()
         self.loss_fn = build_loss(cfg, self.class_counts, self.annotated, nan_mask=self.masked).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg, self.lr_factor), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
@@ -425,7 +427,10 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy per step
-        self.forward = torch.compile(self.ddp_model) if cfg["compile"] else self.ddp_model
+        self.compiled = compile_on(cfg["compile"], self.device)
+        log.info(f"torch.compile {'on' if self.compiled else 'off'} (compile: {cfg['compile']}, {self.device.type})")
+        self.forward = maybe_compile(self.ddp_model, self.compiled, "training model", log.warning)
+        self.eval_forward = maybe_compile(self._eval_model(), self.compiled, "eval model", log.warning)
 
         self.start_epoch, self.step, self.best_map, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
         self.table: list[dict] = []  # score_row of every epoch so far (index = epoch): the epoch choice
@@ -436,6 +441,25 @@ class Trainer:
             self._load_last(last)
         self.selection = self._selection()
         self._write_run_json()
+
+    def _grad_checkpointing(self) -> None:
+        """Config grad_checkpointing: true/false as set; auto from the step's memory estimate against
+        the free GPU memory (device.choose_grad_checkpointing). Every rank takes it when any needs it."""
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters())
+        on, why = choose_grad_checkpointing(
+            cfg["grad_checkpointing"], self.device, batch=cfg["batch_size"], n_params=n_params, ema=cfg["ema"],
+            probe=lambda: probe_step_memory(self.model, self.cache.size, cfg["in_chans"], self.device, self.amp))
+        if cfg["grad_checkpointing"] == "auto":
+            votes = D.all_gather_objects(on, self.dist)
+            if any(votes) and not on:
+                on, why = True, f"{why}; on because another rank needs it"
+            if on:
+                from cxrlt.models.model import set_grad_checkpointing
+
+                set_grad_checkpointing(self.model, cfg["model"])
+        self.grad_checkpointing = on
+        log.info(f"grad_checkpointing {'on' if on else 'off'} ({why})")
 
     def _add_pseudo(self, y_real: np.ndarray) -> np.ndarray:
         """Train on pseudo_cache's images with the soft labels of pseudo_labels too, weighted by
@@ -697,7 +721,7 @@ class Trainer:
 
         loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"],
                              pin_memory=self.device.type == "cuda")
-        rows, probs = predict_tta(self._eval_model(), loader, self.device, "none", amp=self.amp,
+        rows, probs = predict_tta(self.eval_forward, loader, self.device, "none", amp=self.amp,
                                   channels_last=self.channels_last, progress=False, desc="val")
         gathered = D.all_gather_objects((rows, probs), self.dist)
         gathered = [g for g in gathered if len(g[0])]  # a rank may hold no val row
