@@ -64,6 +64,13 @@ Run folder (--out) and its keys (see DESIGN "Run folder keys"):
     back and continued, else training starts afresh.
   A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
 
+Checkpoints: at the end of an epoch rank 0 copies best.pt's and last.pt's tensors to CPU memory
+(pinned buffers on a GPU, reused every epoch) and a thread writes them (models/checkpoint.py
+BackgroundSaver: temporary file, fsync, rename; best.pt, then last.pt, then run.json) while the next
+epoch trains; the barrier after an epoch waits for that copy only. A save waits for the one before
+it, and the end of fit() (also after an error) waits for the last one, as does the interpreter at
+exit; a kill during a write keeps the previous file.
+
 Learning rate and global batch: an epoch is N // G optimizer steps (N sampled rows, G =
 batch_size x processes x accum_steps), and warm-up, cosine and DRW are counted in optimizer steps,
 so 1 GPU x accum_steps 8 and 8 GPUs x 1 run the same schedule at the same LR step by step
@@ -101,7 +108,7 @@ from tqdm import tqdm
 
 from cxrlt.core import config as config_mod
 from cxrlt.training import distributed as D
-from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
+from cxrlt.models.checkpoint import BackgroundSaver, load_checkpoint, state_dict_of
 from cxrlt.training.device import (autocast_ctx, choose_grad_checkpointing, compile_on, enable_cuda_fast_paths,
                                    maybe_compile, optimizer_kwargs, probe_step_memory)
 from cxrlt.core.errors import InputError
@@ -422,6 +429,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg, self.lr_factor), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
+        self.saver = BackgroundSaver()  # last.pt / best.pt off the critical path (rank 0 uses it)
+        self.barrier_wait_s = 0.0
         self.ddp_model = self.model
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
@@ -596,11 +605,13 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "lr_factor": self.lr_factor,
                 "effective_lr": self.cfg["lr"] * self.lr_factor}
 
+    def _run_json(self) -> dict:
+        return {**self._run_state(), "epochs_done": self.start_epoch, "best_map": self.best_map,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "selection": self.selection}
+
     def _write_run_json(self) -> None:
         if self.dist.is_main:
-            write_json(self.out / "run.json", {**self._run_state(), "epochs_done": self.start_epoch,
-                                               "best_map": self.best_map, "best_epoch": self.best_epoch,
-                                               "bad_epochs": self.bad_epochs, "selection": self.selection})
+            write_json(self.out / "run.json", self._run_json())
 
     def _meta(self, epoch: int) -> dict:
         return {
@@ -778,8 +789,14 @@ class Trainer:
         prev = np.nanmean(self.y_val, 0)
         chance = float(prev[np.nansum(self.y_val, 0) > 0].mean()) if len(self.y_val) else float("nan")
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
-        so = self.sets["select_on"]
         tracker = tracking.start(self.out, cfg, self.dist.is_main)
+        try:
+            return self._epochs(tracker, chance)
+        finally:  # an error or a stop: the write in flight still lands (its own error only if none is raised)
+            self.saver.wait(raise_error=sys.exc_info()[0] is None)
+
+    def _epochs(self, tracker, chance: float) -> dict:
+        cfg, so = self.cfg, self.sets["select_on"]
         for epoch in range(self.start_epoch, cfg["epochs"]):
             stats = self.train_epoch(epoch)
             p = self.validate()
@@ -795,8 +812,6 @@ class Trainer:
                           "val_ap": {lab: json_float(a) for lab, a in zip(self.labels, v["ap"])}}
                 meta = self._meta(epoch)
                 weights = self._eval_model().state_dict()
-                if d["improved"]:
-                    torch_save({**meta, "model": weights}, self.out / "best.pt")
                 append_jsonl(self.out / "metrics.jsonl", record)
                 tracker.log_metrics(epoch, record)
                 last = {**meta, "model": weights, "train_model": self.model.state_dict(),
@@ -804,17 +819,26 @@ class Trainer:
                         "val_table": [_plain_row(t) for t in self.table]}
                 if self.ema is not None:
                     last["ema"] = self.ema.state_dict()
-                torch_save(last, self.out / "last.pt")  # written after metrics: it marks the epoch done
-                self._write_run_json()
+                # copied to CPU now, written by a thread while the next epoch trains (module doc
+                # "Checkpoints"): best.pt, then last.pt (after metrics: it marks the epoch done), then run.json
+                items = ([({**meta, "model": weights}, self.out / "best.pt")] if d["improved"] else [])
+                items.append((last, self.out / "last.pt"))
+                run_json = self._run_json()
+                self.saver.save(items, then=lambda: write_json(self.out / "run.json", run_json))
                 log.info(f"epoch {epoch + 1}/{cfg['epochs']}  loss {stats['train_loss']:.4f}  "
                          f"val mAP {_fmt(r['val_mAP'])} (chance {chance:.4f})  proxy {_fmt(r['val_proxy_mAP'])}  "
                          f"honest {_fmt(r['val_honest_mAP'])} ({so})  mAUC {_fmt(r['val_mAUC'])}  "
                          f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}"
-                         + ("  *best*" if d["improved"] else ""))
-            D.barrier(self.dist)
+                         + ("  *best*" if d["improved"] else "")
+                         + f"  (checkpoint copy {self.saver.last_copy_s:.2f} s, previous write "
+                           f"{self.saver.last_write_s:.2f} s in the background)")
+            t_barrier = time.perf_counter()
+            D.barrier(self.dist)  # the other ranks wait for rank 0's copy only, not for its write
+            self.barrier_wait_s = time.perf_counter() - t_barrier
             if cfg["patience"] and self.bad_epochs >= cfg["patience"]:
                 log.info(f"early stop: no val mAP gain on {so} for {cfg['patience']} epochs")
                 break
+        self.saver.wait()  # best.pt and last.pt are on disk before model.pt is made from best.pt
         if self.dist.is_main:
             self._write_model_pt()
         tracker.finish()
