@@ -353,11 +353,12 @@ def _kill_after_first_epoch(cmd, out, env=None):
 
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(demo_cache, tmp_path):
+    # b runs with 2 persistent loader workers (the epoch carried by the sampler), a with none
     a, b = tmp_path / "a", tmp_path / "b"
     run_script(*_train_args(demo_cache, a), env={"OMP_NUM_THREADS": "1"})
-    _kill_after_first_epoch([sys.executable, *map(str, _train_args(demo_cache, b))], b)
+    _kill_after_first_epoch([sys.executable, *map(str, _train_args(demo_cache, b, "--workers", "2"))], b)
     assert not (b / "model.pt").exists()
-    run_script(*_train_args(demo_cache, b, "--resume"), env={"OMP_NUM_THREADS": "1"})
+    run_script(*_train_args(demo_cache, b, "--resume", "--workers", "2"), env={"OMP_NUM_THREADS": "1"})
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["epoch"] for r in rb] == [0, 1, 2]
     for x, y in zip(ra, rb):
@@ -495,3 +496,18 @@ def test_trainer_applies_and_logs_the_effective_lr(demo_cache, tmp_path):
     assert f"{tr.steps_per_epoch} optimizer steps/epoch" in line and "effective lr 2.000e-03" in line
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert (run["global_batch"], run["steps_per_epoch"], run["effective_lr"]) == (16, tr.steps_per_epoch, 2e-3)
+
+
+def test_head_only_warmup_under_no_grad_gives_the_full_backward_head(demo_cache, tmp_path):
+    kw = dict(epochs=2, head_warmup_epochs=1, weight_decay=0.1, drop_path=0.1)
+    fast = _trainer(demo_cache, tmp_path, "fast", **kw)
+    full = _trainer(demo_cache, tmp_path, "full", **kw)
+    full.head_only_no_grad = False  # the old path: whole backward, backbone LR 0
+    calls = []
+    fast.model.backbone.register_full_backward_hook(lambda *a: calls.append(1))
+    fast.train_epoch(0)
+    full.train_epoch(0)
+    assert not calls  # no backward through the backbone
+    assert _same_weights(_params(fast.model.head), _params(full.model.head), atol=1e-6)
+    assert not any(p.grad is not None for p in fast.model.backbone.parameters())
+    assert _same_weights(fast.model.state_dict(), full.model.state_dict(), atol=1e-6)

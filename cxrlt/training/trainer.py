@@ -432,10 +432,14 @@ class Trainer:
         self.saver = BackgroundSaver()  # last.pt / best.pt off the critical path (rank 0 uses it)
         self.barrier_wait_s = 0.0
         self.ddp_model = self.model
+        self.train_loader = self.val_loader = None  # made on first use, kept (persistent workers)
+        self.head_only_no_grad = True  # head warm-up epochs: backbone forward only (False: the full backward)
         if self.dist.enabled:
+            # gradients live in the all-reduce buckets (no copy per step); buffers are broadcast from
+            # rank 0 at every forward only where there are any (BatchNorm statistics; ConvNeXt has none)
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy per step
+                gradient_as_bucket_view=True, broadcast_buffers=any(True for _ in self.model.buffers()))
         self.compiled = compile_on(cfg["compile"], self.device)
         log.info(f"torch.compile {'on' if self.compiled else 'off'} (compile: {cfg['compile']}, {self.device.type})")
         self.forward = maybe_compile(self.ddp_model, self.compiled, "training model", log.warning)
@@ -622,6 +626,15 @@ class Trainer:
             **self._run_state(),
         }
 
+    def _last_state(self, meta: dict, weights: dict) -> dict:
+        """What last.pt holds (module doc "Exact resume"); `weights` = the eval model's state_dict."""
+        last = {**meta, "model": weights, "train_model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
+                "val_table": [_plain_row(t) for t in self.table]}
+        if self.ema is not None:
+            last["ema"] = self.ema.state_dict()
+        return last
+
     def _lr_line(self) -> str:
         """The log line of the recipe's scale: global batch, steps per epoch, effective LRs."""
         cfg, f = self.cfg, self.lr_factor
@@ -657,15 +670,19 @@ class Trainer:
                              f"{first + 1} and {last + 1}: lower the LR (lr, head_lr) or check the loss settings")
 
     def train_epoch(self, epoch: int) -> dict:
-        from cxrlt.data.dataset import make_loader
+        from cxrlt.data.dataset import EpochTagged, make_loader
 
         cfg, dev = self.cfg, self.device
         seed_everything(cfg["seed"], epoch, self.dist.rank)
         self.sampler.set_epoch(epoch)
-        self.train_ds.set_epoch(epoch)
+        self.train_ds.set_epoch(epoch)  # (workers=0; persistent workers get the epoch from the sampler)
         self.loss_fn.set_epoch(epoch)
-        loader = make_loader(self.train_ds, cfg["batch_size"], sampler=self.sampler, workers=cfg["workers"],
-                             drop_last=True, pin_memory=dev.type == "cuda")
+        if self.train_loader is None:  # one loader, its workers kept from epoch to epoch
+            self.train_loader = make_loader(self.train_ds, cfg["batch_size"], sampler=EpochTagged(self.sampler),
+                                            workers=cfg["workers"], drop_last=True, pin_memory=dev.type == "cuda",
+                                            persistent=True)
+        loader = self.train_loader
+        head_only = epoch < cfg["head_warmup_epochs"] and self.head_only_no_grad
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # stays on the device
@@ -689,7 +706,12 @@ class Trainer:
             sync = contextlib.nullcontext() if (last_micro or not self.dist.enabled) else self.ddp_model.no_sync()
             with sync:
                 with autocast_ctx(dev, self.amp):
-                    logits = self.forward(x)
+                    if head_only:  # the backbone's LR is 0: forward only, no backward, all-reduce or Adam step
+                        with torch.no_grad():
+                            h = self.model.head_input(x)
+                        logits = self.model.head.classify(h)
+                    else:
+                        logits = self.forward(x)
                 if self.pseudo:  # per-sample weights (real 1, soft pseudo_weight) through the loss mask
                     loss = self.loss_fn(logits.float(), y, mask=extra.to(dev, non_blocking=True)[:, None].expand_as(y))
                 else:
@@ -699,6 +721,8 @@ class Trainer:
             n_bad += ~torch.isfinite(loss)
             loss_sum += loss * len(x)
             if last_micro:
+                if head_only:  # DDP's hooks did not run: average the head's gradients across ranks
+                    D.average_grads(self.model.head_parameters(), self.dist)
                 if cfg["grad_clip"] > 0:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
                 self.optimizer.step()
@@ -730,9 +754,10 @@ class Trainer:
         """(n_val, C) val probabilities in val-row order, on every rank."""
         from cxrlt.data.dataset import make_loader
 
-        loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"],
-                             pin_memory=self.device.type == "cuda")
-        rows, probs = predict_tta(self.eval_forward, loader, self.device, "none", amp=self.amp,
+        if self.val_loader is None:
+            self.val_loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"],
+                                          pin_memory=self.device.type == "cuda", persistent=True)
+        rows, probs = predict_tta(self.eval_forward, self.val_loader, self.device, "none", amp=self.amp,
                                   channels_last=self.channels_last, progress=False, desc="val")
         gathered = D.all_gather_objects((rows, probs), self.dist)
         gathered = [g for g in gathered if len(g[0])]  # a rank may hold no val row
@@ -814,11 +839,7 @@ class Trainer:
                 weights = self._eval_model().state_dict()
                 append_jsonl(self.out / "metrics.jsonl", record)
                 tracker.log_metrics(epoch, record)
-                last = {**meta, "model": weights, "train_model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
-                        "val_table": [_plain_row(t) for t in self.table]}
-                if self.ema is not None:
-                    last["ema"] = self.ema.state_dict()
+                last = self._last_state(meta, weights)
                 # copied to CPU now, written by a thread while the next epoch trains (module doc
                 # "Checkpoints"): best.pt, then last.pt (after metrics: it marks the epoch done), then run.json
                 items = ([({**meta, "model": weights}, self.out / "best.pt")] if d["improved"] else [])
