@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import os
 import signal
@@ -466,6 +467,7 @@ def run(out: Path, names: list[str], dry: bool, row_timeout: float, rows=None, w
             _emit(out, rec)
             records.append(rec)
             close_trainer_log()
+            gc.collect()  # a row's Trainer (model, optimizer, loader workers) is freed before the next row
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return records
