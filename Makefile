@@ -97,7 +97,7 @@ DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 	META_CSV=$(DEMO_DIR)/padchest_metadata.csv \
 	IMG_SIZE=64 CONFIGS="configs/demo.yaml configs/demo_db_cas.yaml" NAME=demo POSTPROC=auto ENSEMBLE=greedy
 
-.PHONY: help all demo demo-data test test-fast bench preprocess train crt predict evaluate submission \
+.PHONY: help all demo demo-data test test-fast bench gpu-check preprocess train crt predict evaluate submission \
 	clean-demo clean show-plan venv FORCE
 
 help: ## show this help
@@ -137,6 +137,9 @@ test-fast: $(VENV)/.installed ## the test suite without the slow tests (a develo
 bench: $(VENV)/.installed ## run the benchmarks, print a table, write bench/results.md
 	$(VENV)/bin/python bench/run_all.py
 
+gpu-check: $(VENV)/.installed ## on one GPU, ~5 min: MFU, data wait, checkpoint stall, predict/cRT rates, 768 px memory, bf16 head (bench/gpu_check.jsonl; docs/gpu.md)
+	$(VENV)/bin/python bench/gpu_check.py --out bench/gpu_check.jsonl
+
 clean-demo: ## delete the demo dataset, its caches, runs and submission
 	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(STATE)/demo_*
 
@@ -153,7 +156,7 @@ show-plan: ## print the variables and stage rules the plan generates for the cur
 	@:
 
 # ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
-NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
+NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench gpu-check clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
 ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
 include $(STATE)/vars.mk
 endif

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import add_json_flag, children_cpu_seconds, set_torch_threads, write_result, write_synthetic_cache
+from common import (add_json_flag, children_cpu_seconds, loader_worker_pids, pids_cpu_seconds, set_torch_threads,
+                    write_result, write_synthetic_cache)
 
 # Dense bf16 tensor-core peak (FLOP/s) by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first. Sources: the vendors' data sheets.
@@ -103,14 +104,16 @@ def trainer_epoch(trainer, epoch: int) -> dict:
     """One Trainer.train_epoch -> per-step gaps (s) of the steady state, the epoch's wall time and
     the Trainer's own stats (images_per_s, data_wait_frac)."""
     clock = StepClock(trainer.optimizer, trainer.device)
+    live0 = pids_cpu_seconds(loader_worker_pids(trainer.train_loader))
     c0, t0 = children_cpu_seconds(), time.perf_counter()
-    stats = trainer.train_epoch(epoch)  # its loader's workers are joined when it returns
+    stats = trainer.train_epoch(epoch)  # its loader's workers persist (counted live, from /proc)
     _sync(trainer.device)
     wall = time.perf_counter() - t0
     clock.handle.remove()
+    live = pids_cpu_seconds(loader_worker_pids(trainer.train_loader)) - live0
     first = clock.stamps[0] - t0 if clock.stamps else wall  # loader start-up + first step
     return {"gaps": clock.gaps(), "cpu_gaps": clock.cpu_gaps(), "wall_s": wall, "first_step_s": first,
-            "steps": len(clock.stamps), "worker_cpu_s": children_cpu_seconds() - c0, **stats}
+            "steps": len(clock.stamps), "worker_cpu_s": children_cpu_seconds() - c0 + live, **stats}
 
 
 def bare_batches(model, cache_dir: Path, rows, targets, batch: int, steps: int, device):

@@ -49,6 +49,25 @@ def children_cpu_seconds() -> float:
     return t.children_user + t.children_system
 
 
+def pids_cpu_seconds(pids) -> float:
+    """CPU seconds (user + system) of running processes by pid, from /proc (0 for a pid that is gone):
+    live loader workers, which persistent_workers keeps from epoch to epoch (never waited for)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
+    return total
+
+
+def loader_worker_pids(loader) -> list[int]:
+    """The pids of a DataLoader's live worker processes (none before its first iteration)."""
+    it = getattr(loader, "_iterator", None) if loader is not None else None
+    return [w.pid for w in getattr(it, "_workers", [])] if it is not None else []
+
+
 def cpu_seconds() -> float:
     """CPU seconds of this process and its finished children."""
     t = os.times()

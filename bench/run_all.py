@@ -291,7 +291,9 @@ def table_markdown(rows: list[Row], stages: dict) -> str:
 
 def gpu_markdown(stage: dict | None, has_gpu: bool) -> str:
     if not has_gpu:
-        return "no GPU here: GPU rows skipped\n"
+        return ("no GPU here: GPU rows skipped. Nothing has been measured on a GPU yet; `make gpu-check` "
+                "(bench/gpu_check.py, docs/gpu.md) measures the GPU rows on one card in ~5 minutes, one JSON "
+                "line each; its --dry-run (the test suite) runs every row on the CPU with a tiny model\n")
     if stage is None:
         return "GPU present but the gpu stage was not run\n"
     if not stage["ok"]:

@@ -90,3 +90,32 @@ def test_loader_workers_run_opencv_single_threaded():
 
     threads = [int(x.max()) for x, _, _ in make_loader(_CvThreads(), 1, workers=1)]
     assert threads == [1, 1]  # one OpenCV thread per worker process (the workers are the parallelism)
+
+
+def test_persistent_workers_get_each_epoch_from_the_sampler(demo_cache):
+    from cxrlt.data.cache import open_cache
+    from cxrlt.data.dataset import AugConfig, CacheDataset, EpochTagged, make_loader
+    from cxrlt.data.samplers import InstanceSampler
+
+    cache = open_cache(demo_cache)
+    rows = cache.rows("train")[:8]
+    aug = AugConfig(hflip=0.5, rotate=10, scale=0.1, translate=0.05, brightness=0.1, contrast=0.1)
+
+    def reference(epoch):  # a fresh dataset told the epoch, no workers
+        ds = CacheDataset(cache.images_path, rows, aug=aug, seed=3)
+        ds.set_epoch(epoch)
+        s = InstanceSampler(len(rows), seed=3)
+        s.set_epoch(epoch)
+        return torch.cat([x for x, _, _ in make_loader(ds, 4, sampler=s, workers=0)])
+
+    s = InstanceSampler(len(rows), seed=3)
+    loader = make_loader(CacheDataset(cache.images_path, rows, aug=aug, seed=3), 4, sampler=EpochTagged(s),
+                         workers=1, persistent=True)
+    got = []
+    for epoch in (0, 1, 2):
+        s.set_epoch(epoch)
+        got.append(torch.cat([x for x, _, _ in loader]))
+    assert loader._iterator is not None  # one worker process served the three epochs
+    for epoch in (0, 1, 2):
+        assert torch.equal(got[epoch], reference(epoch))
+    assert not torch.equal(got[1], got[2])

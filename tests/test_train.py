@@ -362,11 +362,12 @@ EVERY_AUGMENTATION = ["--aug_hflip", "0.5", "--aug_affine_p", "0.6", "--aug_colo
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], EVERY_AUGMENTATION], ids=["defaults", "every_augmentation_mixing_swa"])
 def test_resume_after_kill_matches_uninterrupted(demo_cache, tmp_path, extra):
+    # b runs with 2 persistent loader workers (the epoch carried by the sampler), a with none
     a, b = tmp_path / "a", tmp_path / "b"
     run_script(*_train_args(demo_cache, a, *extra), env={"OMP_NUM_THREADS": "1"})
-    _kill_after_first_epoch([sys.executable, *map(str, _train_args(demo_cache, b, *extra))], b)
+    _kill_after_first_epoch([sys.executable, *map(str, _train_args(demo_cache, b, *extra, "--workers", "2"))], b)
     assert not (b / "model.pt").exists()
-    run_script(*_train_args(demo_cache, b, *extra, "--resume"), env={"OMP_NUM_THREADS": "1"})
+    run_script(*_train_args(demo_cache, b, *extra, "--resume", "--workers", "2"), env={"OMP_NUM_THREADS": "1"})
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["epoch"] for r in rb] == [0, 1, 2]
     for x, y in zip(ra, rb):
@@ -455,3 +456,70 @@ def test_resume_accum_steps_keeps_the_global_batch_or_names_the_world_sizes_that
     with pytest.raises(InputError, match=r"^run: this run's global batch is 24 images \(3 processes\); 2 processes "
                                          r"x batch_size 8 cannot form it: resume with 1 or 3 processes$"):
         resume_accum_steps(24, 3, 8, 2)
+
+
+# ---- LR and global batch (several GPUs) ---------------------------------------------------------
+
+
+def _lr_sequence(cfg, num_rows, world, accum, epochs):
+    """The backbone LR at every optimizer step of `epochs` epochs, as the Trainer sets it."""
+    from cxrlt.training.trainer import epoch_shape, lr_scale_factor
+
+    g = cfg["batch_size"] * world * accum
+    _, steps = epoch_shape(num_rows, cfg["batch_size"], world, accum)
+    f = lr_scale_factor(cfg, g)
+    return steps, [cfg["lr"] * f * lr_multiplier(s, cfg, steps) for s in range(epochs * steps)]
+
+
+def test_one_process_accumulating_8_and_8_processes_have_the_same_schedule():
+    from cxrlt.data.samplers import InstanceSampler
+
+    cfg = tiny_cfg(epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.5, drw_epoch=2, drw_lr_factor=0.1)
+    for n in (1000, 2047, 2048, 2049, 3583):  # rows that 8 processes pad differently
+        one = _lr_sequence(cfg, n, world=1, accum=8, epochs=3)
+        eight = _lr_sequence(cfg, n, world=8, accum=1, epochs=3)
+        assert one == eight and one[0] == n // 256
+        # each of the 8 processes has enough sampled rows for its share of the steps
+        s = InstanceSampler(n, seed=0, num_replicas=8, rank=7)
+        assert len(s) >= one[0] * cfg["batch_size"]
+    # without a reference batch the LR is the config's, whatever the layout (today's rule)
+    assert max(_lr_sequence(cfg, 2048, 8, 1, 3)[1]) == pytest.approx(1e-3)
+
+
+def test_lr_scale_follows_the_global_batch_against_lr_ref_batch():
+    from cxrlt.training.trainer import lr_scale_factor
+
+    base = dict(batch_size=32, lr=1e-3)
+    assert lr_scale_factor(tiny_cfg(**base), 256) == 1.0  # lr_ref_batch 0: as given
+    assert lr_scale_factor(tiny_cfg(**base, lr_ref_batch=32, lr_scale="none"), 256) == 1.0
+    assert lr_scale_factor(tiny_cfg(**base, lr_ref_batch=32, lr_scale="linear"), 256) == pytest.approx(8.0)
+    assert lr_scale_factor(tiny_cfg(**base, lr_ref_batch=32, lr_scale="sqrt"), 128) == pytest.approx(2.0)
+    assert lr_scale_factor(tiny_cfg(**base, lr_ref_batch=256, lr_scale="linear"), 256) == 1.0
+
+
+def test_trainer_applies_and_logs_the_effective_lr(demo_cache, tmp_path):
+    tr = _trainer(demo_cache, tmp_path, batch_size=8, accum_steps=2, lr=1e-3, head_lr=2e-3,
+                  lr_ref_batch=8, lr_scale="linear")
+    assert tr.global_batch == 16 and tr.lr_factor == pytest.approx(2.0)
+    assert sorted({g["base_lr"] for g in tr.optimizer.param_groups}) == pytest.approx([2e-3, 4e-3])
+    assert tr.batches_per_epoch == tr.steps_per_epoch * 2 == (len(tr.train_rows) // 16) * 2
+    line = tr._lr_line()
+    assert "global batch 16 = batch_size 8 x 1 process(es) x accum_steps 2" in line
+    assert f"{tr.steps_per_epoch} optimizer steps/epoch" in line and "effective lr 2.000e-03" in line
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["global_batch"], run["steps_per_epoch"], run["effective_lr"]) == (16, tr.steps_per_epoch, 2e-3)
+
+
+def test_head_only_warmup_under_no_grad_gives_the_full_backward_head(demo_cache, tmp_path):
+    kw = dict(epochs=2, head_warmup_epochs=1, weight_decay=0.1, drop_path=0.1)
+    fast = _trainer(demo_cache, tmp_path, "fast", **kw)
+    full = _trainer(demo_cache, tmp_path, "full", **kw)
+    full.head_only_no_grad = False  # the old path: whole backward, backbone LR 0
+    calls = []
+    fast.model.backbone.register_full_backward_hook(lambda *a: calls.append(1))
+    fast.train_epoch(0)
+    full.train_epoch(0)
+    assert not calls  # no backward through the backbone
+    assert _same_weights(_params(fast.model.head), _params(full.model.head), atol=1e-6)
+    assert not any(p.grad is not None for p in fast.model.backbone.parameters())
+    assert _same_weights(fast.model.state_dict(), full.model.state_dict(), atol=1e-6)

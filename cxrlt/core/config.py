@@ -88,13 +88,20 @@ SCHEMA: dict[str, tuple[object, type, str]] = {
     "min_lr": (1e-6, float, "cosine schedule floor"),
     "grad_clip": (0.0, float, "clip gradient norm (0 = off)"),
     "accum_steps": (1, int, "gradient accumulation steps"),
+    "lr_ref_batch": (0, int, "the global batch (batch_size x processes x accum_steps) lr, head_lr and min_lr are for; "
+                             "0 = the run's own global batch (the LRs are used as given)"),
+    "lr_scale": ("none", str, "LRs for a global batch G other than lr_ref_batch: none (as given) | linear "
+                              "(x G / lr_ref_batch) | sqrt (x sqrt(G / lr_ref_batch))"),
     "head_warmup_epochs": (0, int, "first epochs train the head only (backbone frozen)"),
     "head_warmup_lr": (0.0, float, "> 0: the head-only epochs are a phase of their own at this constant head LR; "
                                    "warm-up, cosine and EMA start after them (the 2026 winner's code). 0: one schedule"),
     "amp": (True, bool, "mixed precision (bf16) on GPU; always fp32 on CPU"),
     "channels_last": (True, bool, "channels_last memory format on GPU"),
-    "compile": (False, bool, "torch.compile the model"),
-    "grad_checkpointing": (False, bool, "recompute block activations in backward (less memory, ~1/3 more compute)"),
+    "compile": ("auto", str, "torch.compile the model (and the eval/EMA model): auto (on a GPU; off on the CPU) | "
+                             "true | false; a compile failure runs eagerly, said in one warning line"),
+    "grad_checkpointing": ("false", str, "recompute block activations in backward (less memory, ~1/3 more compute): "
+                                         "false | true | auto (on when the step's estimated memory does not fit "
+                                         "the free GPU memory; the log says which and why)"),
     "nan_check_steps": (50, int, "check the loss for NaN/inf every this many batches (and at epoch end)"),
     "logger": ("none", str, "experiment trackers, comma-separated (none, tensorboard, wandb, mlflow): "
                             "offline, files under the run folder (docs/tracking.md)"),
@@ -208,6 +215,7 @@ RANGES: dict[str, str] = {
     "min_lr": ">= 0",
     "grad_clip": ">= 0",
     "accum_steps": ">= 1",
+    "lr_ref_batch": ">= 0",
     "head_warmup_epochs": ">= 0",
     "ema_decay": "(0, 1)",
     "swa_epochs": ">= 0",
@@ -374,7 +382,13 @@ CHOICES = {
     "rfs_epoch": ("fixed", "expanded"),
     "train_projections": ("all", "frontal"),
     "swa_model": ("compare", "swa", "best"),
+    "lr_scale": ("none", "linear", "sqrt"),
+    "compile": ("auto", "true", "false"),
+    "grad_checkpointing": ("auto", "true", "false"),
 }
+# str keys that were bool keys and gained "auto": true/false (YAML booleans, yes/no, 1/0) still
+# read as before, as the strings "true" / "false" (old configs and checkpoints stay valid)
+BOOL_OR_AUTO = ("compile", "grad_checkpointing")
 # keys whose value is a comma-separated list of CHOICES
 LIST_CHOICES = {"logger": ("none", "tensorboard", "wandb", "mlflow")}
 
@@ -387,6 +401,9 @@ def check_registry(key: str, registry) -> None:
                            f"has {sorted(CHOICES[key])}: name each choice in both")
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def coerce(key: str, value, source: str):
     """Check/convert one value against the schema; ConfigError names source and key."""
     if key not in SCHEMA:
@@ -395,6 +412,8 @@ def coerce(key: str, value, source: str):
         raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
     _, typ, _ = SCHEMA[key]
     ok = False
+    if key in BOOL_OR_AUTO and (isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_WORDS)):
+        value = "true" if _BOOL_WORDS.get(str(value).lower(), value is True) else "false"
     if typ is bool:
         if isinstance(value, bool):
             ok = True

@@ -162,11 +162,12 @@ class CacheDataset(Dataset):
         state["_images"] = None  # each worker opens the file itself
         return state
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        i, epoch = i if isinstance(i, tuple) else (i, self.epoch)  # (position, epoch) from EpochTagged
         row = int(self.rows[i])
         img = self.images[row]  # a fresh (writable) array
         if self.aug is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, row])
+            rng = np.random.default_rng([self.seed, epoch, row])
             img = augment(img, self.aug, rng)
         x = torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0)
         y = torch.from_numpy(self.targets[i]) if self.targets is not None else torch.zeros(self.num_classes)
@@ -188,10 +189,12 @@ class WeightedConcat(Dataset):
         for ds, _ in self.parts:
             ds.set_epoch(epoch)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        i, epoch = i if isinstance(i, tuple) else (i, None)
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
         ds, w = self.parts[k]
-        x, y, _row = ds[i - int(self.starts[k])]
+        j = i - int(self.starts[k])
+        x, y, _row = ds[j if epoch is None else (j, epoch)]
         return x, y, torch.tensor(w, dtype=torch.float32)
 
 
@@ -204,15 +207,38 @@ def worker_init(_worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def make_loader(dataset, batch_size, sampler=None, shuffle=False, workers=2, drop_last=False, pin_memory=False):
+class EpochTagged:
+    """A sampler whose positions carry its epoch: yields (position, epoch) for the dataset's
+    __getitem__, so that loader workers kept alive from epoch to epoch (persistent_workers) draw
+    the augmentation of the current epoch without being told (the sampler runs in the main
+    process; the workers' copies of the dataset keep the epoch they started with)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = int(self.sampler.epoch)
+        return ((int(i), epoch) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def make_loader(dataset, batch_size, sampler=None, shuffle=False, workers=2, drop_last=False, pin_memory=False,
+                persistent: bool = False):
     """A DataLoader over `dataset`. Workers hand batches over in shared memory (/dev/shm):
-    up to PREFETCH_FACTOR x workers batches at once, each batch_size x S x S bytes (uint8)."""
+    up to PREFETCH_FACTOR x workers batches at once, each batch_size x S x S bytes (uint8).
+    persistent: the workers live as long as the loader (no fork per epoch); a loader that is
+    iterated again in another epoch then needs an EpochTagged sampler (or no augmentation)."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
         num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
-        persistent_workers=False,  # the dataset's epoch is re-sent to fresh workers each epoch
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
         worker_init_fn=worker_init if workers > 0 else None,
     )

@@ -21,6 +21,7 @@ Keys of a checkpoint written by train.py / retrain_head.py:
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import struct
@@ -86,3 +87,98 @@ def state_dict_of(ckpt: dict) -> dict:
         out[k] = v
     return out
 
+
+
+class BackgroundSaver:
+    """Checkpoint writes off the training loop's critical path (trainer: last.pt / best.pt).
+
+    save([(obj, path), ...], then=None) first waits for the save before it (one write in flight at
+    most, so files land in the order they were asked for), then copies every tensor of the objects
+    to CPU memory at once -- into pinned buffers reused from save to save when they are on a GPU
+    (one device sync at the end of the copy), clones when they are on the CPU -- and returns:
+    training may change the weights from then on. A thread writes each object with
+    fileio.torch_save (temporary file, fsync, rename: a kill during the write keeps the previous
+    file) and then calls `then` (run.json, written after last.pt). Tensors shared between objects
+    (a model's weights as "model" and "train_model") stay shared, as torch.save would keep them.
+
+    wait() joins the write in flight and re-raises its error; the thread is not a daemon, so the
+    interpreter also finishes a write in flight before it exits. last_copy_s / last_write_s: the
+    seconds of the last copy (what the caller waited for) and of the last write (in the thread).
+    """
+
+    def __init__(self):
+        self._thread = None
+        self._error: BaseException | None = None
+        self._pinned: dict = {}
+        self.last_copy_s = 0.0
+        self.last_write_s = 0.0
+
+    def save(self, items, then=None) -> None:
+        import threading
+        import time
+
+        self.wait()
+        t0 = time.perf_counter()
+        memo: dict = {}
+        copies = [(self._snapshot(obj, f"{i}", memo), path) for i, (obj, path) in enumerate(items)]
+        if any(getattr(t, "is_pinned", lambda: False)() for t in memo.values()):
+            import torch
+
+            torch.cuda.synchronize()  # the non-blocking device -> pinned copies have landed
+        self.last_copy_s = time.perf_counter() - t0
+        self._thread = threading.Thread(target=self._write, args=(copies, then), name="checkpoint-writer",
+                                        daemon=False)
+        self._thread.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        err, self._error = self._error, None
+        if err is not None and raise_error:
+            raise err
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _write(self, copies, then) -> None:
+        import time
+
+        from cxrlt.core.fileio import torch_save
+
+        t0 = time.perf_counter()
+        try:
+            for obj, path in copies:
+                torch_save(obj, path)
+            if then is not None:
+                then()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by wait()
+            self._error = e
+        self.last_write_s = time.perf_counter() - t0
+
+    def _snapshot(self, obj, where: str, memo: dict):
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            key = id(obj)
+            if key not in memo:
+                memo[key] = self._copy(obj.detach(), where)
+            return memo[key]
+        if isinstance(obj, dict):
+            return {k: self._snapshot(v, f"{where}/{k}", memo) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._snapshot(v, f"{where}/{i}", memo) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)  # numbers, strings, small containers of them
+
+    def _copy(self, t, where: str):
+        import torch
+
+        if t.device.type != "cuda":
+            return t.clone()
+        buf = self._pinned.get(where)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            self._pinned[where] = buf
+        buf.copy_(t, non_blocking=True)
+        return buf

@@ -46,7 +46,7 @@ Weights: cfg pretrained + pretrained_file loads a local timm weight file (no net
 pretrained without a file uses timm's hub download; init_checkpoint loads one of our own
 checkpoints (backbone strict; head only when its shapes and labels match, else kept random).
 
-cfg grad_checkpointing: timm's set_grad_checkpointing on the backbone (the activations inside
+cfg grad_checkpointing "true": timm's set_grad_checkpointing on the backbone (the activations inside
 each block are recomputed in the backward pass instead of kept: about a third more compute for
 a fraction of the activation memory; the results are the same to float tolerance).
 """
@@ -486,7 +486,7 @@ def build_model(cfg: dict, num_classes: int, labels: list[str] | None = None) ->
     num_features = _feature_width(backbone)
     head = build_head(cfg, num_features, num_classes)
     model = CXRModel(backbone, head, num_features, cfg["in_chans"])
-    if cfg.get("grad_checkpointing"):
+    if cfg.get("grad_checkpointing") in (True, "true"):  # "auto" is the trainer's choice (training/device.py)
         set_grad_checkpointing(model, cfg["model"])
     if init_ckpt:
         model.init_info = load_init_checkpoint(model, init_ckpt, labels)

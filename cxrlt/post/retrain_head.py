@@ -178,7 +178,15 @@ def _image_loader(images_path, rows, batch_size: int, workers: int, device):
 def _backbone_fn(model):
     from cxrlt.post.inference import model_input
 
-    return lambda x: model.head_input(model_input(model, x))
+    cl = _is_channels_last(model)
+    return lambda x: model.head_input(model_input(model, x, channels_last=cl))
+
+
+def _is_channels_last(model) -> bool:
+    """True when the model's weights were put in channels_last (run() does on a GPU with cfg
+    channels_last): its inputs are then given that layout too."""
+    w = next((p for p in model.parameters() if p.ndim == 4), None)
+    return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
 def head_input_shape(model, images_path, row: int, device, amp: bool) -> tuple[int, ...]:
@@ -197,12 +205,70 @@ def extract_features(model, images_path, rows, device, path, dtype=np.float32, s
 
     shape = shape or head_input_shape(model, images_path, rows[0], device, amp)
     loader = _image_loader(images_path, rows, batch_size, workers, device)
-    with RowWriter(path, (len(rows), *shape), dtype) as w:
+    tdtype = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
+    cuda = torch.device(device).type == "cuda"
+    with RowWriter(path, (len(rows), *shape), dtype) as w, _WriterThread(w) as writer:
         i = 0
         for _, f in forward_batches(model, loader, _backbone_fn(model), device, amp, progress=True, desc=desc):
-            w.write(i, f.cpu().numpy().astype(dtype, copy=False))
+            f = f.to(tdtype)  # converted where it was computed (on a GPU: not by the CPU)
+            if cuda:  # an asynchronous copy into pinned memory; the writer waits for its event
+                host = torch.empty(f.shape, dtype=tdtype, pin_memory=True)
+                host.copy_(f, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host, done = f, None
+            writer.put(i, host, done)
             i += len(f)
     return Path(path)
+
+
+class _WriterThread:
+    """Writes (start row, CPU tensor, CUDA event or None) batches into a RowWriter from a thread,
+    in order, each after its event (its device->host copy) completed; at most MAX_PENDING batches
+    wait (the GPU runs ahead of the disk by that much). An error in the thread is raised by the
+    next put() or by the end of the `with` block."""
+
+    MAX_PENDING = 4
+
+    def __init__(self, writer):
+        import queue
+        import threading
+
+        self.w = writer
+        self.q = queue.Queue(self.MAX_PENDING)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after an error
+            i, host, done = item
+            try:
+                if done is not None:
+                    done.synchronize()
+                self.w.write(i, host.numpy())
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                self.error = e
+
+    def put(self, i: int, host, done) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((i, host, done))
+
+    def __exit__(self, *exc) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def _classify_fp32(head, f: torch.Tensor) -> torch.Tensor:
@@ -375,7 +441,7 @@ def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path,
         sampler.set_epoch(epoch)
         idx = np.fromiter(iter(sampler), dtype=np.int64)[:steps_per_epoch * bs]
         head.train()
-        tot, t0 = 0.0, time.perf_counter()
+        tot, t0 = torch.zeros((), device=device), time.perf_counter()
         for s, f in enumerate(train_in.batches(idx, bs, device)):
             b = idx[s * bs:(s + 1) * bs]
             loss = loss_fn(_classify_fp32(head, f), y_t[b].to(device))
@@ -383,11 +449,11 @@ def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path,
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss.detach())
+            tot = tot + loss.detach()  # on the device: one read per epoch, not a sync per step
         v, sel, improved = choice.add(val_in.probs(head, device))
         if improved:
             kept, best_head = epoch, copy.deepcopy(head).cpu()
-        rec = {"epoch": epoch, "train_loss": tot / steps_per_epoch, **choice.scores(epoch + 1),
+        rec = {"epoch": epoch, "train_loss": float(tot) / steps_per_epoch, **choice.scores(epoch + 1),
                "val_mAUC": json_float(v["mAUC"]), "select_on": choice.so, "val_honest_mAP": json_float(sel["honest"]),
                "best": kept, "time_s": time.perf_counter() - t0}
         append_jsonl(out_dir / "metrics.jsonl", rec)
@@ -538,6 +604,8 @@ def _build(src: Path, cache, out: Path, cfg: dict, method: str, stage_inputs: di
     model, ck = load_trained(src, device)
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg["channels_last"] and device.type == "cuda":  # the frozen backbone's layout (its inputs follow)
+        model = model.to(memory_format=torch.channels_last)
     train_rows, val_rows = cache.training_rows(cfg)  # the rows the backbone trained on (train_projections)
     splits = {"train": train_rows, "val": val_rows}
     y_tr, y_va = cache.targets(splits["train"]), cache.targets(splits["val"])

@@ -98,3 +98,18 @@ def sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def average_grads(params, info: DistInfo) -> None:
+    """Average the gradients of `params` over all ranks in place, in one all-reduce (what DDP does
+    for the parameters its forward saw; the trainer's head-only epochs bypass DDP)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not info.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

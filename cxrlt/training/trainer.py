@@ -67,6 +67,22 @@ Run folder (--out) and its keys (see DESIGN "Run folder keys"):
     back and continued, else training starts afresh.
   A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
 
+Checkpoints: at the end of an epoch rank 0 copies best.pt's and last.pt's tensors to CPU memory
+(pinned buffers on a GPU, reused every epoch) and a thread writes them (models/checkpoint.py
+BackgroundSaver: temporary file, fsync, rename; best.pt, then last.pt, then run.json) while the next
+epoch trains; the barrier after an epoch waits for that copy only. A save waits for the one before
+it, and the end of fit() (also after an error) waits for the last one, as does the interpreter at
+exit; a kill during a write keeps the previous file.
+
+Learning rate and global batch: an epoch is N // G optimizer steps (N sampled rows, G =
+batch_size x processes x accum_steps), and warm-up, cosine and DRW are counted in optimizer steps,
+so 1 GPU x accum_steps 8 and 8 GPUs x 1 run the same schedule at the same LR step by step
+(epoch_shape). The configured lr, head_lr and min_lr are for the global batch lr_ref_batch (0 =
+whatever G the run has: used as given, the old rule); lr_scale linear / sqrt multiplies them by
+G / lr_ref_batch or its square root (timm's rule), none uses them as given. The first log line
+of a run says G, the steps per epoch, the warm-up steps and the effective LRs; run.json records
+global_batch, steps_per_epoch, lr_factor and effective_lr.
+
 World size: last.pt and run.json record the world size W and the global batch
 G = batch_size x W x accum_steps. A resume with another world size W' keeps G (and with it the
 optimizer-step schedule and the samples of every step, see samplers.py) by running
@@ -95,8 +111,9 @@ from tqdm import tqdm
 
 from cxrlt.core import config as config_mod
 from cxrlt.training import distributed as D
-from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
-from cxrlt.training.device import autocast_ctx, enable_cuda_fast_paths, optimizer_kwargs
+from cxrlt.models.checkpoint import BackgroundSaver, load_checkpoint, state_dict_of
+from cxrlt.training.device import (autocast_ctx, choose_grad_checkpointing, compile_on, enable_cuda_fast_paths,
+                                   maybe_compile, optimizer_kwargs, probe_step_memory)
 from cxrlt.core.errors import InputError
 from cxrlt.training import tracking
 from cxrlt.core.fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
@@ -180,14 +197,40 @@ def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
     return mult
 
 
-def param_groups(model, cfg: dict) -> list[dict]:
-    """AdamW groups: backbone / head LR and weight decay (head_weight_decay, -1 = weight_decay),
-    no weight decay on 1-D tensors (norms, biases)."""
+def lr_scale_factor(cfg: dict, global_batch: int) -> float:
+    """The factor the configured LRs are multiplied by for a run of `global_batch` images per
+    optimizer step (module doc "Learning rate and global batch"): 1 when lr_ref_batch is 0 or
+    lr_scale is none, else G / ref (linear) or sqrt(G / ref) (sqrt)."""
+    ref, rule = int(cfg["lr_ref_batch"]), cfg["lr_scale"]
+    if not ref or rule == "none":
+        return 1.0
+    ratio = global_batch / ref
+    return ratio if rule == "linear" else math.sqrt(ratio)
+
+
+def epoch_shape(num_rows: int, batch_size: int, world: int, accum: int, max_batches: int = 0) -> tuple[int, int]:
+    """(micro-batches per process, optimizer steps) of one epoch over `num_rows` sampled rows.
+
+    An epoch is num_rows // G optimizer steps, G = batch_size x world x accum the global batch, so
+    any layout of the same G (1 process x accum 8, 8 processes x accum 1) has the same number of
+    steps and, the schedule being counted in steps, the same LR at every step; each process runs
+    accum micro-batches per step (none left over whose gradient would be thrown away).
+    max_batches (debug) caps the micro-batches; the steps follow (at least 1 for the schedule)."""
+    steps = num_rows // (batch_size * world * accum)
+    batches = steps * accum
+    if max_batches:
+        batches = min(batches, max_batches)
+    return batches, max(1, batches // accum)
+
+
+def param_groups(model, cfg: dict, scale: float = 1.0) -> list[dict]:
+    """AdamW groups: backbone / head LR (x scale, see lr_scale_factor) and weight decay
+    (head_weight_decay, -1 = weight_decay), no weight decay on 1-D tensors (norms, biases)."""
     groups = []
     head_wd = cfg["weight_decay"] if cfg["head_weight_decay"] < 0 else cfg["head_weight_decay"]
     for name, params, lr, wd in (
-        ("backbone", list(model.backbone_parameters()), cfg["lr"], cfg["weight_decay"]),
-        ("head", list(model.head_parameters()), cfg["head_lr"] or cfg["lr"], head_wd),
+        ("backbone", list(model.backbone_parameters()), cfg["lr"] * scale, cfg["weight_decay"]),
+        ("head", list(model.head_parameters()), (cfg["head_lr"] or cfg["lr"]) * scale, head_wd),
     ):
         decay = [p for p in params if p.requires_grad and p.ndim > 1]
         no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
@@ -388,34 +431,45 @@ class Trainer:
 
         last = load_checkpoint(self.out / "last.pt") if resume and (self.out / "last.pt").exists() else None
         self.accum = self._accum_steps(last)
-        n_batches = len(self.sampler) // cfg["batch_size"]
+        self.global_batch = cfg["batch_size"] * self.dist.world * self.accum
+        n_batches, self.steps_per_epoch = epoch_shape(self.sampler.num_rows, cfg["batch_size"], self.dist.world,
+                                                      self.accum, cfg["max_train_batches"])
         if n_batches == 0:
             raise InputError(
-                f"batch_size {cfg['batch_size']} x {self.dist.world} process(es) is larger than the "
-                f"{len(self.train_rows)} training images")
-        if cfg["max_train_batches"]:
-            n_batches = min(n_batches, cfg["max_train_batches"])
+                f"the global batch of {self.global_batch} images (batch_size {cfg['batch_size']} x "
+                f"{self.dist.world} process(es) x accum_steps {self.accum}) is larger than the "
+                f"{self.sampler.num_rows} training images")
         self.batches_per_epoch = n_batches
-        self.steps_per_epoch = max(1, n_batches // self.accum)
+        self.lr_factor = lr_scale_factor(cfg, self.global_batch)
 
         # ---- model, loss, optimisation ----
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
         self.model = build_model(cfg, len(self.labels), labels=self.labels).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._grad_checkpointing()
         self.loss_fn = build_loss(cfg, self.class_counts, self.annotated, nan_mask=self.masked).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg["lr"],
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg, self.lr_factor), lr=cfg["lr"],
                                            **optimizer_kwargs(self.device))
         self.ema = EMA(self.model, cfg["ema_decay"]) if cfg["ema"] else None
         self.mixer = Mixer.from_config(cfg, self.dist.rank)
         self.swa = SWA(cfg["swa_epochs"]) if cfg["swa_epochs"] > 0 else None
         self.swa_record = None
+        self.saver = BackgroundSaver()  # last.pt / best.pt off the critical path (rank 0 uses it)
+        self.barrier_wait_s = 0.0
         self.ddp_model = self.model
+        self.train_loader = self.val_loader = None  # made on first use, kept (persistent workers)
+        self.head_only_no_grad = True  # head warm-up epochs: backbone forward only (False: the full backward)
         if self.dist.enabled:
+            # gradients live in the all-reduce buckets (no copy per step); buffers are broadcast from
+            # rank 0 at every forward only where there are any (BatchNorm statistics; ConvNeXt has none)
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy per step
-        self.forward = torch.compile(self.ddp_model) if cfg["compile"] else self.ddp_model
+                gradient_as_bucket_view=True, broadcast_buffers=any(True for _ in self.model.buffers()))
+        self.compiled = compile_on(cfg["compile"], self.device)
+        log.info(f"torch.compile {'on' if self.compiled else 'off'} (compile: {cfg['compile']}, {self.device.type})")
+        self.forward = maybe_compile(self.ddp_model, self.compiled, "training model", log.warning)
+        self.eval_forward = maybe_compile(self._eval_model(), self.compiled, "eval model", log.warning)
 
         self.start_epoch, self.step, self.best_map, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
         self.table: list[dict] = []  # score_row of every epoch so far (index = epoch): the epoch choice
@@ -426,6 +480,25 @@ class Trainer:
             self._load_last(last)
         self.selection = self._selection()
         self._write_run_json()
+
+    def _grad_checkpointing(self) -> None:
+        """Config grad_checkpointing: true/false as set; auto from the step's memory estimate against
+        the free GPU memory (device.choose_grad_checkpointing). Every rank takes it when any needs it."""
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters())
+        on, why = choose_grad_checkpointing(
+            cfg["grad_checkpointing"], self.device, batch=cfg["batch_size"], n_params=n_params, ema=cfg["ema"],
+            probe=lambda: probe_step_memory(self.model, self.cache.size, cfg["in_chans"], self.device, self.amp))
+        if cfg["grad_checkpointing"] == "auto":
+            votes = D.all_gather_objects(on, self.dist)
+            if any(votes) and not on:
+                on, why = True, f"{why}; on because another rank needs it"
+            if on:
+                from cxrlt.models.model import set_grad_checkpointing
+
+                set_grad_checkpointing(self.model, cfg["model"])
+        self.grad_checkpointing = on
+        log.info(f"grad_checkpointing {'on' if on else 'off'} ({why})")
 
     def _add_pseudo(self, y_real: np.ndarray) -> np.ndarray:
         """Train on pseudo_cache's images with the soft labels of pseudo_labels too, weighted by
@@ -560,14 +633,18 @@ class Trainer:
 
     def _run_state(self) -> dict:
         return {**self.keys, "image_size": int(self.cache.size), "world_size": self.dist.world,
-                "global_batch": self.cfg["batch_size"] * self.dist.world * self.accum, "accum_steps": self.accum}
+                "global_batch": self.global_batch, "accum_steps": self.accum,
+                "steps_per_epoch": self.steps_per_epoch, "lr_factor": self.lr_factor,
+                "effective_lr": self.cfg["lr"] * self.lr_factor}
+
+    def _run_json(self) -> dict:
+        return {**self._run_state(), "epochs_done": self.start_epoch, "best_map": self.best_map,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "selection": self.selection,
+                **({"swa": self.swa_record} if self.swa_record else {})}
 
     def _write_run_json(self) -> None:
         if self.dist.is_main:
-            write_json(self.out / "run.json", {**self._run_state(), "epochs_done": self.start_epoch,
-                                               "best_map": self.best_map, "best_epoch": self.best_epoch,
-                                               "bad_epochs": self.bad_epochs, "selection": self.selection,
-                                               **({"swa": self.swa_record} if self.swa_record else {})})
+            write_json(self.out / "run.json", self._run_json())
 
     def _meta(self, epoch: int) -> dict:
         return {
@@ -578,6 +655,29 @@ class Trainer:
             **self._run_state(),
         }
 
+    def _last_state(self, meta: dict, weights: dict) -> dict:
+        """What last.pt holds (module doc "Exact resume"); `weights` = the eval model's state_dict."""
+        last = {**meta, "model": weights, "train_model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
+                "val_table": [_plain_row(t) for t in self.table]}
+        if self.ema is not None:
+            last["ema"] = self.ema.state_dict()
+        if self.swa is not None:
+            last["swa"] = self.swa.state_dict()
+        return last
+
+    def _lr_line(self) -> str:
+        """The log line of the recipe's scale: global batch, steps per epoch, effective LRs."""
+        cfg, f = self.cfg, self.lr_factor
+        g = self.global_batch
+        why = ("as given" if not cfg["lr_ref_batch"] or cfg["lr_scale"] == "none" else
+               f"x {f:.4g} = {cfg['lr_scale']} scale of global batch {g} / lr_ref_batch {cfg['lr_ref_batch']}")
+        warm = int(round(cfg["warmup_epochs"] * self.steps_per_epoch))
+        return (f"global batch {g} = batch_size {cfg['batch_size']} x {self.dist.world} process(es) x accum_steps "
+                f"{self.accum}; {self.steps_per_epoch} optimizer steps/epoch, warm-up {warm} steps; effective lr "
+                f"{cfg['lr'] * f:.3e}, head_lr {(cfg['head_lr'] or cfg['lr']) * f:.3e}, min_lr {cfg['min_lr'] * f:.3e} "
+                f"({why})")
+
     def _eval_model(self):
         return self.ema.module if self.ema is not None else self.model
 
@@ -586,7 +686,8 @@ class Trainer:
         mult = lr_multiplier(self.step, self.cfg, self.steps_per_epoch)
         epoch = self.step // self.steps_per_epoch
         head_only = epoch < self.cfg["head_warmup_epochs"]
-        phase_lr = self.cfg["head_warmup_lr"] if head_only else 0.0  # > 0: the separate head phase
+        # > 0: the separate head phase, its LR scaled like the others (lr_scale)
+        phase_lr = self.cfg["head_warmup_lr"] * self.lr_factor if head_only else 0.0
         lr = 0.0
         for g in self.optimizer.param_groups:
             if head_only and g["part"] == "backbone":
@@ -605,15 +706,19 @@ class Trainer:
                              f"{first + 1} and {last + 1}: lower the LR (lr, head_lr) or check the loss settings")
 
     def train_epoch(self, epoch: int) -> dict:
-        from cxrlt.data.dataset import make_loader
+        from cxrlt.data.dataset import EpochTagged, make_loader
 
         cfg, dev = self.cfg, self.device
         seed_everything(cfg["seed"], epoch, self.dist.rank)
         self.sampler.set_epoch(epoch)
-        self.train_ds.set_epoch(epoch)
+        self.train_ds.set_epoch(epoch)  # (workers=0; persistent workers get the epoch from the sampler)
         self.loss_fn.set_epoch(epoch)
-        loader = make_loader(self.train_ds, cfg["batch_size"], sampler=self.sampler, workers=cfg["workers"],
-                             drop_last=True, pin_memory=dev.type == "cuda")
+        if self.train_loader is None:  # one loader, its workers kept from epoch to epoch
+            self.train_loader = make_loader(self.train_ds, cfg["batch_size"], sampler=EpochTagged(self.sampler),
+                                            workers=cfg["workers"], drop_last=True, pin_memory=dev.type == "cuda",
+                                            persistent=True)
+        loader = self.train_loader
+        head_only = epoch < cfg["head_warmup_epochs"] and self.head_only_no_grad
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # stays on the device
@@ -639,7 +744,12 @@ class Trainer:
             sync = contextlib.nullcontext() if (last_micro or not self.dist.enabled) else self.ddp_model.no_sync()
             with sync:
                 with autocast_ctx(dev, self.amp):
-                    logits = self.forward(x)
+                    if head_only:  # the backbone's LR is 0: forward only, no backward, all-reduce or Adam step
+                        with torch.no_grad():
+                            h = self.model.head_input(x)
+                        logits = self.model.head.classify(h)
+                    else:
+                        logits = self.forward(x)
                 if self.pseudo:  # per-sample weights (real 1, soft pseudo_weight) through the loss mask
                     loss = self.loss_fn(logits.float(), y, mask=extra.to(dev, non_blocking=True)[:, None].expand_as(y))
                 else:
@@ -649,6 +759,8 @@ class Trainer:
             n_bad += ~torch.isfinite(loss)
             loss_sum += loss * len(x)
             if last_micro:
+                if head_only:  # DDP's hooks did not run: average the head's gradients across ranks
+                    D.average_grads(self.model.head_parameters(), self.dist)
                 if cfg["grad_clip"] > 0:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
                 self.optimizer.step()
@@ -680,9 +792,10 @@ class Trainer:
         """(n_val, C) val probabilities in val-row order, on every rank (of the eval model, or `model`)."""
         from cxrlt.data.dataset import make_loader
 
-        loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"],
-                             pin_memory=self.device.type == "cuda")
-        rows, probs = predict_tta(model or self._eval_model(), loader, self.device, "none", amp=self.amp,
+        if self.val_loader is None:
+            self.val_loader = make_loader(self.val_ds, self.cfg["batch_size"] * 2, workers=self.cfg["workers"],
+                                          pin_memory=self.device.type == "cuda", persistent=True)
+        rows, probs = predict_tta(self.eval_forward if model is None else model, self.val_loader, self.device, "none", amp=self.amp,
                                   channels_last=self.channels_last, progress=False, desc="val")
         gathered = D.all_gather_objects((rows, probs), self.dist)
         gathered = [g for g in gathered if len(g[0])]  # a rank may hold no val row
@@ -797,16 +910,22 @@ class Trainer:
         pos = self.class_counts
         log.info(f"train {len(self.train_rows)} images, val {len(self.val_rows)} (fold {cfg['val_fold']}), "
                  f"{len(self.labels)} labels, rarest training label has {int(pos.min())} positives; "
-                 f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch, "
-                 f"global batch {cfg['batch_size'] * self.dist.world * self.accum}")
+                 f"device {self.device}, world {self.dist.world}, {self.batches_per_epoch} batches/epoch")
+        log.info(self._lr_line())
         # chance level of macro AP = mean prevalence of the labels that have val positives
         prev = np.nanmean(self.y_val, 0)
         chance = float(prev[np.nansum(self.y_val, 0) > 0].mean()) if len(self.y_val) else float("nan")
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
-        so = self.sets["select_on"]
         tracker = tracking.start(self.out, cfg, self.dist.is_main)
         if self.dist.is_main:  # an earlier end's SWA (before epochs were raised) is not this run's
             (self.out / "swa.pt").unlink(missing_ok=True)
+        try:
+            return self._epochs(tracker, chance)
+        finally:  # an error or a stop: the write in flight still lands (its own error only if none is raised)
+            self.saver.wait(raise_error=sys.exc_info()[0] is None)
+
+    def _epochs(self, tracker, chance: float) -> dict:
+        cfg, so = self.cfg, self.sets["select_on"]
         for epoch in range(self.start_epoch, cfg["epochs"]):
             if self.ema is not None and cfg["head_warmup_lr"] > 0 and epoch == cfg["head_warmup_epochs"] > 0:
                 self.ema.restart()  # the separate head phase is over: the EMA averages the full training only
@@ -827,28 +946,29 @@ class Trainer:
                           "val_ap": {lab: json_float(a) for lab, a in zip(self.labels, v["ap"])}}
                 meta = self._meta(epoch)
                 weights = self._eval_model().state_dict()
-                if d["improved"]:
-                    torch_save({**meta, "model": weights}, self.out / "best.pt")
                 append_jsonl(self.out / "metrics.jsonl", record)
                 tracker.log_metrics(epoch, record)
-                last = {**meta, "model": weights, "train_model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
-                        "val_table": [_plain_row(t) for t in self.table]}
-                if self.ema is not None:
-                    last["ema"] = self.ema.state_dict()
-                if self.swa is not None:
-                    last["swa"] = self.swa.state_dict()
-                torch_save(last, self.out / "last.pt")  # written after metrics: it marks the epoch done
-                self._write_run_json()
+                last = self._last_state(meta, weights)
+                # copied to CPU now, written by a thread while the next epoch trains (module doc
+                # "Checkpoints"): best.pt, then last.pt (after metrics: it marks the epoch done), then run.json
+                items = ([({**meta, "model": weights}, self.out / "best.pt")] if d["improved"] else [])
+                items.append((last, self.out / "last.pt"))
+                run_json = self._run_json()
+                self.saver.save(items, then=lambda: write_json(self.out / "run.json", run_json))
                 log.info(f"epoch {epoch + 1}/{cfg['epochs']}  loss {stats['train_loss']:.4f}  "
                          f"val mAP {_fmt(r['val_mAP'])} (chance {chance:.4f})  proxy {_fmt(r['val_proxy_mAP'])}  "
                          f"honest {_fmt(r['val_honest_mAP'])} ({so})  mAUC {_fmt(r['val_mAUC'])}  "
                          f"{stats['images_per_s']:.0f} img/s  lr {stats['lr']:.2e}"
-                         + ("  *best*" if d["improved"] else ""))
-            D.barrier(self.dist)
+                         + ("  *best*" if d["improved"] else "")
+                         + f"  (checkpoint copy {self.saver.last_copy_s:.2f} s, previous write "
+                           f"{self.saver.last_write_s:.2f} s in the background)")
+            t_barrier = time.perf_counter()
+            D.barrier(self.dist)  # the other ranks wait for rank 0's copy only, not for its write
+            self.barrier_wait_s = time.perf_counter() - t_barrier
             if cfg["patience"] and self.bad_epochs >= cfg["patience"]:
                 log.info(f"early stop: no val mAP gain on {so} for {cfg['patience']} epochs")
                 break
+        self.saver.wait()  # best.pt and last.pt are on disk before model.pt is made from best.pt
         if self.swa is not None:
             self._finish_swa()
         if self.dist.is_main:
