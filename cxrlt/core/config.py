@@ -325,6 +325,7 @@ LATER_KEYS = {
     "aug_dropout_holes": lambda c: c["aug_dropout_p"] == 0, "aug_dropout_size": lambda c: c["aug_dropout_p"] == 0,
     "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": lambda c: not (c["mixup_alpha"] or c["cutmix_alpha"]),
     "swa_epochs": 0, "swa_model": lambda c: c["swa_epochs"] == 0,
+    "lr_ref_batch": 0, "lr_scale": "none",
 }
 
 
