@@ -149,3 +149,12 @@ def test_core_and_pipeline_import_neither_torch_nor_pandas():
             "print(sorted(m for m in ('torch', 'timm', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_key_table_in_the_docs_is_current():
+    from cxrlt.core import keytable
+
+    doc = keytable.DOC.read_text(encoding="utf-8")
+    assert keytable.updated(doc) == doc, "run: python -m cxrlt.core.keytable"
+    for key in config.SCHEMA:
+        assert f"| `{key}` |" in doc
