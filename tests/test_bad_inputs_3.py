@@ -313,3 +313,18 @@ def test_dataset_cxrlt2026_for_another_label_set_is_a_warning(tmp_path, capsys):
     _plan(tmp_path, "nih", NIH14)  # its own name: nothing to say
     _plan(tmp_path, "cxrlt2026", CXRLT2026_LABELS[::-1])  # the 30, in any order
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_pretrained_file_that_needs_pickled_code_is_one_line_naming_the_file(tmp_path):
+    import torch
+
+    from cxrlt.core import config
+    from cxrlt.models.model import build_model
+    from test_bad_inputs import NotAllowed
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"stem.0.weight": torch.zeros(1), "extra": NotAllowed()}, evil)
+    cfg = config.resolve([], {"model": "test_convnext", "pretrained": True, "pretrained_file": str(evil)})
+    with pytest.raises(InputError) as e:
+        build_model(cfg, 3, labels=["a", "b", "c"])
+    assert str(e.value).startswith(f"{evil}: refused to load: the pretrained_file needs pickled Python objects")
