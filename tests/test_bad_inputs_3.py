@@ -328,3 +328,39 @@ def test_a_pretrained_file_that_needs_pickled_code_is_one_line_naming_the_file(t
     with pytest.raises(InputError) as e:
         build_model(cfg, 3, labels=["a", "b", "c"])
     assert str(e.value).startswith(f"{evil}: refused to load: the pretrained_file needs pickled Python objects")
+
+
+# ---- count flags -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["zeroshot.py", "--cache", "c", "--model", "m", "--out", "o.csv", "--batch-size", "0"],
+     "argument --batch-size: expected a whole number >= 1, got 0"),
+    (["zeroshot.py", "--cache", "c", "--model", "m", "--out", "o.csv", "--workers", "-1"],
+     "argument --workers: expected a whole number >= 0, got -1"),
+    (["pseudo_label.py", "--checkpoint", "m.pt", "--cache", "c", "--out", "o.csv", "--workers", "-2"],
+     "argument --workers: expected a whole number >= 0, got -2"),
+    (["preprocess.py", "train", "--train-csv", "t.csv", "--image-dir", ".", "--out", "c", "--folds", "0"],
+     "argument --folds: expected a whole number >= 1, got 0"),
+])
+def test_count_flags_of_every_script_are_usage_errors_naming_the_flag(capsys, argv, message):
+    from conftest import run_script_inprocess
+
+    code, _, err = run_script_inprocess(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_no_script_reads_a_count_flag_as_a_bare_int():
+    """The class: a count flag parsed with type=int lets 0 or -1 reach a DataLoader as a traceback."""
+    import re
+
+    from conftest import ROOT
+
+    counts = r"--(batch-size|workers|n-boot|folds|epochs|n|n-train|n-test|max-images)"
+    bare = []
+    for f in [*ROOT.glob("*.py"), *(ROOT / "cxrlt").rglob("*.py")]:
+        if "synth" in f.parts or "tiny_clip" in f.name:
+            continue  # the demo generators: developer tools
+        for m in re.finditer(rf'add_argument\("{counts}",\s*type=int\b', f.read_text()):
+            bare.append(f"{f.relative_to(ROOT)}: {m.group(0)}")
+    assert not bare, bare
