@@ -364,3 +364,9 @@ def test_no_script_reads_a_count_flag_as_a_bare_int():
         for m in re.finditer(rf'add_argument\("{counts}",\s*type=int\b', f.read_text()):
             bare.append(f"{f.relative_to(ROOT)}: {m.group(0)}")
     assert not bare, bare
+
+
+def test_a_metadata_csv_matching_no_test_image_is_a_warning(ds, tmp_path, capsys):
+    meta = write_meta(tmp_path / "meta.csv", ds["ids"][:12], ["PA"] * 12)  # the training images only
+    build_test_cache(ds["test_csv"], ds["image_dir"], tmp_path / "c/test", SIZE, meta_csv=meta, workers=1)
+    assert "only 0 of the 3 test-list images are in the metadata CSV" in capsys.readouterr().err
