@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     tr.add_argument("--train-csv", required=True, help="training CSV: ImageID,StudyDate_DICOM,PatientID,<labels 0/1>")
     tr.add_argument("--removal-csv", default=None, help="images to drop from training (ImageID column)")
     tr.add_argument("--labels-file", default=None, help="use exactly these label columns (one name a line)")
-    tr.add_argument("--folds", type=int, default=5, help="patient-grouped stratified folds")
+    tr.add_argument("--folds", type=positive_int, default=5, help="patient-grouped stratified folds")
     tr.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     te = sub.add_parser("test", help="the test cache of one test list (never drops an image)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="a blank (not mentioned) label: 0 or unannotated; once or once per --dataset (default zeros)")
     ex.add_argument("--official-test", default="keep", choices=["keep", "drop"],
                     help="the dataset's own test split (NIH test_list.txt, CheXpert valid.csv, MIMIC split=test)")
-    ex.add_argument("--folds", type=int, default=5, help="patient-grouped stratified folds")
+    ex.add_argument("--folds", type=positive_int, default=5, help="patient-grouped stratified folds")
     ex.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     for q in (tr, te):
         q.add_argument("--image-dir", required=True, help="folder of the images named by ImageID (subfolders searched)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cxrlt.core.cli import main_wrapper, positive_int
+from cxrlt.core.cli import main_wrapper, nonnegative_int, positive_int
 
 
 def main(argv=None) -> int:
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", required=True, help="the cache to label (e.g. preprocess.py external's)")
     ap.add_argument("--out", required=True, help="soft-label CSV to write")
     ap.add_argument("--batch-size", type=positive_int, default=64)
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=nonnegative_int, default=0, help="data-loader processes (0: in-process)")
     ap.add_argument("--tta", default="none", help="test-time augmentation views (as predict.py)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)

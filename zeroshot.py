@@ -22,7 +22,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cxrlt.core.cli import main_wrapper
+from cxrlt.core.cli import main_wrapper, nonnegative_int, positive_int
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = ROOT / "prompts" / "task2.yaml"
@@ -47,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--embeddings", help="image-embedding cache folder (default: OUT's folder/embeddings)")
     ap.add_argument("--out", required=True, help="prediction CSV to write")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2, help="data-loader processes")
+    ap.add_argument("--batch-size", type=positive_int, default=64)
+    ap.add_argument("--workers", type=nonnegative_int, default=2, help="data-loader processes (0: in-process)")
     return ap.parse_args(argv)
 
 

@@ -313,3 +313,60 @@ def test_dataset_cxrlt2026_for_another_label_set_is_a_warning(tmp_path, capsys):
     _plan(tmp_path, "nih", NIH14)  # its own name: nothing to say
     _plan(tmp_path, "cxrlt2026", CXRLT2026_LABELS[::-1])  # the 30, in any order
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_pretrained_file_that_needs_pickled_code_is_one_line_naming_the_file(tmp_path):
+    import torch
+
+    from cxrlt.core import config
+    from cxrlt.models.model import build_model
+    from test_bad_inputs import NotAllowed
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"stem.0.weight": torch.zeros(1), "extra": NotAllowed()}, evil)
+    cfg = config.resolve([], {"model": "test_convnext", "pretrained": True, "pretrained_file": str(evil)})
+    with pytest.raises(InputError) as e:
+        build_model(cfg, 3, labels=["a", "b", "c"])
+    assert str(e.value).startswith(f"{evil}: refused to load: the pretrained_file needs pickled Python objects")
+
+
+# ---- count flags -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["zeroshot.py", "--cache", "c", "--model", "m", "--out", "o.csv", "--batch-size", "0"],
+     "argument --batch-size: expected a whole number >= 1, got 0"),
+    (["zeroshot.py", "--cache", "c", "--model", "m", "--out", "o.csv", "--workers", "-1"],
+     "argument --workers: expected a whole number >= 0, got -1"),
+    (["pseudo_label.py", "--checkpoint", "m.pt", "--cache", "c", "--out", "o.csv", "--workers", "-2"],
+     "argument --workers: expected a whole number >= 0, got -2"),
+    (["preprocess.py", "train", "--train-csv", "t.csv", "--image-dir", ".", "--out", "c", "--folds", "0"],
+     "argument --folds: expected a whole number >= 1, got 0"),
+])
+def test_count_flags_of_every_script_are_usage_errors_naming_the_flag(capsys, argv, message):
+    from conftest import run_script_inprocess
+
+    code, _, err = run_script_inprocess(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_no_script_reads_a_count_flag_as_a_bare_int():
+    """The class: a count flag parsed with type=int lets 0 or -1 reach a DataLoader as a traceback."""
+    import re
+
+    from conftest import ROOT
+
+    counts = r"--(batch-size|workers|n-boot|folds|epochs|n|n-train|n-test|max-images)"
+    bare = []
+    for f in [*ROOT.glob("*.py"), *(ROOT / "cxrlt").rglob("*.py")]:
+        if "synth" in f.parts or "tiny_clip" in f.name:
+            continue  # the demo generators: developer tools
+        for m in re.finditer(rf'add_argument\("{counts}",\s*type=int\b', f.read_text()):
+            bare.append(f"{f.relative_to(ROOT)}: {m.group(0)}")
+    assert not bare, bare
+
+
+def test_a_metadata_csv_matching_no_test_image_is_a_warning(ds, tmp_path, capsys):
+    meta = write_meta(tmp_path / "meta.csv", ds["ids"][:12], ["PA"] * 12)  # the training images only
+    build_test_cache(ds["test_csv"], ds["image_dir"], tmp_path / "c/test", SIZE, meta_csv=meta, workers=1)
+    assert "only 0 of the 3 test-list images are in the metadata CSV" in capsys.readouterr().err

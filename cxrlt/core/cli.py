@@ -65,6 +65,17 @@ def _check_parents(path: Path, flag: str) -> None:
             return
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type of a count flag where 0 means "none" (data-loader workers: 0 = in-process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count flag (a batch size, resamples, images, workers): a whole number >= 1,
     so that 0 or -3 is a usage error naming the flag instead of a traceback from deep inside."""

@@ -140,6 +140,10 @@ class Cache:
     def patient_keys(self, rows) -> np.ndarray:
         return self._column("patient", rows)
 
+    def csv_patients(self, rows) -> np.ndarray:
+        """The CSV's own PatientID column (lossy in the official files), not the exact patient key."""
+        return self._column("PatientID", rows)
+
     def projections(self, rows) -> np.ndarray:
         return self._column("projection", rows)
 

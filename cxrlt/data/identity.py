@@ -12,8 +12,11 @@ Rules (stored per image in a cache's index.csv as `study`, `patient`, `projectio
 * patient: the metadata CSV's PatientID when given and non-blank (exact), else the training
   CSV's / test list's PatientID (in the official files a lossy Excel float such as `1.90E+38`
   that joins many patients), else the ImageID (a patient of its own).
-* projection: the metadata CSV's `Projection` (PadChest: PA, AP, AP_horizontal, L, COSTAL),
-  '' when unknown (no metadata, image not in it, blank or UNK). Frontal = PA, AP, AP_horizontal.
+* projection: the metadata CSV's `Projection` in PadChest's words (PA, AP, AP_horizontal, L, COSTAL;
+  DICOM's POSTEROANTERIOR, ANTEROPOSTERIOR, LATERAL, ... are mapped to them), '' when unknown (no
+  metadata, image not in it, blank, UNK, or a word of no known vocabulary: check_projections warns,
+  or refuses a column with no known word). Frontal = PA, AP, AP_horizontal. For test images the
+  metadata gives the projection (and the centre) only (docs/rules.md).
 * centre: the hospital / dataset an image comes from (CXR-LT 2026's test list mixes PadChest and
   NIH images): the metadata CSV's `Centre` when given and non-blank (lowercased), else from the
   shape of the ImageID's file name: PadChest-shaped (above) -> `padchest`; NIH ChestX-ray14's

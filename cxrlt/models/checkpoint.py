@@ -61,10 +61,16 @@ LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, IndexErr
 def load_error(path, e: BaseException, what: str = "checkpoint") -> str:
     """The one line for a weights file torch.load refused: pickled code (weights_only=True, the one
     rule for every weights file the pipeline reads), or an unreadable file."""
-    if isinstance(e, pickle.UnpicklingError):
+    if needs_pickled_code(e):
         return (f"{path}: refused to load: the {what} needs pickled Python objects, which could run "
                 f"arbitrary code (weights_only=True). Re-save it as a plain state_dict. ({_first_line(e)})")
     return f"{path}: not a readable {what} ({_first_line(e)})"
+
+
+def needs_pickled_code(e: BaseException) -> bool:
+    """torch.load(weights_only=True) refused pickled objects (raised as is, or re-raised by a library
+    such as timm as another error naming weights_only)."""
+    return isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
 
 
 def _first_line(e: BaseException) -> str:

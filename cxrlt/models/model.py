@@ -456,6 +456,10 @@ def _create_backbone(cfg: dict, pretrained: bool) -> nn.Module:
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, AssertionError, pickle.UnpicklingError) as e:
         # a weight file for another architecture fails inside timm's key remapping or loading
         where = file or f"timm's pretrained weights for '{name}'"
+        from cxrlt.models.checkpoint import load_error, needs_pickled_code
+
+        if needs_pickled_code(e):  # the one rule for weights files (checkpoint.load_error)
+            raise InputError(load_error(where, e, "pretrained_file")) from None
         raise InputError(f"{where}: could not load pretrained weights ({str(e).splitlines()[0]})") from None
     finally:
         logger.removeHandler(catcher)

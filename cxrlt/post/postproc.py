@@ -127,8 +127,7 @@ class Context:
         keys = val_keys(cache, rows)
         patient = keys.patient
         if csv_patient:
-            patient = make_keys(keys.ids, keys.y, patient=cache.index["PatientID"].to_numpy(dtype=object)[
-                cache._lines(rows)]).patient
+            patient = make_keys(keys.ids, keys.y, patient=cache.csv_patients(rows)).patient
         return cls(patient, keys.study, np.nan_to_num(np.asarray(keys.y, dtype=np.float64)))
 
     def mean_labels(self, patient_keys, study_keys) -> tuple[np.ndarray, np.ndarray]:

@@ -250,16 +250,14 @@ def load_encoder(spec: str, weights: str | None = None, device: str = "auto") ->
 
     spec, pretrained = _resolve_spec(spec, weights)
     dev = pick_device(device)
-    import pickle
-
-    from cxrlt.models.checkpoint import load_error
+    from cxrlt.models.checkpoint import LOAD_ERRORS, load_error, needs_pickled_code
 
     try:
         model = open_clip.create_model(spec, pretrained=pretrained, device="cpu", require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(spec)
-    except pickle.UnpicklingError as e:  # the one rule for weights files: no pickled code
-        raise InputError(load_error(weights or spec.removeprefix("local-dir:"), e, "weights file")) from None
-    except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:
+    except LOAD_ERRORS as e:
+        if needs_pickled_code(e):  # the one rule for weights files: no pickled code
+            raise InputError(load_error(weights or spec.removeprefix("local-dir:"), e, "weights file")) from None
         raise InputError(_load_error(spec, weights, e)) from None
     enc = ClipEncoder(model, tokenizer, dev, spec)  # fingerprint on the CPU, before the move
     enc.model.to(dev)
