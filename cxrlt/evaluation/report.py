@@ -4,7 +4,9 @@ Outputs in the output folder (each written atomically):
 - metrics.json: mAP, mAUC, mF1 (at 0.5), mF1_tuned (at per-label thresholds), ece, ece_bins,
   group_mAP {head, medium, tail}, group_cutoffs, group_labels, per_label_AP {label: AP | null},
   per_label_AUC, skipped_labels (no positive: no AP/F1), skipped_labels_auc (one class only),
-  n_images, n_labels, frequency_source, thresholds_source, pred, labels.
+  n_images, n_labels, frequency_source, thresholds_source, pred, labels, provenance {"predictions",
+  "training": the provenance.json records (cxrlt/core/provenance.py) found beside the files; report.md
+  shows them}.
 - thresholds.json: {"thresholds": {label: float}, "source": ..., "pred": ..., "labels": ...};
   `evaluate.py --thresholds` applies such a file instead of tuning.
 - per_label.csv: label, group, train_count, train_fraction, positives, AP, AUC, F1, F1_tuned,
@@ -260,7 +262,33 @@ def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) ->
         lines.append(f"| {r.label} | {r.group} | {int(r.train_count)} | {int(r.positives)} | {_fmt(r.AP)} | "
                      f"{_fmt(r.AUC)} | {_fmt(r.F1)} | {_fmt(r.F1_tuned)} | {_fmt(r.threshold, 3)} |")
     lines += [""] + [f"![{Path(x).stem}]({Path(x).name})" for x in plots]
+    lines += provenance_lines(summary.get("provenance") or {})
     return "\n".join(lines) + "\n"
+
+
+def provenance_of(pred_path, train_log=None) -> dict:
+    """{what: provenance record} of the files scored: the predictions (`<pred>.provenance.json`,
+    written by predict.py) and the training run (provenance.json beside --train-log); a file
+    without one is left out (an older run, or a CSV from elsewhere)."""
+    from cxrlt.core import provenance
+
+    found = {"predictions": provenance.read(provenance.beside(pred_path))}
+    if train_log:
+        found["training"] = provenance.read(Path(train_log).parent / "provenance.json")
+    return {k: v for k, v in found.items() if v}
+
+
+def provenance_lines(prov: dict) -> list[str]:
+    """report.md's "Provenance" section: one line per record, then its command line."""
+    from cxrlt.core import provenance
+
+    if not prov:
+        return ["", "## Provenance", "", "No provenance record beside the predictions (written by predict.py "
+                "since provenance.json exists): code and packages unknown."]
+    lines = ["", "## Provenance", ""]
+    for what, p in prov.items():
+        lines += [f"- {what}: {provenance.summary(p)}, {p.get('time')}", f"  `{p.get('command')}`"]
+    return lines
 
 
 # ---- plots (matplotlib Agg, imported lazily so the metrics need no display) --------------------------
@@ -365,6 +393,7 @@ def evaluate(pred_path, labels_path, out_dir, index_path=None, train_log=None, t
     summary.update(uncertainty(data, per_label["group"].to_numpy(), other, compare_path, n_boot))
     summary.update(pred=str(pred_path), labels=str(labels_path),
                    thresholds_source=str(thresholds_path) if thresholds_path else "tuned on these labels (max F1 per label)")
+    summary["provenance"] = provenance_of(pred_path, train_log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = [out / "ap_vs_frequency.png", out / "pr_curves_rarest.png"]

@@ -54,6 +54,8 @@ Run folder (--out) and its keys (see DESIGN "Run folder keys"):
              and patience left out, so they can be raised), combined with the content key of
              init_checkpoint when one is set; data_key = the training cache's content key;
              tag = 8 hex of both.
+  provenance.json  the code (git commit, dirty), packages, GPUs, host and command line of the
+             latest start that trained (earlier starts under "earlier"; cxrlt/core/provenance.py).
   A start on a folder that holds a run (last.pt) needs resume=True (train.py --resume), then:
   - same keys: continue from last.pt. A finished run (epochs reached, or stopped by patience)
     whose epochs/patience were raised continues to the new end (the LR schedule follows the new
@@ -91,6 +93,7 @@ import yaml
 from tqdm import tqdm
 
 from cxrlt.core import config as config_mod
+from cxrlt.core import provenance
 from cxrlt.training import distributed as D
 from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
 from cxrlt.training.device import autocast_ctx, enable_cuda_fast_paths, optimizer_kwargs
@@ -727,6 +730,8 @@ class Trainer:
         chance = float(prev[np.nansum(self.y_val, 0) > 0].mean()) if len(self.y_val) else float("nan")
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
         so = self.sets["select_on"]
+        if self.dist.is_main:  # what code, packages and machine train this (an earlier start's kept in "earlier")
+            provenance.write(self.out / "provenance.json")
         tracker = tracking.start(self.out, cfg, self.dist.is_main)
         for epoch in range(self.start_epoch, cfg["epochs"]):
             if self.ema is not None and cfg["head_warmup_lr"] > 0 and epoch == cfg["head_warmup_epochs"] > 0:
