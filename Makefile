@@ -50,6 +50,8 @@ VARIABLES := DATASET DATA_DIR TRAIN_CSV IMAGE_DIR TEST_CSV REMOVAL_CSV META_CSV 
 	NODE_RANK MASTER_ADDR MASTER_PORT CACHE_ROOT RUNS_ROOT SUB_DIR STATE PYTHON
 
 # ---- derived ---------------------------------------------------------------------------------
+# every variable's value, for NAME.json (ensemble.py --make-var)
+MAKE_VARS = $(foreach v,$(VARIABLES),--make-var '$(v)=$(subst ','\'',$($(v)))')
 VENV := .venv
 PY   ?= $(VENV)/bin/python
 SUB  := $(SUB_DIR)/$(NAME)
@@ -240,7 +242,7 @@ $(SUB).csv: $(STATE)/submissions/$(NAME).stamp $(call runs_of,pred_test.csv) $(c
 		$(call runs_of,eval/metrics.json)
 	$(PY) ensemble.py combine --method $(ENSEMBLE) --test $(call runs_of,pred_test.csv) \
 		--val $(call runs_of,pred_val.csv) --val-labels $(C_$(FIRST))/train/index.csv $(ENSEMBLE_SELECT) \
-		--test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt --out $@ --zip $(SUB).zip
+		--test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt --out $@ --zip $(SUB).zip $(MAKE_VARS)
 
 $(SUB).score.json: $(SUB).csv $(STATE)/stamps/$(NAME)_score.stamp
 	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(C_$(FIRST))/train/index.csv

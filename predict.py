@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     df.insert(0, "ImageID", keys.ids)
     write_csv(args.out, df, float_format="%.6f")
     provenance.write(provenance.beside(args.out))
+    config.save(cfg, f"{args.out}.config.yaml")  # the resolved config these predictions used (NAME.json, the zip)
     record_inputs(args.out, inputs)
     print(f"wrote {args.out}: {len(df)} images x {len(labels)} labels in {time.time() - t0:.1f}s")
     return 0
