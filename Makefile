@@ -78,7 +78,7 @@ DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 	IMG_SIZE=64 CONFIGS="configs/demo.yaml configs/demo_db_cas.yaml" NAME=demo POSTPROC=auto ENSEMBLE=greedy
 
 .PHONY: help all demo demo-data test test-fast bench preprocess train crt predict evaluate submission \
-	clean-demo clean show-plan venv FORCE
+	clean-demo clean show-plan venv runs FORCE
 
 help: ## show this help
 	@echo "CXR-LT 2026 pipeline. Usage: make <target> [VAR=value ...]"
@@ -117,6 +117,9 @@ test-fast: $(VENV)/.installed ## the test suite without the slow tests (a develo
 bench: $(VENV)/.installed ## run the benchmarks, print a table, write bench/results.md
 	$(VENV)/bin/python bench/run_all.py
 
+runs: | $(VENV)/.installed ## one table of every run (moved-aside ones too) and submission: epochs, keys, full / proxy / honest val mAP, test mAP
+	@$(PY) -m cxrlt.pipeline.runs --runs-root $(RUNS_ROOT) --sub-dir $(SUB_DIR)
+
 clean-demo: ## delete the demo dataset, its caches, runs and submission
 	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(STATE)/demo_*
 
@@ -133,7 +136,7 @@ show-plan: ## print the variables and stage rules the plan generates for the cur
 	@:
 
 # ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
-NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
+NO_PLAN_GOALS := help venv runs demo demo-data demo-study test test-fast bench clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
 ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
 include $(STATE)/vars.mk
 endif

@@ -61,9 +61,10 @@ Run folder (--out) and its keys (see DESIGN "Run folder keys"):
     whose epochs/patience were raised continues to the new end (the LR schedule follows the new
     epoch count) and rewrites model.pt; a finished run not extended is "up to date": model.pt
     is touched (so that Make settles) and nothing is built.
-  - other keys: the folder is moved aside to `<out>@<its tag>` (said in the log); when
-    `<out>@<tag of the new keys>` exists (an earlier run with exactly these keys) it is moved
-    back and continued, else training starts afresh.
+  - other keys: the folder is moved aside to `<out>@<its tag>` (said in the log, with the train
+    keys that changed: `lr 0.001 -> 0.002`); when `<out>@<tag of the new keys>` exists (an
+    earlier run with exactly these keys), or else any `<other>@<that tag>` beside it (moved aside
+    under another config's name), it is moved back and continued, else training starts afresh.
   A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
 
 World size: last.pt and run.json record the world size W and the global batch
@@ -259,6 +260,34 @@ def aside_path(out: Path, tag: str) -> Path:
     return out.with_name(f"{out.name}@{tag}")
 
 
+def changed_keys(old_config, cfg: dict, data_changed: bool = False) -> str:
+    """'lr 0.001 -> 0.002, loss bce -> ldam': the train keys in which the run of old_config (its
+    config.yaml) differs from cfg; 'the training data' when the cache's key differs."""
+    try:
+        old = {**config_mod.DEFAULTS, **config_mod.load_yaml(old_config)}
+    except Exception:  # no or unreadable config.yaml: the keys cannot be compared
+        old = None
+    parts = []
+    if old is not None:
+        a, b = config_mod.train_part(old), config_mod.train_part({**config_mod.DEFAULTS, **cfg})
+        parts = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+                 if a.get(k) != b.get(k) and k not in config_mod.EXTENDABLE_KEYS]
+    if data_changed:
+        parts.append("the training data (cache key)")
+    return ", ".join(parts) or ("unknown (no config.yaml)" if old is None else "init_checkpoint or pseudo-label contents")
+
+
+def earlier_run(out: Path, tag: str) -> Path | None:
+    """A moved-aside run with these keys that `out` can take over: `<out>@<tag>`, else any
+    `<other>@<tag>` beside it (a run moved aside under another config's name, e.g. a study variant
+    whose keys equal a run `make all` trained earlier). Its run.json must hold the same tag."""
+    own = aside_path(out, tag)
+    for cand in [own] + sorted(p for p in out.parent.glob(f"*@{tag}") if p != own):
+        if cand.is_dir() and (cand / "last.pt").exists() and (read_run_json(cand) or {"tag": tag}).get("tag") == tag:
+            return cand
+    return None
+
+
 def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume: bool) -> list[str]:
     """Make `out` hold the run of `keys` (module doc: same keys kept, other keys moved aside,
     an earlier run with these keys restored). Rank 0 only. Returns what was done, for the log."""
@@ -280,12 +309,14 @@ def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume
         if aside.exists():
             raise InputError(f"{out}: its run (other config or data) should move to {aside}, which already "
                              f"exists; move one of them away")
+        changed = changed_keys(out / "config.yaml", cfg, state["data_key"] != keys["data_key"])
         os.replace(out, aside)
-        said.append(f"the run in {out} was trained with another config or data: moved it to {aside}")
+        said.append(f"the run in {out} was trained with another config or data: moved it to {aside} "
+                    f"(changed: {changed})")
         has_run = False
     if not has_run:
-        earlier = aside_path(out, keys["tag"])
-        if earlier.is_dir() and (earlier / "last.pt").exists():
+        earlier = earlier_run(out, keys["tag"])
+        if earlier is not None:
             if out.exists():
                 shutil.rmtree(out)  # no last.pt: a start killed before its first epoch, nothing to keep
             os.replace(earlier, out)
