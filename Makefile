@@ -120,8 +120,9 @@ bench: $(VENV)/.installed ## run the benchmarks, print a table, write bench/resu
 runs: | $(VENV)/.installed ## one table of every run (moved-aside ones too) and submission: epochs, keys, full / proxy / honest val mAP, test mAP
 	@$(PY) -m cxrlt.pipeline.runs --runs-root $(RUNS_ROOT) --sub-dir $(SUB_DIR)
 
-clean-demo: ## delete the demo dataset, its caches, runs and submission
-	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(STATE)/demo_*
+clean-demo: ## delete the demo dataset, its caches, runs, study reports and submissions
+	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(SUB_DIR)/demo@* \
+		$(STATE)/demo_* $(REPORTS_DIR)/demo_*
 
 clean: ## delete Make's state ($(STATE)) and Python caches; never data, caches, runs or submissions
 	rm -rf $(STATE) .pytest_cache

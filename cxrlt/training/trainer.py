@@ -91,10 +91,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from tqdm import tqdm
 
 from cxrlt.core import config as config_mod
-from cxrlt.core import provenance
+from cxrlt.core import progress, provenance
 from cxrlt.training import distributed as D
 from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
 from cxrlt.training.device import autocast_ctx, enable_cuda_fast_paths, optimizer_kwargs
@@ -174,8 +173,8 @@ def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
     if warm > 0 and step < warm:
         mult = (step + 1) / warm
     else:
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        mult = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        mult = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
     if cfg["drw_epoch"] >= 0 and step + phase >= cfg["drw_epoch"] * steps_per_epoch:
         mult *= cfg["drw_lr_factor"]
     return mult
@@ -643,8 +642,8 @@ class Trainer:
         n_bad = torch.zeros((), dtype=torch.int64, device=dev)
         n_seen, t0, wait, checked = 0, time.perf_counter(), 0.0, 0
         every = max(1, cfg["nan_check_steps"])
-        bar = tqdm(total=self.batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                   disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        bar = progress.bar(total=self.batches_per_epoch, unit="batch", desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                   disable=not self.dist.is_main, leave=False)
         t_wait = time.perf_counter()
         lr = self._set_lr()
         i = -1
@@ -785,7 +784,8 @@ class Trainer:
                 if d["improved"]:
                     torch_save({**meta, "model": weights}, self.out / "best.pt")
                 append_jsonl(self.out / "metrics.jsonl", record)
-                tracker.log_metrics(epoch, record)
+                # trackers show epochs as the console does, from 1 (metrics.jsonl keeps the 0-based index)
+                tracker.log_metrics(epoch + 1, {**record, "epoch": epoch + 1, "best_epoch": self.best_epoch + 1})
                 last = {**meta, "model": weights, "train_model": self.model.state_dict(),
                         "optimizer": self.optimizer.state_dict(), "selection_keys": self.selection_keys,
                         "val_table": [_plain_row(t) for t in self.table]}
