@@ -72,6 +72,8 @@ $(call check_enum,ENSEMBLE,mean rank weighted greedy)
 $(call check_enum_list,LOGGER,none tensorboard wandb mlflow)
 
 # ---- derived ---------------------------------------------------------------------------------
+# every variable's value, for NAME.json (ensemble.py --make-var)
+MAKE_VARS = $(foreach v,$(VARIABLES),--make-var '$(v)=$(subst ','\'',$($(v)))')
 VENV := .venv
 PY   ?= $(VENV)/bin/python
 SUB  := $(SUB_DIR)/$(NAME)
@@ -98,7 +100,7 @@ DEMO_VARS := DATASET=demo DATA_DIR=$(DEMO_DIR) TRAIN_CSV=$(DEMO_DIR)/train.csv \
 	IMG_SIZE=64 CONFIGS="configs/demo.yaml configs/demo_db_cas.yaml" NAME=demo POSTPROC=auto ENSEMBLE=greedy
 
 .PHONY: help all demo demo-data test test-fast bench gpu-check preprocess train crt predict evaluate submission \
-	clean-demo clean show-plan venv FORCE
+	clean-demo clean show-plan venv runs FORCE
 
 help: ## show this help
 	@echo "CXR-LT 2026 pipeline. Usage: make <target> [VAR=value ...]"
@@ -140,8 +142,12 @@ bench: $(VENV)/.installed ## run the benchmarks, print a table, write bench/resu
 gpu-check: $(VENV)/.installed ## on one GPU, ~5 min: MFU, data wait, checkpoint stall, predict/cRT rates, 768 px memory, bf16 head (bench/gpu_check.jsonl; docs/gpu.md)
 	$(VENV)/bin/python bench/gpu_check.py --out bench/gpu_check.jsonl
 
-clean-demo: ## delete the demo dataset, its caches, runs and submission
-	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(STATE)/demo_*
+runs: | $(VENV)/.installed ## one table of every run (moved-aside ones too) and submission: epochs, keys, full / proxy / honest val mAP, test mAP
+	@$(PY) -m cxrlt.pipeline.runs --runs-root $(RUNS_ROOT) --sub-dir $(SUB_DIR)
+
+clean-demo: ## delete the demo dataset, its caches, runs, study reports and submissions
+	rm -rf $(DEMO_DIR) $(CACHE_ROOT)/demo_* $(RUNS_ROOT)/demo_* $(SUB_DIR)/demo.* $(SUB_DIR)/demo_* $(SUB_DIR)/demo@* \
+		$(STATE)/demo_* $(REPORTS_DIR)/demo_*
 
 clean: ## delete Make's state ($(STATE)) and Python caches; never data, caches, runs or submissions
 	rm -rf $(STATE) .pytest_cache
@@ -156,7 +162,7 @@ show-plan: ## print the variables and stage rules the plan generates for the cur
 	@:
 
 # ---- the plan: stamps + per-config variables (runs first, on every pipeline make) -------------
-NO_PLAN_GOALS := help venv demo demo-data demo-study test test-fast bench gpu-check clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
+NO_PLAN_GOALS := help venv runs demo demo-data demo-study test test-fast bench gpu-check clean-demo clean demo-task2 pretrain demo-pretrain-data demo-pretrain pseudo-labels
 ifneq ($(filter-out $(NO_PLAN_GOALS),$(MAKECMDGOALS)),)
 include $(STATE)/vars.mk
 endif
@@ -265,7 +271,7 @@ $(SUB).csv: $(STATE)/submissions/$(NAME).stamp $(call runs_of,pred_test.csv) $(c
 		$(call runs_of,eval/metrics.json)
 	$(PY) ensemble.py combine --method $(ENSEMBLE) --test $(call runs_of,pred_test.csv) \
 		--val $(call runs_of,pred_val.csv) --val-labels $(C_$(FIRST))/train/index.csv $(ENSEMBLE_SELECT) \
-		--test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt --out $@ --zip $(SUB).zip
+		--test-list $(TEST_CSV) --labels-file $(C_$(FIRST))/train/labels.txt --out $@ --zip $(SUB).zip $(MAKE_VARS)
 
 $(SUB).score.json: $(SUB).csv $(STATE)/stamps/$(NAME)_score.stamp
 	$(PY) evaluate.py --pred $< --labels $(TEST_LABELS) --out $(SUB)_eval --index $(C_$(FIRST))/train/index.csv

@@ -16,8 +16,11 @@ the val fold's selection set (cxrlt/evaluation/selection.py: the test-like proxy
 mAP of each model and of the ensemble is printed on the full fold, the proxy subset, and the
 honest number (selection set; the weights' gain cross-fitted: fitted on one patient half, scored
 on the other). The submission (ImageID + the inputs' label columns, rows in test-list order) is
-validated like `check` before it is written; --zip adds code/ (git-tracked files of this
-repository). The inputs' label set must be the official 30 labels in the official order, or a
+validated like `check` before it is written, with NAME.json beside it (what produced it: the
+--make-var variables, each run's keys and resolved config, the commit, the val numbers); --zip
+adds NAME.json, configs_resolved/ and code/ (git-tracked files of this repository, plus the
+untracked config files named by CONFIGS). A NAME.csv already there that was built from other
+inputs is first moved aside to NAME@<key>.* (said in one line). The inputs' label set must be the official 30 labels in the official order, or a
 set far from them (e.g. NIH's 14); a set NEARLY the official one (an extra, missing, misspelt or
 reordered label) stops, unless --labels-file gives the label set and order on purpose (the
 inputs must then hold exactly those labels, in any order). check: exits 2 with one line naming
@@ -53,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--zip", help="also write a zip with the CSV and code/")
     c.add_argument("--labels-file", help="the submission's label set and order, one label a line "
                                          "(needed for a set close to the official one but not equal)")
+    c.add_argument("--make-var", action="append", default=[], metavar="VAR=VALUE",
+                   help="a Make variable recorded in NAME.json (make passes them all; repeatable)")
     k = sub.add_parser("check", help="validate a submission CSV")
     k.add_argument("submission")
     k.add_argument("--test-list", required=True)
@@ -111,6 +116,12 @@ def combine(a) -> int:
     from cxrlt.data.tables import ID, read_id_list
 
     _check_args(a)
+    from cxrlt.evaluation import submission as S
+    from cxrlt.core.hashing import file_key
+
+    key = S.inputs_key(a.test + (a.val or []) + ([a.val_labels] if a.val_labels else []), {
+        "method": a.method, "weights": a.weights, "select": config.overrides_from_args(a),
+        "labels_file": file_key(a.labels_file) if a.labels_file else None})
     test_list = read_id_list(a.test_list)[ID].tolist()
     ids, labels, test = read_aligned(a.test)
     if set(ids) != set(test_list):
@@ -133,18 +144,46 @@ def combine(a) -> int:
         print("weights: " + ", ".join(f"{p}={w:.3f}" for p, w in zip(a.test, weights)))
     for h in info.get("greedy_history", []):
         print(f"greedy step {h['step']}: + {a.test[h['model']]}  val mAP {h['val_mAP']:.4f} ({sets['select_on']})")
+    numbers = {"models": [], "ensemble": None}
     if val is not None:
         for p, v in zip(a.val, val):  # a single model involves no choice: honest = its selection-set mAP
-            print(val_line(y_val, sets, v, ensembling.cross_fitted("mean", [v], y_val, sets), p))
+            numbers["models"].append(val_numbers(y_val, sets, v, ensembling.cross_fitted("mean", [v], y_val, sets)))
+            print(val_line(numbers["models"][-1], p))
         honest = ensembling.cross_fitted(a.method, val, y_val, sets, a.weights)
-        print(val_line(y_val, sets, ensembling.apply_same(a.method, val, weights), honest,
-                       f"ensemble ({a.method}, {len(val)} model(s))"))
+        numbers["ensemble"] = val_numbers(y_val, sets, ensembling.apply_same(a.method, val, weights), honest)
+        print(val_line(numbers["ensemble"], f"ensemble ({a.method}, {len(val)} model(s))"))
     df = pd.DataFrame(ens, index=pd.Index(ids, name="ImageID"), columns=labels)
-    n = write_outputs(df, a, labels)
+    aside = S.keep_aside(a.out, key)
+    if aside:
+        print(aside)
+    record = submission_record(a, key, weights, numbers, sets)
+    n = write_outputs(df, a, labels, record)
     print(f"wrote {a.out}: {len(test_list)} rows x {len(labels)} labels ({a.method} of {len(test)} model(s))")
+    print(f"wrote {S.record_path(a.out)}: what produced it (make variables, configs, runs, commit, val numbers)")
     if a.zip:
-        print(f"wrote {a.zip}: {n} files (submission + code/)")
+        print(f"wrote {a.zip}: {n} files (submission, {S.record_path(a.out).name}, configs_resolved/, code/)")
     return 0
+
+
+def submission_record(a, key: str, weights, numbers: dict, sets) -> dict:
+    """NAME.json (docs/formats.md): what produced the submission."""
+    import shlex
+
+    from cxrlt.core import provenance
+    from cxrlt.evaluation.submission import run_of_predictions
+
+    make = dict(v.partition("=")[::2] for v in a.make_var)
+    runs = []
+    for i, t in enumerate(a.test):
+        r = {**run_of_predictions(t), "val_predictions": a.val[i] if a.val else None,
+             "weight": None if weights is None else float(weights[i]),
+             "val": numbers["models"][i] if numbers["models"] else None}
+        runs.append(r)
+    prov = provenance.collect()
+    return {"name": Path(a.out).stem, "csv": a.out, "zip": a.zip, "inputs_key": key, "time": prov["time"],
+            "make": make, "method": a.method, "select_on": sets["select_on"] if sets else None,
+            "val": numbers["ensemble"], "runs": runs, "git": prov["git"],
+            "config_files": shlex.split(make.get("CONFIGS", "")), "provenance": prov}
 
 
 def read_val(a, labels):
@@ -168,13 +207,20 @@ def read_val(a, labels):
     return val, table.y, val_sets_from_keys(keys, labels, cfg)
 
 
-def val_line(y, sets, ens_val, honest: dict, name: str) -> str:
-    """'val mAP full X  proxy Y  honest Z  name' for one model or the ensemble."""
+def val_numbers(y, sets, ens_val, honest: dict) -> dict:
+    """{"full", "proxy", "honest"} val mAP of one model or the ensemble (None: undefined)."""
     from cxrlt.evaluation.metrics import macro_map
+    from cxrlt.evaluation.selection import json_float
 
     full = macro_map(y, ens_val)[0]
     proxy = macro_map(y[sets["proxy"]], ens_val[sets["proxy"]])[0] if len(sets["proxy"]) else float("nan")
-    return f"val mAP full {full:.4f}  proxy {proxy:.4f}  honest {honest['honest']:.4f}  {name}"
+    return {"full": json_float(full), "proxy": json_float(proxy), "honest": json_float(honest["honest"])}
+
+
+def val_line(v: dict, name: str) -> str:
+    """'val mAP full X  proxy Y  honest Z  name' of val_numbers."""
+    f = {k: "n/a" if x is None else f"{x:.4f}" for k, x in v.items()}
+    return f"val mAP full {f['full']}  proxy {f['proxy']}  honest {f['honest']}  {name}"
 
 
 def submission_order(labels: list[str], labels_file, source) -> list[int]:
@@ -197,22 +243,35 @@ def submission_order(labels: list[str], labels_file, source) -> list[int]:
     return [labels.index(x) for x in want]
 
 
-def write_outputs(df, a, labels) -> int:
-    """Write the submission CSV (validated with the `check` rules first) and the zip; -> files zipped.
+def write_outputs(df, a, labels, record: dict) -> int:
+    """Write the submission CSV (validated with the `check` rules first), NAME.json and the zip;
+    -> files zipped.
 
     The CSV is make's target, so it is renamed into place last: a run killed while zipping leaves
     no CSV, and the next `make` redoes both instead of keeping a submission without its zip."""
-    from cxrlt.evaluation.submission import write_submission, write_zip
+    import json
 
+    import yaml
+
+    from cxrlt.core.fileio import write_text
+    from cxrlt.evaluation.submission import record_path, write_submission, write_zip
+
+    text = json.dumps(record, indent=1, default=str) + "\n"
     if not a.zip:
         write_submission(df, a.out, a.test_list, labels)
+        write_text(record_path(a.out), text)
         return 0
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    texts = {record_path(out).name: text}
+    for r in record["runs"]:  # resolved configs, named after their run folders
+        if r["config"] is not None:
+            texts[f"configs_resolved/{Path(r['run']).name}.yaml"] = yaml.safe_dump(r["config"], sort_keys=False)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as d:
         staged = Path(d) / out.name  # the zip stores the CSV under its final name
         write_submission(df, staged, a.test_list, labels)
-        n = write_zip(staged, a.zip, Path(__file__).resolve().parent)
+        n = write_zip(staged, a.zip, Path(__file__).resolve().parent, texts, also=record["config_files"])
+        write_text(record_path(out), text)
         os.replace(staged, out)
     return n
 

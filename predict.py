@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     from cxrlt.data.dataset import CacheDataset, make_loader
     from cxrlt.training.device import pick_device
     from cxrlt.core.errors import InputError
+    from cxrlt.core import provenance
     from cxrlt.core.fileio import write_csv, write_json
     from cxrlt.pipeline import stage_inputs
     from cxrlt.pipeline.fingerprints import file_key, inputs_match, record_inputs, touch
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     df = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=labels)
     df.insert(0, "ImageID", keys.ids)
     write_csv(args.out, df, float_format="%.6f")
+    provenance.write(provenance.beside(args.out))
+    config.save(cfg, f"{args.out}.config.yaml")  # the resolved config these predictions used (NAME.json, the zip)
     record_inputs(args.out, inputs)
     print(f"wrote {args.out}: {len(df)} images x {len(labels)} labels in {time.time() - t0:.1f}s")
     return 0

@@ -37,7 +37,7 @@ $(ZS_PRED): $(ZS_STAMP) $(ZS_WEIGHTS) \
 
 $(SUB2).csv: $(ZS_PRED)
 	$(PY) ensemble.py combine --method mean --test $< --test-list $(TEST_CSV) --labels-file $(TASK2_LABEL_SET) \
-		--out $@ --zip $(SUB2).zip
+		--out $@ --zip $(SUB2).zip $(MAKE_VARS)
 
 $(SUB2).score.json: $(SUB2).csv $(STATE)/stamps/$(NAME)_task2_score.stamp
 	$(PY) evaluate.py --pred $< --labels $(TASK2_LABELS) --out $(SUB2)_eval

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from cxrlt.core import progress
 
 from cxrlt.data import decode_worker
 from cxrlt.data import external
@@ -689,7 +689,7 @@ def _pixel_sources(stores: list[_Store], files: _Files, need: np.ndarray) -> tup
         same_size = pd.concat([st.sources[st.sources["key"] > 0][["ImageID", "bytes"]] for st in stores])
         probe = pd.DataFrame({"line": left, "ImageID": files.ids[left], "bytes": files.size[left]})
         to_hash = np.unique(probe.merge(same_size, on=["ImageID", "bytes"])["line"].to_numpy())
-        for i in tqdm(to_hash, unit="img", desc="hash moved files", dynamic_ncols=True, disable=len(to_hash) < 100):
+        for i in progress.bar(to_hash, unit="img", desc="hash moved files", disable=len(to_hash) < 100):
             try:
                 files.keys[i] = int(file_digest(files.paths[i]), 16)  # = the worker's bytes_key
             except OSError:
@@ -704,7 +704,7 @@ def _copy_pixels(partial: Path, done: np.ndarray, keys: np.ndarray, stores: list
     if not len(lines):
         return 0
     images = np.load(partial / "images.npy", mmap_mode="r+")
-    with tqdm(total=len(lines), unit="img", desc="reuse", dynamic_ncols=True) as bar:
+    with progress.bar(total=len(lines), unit="img", desc="reuse") as bar:
         for k, store in enumerate(stores):
             mine = lines[src_store[lines] == k]
             mine = mine[np.argsort(src_row[mine], kind="stable")]  # read the source in order
@@ -878,7 +878,7 @@ def _decode_all(partial: Path, tasks, done, table: _Table, files: _Files, pixels
     pool = DecodePool(partial / "images.npy", pixels, tasks, workers)
     stream = pool.results()
     finished = False
-    with tqdm(total=len(tasks), unit="img", desc="preprocess", dynamic_ncols=True) as bar:
+    with progress.bar(total=len(tasks), unit="img", desc="preprocess") as bar:
         try:
             for row, reason, key in stream:
                 if key:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
-from tqdm import tqdm
+from cxrlt.core import progress
 
 from cxrlt.core.config import ENSEMBLE_METHODS
 from cxrlt.evaluation.metrics import average_precision_per_label, macro_mean, score
@@ -92,7 +92,7 @@ def fit_weights(val_preds, y_val, grid_step: float = 0.1, max_passes: int = 10) 
         return w
     best = _score(y_val, np.tensordot(w, stack, axes=1))
     grid = np.round(np.arange(0.0, 1.0 + grid_step / 2, grid_step), 10)
-    for _ in tqdm(range(max_passes), desc="fit weights", unit="pass", leave=False):
+    for _ in progress.bar(range(max_passes), desc="fit weights", unit="pass", leave=False):
         improved = False
         for i in range(m):
             for v in grid:
@@ -122,7 +122,7 @@ def greedy_selection(val_preds, y_val, max_steps: int = 25) -> tuple[np.ndarray,
     counts = np.zeros(len(stack), dtype=np.int64)
     total = np.zeros_like(stack[0])
     best, history = -np.inf, []
-    for step in tqdm(range(max_steps), desc="greedy selection", unit="step", leave=False):
+    for step in progress.bar(range(max_steps), desc="greedy selection", unit="step", leave=False):
         n = counts.sum() + 1
         scores = [_score(y_val, (total + stack[i]) / n) for i in range(len(stack))]
         i = int(np.argmax(scores))  # ties -> the earliest model

@@ -4,7 +4,9 @@ Outputs in the output folder (each written atomically):
 - metrics.json: mAP, mAUC, mF1 (at 0.5), mF1_tuned (at per-label thresholds), ece, ece_bins,
   group_mAP {head, medium, tail}, group_cutoffs, group_labels, per_label_AP {label: AP | null},
   per_label_AUC, skipped_labels (no positive: no AP/F1), skipped_labels_auc (one class only),
-  n_images, n_labels, frequency_source, thresholds_source, pred, labels.
+  n_images, n_labels, frequency_source, thresholds_source, pred, labels, provenance {"predictions",
+  "training": the provenance.json records (cxrlt/core/provenance.py) found beside the files; report.md
+  shows them}.
 - thresholds.json: {"thresholds": {label: float}, "source": ..., "pred": ..., "labels": ...};
   `evaluate.py --thresholds` applies such a file instead of tuning.
 - per_label.csv: label, group, train_count, train_fraction, positives, AP, AUC, F1, F1_tuned,
@@ -197,23 +199,34 @@ def _fmt(v, digits=4) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def count_cutoffs(cutoffs: dict) -> tuple[int, int]:
+    """(head: at least H images, tail: at most T images): the whole training counts the fraction
+    rules of metrics.frequency_groups put in head and in tail (a count c is tail when
+    c / n < tail_max_fraction)."""
+    n = max(int(cutoffs["n_train_images"]), 1)
+    grp = M.frequency_groups(np.arange(n + 1), n, cutoffs["head_min_fraction"], cutoffs["tail_max_fraction"])
+    head = next((c for c, g in enumerate(grp) if g == "head"), n + 1)
+    tail = max((c for c, g in enumerate(grp) if g == "tail"), default=-1)
+    return head, tail
+
+
+def group_rule(cutoffs: dict) -> str:
+    """'head >= 5.0% (>= 70 images), tail < 0.5% (<= 6 images) of 1400 training images'."""
+    head, tail = count_cutoffs(cutoffs)
+    return (f"head >= {cutoffs['head_min_fraction']:.1%} (>= {head} images), tail < "
+            f"{cutoffs['tail_max_fraction']:.1%} (<= {tail} images) of {cutoffs['n_train_images']} training images")
+
+
 def console_table(summary: dict, per_label: pd.DataFrame) -> str:
-    """A plain-text per-label table followed by the summary lines."""
-    w = max(len(x) for x in per_label["label"]) + 2
-    lines = [f"{'label':<{w}}{'group':<8}{'train':>8}{'pos':>7}{'AP':>8}{'AUC':>8}{'F1':>8}{'F1thr':>8}{'thr':>8}"]
-    for r in per_label.itertuples(index=False):
-        lines.append(f"{r.label:<{w}}{r.group:<8}{int(r.train_count):>8}{int(r.positives):>7}"
-                     f"{_fmt(r.AP):>8}{_fmt(r.AUC):>8}{_fmt(r.F1):>8}{_fmt(r.F1_tuned):>8}{_fmt(r.threshold, 3):>8}")
+    """The summary lines (the per-label table is report.md's alone: one place to read it)."""
     g = summary["group_mAP"]
-    lines += [
-        "",
+    lines = [
         f"images {summary['n_images']}  labels {summary['n_labels']}  "
         f"(skipped for mAP, no positive: {', '.join(summary['skipped_labels']) or 'none'})",
         f"mAP {_fmt(summary['mAP'])}  mAUC {_fmt(summary['mAUC'])}  mF1@0.5 {_fmt(summary['mF1'])}  "
         f"mF1@thr {_fmt(summary['mF1_tuned'])}  ECE {_fmt(summary['ece'])}",
         f"group mAP: head {_fmt(g['head'])}  medium {_fmt(g['medium'])}  tail {_fmt(g['tail'])}  "
-        f"(head >= {M.HEAD_MIN_FRACTION:.1%}, tail < {M.TAIL_MAX_FRACTION:.1%} of "
-        f"{summary['group_cutoffs']['n_train_images']} training images; {summary['frequency_source']})",
+        f"({group_rule(summary['group_cutoffs'])}; {summary['frequency_source']})",
     ] + uncertainty_lines(summary)
     return "\n".join(lines)
 
@@ -269,9 +282,7 @@ def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) ->
         f"| ECE ({summary['ece_bins']} equal-width bins, all image-label pairs) | {_fmt(summary['ece'])} |",
         f"| mAP head / medium / tail | {_fmt(g['head'])} / {_fmt(g['medium'])} / {_fmt(g['tail'])} |",
         "",
-        f"Groups by training frequency over {c['n_train_images']} training images: head >= "
-        f"{c['head_min_fraction']:.1%} (>= {c['head_min_count']:.0f} images), tail < "
-        f"{c['tail_max_fraction']:.1%} (< {c['tail_max_count']:.0f} images), medium in between.",
+        f"Groups by training frequency: {group_rule(c)}, medium in between.",
         "",
         f"Labels without a positive here (no AP/F1, left out of the means): "
         f"{', '.join(summary['skipped_labels']) or 'none'}.", "",
@@ -283,7 +294,33 @@ def markdown_report(summary: dict, per_label: pd.DataFrame, plots: list[str]) ->
         lines.append(f"| {r.label} | {r.group} | {int(r.train_count)} | {int(r.positives)} | {_fmt(r.AP)} | "
                      f"{_fmt(r.AUC)} | {_fmt(r.F1)} | {_fmt(r.F1_tuned)} | {_fmt(r.threshold, 3)} |")
     lines += [""] + [f"![{Path(x).stem}]({Path(x).name})" for x in plots]
+    lines += provenance_lines(summary.get("provenance") or {})
     return "\n".join(lines) + "\n"
+
+
+def provenance_of(pred_path, train_log=None) -> dict:
+    """{what: provenance record} of the files scored: the predictions (`<pred>.provenance.json`,
+    written by predict.py) and the training run (provenance.json beside --train-log); a file
+    without one is left out (an older run, or a CSV from elsewhere)."""
+    from cxrlt.core import provenance
+
+    found = {"predictions": provenance.read(provenance.beside(pred_path))}
+    if train_log:
+        found["training"] = provenance.read(Path(train_log).parent / "provenance.json")
+    return {k: v for k, v in found.items() if v}
+
+
+def provenance_lines(prov: dict) -> list[str]:
+    """report.md's "Provenance" section: one line per record, then its command line."""
+    from cxrlt.core import provenance
+
+    if not prov:
+        return ["", "## Provenance", "", "No provenance record beside the predictions (written by predict.py "
+                "since provenance.json exists): code and packages unknown."]
+    lines = ["", "## Provenance", ""]
+    for what, p in prov.items():
+        lines += [f"- {what}: {provenance.summary(p)}, {p.get('time')}", f"  `{p.get('command')}`"]
+    return lines
 
 
 # ---- plots (matplotlib Agg, imported lazily so the metrics need no display) --------------------------
@@ -333,6 +370,7 @@ def plot_pr_rarest(data: EvalData, per_label: pd.DataFrame, path, n: int = N_RAR
     if not idx:
         axes[0, 0].text(0.5, 0.5, "no label has a positive", ha="center")
     fig.suptitle("Precision-recall curves of the rarest labels")
+    fig.tight_layout(h_pad=1.5)  # axis labels clear of the next row's titles
     save_figure(fig, path)
 
 
@@ -346,7 +384,8 @@ def plot_training_curves(records: list[dict], path) -> None:
               ("learning rate", ["lr"])]
     for ax, (title, keys) in zip(axes, panels):
         for k in keys:
-            pts = [(r["epoch"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "epoch" in r]
+            # metrics.jsonl counts epochs from 0 (an index); what is shown counts from 1, as the console does
+            pts = [(r["epoch"] + 1, r[k]) for r in records if isinstance(r.get(k), (int, float)) and "epoch" in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=k)
         ax.set_title(title)
@@ -373,6 +412,7 @@ def evaluate(pred_path, labels_path, out_dir, index_path=None, train_log=None, t
     summary.update(uncertainty(data, per_label["group"].to_numpy(), other, compare_path, n_boot))
     summary.update(pred=str(pred_path), labels=str(labels_path),
                    thresholds_source=str(thresholds_path) if thresholds_path else "tuned on these labels (max F1 per label)")
+    summary["provenance"] = provenance_of(pred_path, train_log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = [out / "ap_vs_frequency.png", out / "pr_curves_rarest.png"]
@@ -390,6 +430,7 @@ def evaluate(pred_path, labels_path, out_dir, index_path=None, train_log=None, t
     summary = _nan_to_none(summary)
     write_json(out / "metrics.json", summary)  # last: its presence marks a finished evaluation
     print(console_table(summary, per_label))
+    print(f"per-label table: {out / 'report.md'}")
     return summary
 
 

@@ -2,7 +2,11 @@
 
 A submission is a prediction CSV (format in cxrlt.data.tables) with the header exactly
 `ImageID,<labels>` in the required label order and one row per ImageID of the test list, in
-test-list order. The zip holds the CSV at its top and the project's source under code/.
+test-list order. The zip holds the CSV and NAME.json at its top, the resolved configs under
+configs_resolved/ and the project's source under code/ (git-tracked files, plus the config files
+the submission named when they are untracked). NAME.json (docs/formats.md) says what produced the
+submission; a submission built from other inputs than the NAME.csv already there moves that one
+aside to NAME@<its key>.* first (keep_aside).
 """
 
 from __future__ import annotations
@@ -66,12 +70,106 @@ def source_files(root) -> list[str]:
     return sorted(out)
 
 
-def write_zip(csv_path, zip_path, code_root) -> int:
-    """Zip the submission CSV (at the top) and code_root's source under code/; returns file count."""
+def write_zip(csv_path, zip_path, code_root, texts: dict | None = None, also=()) -> int:
+    """Zip the submission CSV (at the top) and code_root's source under code/; returns file count.
+
+    texts {arcname: text} are stored as given (NAME.json, the resolved configs); also: files of
+    code_root that are not in its source list (an untracked config the run used) added under code/."""
     files = source_files(code_root)
+    root = Path(code_root).resolve()
+    for f in also:
+        try:
+            rel = str(Path(f).resolve().relative_to(root))
+        except ValueError:
+            continue  # outside the project: its resolved copy is in the zip already
+        if Path(f).is_file() and rel not in files:
+            files.append(rel)
+    texts = texts or {}
     with atomic_path(zip_path, suffix=".zip") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.write(csv_path, arcname=Path(csv_path).name)
+            for name, text in texts.items():
+                z.writestr(name, text)
             for f in files:
                 z.write(Path(code_root) / f, arcname=f"code/{f}")
-    return len(files) + 1
+    return len(files) + len(texts) + 1
+
+
+# ---- NAME.json: what produced a submission -------------------------------------------------------
+# The files of one submission NAME, beside NAME.csv (NAME_eval is a folder).
+FAMILY = (".csv", ".zip", ".json", ".score.json", "_eval")
+
+
+def record_path(csv_path) -> Path:
+    """NAME.json beside NAME.csv."""
+    return Path(csv_path).with_suffix(".json")
+
+
+def run_of_predictions(pred_path) -> dict:
+    """What a prediction CSV came from: its run folder, the backbone run (the run itself, or the run
+    whose head a cRT-only config re-trained: crt/summary.json's source), its run.json keys
+    (train_key, data_key, tag) and the resolved config predict.py used (`<csv>.config.yaml`)."""
+    import json
+
+    from cxrlt.core import config
+
+    pred = Path(pred_path)
+    run = pred.parent
+    backbone = run
+    try:
+        source = json.loads((run / "crt" / "summary.json").read_text(encoding="utf-8")).get("source")
+        if source:
+            backbone = Path(source).parent
+    except (OSError, ValueError):
+        pass
+    try:
+        keys = json.loads((backbone / "run.json").read_text(encoding="utf-8"))
+        keys = {k: keys.get(k) for k in ("train_key", "data_key", "tag", "epochs_done", "best_epoch")}
+    except (OSError, ValueError):
+        keys = {"train_key": None, "data_key": None, "tag": None}
+    cfg_file = Path(f"{pred}.config.yaml")
+    cfg = config.load_yaml(cfg_file) if cfg_file.is_file() else None
+    return {"predictions": str(pred), "run": str(run), "backbone_run": str(backbone), **keys,
+            "config_file": str(cfg_file) if cfg is not None else None, "config": cfg}
+
+
+def inputs_key(files: list, extra: dict) -> str:
+    """16 hex of what a submission is built from: the content of its prediction files and the
+    ensemble's settings (extra). Equal keys: the same submission, rebuilt."""
+    from cxrlt.core.hashing import file_key, json_key
+
+    return json_key({"files": [file_key(f) for f in files], **extra})
+
+
+def keep_aside(csv_path, new_key: str) -> str | None:
+    """Before NAME.csv is replaced by a submission built from other inputs (NAME.json's inputs_key
+    differs, or there is a NAME.csv without NAME.json): move NAME.csv/.zip/.json/.score.json/_eval to
+    NAME@<old key>.* and return the one line that says so; None when nothing was there or the
+    inputs are the same."""
+    import json
+
+    from cxrlt.core.hashing import file_key
+
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        return None
+    try:
+        old = json.loads(record_path(csv_path).read_text(encoding="utf-8")).get("inputs_key")
+    except (OSError, ValueError):
+        old = None
+    if old == new_key:
+        return None
+    tag = (old or file_key(csv_path))[:8]
+    stem = csv_path.with_suffix("")
+    aside = Path(f"{stem}@{tag}")
+    if Path(f"{aside}.csv").exists():
+        raise InputError(f"{csv_path}: was built from other inputs and should move aside to {aside}.csv, which "
+                         f"already exists; move one of them away (or choose another NAME)")
+    moved = []
+    for ext in FAMILY:
+        src = Path(f"{stem}{ext}")
+        if src.exists():
+            os.replace(src, f"{aside}{ext}")
+            moved.append(ext)
+    return (f"{csv_path}: the submission there was built from other inputs; kept it aside as "
+            f"{aside}{{{','.join(moved)}}}")

@@ -73,12 +73,11 @@ def forward_batches(model, loader, fn, device, amp: bool = False, progress: bool
     """The loop of batched_forward, one batch at a time: yields (rows (b,) int64, fn's output on
     `device` as float32) for every batch, computed without gradients (and under autocast when amp),
     for a consumer that writes each batch away (cRT's feature files) or trains on it at once."""
-    from tqdm import tqdm
-
+    from cxrlt.core import progress as P
     from cxrlt.training.device import autocast_ctx
 
     model.eval()
-    for x, _, r in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for x, _, r in P.bar(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         with torch.no_grad(), autocast_ctx(device, amp):
             y = fn(x.to(device, non_blocking=True))
         yield np.asarray(r, dtype=np.int64), y.float()

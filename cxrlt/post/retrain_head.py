@@ -569,6 +569,8 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
             touch(target)
             log(f"{target}: up to date (same weights, cache and crt_* keys)")
             return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        from cxrlt.core import provenance
+        provenance.write(out / "provenance.json")
         if method == "none":
             return _keep_head(src, ck, out, cfg, stage_inputs, log)
         del ck

@@ -485,7 +485,24 @@ def _cell(row, key: str, sd_key: str, low=None, high=None) -> str:
     return s
 
 
-def markdown_table(manifest: dict, table, n_boot: int) -> str:
+def provenance_footnote(where: dict) -> list[str]:
+    """table.md's footnote: the distinct provenance lines (cxrlt/core/provenance.py) of the runs'
+    trainings (RUN/provenance.json) and predictions (pred_val.csv.provenance.json), each with the
+    runs it covers; where = {stem: (run folder, cache folder)}."""
+    from cxrlt.core import provenance
+
+    seen: dict[str, list[str]] = {}
+    for stem, (run_dir, _) in sorted(where.items()):
+        for what, path in (("training", Path(run_dir) / "provenance.json"),
+                           ("predictions", provenance.beside(Path(run_dir) / "pred_val.csv"))):
+            rec = provenance.read(path)
+            line = f"{what}: {provenance.summary(rec)}" if rec else f"{what}: unknown (no {path.name})"
+            seen.setdefault(line, []).append(stem)
+    n = len(where)
+    return [f"- {line} ({'all runs' if len(stems) == n else ', '.join(stems)})" for line, stems in seen.items()]
+
+
+def markdown_table(manifest: dict, table, n_boot: int, footnote: list[str] | None = None) -> str:
     seeds = manifest.get("seeds")
     folds = manifest.get("folds")
     first = table.iloc[0]
@@ -521,6 +538,8 @@ def markdown_table(manifest: dict, table, n_boot: int) -> str:
     lines += centre_table(table)
     lines += ["", "![mAP per variant](map.png)", "", "![head / medium / tail](groups.png)", "",
               "![per-label AP](per_label_ap.png)", ""]
+    if footnote:
+        lines += ["Provenance (code, packages, machine; docs/formats.md \"provenance.json\"):", "", *footnote, ""]
     return "\n".join(lines)
 
 
@@ -623,7 +642,7 @@ def plot_heatmap(per_label, variants: list[str], path) -> None:
     save_figure(fig, path)
 
 
-def write_report(manifest: dict, table, per_label, out_dir, n_boot: int) -> None:
+def write_report(manifest: dict, table, per_label, out_dir, n_boot: int, footnote: list[str] | None = None) -> None:
     from cxrlt.core.fileio import write_csv, write_text
 
     out = Path(out_dir)
@@ -634,7 +653,7 @@ def write_report(manifest: dict, table, per_label, out_dir, n_boot: int) -> None
     plot_heatmap(per_label, list(table["variant"]), out / "per_label_ap.png")
     write_csv(out / "table.csv", table, float_format="%.6g", index=False)
     # table.md is Make's target: written last, so its presence means the report is complete
-    write_text(out / "table.md", markdown_table(manifest, table, n_boot))
+    write_text(out / "table.md", markdown_table(manifest, table, n_boot, footnote))
 
 
 def report(manifest_path, runs: list[tuple[str, str, str]], out_dir, n_boot: int | None = None) -> dict:
@@ -664,7 +683,7 @@ def report(manifest_path, runs: list[tuple[str, str, str]], out_dir, n_boot: int
         return {"up_to_date": True}
     results = {r["stem"]: load_run(r["stem"], r, *where[r["stem"]]) for r in manifest["runs"]}
     table, per_label = compare(manifest, results, n_boot)
-    write_report(manifest, table, per_label, out_dir, n_boot)
+    write_report(manifest, table, per_label, out_dir, n_boot, provenance_footnote(where))
     record_inputs(target, inputs)
     print(markdown_table(manifest, table, n_boot).split("\n\n![")[0])
     return {"table": table, "per_label": per_label}

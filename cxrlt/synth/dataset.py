@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from cxrlt.core import progress as P
 
 from cxrlt.core.errors import InputError
 from cxrlt.core.labels import CXRLT2026_LABELS, read_labels_file
@@ -193,7 +193,7 @@ def generate(out_dir, n_train: int = 1500, n_test: int = 300, seed: int = 0,
 
 def _render_all(jobs: list[dict], workers: int, progress: bool) -> list[tuple]:
     """Write every image; -> all their boxes, in job order (whatever `workers` is)."""
-    bar = tqdm(total=len(jobs), desc="demo images", unit="img", disable=not progress)
+    bar = P.bar(total=len(jobs), desc="demo images", unit="img", disable=not progress)
     boxes: list[tuple] = []
     if workers <= 1:
         for job in jobs:

@@ -69,12 +69,20 @@ class _Wandb:
 
     def finish(self):
         self.run.finish()
+        # finish() hands the last records to W&B's service process; teardown waits for it to write
+        # them (an offline run file is complete when the run returns) and stops it
+        teardown = getattr(self.wandb, "teardown", None)
+        if teardown is not None:
+            teardown()
 
 
 class _MLflow:
     def __init__(self, run_dir: Path, cfg: dict):
         import mlflow
         self.m = mlflow
+        # MLflow >= 3.x refuses the file store unless asked for it (it wants a database server);
+        # a file store under the run folder is what works offline with mlflow-skinny alone
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         mlflow.set_experiment("cxrlt")
         self.run = mlflow.start_run(run_name=run_dir.name)

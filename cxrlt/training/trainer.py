@@ -57,14 +57,17 @@ Run folder (--out) and its keys (see DESIGN "Run folder keys"):
              and patience left out, so they can be raised), combined with the content key of
              init_checkpoint when one is set; data_key = the training cache's content key;
              tag = 8 hex of both.
+  provenance.json  the code (git commit, dirty), packages, GPUs, host and command line of the
+             latest start that trained (earlier starts under "earlier"; cxrlt/core/provenance.py).
   A start on a folder that holds a run (last.pt) needs resume=True (train.py --resume), then:
   - same keys: continue from last.pt. A finished run (epochs reached, or stopped by patience)
     whose epochs/patience were raised continues to the new end (the LR schedule follows the new
     epoch count) and rewrites model.pt; a finished run not extended is "up to date": model.pt
     is touched (so that Make settles) and nothing is built.
-  - other keys: the folder is moved aside to `<out>@<its tag>` (said in the log); when
-    `<out>@<tag of the new keys>` exists (an earlier run with exactly these keys) it is moved
-    back and continued, else training starts afresh.
+  - other keys: the folder is moved aside to `<out>@<its tag>` (said in the log, with the train
+    keys that changed: `lr 0.001 -> 0.002`); when `<out>@<tag of the new keys>` exists (an
+    earlier run with exactly these keys), or else any `<other>@<that tag>` beside it (moved aside
+    under another config's name), it is moved back and continued, else training starts afresh.
   A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
 
 Checkpoints: at the end of an epoch rank 0 copies best.pt's and last.pt's tensors to CPU memory
@@ -107,9 +110,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from tqdm import tqdm
 
 from cxrlt.core import config as config_mod
+from cxrlt.core import progress, provenance
 from cxrlt.training import distributed as D
 from cxrlt.models.checkpoint import BackgroundSaver, load_checkpoint, state_dict_of
 from cxrlt.training.device import (autocast_ctx, choose_grad_checkpointing, compile_on, enable_cuda_fast_paths,
@@ -190,8 +193,8 @@ def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
     if warm > 0 and step < warm:
         mult = (step + 1) / warm
     else:
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        mult = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        mult = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
     if cfg["drw_epoch"] >= 0 and step + phase >= cfg["drw_epoch"] * steps_per_epoch:
         mult *= cfg["drw_lr_factor"]
     return mult
@@ -302,6 +305,34 @@ def aside_path(out: Path, tag: str) -> Path:
     return out.with_name(f"{out.name}@{tag}")
 
 
+def changed_keys(old_config, cfg: dict, data_changed: bool = False) -> str:
+    """'lr 0.001 -> 0.002, loss bce -> ldam': the train keys in which the run of old_config (its
+    config.yaml) differs from cfg; 'the training data' when the cache's key differs."""
+    try:
+        old = {**config_mod.DEFAULTS, **config_mod.load_yaml(old_config)}
+    except Exception:  # no or unreadable config.yaml: the keys cannot be compared
+        old = None
+    parts = []
+    if old is not None:
+        a, b = config_mod.train_part(old), config_mod.train_part({**config_mod.DEFAULTS, **cfg})
+        parts = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+                 if a.get(k) != b.get(k) and k not in config_mod.EXTENDABLE_KEYS]
+    if data_changed:
+        parts.append("the training data (cache key)")
+    return ", ".join(parts) or ("unknown (no config.yaml)" if old is None else "init_checkpoint or pseudo-label contents")
+
+
+def earlier_run(out: Path, tag: str) -> Path | None:
+    """A moved-aside run with these keys that `out` can take over: `<out>@<tag>`, else any
+    `<other>@<tag>` beside it (a run moved aside under another config's name, e.g. a study variant
+    whose keys equal a run `make all` trained earlier). Its run.json must hold the same tag."""
+    own = aside_path(out, tag)
+    for cand in [own] + sorted(p for p in out.parent.glob(f"*@{tag}") if p != own):
+        if cand.is_dir() and (cand / "last.pt").exists() and (read_run_json(cand) or {"tag": tag}).get("tag") == tag:
+            return cand
+    return None
+
+
 def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume: bool) -> list[str]:
     """Make `out` hold the run of `keys` (module doc: same keys kept, other keys moved aside,
     an earlier run with these keys restored). Rank 0 only. Returns what was done, for the log."""
@@ -323,12 +354,14 @@ def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume
         if aside.exists():
             raise InputError(f"{out}: its run (other config or data) should move to {aside}, which already "
                              f"exists; move one of them away")
+        changed = changed_keys(out / "config.yaml", cfg, state["data_key"] != keys["data_key"])
         os.replace(out, aside)
-        said.append(f"the run in {out} was trained with another config or data: moved it to {aside}")
+        said.append(f"the run in {out} was trained with another config or data: moved it to {aside} "
+                    f"(changed: {changed})")
         has_run = False
     if not has_run:
-        earlier = aside_path(out, keys["tag"])
-        if earlier.is_dir() and (earlier / "last.pt").exists():
+        earlier = earlier_run(out, keys["tag"])
+        if earlier is not None:
             if out.exists():
                 shutil.rmtree(out)  # no last.pt: a start killed before its first epoch, nothing to keep
             os.replace(earlier, out)
@@ -725,8 +758,8 @@ class Trainer:
         n_bad = torch.zeros((), dtype=torch.int64, device=dev)
         n_seen, t0, wait, checked = 0, time.perf_counter(), 0.0, 0
         every = max(1, cfg["nan_check_steps"])
-        bar = tqdm(total=self.batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                   disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        bar = progress.bar(total=self.batches_per_epoch, unit="batch", desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                   disable=not self.dist.is_main, leave=False)
         t_wait = time.perf_counter()
         lr = self._set_lr()
         i = -1
@@ -916,6 +949,8 @@ class Trainer:
         prev = np.nanmean(self.y_val, 0)
         chance = float(prev[np.nansum(self.y_val, 0) > 0].mean()) if len(self.y_val) else float("nan")
         log.info(f"best epoch chosen on {self.sets['select_on']}: {self.sets['describe']}")
+        if self.dist.is_main:  # what code, packages and machine train this (an earlier start's kept in "earlier")
+            provenance.write(self.out / "provenance.json")
         tracker = tracking.start(self.out, cfg, self.dist.is_main)
         if self.dist.is_main:  # an earlier end's SWA (before epochs were raised) is not this run's
             (self.out / "swa.pt").unlink(missing_ok=True)
@@ -947,7 +982,8 @@ class Trainer:
                 meta = self._meta(epoch)
                 weights = self._eval_model().state_dict()
                 append_jsonl(self.out / "metrics.jsonl", record)
-                tracker.log_metrics(epoch, record)
+                # trackers show epochs as the console does, from 1 (metrics.jsonl keeps the 0-based index)
+                tracker.log_metrics(epoch + 1, {**record, "epoch": epoch + 1, "best_epoch": self.best_epoch + 1})
                 last = self._last_state(meta, weights)
                 # copied to CPU now, written by a thread while the next epoch trains (module doc
                 # "Checkpoints"): best.pt, then last.pt (after metrics: it marks the epoch done), then run.json

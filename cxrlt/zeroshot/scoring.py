@@ -336,15 +336,14 @@ def _read_cached(npy: Path, meta: Path, key: str, n: int) -> np.ndarray | None:
 
 
 def _embed_rows(encoder, images_path, rows, batch_size: int, workers: int, progress: bool) -> np.ndarray:
-    from tqdm import tqdm
-
+    from cxrlt.core import progress as P
     from cxrlt.data.dataset import CacheDataset, make_loader
 
     ds = CacheDataset(images_path, rows, num_classes=1)
     pin = getattr(getattr(encoder, "device", None), "type", "cpu") == "cuda"
     loader = make_loader(ds, batch_size, workers=workers, pin_memory=pin)
     out = []
-    for x, _, _ in tqdm(loader, desc="image embeddings", disable=not progress, dynamic_ncols=True, leave=False):
+    for x, _, _ in P.bar(loader, desc="image embeddings", unit="batch", disable=not progress, leave=False):
         out.append(encoder.encode_images(x).float().cpu().numpy())
     emb = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
     return normalise(emb).astype(np.float32)
