@@ -114,7 +114,7 @@ def write_meta(path: Path, rows: list[dict], extra=True) -> Path:
         w = csv.writer(f)
         w.writerow(header)
         for i, r in enumerate(rows):
-            w.writerow([i, *(r[c] for c in META_COLUMNS)]
+            w.writerow([i, *(r.get(c, "") for c in META_COLUMNS)]
                        + (["['pneumonia', 'secret']", "line one,\nline two \"quoted\""] if extra else []))
     return path
 
