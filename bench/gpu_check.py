@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_synthetic_cache
+from common import add_json_flag, write_result, write_synthetic_cache
 
 EPOCH_IMAGES = 143_000  # CXR-LT 2026 training images: the epoch a checkpoint stall is compared with
 
@@ -480,12 +480,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", nargs="*", default=None, choices=list(ROWS), help="only these rows (default: all)")
     ap.add_argument("--dry-run", action="store_true", help="every row on the CPU: tiny model, 32 px, a few steps")
     ap.add_argument("--row-timeout", type=float, default=120.0, help="seconds one row may take (0 = no limit)")
+    add_json_flag(ap)
     ap.add_argument("--budget-s", type=float, default=300.0, help="seconds for all rows; later rows are skipped "
                                                                   "(0 = no limit; --dry-run: none)")
     a = ap.parse_args(argv)
     here = Path(__file__).resolve().parent
     out = Path(a.out) if a.out else here / ("gpu_check_dry.jsonl" if a.dry_run else "gpu_check.jsonl")
     recs = run(out, a.rows or list(ROWS), a.dry_run, a.row_timeout, budget_s=0.0 if a.dry_run else a.budget_s)
+    write_result(a.json, {"rows": recs, "jsonl": str(out)})
     bad = [r["row"] for r in recs if r["status"] != "ok"]
     print(f"gpu_check: {len(recs) - len(bad)}/{len(recs)} rows measured -> {out}"
           + (f"; not measured: {', '.join(bad)}" if bad else ""), file=sys.stderr)

@@ -12,7 +12,8 @@ Stages (each a subprocess writing JSON; its console output goes to bench/out/log
   memory      bench_memory.py      peak RSS of train.py / predict.py on caches of 2,000 and 20,000 images
   crt_memory  bench_memory.py --crt  peak RSS of retrain_head.py (pooled and csra heads), 2,000 vs 10,000
                                    images (the script's own default, 20,000, takes ~5 min alone)
-  gpu         bench_train_step.py --gpu, only when torch.cuda.is_available()
+  gpu         gpu_check.py (make gpu-check's rows, one JSON line each as measured: a stage that times
+              out keeps the rows it wrote), only when torch.cuda.is_available()
 Every ratio in the table is measured within this run, with the absolute figures beside it.
 Settings are sized for a 2-core CPU, where the CPU stages take about 7 minutes. They share a
 total budget (--budget, 600 s): each stage may run for what is left of it (and at most --timeout);
@@ -67,8 +68,8 @@ def stage_commands(quick: bool, out: Path) -> dict[str, list[str]]:
             "memory": [py, b("bench_memory.py"), "--sizes", "40", "400", "--size", "32", "--val", "8",
                        "--test", "8", "--batch", "4", "--train-batches", "1"],
             "crt_memory": [py, b("bench_memory.py"), "--crt", "--sizes", "40", "400", "--size", "32", "--val", "8"],
-            "gpu": [py, b("bench_train_step.py"), "--gpu", "--model", "test_resnet", "--size", "64",
-                    "--batch", "4", "--steps", "3"],
+            "gpu": [py, b("gpu_check.py"), "--dry-run", "--rows", "trainer_step_eager", "--out",
+                    str(out / "gpu_check.jsonl")],
         }
     return {
         "preprocess": [py, b("bench_preprocess.py"), "--n", "24", "--repeats", "2", "--keep", keep],
@@ -78,7 +79,7 @@ def stage_commands(quick: bool, out: Path) -> dict[str, list[str]]:
         "crt": [py, b("bench_crt.py")],
         "memory": [py, b("bench_memory.py")],
         "crt_memory": [py, b("bench_memory.py"), "--crt", "--sizes", "2000", "10000"],
-        "gpu": [py, b("bench_train_step.py"), "--gpu"],
+        "gpu": [py, b("gpu_check.py"), "--out", str(out / "gpu_check.jsonl")],  # one line per row as it comes
     }
 
 
@@ -289,18 +290,55 @@ def table_markdown(rows: list[Row], stages: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def gpu_markdown(stage: dict | None, has_gpu: bool) -> str:
+GPU_COLUMNS = (("images_per_s", "images/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
+               ("data_wait_frac", "data wait", "{:.1%}"), ("max_mem_gb", "peak GB", "{:.1f}"))
+
+
+def gpu_check_table(lines: list[dict]) -> str:
+    """bench/gpu_check.py's JSON lines (as many as were written) as a markdown table."""
+    meta = next((r for r in lines if r.get("row") == "meta"), {})
+    out = [f"gpu_check on {meta.get('device', '?')} (torch {meta.get('torch', '?')}, dry run: "
+           f"{meta.get('dry_run', '?')}); one line per row, docs/gpu.md", "",
+           "| row | status | " + " | ".join(c[1] for c in GPU_COLUMNS) + " | other |",
+           "|---|---|" + "---|" * len(GPU_COLUMNS) + "---|"]
+    shown = {c[0] for c in GPU_COLUMNS} | {"row", "status", "device", "wall_s"}
+    for r in lines:
+        if r.get("row") == "meta":
+            continue
+        cells = [c[2].format(r[c[0]]) if isinstance(r.get(c[0]), (int, float)) else "-" for c in GPU_COLUMNS]
+        other = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                          if k not in shown and not isinstance(v, (dict, list)))
+        out.append(f"| {r['row']} | {r['status']} | " + " | ".join(cells) + f" | {other} |")
+    return "\n".join(out)
+
+
+def read_gpu_lines(path) -> list[dict]:
+    lines = []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return lines
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line
+    return lines
+
+
+def gpu_markdown(stage: dict | None, has_gpu: bool, jsonl=None) -> str:
+    """The GPU section: gpu_check's lines (also those a timed-out or failed stage wrote before it ended)."""
     if not has_gpu:
         return ("no GPU here: GPU rows skipped. Nothing has been measured on a GPU yet; `make gpu-check` "
                 "(bench/gpu_check.py, docs/gpu.md) measures the GPU rows on one card in ~5 minutes, one JSON "
                 "line each; its --dry-run (the test suite) runs every row on the CPU with a tiny model\n")
     if stage is None:
         return "GPU present but the gpu stage was not run\n"
-    if not stage["ok"]:
-        return f"GPU stage failed: {stage['error']} (log: {stage['log']})\n"
-    from bench_train_step import gpu_lines
-
-    return "\n".join(gpu_lines(stage["result"])) + "\n"
+    lines = read_gpu_lines(jsonl) if jsonl else []
+    head = "" if stage["ok"] else f"GPU stage failed: {stage['error']} (log: {stage['log']}); the rows it wrote:\n\n"
+    if not lines:
+        return head or "GPU stage wrote no rows\n"
+    return head + gpu_check_table(lines) + "\n"
 
 
 def machine_info() -> dict:
@@ -472,7 +510,7 @@ def main() -> int:
     meta.update(total_s=total, budget_used_s=total - stages.get("gpu", {}).get("wall_s", 0.0),
                 load_end=os.getloadavg()[0])
     rows = build_rows(stages)
-    gpu_md = gpu_markdown(stages.get("gpu"), meta["cuda"])
+    gpu_md = gpu_markdown(stages.get("gpu"), meta["cuda"], work / "gpu_check.jsonl")
     write_text(a.out, render(rows, stages, meta, gpu_md))
     write_json(work / "results.json", {"meta": meta, "stages": stages})
     print(table_markdown(rows, stages))

@@ -86,3 +86,18 @@ def test_rows_after_the_budget_are_skipped(tmp_path):
     rows = {"a": slow, "b": slow}
     recs = gpu_check.run(out, list(rows), dry=True, row_timeout=0, rows=rows, workdir=tmp_path, budget_s=1.5)
     assert [r["status"] for r in recs] == ["timeout", "skipped"]
+
+
+def test_make_bench_shows_the_rows_a_timed_out_gpu_stage_wrote(tmp_path):
+    import run_all
+
+    out = tmp_path / "gpu_check.jsonl"
+    rows = {"a": lambda c: {"images_per_s": 12.5, "mfu": 0.31, "copy_s": 0.2},
+            "b": lambda c: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))}
+    gpu_check.run(out, list(rows), dry=True, row_timeout=0, rows=rows, workdir=tmp_path)
+    with open(out, "a") as f:
+        f.write('{"row": "c", "sta')  # the stage was killed in the middle of a line
+    stage = {"ok": False, "error": "timed out after 900 s", "log": "bench/out/logs/gpu.log"}
+    md = run_all.gpu_markdown(stage, True, out)
+    assert md.startswith("GPU stage failed: timed out after 900 s")
+    assert "| a | ok | 12.5 | 31.0% | - | - | copy_s 0.2 |" in md and "| b | oom |" in md and "| c |" not in md
