@@ -24,7 +24,7 @@ import torch
 from conftest import run_script, run_script_inprocess
 from cxrlt.data.cache import open_cache
 from cxrlt.data.cache_build import build_test_cache, build_train_cache
-from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from cxrlt.data.tables import read_training_csv
 from cxrlt.core.errors import InputError
 from cxrlt.data.imaging import load_for_cache
@@ -102,7 +102,7 @@ def cxrlt_checkpoint(path: Path, labels=LABELS) -> Path:
 
     cfg = config.resolve([], {"model": "test_resnet", "pretrained": False, "workers": 0, "device": "cpu"})
     model = build_model(cfg, len(labels), labels=labels)
-    torch.save({"model": model.state_dict(), "config": cfg, "labels": list(labels), "logit_scale": 1.0}, path)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": cfg, "labels": list(labels)}, path)
     return path
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_cfg
 from cxrlt import explain as X
+from cxrlt.models.checkpoint import CHECKPOINT_FORMAT
 from cxrlt.models.model import CXRModel, build_head, build_model
 
 HEADS = ["linear", "cosine", "csra"]
@@ -113,7 +114,8 @@ def test_explain_cli_writes_a_panel_per_image_for_every_head(tmp_path, head):
 
     cfg = tiny_cfg(model="test_resnet", head=head)
     model = build_model(cfg, num_classes=len(LABELS))
-    torch_save({"config": cfg, "labels": LABELS, "model": model.state_dict(), "image_size": 64}, tmp_path / "m.pt")
+    torch_save({"format": CHECKPOINT_FORMAT, "config": cfg, "labels": LABELS, "model": model.state_dict(), "image_size": 64},
+               tmp_path / "m.pt")
     files = []
     for i, (x0, y0) in enumerate([(5, 30), (40, 10)]):
         f = tmp_path / f"img{i}.png"
@@ -203,7 +205,8 @@ def test_explain_cli_on_cache_images_with_labels_and_the_pointing_game(tmp_path,
     cache = open_cache(demo_cache)
     cfg = tiny_cfg(model="test_resnet", head="csra")
     model = build_model(cfg, num_classes=len(cache.labels))
-    torch_save({"config": cfg, "labels": cache.labels, "model": model.state_dict()}, tmp_path / "m.pt")
+    torch_save({"format": CHECKPOINT_FORMAT, "config": cfg, "labels": cache.labels, "model": model.state_dict()},
+               tmp_path / "m.pt")
     out = tmp_path / "out"
     assert script.main(["--checkpoint", str(tmp_path / "m.pt"), "--cache", str(demo_cache), "--n", "3", "--top", "1",
                         "--boxes", str(demo_dataset / "boxes.csv"), "--image-dir", str(demo_dataset / "images"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
+from cxrlt.models.checkpoint import CHECKPOINT_FORMAT
 from cxrlt.core import config
 from cxrlt.core.fileio import torch_save
 from cxrlt.models.model import (BNAttentionHead, CSRAHead, MLDecoderHead, SeedLinearHead, build_head,
@@ -115,7 +116,7 @@ def test_csra_normalize_is_the_default_and_old_configs_read_as_raw(tmp_path):
     assert config.check_dict(old, "old")["csra_normalize"] is False
     assert config.check_dict({**old, "csra_normalize": True}, "new")["csra_normalize"] is True
     model = build_model(tiny_cfg(head="csra", csra_normalize=False), num_classes=3)
-    torch_save({"config": old, "labels": ["a", "b", "c"], "model": model.state_dict(), "image_size": 64},
+    torch_save({"format": CHECKPOINT_FORMAT, "config": old, "labels": ["a", "b", "c"], "model": model.state_dict(), "image_size": 64},
                tmp_path / "old.pt")
     loaded, _ = load_trained(tmp_path / "old.pt")
     assert loaded.head.normalize is False

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from cxrlt.post.inference import apply_view
@@ -38,18 +39,23 @@ def test_predict_tta_none_is_sigmoid_of_the_model_and_feature_batches_cover_all_
     assert r.tolist() == list(range(7)) and np.allclose(out, 2 * feats)
 
 
-def test_old_checkpoint_logit_scale_entry_sets_the_models_scale(tmp_path):
-    # before the head held LDAM's s, checkpoints stored it beside the weights and every consumer
-    # multiplied by it: loading such a file must give the same probabilities
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
     from cxrlt.core import config
+    from cxrlt.core.errors import InputError
+    from cxrlt.models.checkpoint import CHECKPOINT_FORMAT
     from cxrlt.post.inference import load_trained
 
     model = _tiny_model()
     cfg = config.resolve([], dict(model="test_resnet", pretrained=False))
-    torch.save({"model": model.state_dict(), "config": cfg, "labels": ["a", "b", "c"], "logit_scale": 6.0},
-               tmp_path / "old.pt")
-    loaded, _ = load_trained(tmp_path / "old.pt")
-    assert loaded.logit_scale == 6.0
+    body = {"model": model.state_dict(), "config": cfg, "labels": ["a", "b", "c"]}
+    torch.save({**body, "format": CHECKPOINT_FORMAT}, tmp_path / "now.pt")
+    loaded, _ = load_trained(tmp_path / "now.pt")
     x = model.normalize(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
-        assert torch.allclose(loaded(x), 6.0 * model.eval()(x), atol=1e-5)
+        assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+    for name, extra, words in (("old.pt", {}, "no format version: written by an older version"),
+                               ("next.pt", {"format": CHECKPOINT_FORMAT + 1}, f"format {CHECKPOINT_FORMAT + 1}")):
+        torch.save({**body, **extra}, tmp_path / name)
+        with pytest.raises(InputError) as e:
+            load_trained(tmp_path / name)
+        assert words in str(e.value) and str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)

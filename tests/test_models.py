@@ -7,7 +7,7 @@ import timm
 import torch
 
 from cxrlt.core import config
-from cxrlt.models.checkpoint import load_checkpoint
+from cxrlt.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from cxrlt.core.errors import ConfigError, InputError
 from cxrlt.models.model import CosineHead, CSRAHead, LinearHead, build_model
 
@@ -145,7 +145,8 @@ def test_pretrained_file_errors(tmp_path):
 
 
 def _save_our_checkpoint(model, path, labels):
-    torch.save({"model": model.state_dict(), "labels": labels, "config": {"model": "test_convnext"}}, path)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "labels": labels, "config": {"model": "test_convnext"}},
+               path)
 
 
 def test_init_checkpoint_replaces_head_when_label_count_differs(tmp_path):

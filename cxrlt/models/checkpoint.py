@@ -4,7 +4,9 @@ Checkpoints are plain dicts of tensors, numbers, strings, lists and dicts, so th
 uses `torch.load(..., weights_only=True)`: a file that needs pickled code to load is refused
 (it could run arbitrary code) with a message that says so.
 
-Keys of a checkpoint written by train.py / retrain_head.py:
+Keys of a checkpoint written by train.py / retrain_head.py (format CHECKPOINT_FORMAT):
+  format       the layout version below; a file of another version (or of none: written before
+               versions) is refused in one line by the readers of our checkpoints (ours=True)
   model        state_dict of cxrlt.models.model.CXRModel (EMA weights when EMA is on)
   config       the resolved run config (dict, see cxrlt/core/config.py)
   labels       label names in output order
@@ -13,7 +15,6 @@ Keys of a checkpoint written by train.py / retrain_head.py:
   selection    how the best epoch was chosen and its full / proxy / honest val mAP (cxrlt/training/trainer.py)
   image_size   side of the cache images it was trained on (predict/cRT/resume refuse another size)
   train_key, data_key  what the weights were trained from (config.train_key, the cache's key)
-  (old files only) logit_scale: LDAM's s, now held by the model's head (load_trained sets it)
   swa          (swa.pt, and model.pt when it holds the SWA weights) the SWA record (cxrlt/training/trainer.py)
   (last.pt only) optimizer, scheduler, ema, swa (the running mean), rng, ... for exact resume; selection_keys and
                val_table (the per-epoch scores the epoch choice needs)
@@ -29,7 +30,12 @@ import struct
 from cxrlt.core.errors import InputError
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+CHECKPOINT_FORMAT = 1  # bump when the keys above or their meaning change
+
+
+def load_checkpoint(path, map_location="cpu", ours: bool = False) -> dict:
+    """The checkpoint dict at `path` (weights only, see the module doc). ours: it must be one of
+    this pipeline's checkpoints of the current format (check_format)."""
     import torch
 
     if not os.path.exists(path):
@@ -49,7 +55,23 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise InputError(load_error(path, e)) from None
     if not isinstance(ckpt, dict):
         raise InputError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    if ours:
+        check_format(ckpt, path)
     return ckpt
+
+
+def check_format(ckpt: dict, path) -> None:
+    """InputError unless `ckpt` is a checkpoint of this pipeline in format CHECKPOINT_FORMAT."""
+    fmt = ckpt.get("format")
+    if fmt == CHECKPOINT_FORMAT:
+        return
+    if fmt is None:
+        what = ("has no format version" + (": written by an older version of this pipeline" if "config" in ckpt
+                                           else ": not one of this pipeline's checkpoints"))
+    else:
+        what = f"is format {fmt!r}"
+    raise InputError(f"{path}: the checkpoint {what}; this version reads format {CHECKPOINT_FORMAT} "
+                     f"(train it again: remove the run folder, or move it aside)")
 
 
 # what torch.load (ours, timm's, open_clip's) raises for a file that is not plain weights: a truncated or

@@ -13,8 +13,6 @@ Logits are real logits: `model(x)` and `head.classify(h)` return the values whos
 the probability, whatever the loss. The head holds `logit_scale` (a constant, not trained):
 LDAM's s when cfg loss is ldam (its raw scores live in a small range, e.g. a cosine head's
 [-1, 1], and s stretches them), else 1. So no consumer of a model ever multiplies by a scale.
-Checkpoints written before this rule stored the scale beside the weights (a `logit_scale`
-entry): `load_trained` sets the model's scale from it.
 
 Heads (cfg["head"]):
   linear  global average pool -> (B, F) -> linear layer
@@ -519,7 +517,7 @@ def load_init_checkpoint(model: CXRModel, path: str, labels: list[str] | None = 
     """
     from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, ours=True)
     sd = state_dict_of(ckpt)
     bb_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}

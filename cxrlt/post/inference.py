@@ -143,16 +143,15 @@ def load_trained(path, device="cpu"):
     """Build the model a checkpoint describes and load its weights -> (model, checkpoint dict).
 
     The weights come from the checkpoint only: hub/local pretrained loading is switched off.
-    A checkpoint that still carries a `logit_scale` entry (written before the head held the
-    scale) sets the model's scale from it. Callers check the cache they apply it to with
-    check_cache_size.
+    It must be one of our checkpoints of the current format (models/checkpoint.py). Callers check
+    the cache they apply it to with check_cache_size.
     """
     from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
     from cxrlt.core.config import check_dict
     from cxrlt.core.errors import InputError
     from cxrlt.models.model import build_model
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, ours=True)
     for key in ("config", "labels", "model"):
         if key not in ck:
             raise InputError(f"{path}: not a cxrlt checkpoint (no '{key}' entry)")
@@ -163,15 +162,13 @@ def load_trained(path, device="cpu"):
         model.load_state_dict(state_dict_of(ck))
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not fit the model its config describes ({str(e)[:200]})") from None
-    if "logit_scale" in ck:
-        model.logit_scale = float(ck["logit_scale"])
     ck["config"] = cfg
     return model.to(device).eval(), ck
 
 
 def check_cache_size(ck: dict, cache, path) -> None:
     """InputError when the cache's image size is not the one checkpoint `ck` was trained at
-    (checkpoints record it as `image_size`; older ones without it are not checked)."""
+    (`image_size`; a checkpoint without it, not written by the trainer, is not checked)."""
     from cxrlt.core.errors import InputError
 
     trained = ck.get("image_size")

@@ -548,7 +548,7 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
     src = run_dir / "model.pt"
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
-        ck = load_checkpoint(src)
+        ck = load_checkpoint(src, ours=True)
         if "config" not in ck or "labels" not in ck:
             raise InputError(f"{src}: not a cxrlt checkpoint (no 'config' or 'labels' entry)")
         cfg = config.stage_config(config.check_dict(ck["config"], str(src)), config_files, cfg_overrides, log=log,

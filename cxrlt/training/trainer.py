@@ -114,7 +114,7 @@ import yaml
 from cxrlt.core import config as config_mod
 from cxrlt.core import progress, provenance
 from cxrlt.training import distributed as D
-from cxrlt.models.checkpoint import BackgroundSaver, load_checkpoint, state_dict_of
+from cxrlt.models.checkpoint import CHECKPOINT_FORMAT, BackgroundSaver, load_checkpoint, state_dict_of
 from cxrlt.training.device import (autocast_ctx, choose_grad_checkpointing, compile_on, enable_cuda_fast_paths,
                                    maybe_compile, optimizer_kwargs, probe_step_memory)
 from cxrlt.core.errors import InputError
@@ -462,7 +462,7 @@ class Trainer:
         self.sampler = build_sampler(cfg["sampler"], y_train, cfg, seed=cfg["seed"],
                                      num_replicas=self.dist.world, rank=self.dist.rank)
 
-        last = load_checkpoint(self.out / "last.pt") if resume and (self.out / "last.pt").exists() else None
+        last = load_checkpoint(self.out / "last.pt", ours=True) if resume and (self.out / "last.pt").exists() else None
         self.accum = self._accum_steps(last)
         self.global_batch = cfg["batch_size"] * self.dist.world * self.accum
         n_batches, self.steps_per_epoch = epoch_shape(self.sampler.num_rows, cfg["batch_size"], self.dist.world,
@@ -681,7 +681,8 @@ class Trainer:
 
     def _meta(self, epoch: int) -> dict:
         return {
-            "config": dict(self.cfg), "labels": self.labels, "epoch": epoch, "step": self.step,
+            "format": CHECKPOINT_FORMAT, "config": dict(self.cfg), "labels": self.labels, "epoch": epoch,
+            "step": self.step,
             "best_map": self.best_map, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "class_counts": [float(c) for c in self.class_counts], "cache": str(self.cache_dir),
             "selection": self.selection, "init": dict(getattr(self.model, "init_info", {}) or {}),
@@ -921,12 +922,12 @@ class Trainer:
         """model.pt = best.pt's weights, described by the current config (an extended run's
         best epoch may date from before its epochs/patience were raised); swa.pt's when it was
         chosen (cfg swa_model, _finish_swa)."""
-        best = load_checkpoint(self.out / "best.pt")
+        best = load_checkpoint(self.out / "best.pt", ours=True)
         best["config"] = dict(self.cfg)
         if self.selection is not None:  # the honest number of the whole run's choice, not best.pt's
             best["selection"] = self.selection
         swa_pt = self.out / "swa.pt"
-        swa = load_checkpoint(swa_pt) if self.cfg["swa_epochs"] > 0 and swa_pt.exists() else None
+        swa = load_checkpoint(swa_pt, ours=True) if self.cfg["swa_epochs"] > 0 and swa_pt.exists() else None
         if swa is not None and swa["swa"]["chosen"]:
             r = swa["swa"]
             best = {**best, "model": swa["model"], "best_map": r["val_mAP"], "swa": r}
