@@ -109,3 +109,17 @@ def test_swa_off_writes_no_swa_pt(demo_cache, tmp_path):
     out = tmp_path / "run"
     Trainer(tiny_cfg(epochs=1, max_train_batches=2), str(demo_cache), str(out)).fit()
     assert not (out / "swa.pt").exists() and "swa" not in json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_its_last_epoch_and_swa_pt_finishes_swa_on_resume(demo_cache, tmp_path):
+    cfg = tiny_cfg(epochs=2, swa_epochs=2, swa_model="swa", max_train_batches=2)
+    out = tmp_path / "run"
+    Trainer(cfg, str(demo_cache), str(out)).fit()
+    want = load_checkpoint(out / "swa.pt")
+    (out / "swa.pt").unlink()
+    (out / "model.pt").unlink()  # as if killed after the last epoch's last.pt
+    Trainer(cfg, str(demo_cache), str(out), resume=True).fit()
+    got = load_checkpoint(out / "swa.pt")
+    assert got["swa"] == want["swa"] and all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+    assert load_checkpoint(out / "model.pt")["swa"]["epochs"] == [0, 1]

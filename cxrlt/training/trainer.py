@@ -423,7 +423,8 @@ class Trainer:
         self.start_epoch = int(state.get("epochs_done", 0))
         self.best_map, self.best_epoch = float(state.get("best_map", -1.0)), int(state.get("best_epoch", -1))
         self.bad_epochs = int(state.get("bad_epochs", 0))
-        if resume and self._finished() and (self.out / "last.pt").exists() and state.get("tag") == self.keys["tag"]:
+        if (resume and self._finished() and (self.out / "last.pt").exists() and state.get("tag") == self.keys["tag"]
+                and not self._swa_pending()):
             self.up_to_date = True  # nothing to build: fit() only settles model.pt
             return
         self.up_to_date = False
@@ -937,9 +938,15 @@ class Trainer:
         log.info(f"done: {_selection_text(best.get('selection'), int(best['best_epoch']))}; "
                  f"weights in {self.out / 'model.pt'}")
 
+    def _swa_pending(self) -> bool:
+        """A finished run stopped before its end wrote swa.pt and model.pt (killed in between)."""
+        return self.cfg["swa_epochs"] > 0 and not (self.out / "model.pt").exists() and not (self.out / "swa.pt").exists()
+
     def fit(self) -> dict:
         cfg = self.cfg
         if self.up_to_date or self._finished():
+            if not self.up_to_date and self.swa is not None and self._swa_pending():
+                self._finish_swa()  # the SWA mean is in last.pt: finish what the killed end did not
             return self._settle()
         pos = self.class_counts
         log.info(f"train {len(self.train_rows)} images, val {len(self.val_rows)} (fold {cfg['val_fold']}), "
