@@ -380,7 +380,7 @@ def test_evaluate_negative_probability_exits_2(tmp_path):
     ("epochs: 2\nlearning_rate: 0.01\n", "unknown config key 'learning_rate'"),
     ("epochs: two\n", "config key 'epochs' must be int, got 'two' (str)"),
     ("loss: focal_ldam\n", "config key 'loss' = 'focal_ldam' is not one of ['asl', 'bce', 'bce_pw', 'cb', "
-                           "'db', 'focal', 'ldam']"),
+                           "'db', 'focal', 'ldam', 'margin_bce']"),
 ])
 def test_train_bad_config_exits_2_naming_file_and_key(tmp_path, text, expected):
     cfg = tmp_path / "bad.yaml"

@@ -248,7 +248,7 @@ def test_combine_out_naming_a_folder(tmp_path, capsys):
     ("lr: [1, 2]\n", "config key 'lr' must be float, got [1, 2] (list)"),
     ("ema: maybe\n", "config key 'ema' must be bool, got 'maybe' (str)"),
     ("loss: hinge\n",
-     "config key 'loss' = 'hinge' is not one of ['asl', 'bce', 'bce_pw', 'cb', 'db', 'focal', 'ldam']"),
+     "config key 'loss' = 'hinge' is not one of ['asl', 'bce', 'bce_pw', 'cb', 'db', 'focal', 'ldam', 'margin_bce']"),
     ("- a\n- b\n", "a config file must be a mapping of key: value"),
     ("lr: -0.001\n", "config key 'lr' = -0.001 must be > 0"),
     ("batch_size: 0\n", "config key 'batch_size' = 0 must be >= 1"),

@@ -79,8 +79,7 @@ def test_trainer_writes_it_and_the_report_shows_it(demo_cache, tmp_path, capsys)
     assert p["versions"]["torch"] == torch.__version__
     # evaluate.py: report.md's Provenance section shows the training's and the predictions' records
     index = pd.read_csv(demo_cache / "index.csv")
-    labels = [c for c in index.columns if c not in ("row", "ImageID", "StudyDate_DICOM", "PatientID", "split",
-                                                    "fold", "study", "patient", "projection", "dataset")]
+    labels = (demo_cache / "labels.txt").read_text().splitlines()
     val = index[(index["split"] == "train") & (index["fold"] == 0)]
     pred = out / "pred_val.csv"
     df = pd.DataFrame(np.random.default_rng(0).random((len(val), len(labels))), columns=labels)

@@ -349,6 +349,12 @@ def _kill_after_first_epoch(cmd, out, env=None):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the whole group: torchrun and its workers
     p.wait()
+    for _ in range(600):  # the workers too are gone (a live one would still hold the run's lock)
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
 
 
 # every augmentation on (CLAHE, noise, dropout and the gates: docs/augmentation.md), mixup and cutmix

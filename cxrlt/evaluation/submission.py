@@ -12,6 +12,7 @@ aside to NAME@<its key>.* first (keep_aside).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -162,9 +163,14 @@ def keep_aside(csv_path, new_key: str) -> str | None:
     tag = (old or file_key(csv_path))[:8]
     stem = csv_path.with_suffix("")
     aside = Path(f"{stem}@{tag}")
-    if Path(f"{aside}.csv").exists():
-        raise InputError(f"{csv_path}: was built from other inputs and should move aside to {aside}.csv, which "
-                         f"already exists; move one of them away (or choose another NAME)")
+    # an earlier copy kept aside under the same tag was built from the same inputs: the one now
+    # moving aside takes its place (switching variables back and forth keeps one copy of each)
+    for ext in FAMILY:
+        earlier = Path(f"{aside}{ext}")
+        if earlier.is_dir():
+            shutil.rmtree(earlier)
+        elif earlier.exists():
+            earlier.unlink()
     moved = []
     for ext in FAMILY:
         src = Path(f"{stem}{ext}")

@@ -146,15 +146,16 @@ def load_trained(path, device="cpu"):
     It must be one of our checkpoints of the current format (models/checkpoint.py). Callers check
     the cache they apply it to with check_cache_size.
     """
-    from cxrlt.models.checkpoint import load_checkpoint, state_dict_of
+    from cxrlt.models.checkpoint import check_format, load_checkpoint, state_dict_of
     from cxrlt.core.config import check_dict
     from cxrlt.core.errors import InputError
     from cxrlt.models.model import build_model
 
-    ck = load_checkpoint(path, ours=True)
+    ck = load_checkpoint(path)
     for key in ("config", "labels", "model"):
         if key not in ck:
             raise InputError(f"{path}: not a cxrlt checkpoint (no '{key}' entry)")
+    check_format(ck, path)
     cfg = check_dict(ck["config"], str(path))
     cfg.update(pretrained=False, pretrained_file="", init_checkpoint="")
     model = build_model(cfg, len(ck["labels"]), labels=list(ck["labels"]))

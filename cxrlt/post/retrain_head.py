@@ -536,7 +536,7 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
     run_dir on cache_dir, written to out_dir -> summary."""
     from cxrlt.core import config
     from cxrlt.data.cache import open_cache
-    from cxrlt.models.checkpoint import load_checkpoint
+    from cxrlt.models.checkpoint import check_format, load_checkpoint
     from cxrlt.core.fileio import output_lock
     from cxrlt.pipeline.fingerprints import file_key, inputs_match, touch
     from cxrlt.post.inference import check_cache_size
@@ -548,9 +548,10 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
     src = run_dir / "model.pt"
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
-        ck = load_checkpoint(src, ours=True)
+        ck = load_checkpoint(src)
         if "config" not in ck or "labels" not in ck:
             raise InputError(f"{src}: not a cxrlt checkpoint (no 'config' or 'labels' entry)")
+        check_format(ck, src)
         cfg = config.stage_config(config.check_dict(ck["config"], str(src)), config_files, cfg_overrides, log=log,
                                   stage="cRT")
         method = method or cfg["crt_method"]
