@@ -37,7 +37,6 @@ def test_tracker_import_failure_is_one_warning_and_the_run_goes_on(demo_cache, t
 
 
 def test_tensorboard_event_files_hold_the_epoch_metrics(demo_cache, tmp_path):
-    pytest.importorskip("tensorboard", reason="tensorboard (requirements-dev.txt) not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     recs = _run(demo_cache, tmp_path / "run", "tensorboard")
@@ -52,7 +51,6 @@ def test_tensorboard_event_files_hold_the_epoch_metrics(demo_cache, tmp_path):
 
 
 def test_mlflow_file_store_holds_the_epoch_metrics(demo_cache, tmp_path):
-    pytest.importorskip("mlflow", reason="mlflow (requirements-track.txt) not installed")
     from mlflow.tracking import MlflowClient
 
     recs = _run(demo_cache, tmp_path / "run", "mlflow")
@@ -88,7 +86,6 @@ def _wandb_records(path) -> list[bytes]:
 
 
 def test_wandb_offline_run_holds_the_epoch_metrics(demo_cache, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb (requirements-track.txt) not installed")
     from wandb.proto import wandb_internal_pb2
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -1,5 +1,6 @@
 """Trainer integration tests on the small demo cache (tiny timm model, CPU)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -349,12 +350,32 @@ def _kill_after_first_epoch(cmd, out, env=None):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the whole group: torchrun and its workers
     p.wait()
-    for _ in range(600):  # the workers too are gone (a live one would still hold the run's lock)
-        try:
-            os.killpg(p.pid, 0)
-        except ProcessLookupError:
+    # torchrun may start its workers in sessions of their own: kill whatever still runs on `out`
+    # and wait until it is gone (a live one would still hold the run's lock)
+    for _ in range(600):
+        left = _processes_on(out)
+        if not left:
             break
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
+
+
+def _processes_on(out) -> list[int]:
+    """Live (not zombie) processes whose command line names `out`."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(out) in cmd and state != "Z":
+            pids.append(int(d))
+    return pids
 
 
 # every augmentation on (CLAHE, noise, dropout and the gates: docs/augmentation.md), mixup and cutmix
