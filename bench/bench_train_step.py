@@ -100,6 +100,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def measured_epoch(trainer, epoch: int) -> tuple[dict, int, float]:
+    """trainer_epoch under CUDA's sync-debug mode -> (its stats, host syncs counted, steady-state
+    images/s from the median step gap, else the epoch's own rate)."""
+    import warnings
+
+    import torch
+
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            e = trainer_epoch(trainer, epoch)
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    batch = trainer.cfg["batch_size"]
+    img_s = batch / float(np.median(e["gaps"])) if e["gaps"] else e["images_per_s"]
+    return e, syncs, img_s
+
+
 def trainer_epoch(trainer, epoch: int) -> dict:
     """One Trainer.train_epoch -> per-step gaps (s) of the steady state, the epoch's wall time and
     the Trainer's own stats (images_per_s, data_wait_frac)."""
@@ -332,8 +355,6 @@ def select_rows(model: str | None = None, size: int | None = None, batch: int | 
 
 
 def _gpu_row(cfg: dict, cache: Path, out: Path, fpi: float, peak_tflops: float) -> dict:
-    import warnings
-
     import torch
 
     from cxrlt.training.trainer import Trainer
@@ -343,16 +364,7 @@ def _gpu_row(cfg: dict, cache: Path, out: Path, fpi: float, peak_tflops: float) 
     trainer_epoch(trainer, 0)
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
-        torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            e = trainer_epoch(trainer, 1)
-    finally:
-        if cuda:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
-    img_s = cfg["batch_size"] / float(np.median(e["gaps"])) if e["gaps"] else e["images_per_s"]
+    e, syncs, img_s = measured_epoch(trainer, 1)
     peak, name = peak_flops(trainer.device)
     peak = peak_tflops * 1e12 if peak_tflops else peak
     return {"images_per_s": img_s, "epoch_images_per_s": e["images_per_s"], "data_wait_frac": e["data_wait_frac"],

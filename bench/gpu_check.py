@@ -173,11 +173,7 @@ def bare_step(ctx: Context, compiled: bool) -> dict:
 
 
 def _trainer_row(ctx: Context, cfg: dict, size: int) -> dict:
-    import warnings
-
-    import torch
-
-    from bench_train_step import trainer_epoch
+    from bench_train_step import measured_epoch, trainer_epoch
     from cxrlt.training.trainer import Trainer
 
     fpi = ctx.flops(cfg, size)
@@ -186,17 +182,7 @@ def _trainer_row(ctx: Context, cfg: dict, size: int) -> dict:
     cuda = tr.device.type == "cuda"
     trainer_epoch(tr, 0)  # warm-up epoch: compilation, autotuning, worker start
     _reset_mem(tr.device)
-    if cuda:
-        torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            e = trainer_epoch(tr, 1)
-    finally:
-        if cuda:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
-    img_s = cfg["batch_size"] / float(np.median(e["gaps"])) if e["gaps"] else e["images_per_s"]
+    e, syncs, img_s = measured_epoch(tr, 1)
     row = {"model": cfg["model"], "head": cfg["head"], "size": size, "batch": cfg["batch_size"],
            "compile": cfg["compile"], "compiled": tr.compiled, "grad_checkpointing": tr.grad_checkpointing,
            "workers": cfg["workers"], "images_per_s": img_s, "flops_per_image": fpi, "mfu": _mfu(img_s, fpi, tr.device),
