@@ -45,7 +45,9 @@ def main(argv=None) -> int:
         from cxrlt.core.errors import InputError
 
         raise InputError(f"--n-boot {a.n_boot}: use at least 10 resamples (1000 for a real report)")
-    spec.report(a.manifest, [tuple(r) for r in a.run], a.out, a.n_boot)
+    from cxrlt.studies import report
+
+    report.report(a.manifest, [tuple(r) for r in a.run], a.out, a.n_boot)
     return 0
 
 

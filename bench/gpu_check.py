@@ -283,7 +283,7 @@ def predict(ctx: Context, batch: int) -> dict:
 
 def crt_extract(ctx: Context) -> dict:
     from cxrlt.data.cache import open_cache
-    from cxrlt.post.retrain_head import extract_features
+    from cxrlt.post.features import extract_features
 
     s = ctx.s
     model, dev = _eval_model(s, s["v2b"], head="csra")

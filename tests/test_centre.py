@@ -187,6 +187,7 @@ def test_study_report_gives_mAP_per_centre_next_to_the_overall(tmp_path):
     """Two variants on one val fold of a mixed cache: each centre's columns are that centre's rows
     scored apart, and a centre with too few val images is written as such."""
     from cxrlt.data.cache_build import build_train_cache
+    from cxrlt.studies import report as study_report
     from cxrlt.studies import spec
 
     (tmp_path / "images").mkdir()
@@ -218,7 +219,7 @@ def test_study_report_gives_mAP_per_centre_next_to_the_overall(tmp_path):
         p = np.clip(0.25 + 0.5 * y + noise * rng.standard_normal(y.shape), 0, 1)
         pd.DataFrame(p, columns=labels).assign(ImageID=ids)[["ImageID", *labels]].to_csv(d / "pred_val.csv", index=False)
         runs.append((r["stem"], str(d), str(tmp_path / "cache")))
-    spec.report(tmp_path / "state" / "studies" / "cs" / "study.json", runs, tmp_path / "report", n_boot=100)
+    study_report.report(tmp_path / "state" / "studies" / "cs" / "study.json", runs, tmp_path / "report", n_boot=100)
     t = pd.read_csv(tmp_path / "report" / "table.csv")
     names = sorted(set(centres))
     assert "padchest" in names and "nih" in names

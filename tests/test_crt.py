@@ -1,4 +1,4 @@
-"""cxrlt.post.retrain_head pieces on small tensors: head re-initialisation, tau, the feature cache choice, the config."""
+"""cxrlt.post.retrain_head and cxrlt.post.features pieces on small tensors: head re-initialisation, tau, the feature cache choice, the config."""
 
 import json
 from types import SimpleNamespace
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cxrlt.core import config
-from cxrlt.post.retrain_head import (CachedInputs, check_tau_applies, choose_feature_cache, head_distance,
-                       starting_head, tau_normalise, train_head)
+from cxrlt.post.features import CachedInputs, choose_feature_cache
+from cxrlt.post.retrain_head import check_tau_applies, head_distance, starting_head, tau_normalise, train_head
 from cxrlt.core.errors import InputError
 from cxrlt.evaluation.metrics import average_precision_per_label
 from cxrlt.models.model import build_head

@@ -70,7 +70,7 @@ def test_fields_and_earlier_records(tmp_path):
 
 def test_trainer_writes_it_and_the_report_shows_it(demo_cache, tmp_path, capsys):
     from cxrlt.evaluation.report import evaluate
-    from cxrlt.studies.spec import provenance_footnote
+    from cxrlt.studies.report import provenance_footnote
 
     out = tmp_path / "run"
     train(tiny_cfg(epochs=1, max_train_batches=1), str(demo_cache), str(out))

@@ -5,7 +5,8 @@ import json
 
 from conftest import tiny_cfg
 from cxrlt.pipeline import runs as R
-from cxrlt.training.trainer import Trainer, changed_keys, train
+from cxrlt.training.run_folder import changed_keys
+from cxrlt.training.trainer import Trainer, train
 
 
 def test_moved_aside_run_names_the_changed_keys_and_is_reused_elsewhere(demo_cache, tmp_path):

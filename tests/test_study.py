@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, run_script
 from cxrlt.evaluation import metrics as M
 from cxrlt.pipeline import plan
+from cxrlt.studies import report as study_report
 from cxrlt.studies import spec
 from cxrlt.core.errors import InputError
 
@@ -202,7 +203,7 @@ def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estima
     y = val_targets(label_cache)
     man, runs = fake_runs(tmp_path, label_cache, {"two.good": noisy(y, 0.3, 1), "two.weak": noisy(y, 0.9, 2)}, f)
     out = tmp_path / "report"
-    spec.report(man, runs, out, n_boot=N_BOOT)
+    study_report.report(man, runs, out, n_boot=N_BOOT)
     t = pd.read_csv(out / "table.csv")
     assert list(t["variant"]) == ["good", "weak"] and list(t["baseline"]) == [1, 0] and list(t["runs"]) == [1, 1]
     for _, r in t.iterrows():
@@ -226,10 +227,10 @@ def test_a_two_variant_study_gives_one_row_each_with_intervals_around_the_estima
         assert (out / png).stat().st_size > 5000
     # same inputs again: only touched (Make settles); an edited prediction file: redone
     text = (out / "table.csv").read_text()
-    assert spec.report(man, runs, out, n_boot=N_BOOT) == {"up_to_date": True}
+    assert study_report.report(man, runs, out, n_boot=N_BOOT) == {"up_to_date": True}
     pd.DataFrame(pd.read_csv(Path(runs[1][1]) / "pred_val.csv")).assign(**{pl["label"][0]: 0.5}).to_csv(
         Path(runs[1][1]) / "pred_val.csv", index=False)
-    assert "table" in spec.report(man, runs, out, n_boot=N_BOOT)
+    assert "table" in study_report.report(man, runs, out, n_boot=N_BOOT)
     assert (out / "table.csv").read_text() != text
 
 
@@ -237,7 +238,7 @@ def test_the_paired_difference_of_a_run_with_itself_is_zero_with_a_zero_width_in
     f = write_study(tmp_path, "name: same\nvariants: {a: {}, b: {tta: flip}}\n")
     p = noisy(val_targets(label_cache), 0.5, 3)
     man, runs = fake_runs(tmp_path, label_cache, {"same.a": p, "same.b": p.copy()}, f)
-    spec.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
+    study_report.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
     b = pd.read_csv(tmp_path / "r" / "table.csv").iloc[1]
     assert (b["diff_mAP"], b["diff_low"], b["diff_high"], b["p_better"]) == (0, 0, 0, 0)
 
@@ -248,7 +249,7 @@ def test_several_seeds_report_mean_and_sd_and_the_interval_of_the_mean(tmp_path,
     pa, pb0, pb1 = noisy(y, 0.4, 4), noisy(y, 0.6, 5), noisy(y, 0.6, 6)
     preds = {"seeds.a": pa, "seeds.a.s1": pa.copy(), "seeds.b": pb0, "seeds.b.s1": pb1}
     man, runs = fake_runs(tmp_path, label_cache, preds, f)
-    spec.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
+    study_report.report(man, runs, tmp_path / "r", n_boot=N_BOOT)
     t = pd.read_csv(tmp_path / "r" / "table.csv")
     a, b = t.iloc[0], t.iloc[1]
     assert list(t["runs"]) == [2, 2] and a["mAP_sd"] == 0 and b["mAP_sd"] > 0

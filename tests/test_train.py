@@ -1,6 +1,7 @@
 """Trainer integration tests on the small demo cache (tiny timm model, CPU)."""
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ import torch
 from conftest import ROOT, run_script, tiny_cfg
 from cxrlt.models.checkpoint import load_checkpoint
 from cxrlt.core.errors import InputError
-from cxrlt.core.fileio import read_jsonl
+from cxrlt.core.fileio import lock_path, read_jsonl
 from cxrlt.post.inference import load_trained
-from cxrlt.training.trainer import EMA, Trainer, lr_multiplier, train
+from cxrlt.training.ema import EMA
+from cxrlt.training.schedule import lr_multiplier
+from cxrlt.training.trainer import Trainer, train
 
 
 def _train_args(cache, out, *extra):
@@ -156,7 +159,7 @@ def test_other_train_keys_move_the_run_aside_and_an_earlier_run_is_restored(demo
 
 
 def test_init_checkpoint_content_is_part_of_the_train_key(demo_cache, tmp_path):
-    from cxrlt.training.trainer import run_train_key
+    from cxrlt.training.run_folder import run_train_key
 
     src = tmp_path / "src"
     train(tiny_cfg(epochs=1), str(demo_cache), str(src))
@@ -360,6 +363,27 @@ def _kill_after_first_epoch(cmd, out, env=None):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
+    # a process in the middle of exiting has no command line yet still holds its files: wait until
+    # the run's lock is free (the condition the resume needs)
+    for _ in range(600):
+        if _lock_free(out):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{out}: its lock is still held after the kill")
+
+
+def _lock_free(out) -> bool:
+    path = lock_path(out)
+    if not path.exists():
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases it again
 
 
 def _processes_on(out) -> list[int]:
@@ -476,7 +500,7 @@ def test_resume_with_another_world_size_keeps_the_global_batch(single_and_two_no
 
 
 def test_resume_accum_steps_keeps_the_global_batch_or_names_the_world_sizes_that_do():
-    from cxrlt.training.trainer import resume_accum_steps
+    from cxrlt.training.run_folder import resume_accum_steps
 
     # 4 processes x 8 x accum 2 = 64: 8 processes need 1 micro-batch, 1 process needs 8
     assert [resume_accum_steps(64, 4, 8, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
@@ -490,7 +514,7 @@ def test_resume_accum_steps_keeps_the_global_batch_or_names_the_world_sizes_that
 
 def _lr_sequence(cfg, num_rows, world, accum, epochs):
     """The backbone LR at every optimizer step of `epochs` epochs, as the Trainer sets it."""
-    from cxrlt.training.trainer import epoch_shape, lr_scale_factor
+    from cxrlt.training.schedule import epoch_shape, lr_scale_factor
 
     g = cfg["batch_size"] * world * accum
     _, steps = epoch_shape(num_rows, cfg["batch_size"], world, accum)
@@ -514,7 +538,7 @@ def test_one_process_accumulating_8_and_8_processes_have_the_same_schedule():
 
 
 def test_lr_scale_follows_the_global_batch_against_lr_ref_batch():
-    from cxrlt.training.trainer import lr_scale_factor
+    from cxrlt.training.schedule import lr_scale_factor
 
     base = dict(batch_size=32, lr=1e-3)
     assert lr_scale_factor(tiny_cfg(**base), 256) == 1.0  # lr_ref_batch 0: as given

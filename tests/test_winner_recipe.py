@@ -14,7 +14,8 @@ from cxrlt.core.errors import ConfigError, InputError
 from cxrlt.data.cache import open_cache
 from cxrlt.data.samplers import build_sampler, repeat_factors
 from cxrlt.models.losses import build_loss, margin_bce_margins
-from cxrlt.training.trainer import Trainer, lr_multiplier, param_groups
+from cxrlt.training.schedule import lr_multiplier, param_groups
+from cxrlt.training.trainer import Trainer
 
 CFG = dict(config.DEFAULTS)
 

@@ -4,27 +4,6 @@ cRT: freeze the trained backbone, re-initialise the head (crt_reinit, seeded by 
 the head's own reset_parameters: every parameter, biases included) or keep it (fine-tuning), and
 train only the head with crt_sampler batches (class-aware by default), crt_loss on real logits.
 
-Head inputs (`model.head_input`: pooled (F,) features for linear/cosine heads, the (F, h, w) map
-for CSRA) do not change while the backbone is frozen and augmentation is off, so by default they
-are computed once and cached on disk in the output folder as row files (cxrlt.data.rowfile, ordinary
-.npy arrays read back by row index, resident memory bounded whatever their size):
-
-  features_train.npy   (n_train, *head input)  the train rows (cache rows not in val_fold), index order
-  features_val.npy     (n_val, *head input)    the val_fold rows, index order
-
-crt_feature_cache chooses how (printed at the start with the disk it needs):
-  float32  exact: the original head scored on them reproduces the run's val mAP
-  float16  half the disk (a CSRA map of convnextv2_base at 512 px is 1024x16x16: 0.5 MiB/image in
-           float16); the scores move by ~1e-3 mAP
-  off      no cache: the frozen backbone runs on every batch of every cRT epoch (and on the val
-           rows after each epoch), E backbone passes instead of one, no disk
-  auto     float32 for pooled heads, float16 for map heads, when that fits on the disk with 1 GiB to
-           spare; else off
-Each feature file carries a fingerprint (sidecar `.features_<split>.npy.inputs.json`, see
-cxrlt.pipeline.fingerprints) of the weights (file key of the source model.pt), the cache (its content
-key), the rows, the dtype and the precision they were computed in; a file whose fingerprint
-differs is deleted and extracted again.
-
 tau-normalisation (`--method tau`, training-free): w_j <- w_j / ||w_j||^tau for each class weight,
 tau chosen on the val fold from TAU_GRID (tau = 0 is the unchanged head). It multiplies class j's
 scores by a positive constant, which leaves the ranking of the images for that label (its AP,
@@ -53,51 +32,42 @@ model.pt (the full model with the chosen head, written last; its sidecar `.model
 records what it was built from: weights, cache, crt_* keys, seed and the selection keys select_on /
 proxy_require_finding; the stage is up to date, and only touches model.pt, when those match).
 
-metrics.jsonl (cRT), one line per head epoch: epoch, train_loss, val_mAP (full val fold), val_mAUC
-(full), val_proxy_mAP, val_select_mAP (selection set), select_on, val_honest_mAP (the honest number
-of the choice among the original head and the epochs so far), best (the head kept so far: -1 the
-original head, else the 0-based cRT epoch), time_s. Undefined values (no positive) are null.
-
-summary.json: method, source, feature_cache, head_input, feature_seconds, head_train_seconds,
-  select_on, describe (the val subsets in words), sets {full, proxy, half_a, half_b: images};
-  original {val_mAP, val_proxy_mAP, val_select_mAP} (the source run's head) and original_mAP (its
-  val_mAP); best {epoch (-1: original head) and source, or tau; val_mAP, val_proxy_mAP,
-  val_select_mAP}: the head kept; half_choices [chosen on half A, chosen on half B] (epochs or taus);
-  val_mAP, val_mAUC (full val fold, of the head kept), val_proxy_mAP, val_select_mAP,
-  val_honest_mAP (the number to quote), honest_gain (its gain over the original head, halves
-  basis); cRT also reinit and head_distance {start_to_trained, end_to_start, end_to_trained},
-  tau also grid [{tau, val_mAP, val_proxy_mAP, val_select_mAP}]. crt_method none: method, source,
-  original_mAP = val_mAP (the run's best_map), and the run's val_proxy_mAP / val_honest_mAP.
+The fields of metrics.jsonl and summary.json: docs/formats.md ("cRT folder").
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cxrlt.core import config, provenance
 from cxrlt.core.errors import InputError
-from cxrlt.core.fileio import append_jsonl, torch_save, write_json
-from cxrlt.data.rowfile import RowFile, RowWriter, shape_of
+from cxrlt.core.fileio import append_jsonl, output_lock, torch_save, write_json
+from cxrlt.data.cache import open_cache
+from cxrlt.data.labelmask import annotated_counts, has_unannotated
+from cxrlt.data.samplers import build_sampler
+from cxrlt.evaluation.metrics import score
+from cxrlt.evaluation.selection import (choose, json_float, named_scores, score_row, set_sizes, unlabelled_sets,
+                                        val_sets)
+from cxrlt.models.checkpoint import check_format, load_checkpoint
+from cxrlt.models.losses import build_loss
+from cxrlt.models.model import CSRA_MAX_TEMPERATURE
+from cxrlt.pipeline.fingerprints import file_key, inputs_match, record_inputs, touch
 from cxrlt.pipeline.stage_inputs import crt_keys
+from cxrlt.post.features import classify_fp32, prepare_inputs
+from cxrlt.post.inference import check_cache_size, load_trained
+from cxrlt.training.device import pick_device
 
 TAU_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
-FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
-DISK_SPARE = 1 << 30  # free disk a feature cache must leave
 
 
 # ---- configuration and fingerprints --------------------------------------------------------------
-
-def rows_key(rows) -> str:
-    return hashlib.sha256(np.asarray(rows, dtype="<i8").tobytes()).hexdigest()[:16]
-
 
 # ---- heads: re-initialisation, tau, distances ----------------------------------------------------
 
@@ -142,7 +112,6 @@ def tau_normalise(head, tau: float):
 
 def check_tau_applies(cfg: dict) -> None:
     """InputError naming the head when tau-normalisation cannot change its val mAP (module doc)."""
-    from cxrlt.models.model import CSRA_MAX_TEMPERATURE
 
     head = cfg["head"]
     positive = ("w_j/||w_j||^tau multiplies each label's score by a positive constant before its bias, which "
@@ -166,205 +135,6 @@ def check_tau_applies(cfg: dict) -> None:
                          f"{CSRA_MAX_TEMPERATURE:g})")
 
 
-# ---- head inputs: cached row files or the backbone on the fly -------------------------------------
-
-def _image_loader(images_path, rows, batch_size: int, workers: int, device):
-    from cxrlt.data.dataset import CacheDataset, make_loader
-
-    return make_loader(CacheDataset(images_path, rows, num_classes=1), batch_size, workers=workers,
-                       pin_memory=device.type == "cuda")
-
-
-def _backbone_fn(model):
-    from cxrlt.post.inference import model_input
-
-    cl = _is_channels_last(model)
-    return lambda x: model.head_input(model_input(model, x, channels_last=cl))
-
-
-def _is_channels_last(model) -> bool:
-    """True when the model's weights were put in channels_last (run() does on a GPU with cfg
-    channels_last): its inputs are then given that layout too."""
-    w = next((p for p in model.parameters() if p.ndim == 4), None)
-    return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-
-
-def head_input_shape(model, images_path, row: int, device, amp: bool) -> tuple[int, ...]:
-    """The shape of one image's head input ((F,) pooled, (F, h, w) map), from one forward pass."""
-    from cxrlt.post.inference import batched_forward
-
-    loader = _image_loader(images_path, [int(row)], 1, 0, device)
-    return tuple(batched_forward(model, loader, _backbone_fn(model), device, amp)[1].shape[1:])
-
-
-def extract_features(model, images_path, rows, device, path, dtype=np.float32, shape=None, batch_size: int = 64,
-                     workers: int = 2, amp: bool = True, desc: str = "features") -> Path:
-    """Write the head inputs of cache `rows` into the row file `path`, batch by batch (`shape`:
-    one row's, when the caller knows it)."""
-    from cxrlt.post.inference import forward_batches
-
-    shape = shape or head_input_shape(model, images_path, rows[0], device, amp)
-    loader = _image_loader(images_path, rows, batch_size, workers, device)
-    tdtype = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
-    cuda = torch.device(device).type == "cuda"
-    with RowWriter(path, (len(rows), *shape), dtype) as w, _WriterThread(w) as writer:
-        i = 0
-        for _, f in forward_batches(model, loader, _backbone_fn(model), device, amp, progress=True, desc=desc):
-            f = f.to(tdtype)  # converted where it was computed (on a GPU: not by the CPU)
-            if cuda:  # an asynchronous copy into pinned memory; the writer waits for its event
-                host = torch.empty(f.shape, dtype=tdtype, pin_memory=True)
-                host.copy_(f, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-            else:
-                host, done = f, None
-            writer.put(i, host, done)
-            i += len(f)
-    return Path(path)
-
-
-class _WriterThread:
-    """Writes (start row, CPU tensor, CUDA event or None) batches into a RowWriter from a thread,
-    in order, each after its event (its device->host copy) completed; at most MAX_PENDING batches
-    wait (the GPU runs ahead of the disk by that much). An error in the thread is raised by the
-    next put() or by the end of the `with` block."""
-
-    MAX_PENDING = 4
-
-    def __init__(self, writer):
-        import queue
-        import threading
-
-        self.w = writer
-        self.q = queue.Queue(self.MAX_PENDING)
-        self.error = None
-        self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue  # drain after an error
-            i, host, done = item
-            try:
-                if done is not None:
-                    done.synchronize()
-                self.w.write(i, host.numpy())
-            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
-                self.error = e
-
-    def put(self, i: int, host, done) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put((i, host, done))
-
-    def __exit__(self, *exc) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None and exc[0] is None:
-            raise self.error
-
-
-def _classify_fp32(head, f: torch.Tensor) -> torch.Tensor:
-    """head.classify in float32 whatever autocast is active (the head is trained in float32)."""
-    with torch.autocast(f.device.type, enabled=False):
-        return head.classify(f.float())
-
-
-def head_probs(head, feats, device, batch_size: int = 1024) -> np.ndarray:
-    """sigmoid(head.classify(features)) for an (n, ...) feature array or row file -> (n, C) float32."""
-    from cxrlt.post.inference import batched_forward, feature_batches
-
-    return batched_forward(head, feature_batches(feats, batch_size), lambda f: torch.sigmoid(head.classify(f)),
-                           device)[1]
-
-
-class CachedInputs:
-    """Head inputs of a set of rows, read from a row file."""
-
-    def __init__(self, path):
-        self.file = RowFile(path)
-
-    def __len__(self) -> int:
-        return len(self.file)
-
-    def batches(self, order: np.ndarray, batch_size: int, device):
-        for s in range(len(order) // batch_size):
-            yield torch.from_numpy(self.file[order[s * batch_size:(s + 1) * batch_size]]).to(device).float()
-
-    def probs(self, head, device) -> np.ndarray:
-        return head_probs(head, self.file, device)
-
-
-class BackboneInputs:
-    """Head inputs of a set of rows computed by the frozen backbone at every use (no cache)."""
-
-    def __init__(self, model, images_path, rows, device, amp: bool, workers: int, batch_size: int = 64):
-        self.model, self.images_path, self.rows = model, images_path, np.asarray(rows, dtype=np.int64)
-        self.device, self.amp, self.workers, self.batch_size = device, amp, workers, batch_size
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batches(self, order: np.ndarray, batch_size: int, device):
-        from cxrlt.post.inference import forward_batches
-
-        n = len(order) // batch_size * batch_size  # whole batches, as CachedInputs
-        loader = _image_loader(self.images_path, self.rows[order[:n]], batch_size, self.workers, device)
-        for _, f in forward_batches(self.model, loader, _backbone_fn(self.model), device, self.amp):
-            yield f.float()
-
-    def probs(self, head, device) -> np.ndarray:
-        from cxrlt.post.inference import batched_forward
-
-        fn = _backbone_fn(self.model)
-        head.eval()
-        loader = _image_loader(self.images_path, self.rows, self.batch_size, self.workers, device)
-        return batched_forward(self.model, loader, lambda x: torch.sigmoid(_classify_fp32(head, fn(x))), device,
-                               self.amp)[1]
-
-
-def choose_feature_cache(setting: str, head_input: tuple, need_bytes: dict, free_bytes: int,
-                         where) -> tuple[str, str]:
-    """-> (mode "float32" | "float16" | "off", a line saying why). need_bytes: dtype name -> bytes
-    still to write for that dtype. InputError when an explicit dtype does not fit on the disk."""
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    is_map = len(head_input) > 1
-    what = f"{'map' if is_map else 'pooled'} head inputs {'x'.join(map(str, head_input))}"
-    fits = {d: need_bytes[d] + DISK_SPARE <= free_bytes for d in FEATURE_DTYPES}
-    if setting == "off":
-        return "off", f"{what}; crt_feature_cache off: the frozen backbone runs every cRT epoch (no disk)"
-    if setting in FEATURE_DTYPES:
-        if not fits[setting]:
-            raise InputError(f"{where}: crt_feature_cache {setting} needs {gb(need_bytes[setting])} of disk "
-                             f"for the cRT features and {gb(free_bytes)} is free (1 GiB kept spare); free some, "
-                             f"or set crt_feature_cache float16 (half) or off (backbone every cRT epoch)")
-        return setting, f"{what}; crt_feature_cache {setting}: {gb(need_bytes[setting])} to write in {where}"
-    want = "float16" if is_map else "float32"
-    if fits[want]:
-        return want, (f"{what}; crt_feature_cache auto -> {want} cache on disk: {gb(need_bytes[want])} to write "
-                      f"in {where} ({gb(free_bytes)} free)")
-    return "off", (f"{what}; crt_feature_cache auto -> off: the {want} cache needs {gb(need_bytes[want])} and "
-                   f"{where} has {gb(free_bytes)} free, so the frozen backbone runs every cRT epoch")
-
-
-def feature_fingerprint(model_key: str, data_key: str, rows, dtype: str, precision: str) -> dict:
-    return {"model": model_key, "cache": data_key, "rows": rows_key(rows), "dtype": dtype, "precision": precision}
-
-
-def _feature_file_ok(path: Path, fp: dict, n_rows: int) -> bool:
-    from cxrlt.pipeline.fingerprints import inputs_match
-
-    got = shape_of(path)
-    return got is not None and got[0][0] == n_rows and inputs_match(path, fp)
-
-
 # ---- cRT -------------------------------------------------------------------------------------------
 
 class HeadChoice:
@@ -378,21 +148,17 @@ class HeadChoice:
     def add(self, probs: np.ndarray) -> tuple[dict, dict, bool]:
         """Score one candidate's val probabilities -> (metrics.score of the full fold, choose()
         over the candidates so far, whether this candidate is now the one kept)."""
-        from cxrlt.evaluation.metrics import score
-        from cxrlt.evaluation.selection import choose, score_row
 
         self.table.append(score_row(self.y, self.sets, lambda idx: probs[idx]))
         sel = choose(self.table, self.so)
         return score(self.y, probs), sel, sel["choice"] == len(self.table) - 1
 
     def scores(self, i: int) -> dict:
-        from cxrlt.evaluation.selection import named_scores
 
         return named_scores(self.table[i], self.so)
 
     def summary(self, sel: dict) -> dict:
         """The selection fields every head method's summary has (module doc)."""
-        from cxrlt.evaluation.selection import json_float, set_sizes
 
         return {"select_on": self.so, "describe": self.sets["describe"], "sets": set_sizes(self.sets),
                 "original": self.scores(0), "val_honest_mAP": json_float(sel["honest"]),
@@ -400,7 +166,6 @@ class HeadChoice:
 
 
 def _val_sets(y_val, sets):
-    from cxrlt.evaluation.selection import unlabelled_sets
 
     return sets if sets is not None else unlabelled_sets(y_val)
 
@@ -412,10 +177,6 @@ def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path,
     full set is the selection set). Returns (kept head, last re-trained head, info dict). Logs one
     line per epoch to out_dir/metrics.jsonl.
     """
-    from cxrlt.models.losses import build_loss
-    from cxrlt.data.labelmask import annotated_counts, has_unannotated
-    from cxrlt.data.samplers import build_sampler
-    from cxrlt.evaluation.selection import json_float
 
     counts, annotated = annotated_counts(y_tr)  # over annotated entries (NaN = unannotated)
     start = starting_head(model.head, cfg["crt_reinit"], cfg["seed"])
@@ -444,7 +205,7 @@ def train_head(model, train_in, y_tr, val_in, y_val, cfg, device, out_dir: Path,
         tot, t0 = torch.zeros((), device=device), time.perf_counter()
         for s, f in enumerate(train_in.batches(idx, bs, device)):
             b = idx[s * bs:(s + 1) * bs]
-            loss = loss_fn(_classify_fp32(head, f), y_t[b].to(device))
+            loss = loss_fn(classify_fp32(head, f), y_t[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -490,56 +251,10 @@ def _tau_search(model, val_in, y_va, device, log, sets=None):
         "half_choices": [{"tau": TAU_GRID[i]} for i in sel["half_choices"]]}
 
 
-def prepare_inputs(model, cache, splits: dict, out: Path, cfg: dict, model_key: str, device, amp: bool, log=print):
-    """Head inputs for each split ({name: rows}) -> ({name: CachedInputs | BackboneInputs}, info)."""
-    from cxrlt.pipeline.fingerprints import record_inputs
-
-    for name, rows in splits.items():
-        if not len(rows):
-            raise InputError(f"{cache.path}: no {name} rows for val_fold {cfg['val_fold']}")
-    precision = "bf16" if amp and device.type == "cuda" else "fp32"
-    images = cache.images_path
-    shape = head_input_shape(model, images, splits["train"][0], device, amp)
-    per_row = int(np.prod(shape))
-    fps, need = {}, {d: 0 for d in FEATURE_DTYPES}
-    for d in FEATURE_DTYPES:
-        for name, rows in splits.items():
-            fp = feature_fingerprint(model_key, cache.key, rows, d, precision)
-            fps[name, d] = fp
-            if not _feature_file_ok(out / f"features_{name}.npy", fp, len(rows)):
-                need[d] += len(rows) * per_row * np.dtype(d).itemsize
-    mode, why = choose_feature_cache(cfg["crt_feature_cache"], shape, need, shutil.disk_usage(out).free, out)
-    log(f"cRT features: {why}")
-    inputs, t0 = {}, time.perf_counter()
-    for name, rows in splits.items():
-        path = out / f"features_{name}.npy"
-        if mode == "off":
-            inputs[name] = BackboneInputs(model, images, rows, device, amp, cfg["workers"])
-            continue
-        fp = fps[name, mode]
-        if _feature_file_ok(path, fp, len(rows)):
-            log(f"cRT features: {path.name} matches the weights and rows: reused")
-        else:
-            if path.exists():
-                log(f"cRT features: {path.name} was computed from other weights, rows or precision: re-extracting")
-            path.unlink(missing_ok=True)  # first, so that the stale and the new file never hold the disk together
-            extract_features(model, images, rows, device, path, FEATURE_DTYPES[mode], shape, workers=cfg["workers"],
-                             amp=amp, desc=f"features {name}")
-            record_inputs(path, fp)
-        inputs[name] = CachedInputs(path)
-    return inputs, {"feature_cache": mode, "head_input": list(shape), "feature_seconds": time.perf_counter() - t0}
-
-
 def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: str | None = None,
         device_name: str | None = None, config_files=(), log=print) -> dict:
     """retrain_head.py: cRT, tau or nothing (`method`, default: the config's crt_method) for the run in
     run_dir on cache_dir, written to out_dir -> summary."""
-    from cxrlt.core import config
-    from cxrlt.data.cache import open_cache
-    from cxrlt.models.checkpoint import check_format, load_checkpoint
-    from cxrlt.core.fileio import output_lock
-    from cxrlt.pipeline.fingerprints import file_key, inputs_match, touch
-    from cxrlt.post.inference import check_cache_size
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run_dir.resolve():
         raise InputError(f"{out}: retrain_head.py never writes into the backbone run folder; use e.g. {run_dir}/crt")
@@ -570,7 +285,6 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
             touch(target)
             log(f"{target}: up to date (same weights, cache and crt_* keys)")
             return json.loads((out / "summary.json").read_text(encoding="utf-8"))
-        from cxrlt.core import provenance
         provenance.write(out / "provenance.json")
         if method == "none":
             return _keep_head(src, ck, out, cfg, stage_inputs, log)
@@ -582,7 +296,6 @@ def run(run_dir, cache_dir, out_dir, cfg_overrides: dict | None = None, method: 
 def _keep_head(src: Path, ck: dict, out: Path, cfg: dict, stage_inputs: dict, log) -> dict:
     """crt_method none: the run's own model, as trained, is the head stage's output (a study's
     "no post-training" variant shares the backbone run with the cRT variants)."""
-    from cxrlt.pipeline.fingerprints import record_inputs
 
     trained = ck.get("selection") or {}  # how the run chose its epoch (cxrlt/training/trainer.py)
     summary = {"method": "none", "source": str(src), "original_mAP": ck.get("best_map"), "val_mAP": ck.get("best_map"),
@@ -596,11 +309,6 @@ def _keep_head(src: Path, ck: dict, out: Path, cfg: dict, stage_inputs: dict, lo
 
 def _build(src: Path, cache, out: Path, cfg: dict, method: str, stage_inputs: dict, model_key: str,
            device_name: str, log) -> dict:
-    from cxrlt.training.device import pick_device
-    from cxrlt.pipeline.fingerprints import record_inputs
-    from cxrlt.post.inference import load_trained
-    from cxrlt.evaluation.metrics import score
-    from cxrlt.evaluation.selection import val_sets
 
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a re-run starts the head log afresh
     device = pick_device(device_name)

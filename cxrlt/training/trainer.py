@@ -26,12 +26,8 @@ ensemble, not a trained run's best epoch: that needs a retrain (another --out). 
 model.pt for another select_on would need every epoch's weights kept (or one best.pt per subset,
 and patience would still have stopped on the old subset), so it is not done.
 
-metrics.jsonl, one line per epoch: epoch, lr, train_loss, images_per_s, data_wait_frac,
-train_time_s, val_mAP (full val fold), val_mAUC (full), val_proxy_mAP, val_select_mAP (on the
-selection set), select_on ("proxy" | "full"), val_honest_mAP (the cross-fitted number of the
-best-epoch choice so far), best_epoch (the choice so far, 0-based), chance_mAP, drw_active,
-val_ap {label: AP on the full fold}. A value that is undefined (a subset without any positive)
-is null.
+metrics.jsonl (one line per epoch), last.pt / best.pt / model.pt / swa.pt and run.json: docs/formats.md
+("Run folder").
 
 Exact resume: every source of randomness is re-seeded from (seed, epoch) at the start of an
 epoch, the sampler's order and the augmentations are pure functions of (seed, epoch, row), mixup /
@@ -46,29 +42,9 @@ the count is read (one sync) every cfg nan_check_steps batches and at the end of
 a non-zero count stops the run (all ranks agree: the count is summed across them). EMA updates
 are one fused foreach lerp over all tensors.
 
-Run folder (--out) and its keys (see DESIGN "Run folder keys"):
-  run.json   {"train_key", "data_key", "tag", "image_size", "world_size", "global_batch",
-              "accum_steps", "epochs_done", "best_map" (full val mAP of the best epoch), "best_epoch",
-              "bad_epochs", "selection"} rewritten at the start and after every epoch (after
-             last.pt). "selection" (also in every checkpoint): {"select_on", "proxy_require_finding",
-             "best_epoch", "val_mAP", "val_proxy_mAP", "val_select_mAP", "val_honest_mAP" (of the
-             best epoch; honest: of the choice over the epochs so far), "sets" {full, proxy,
-             half_a, half_b: images}, "describe"}. train_key = config.train_key of the config (epochs
-             and patience left out, so they can be raised), combined with the content key of
-             init_checkpoint when one is set; data_key = the training cache's content key;
-             tag = 8 hex of both.
-  provenance.json  the code (git commit, dirty), packages, GPUs, host and command line of the
-             latest start that trained (earlier starts under "earlier"; cxrlt/core/provenance.py).
-  A start on a folder that holds a run (last.pt) needs resume=True (train.py --resume), then:
-  - same keys: continue from last.pt. A finished run (epochs reached, or stopped by patience)
-    whose epochs/patience were raised continues to the new end (the LR schedule follows the new
-    epoch count) and rewrites model.pt; a finished run not extended is "up to date": model.pt
-    is touched (so that Make settles) and nothing is built.
-  - other keys: the folder is moved aside to `<out>@<its tag>` (said in the log, with the train
-    keys that changed: `lr 0.001 -> 0.002`); when `<out>@<tag of the new keys>` exists (an
-    earlier run with exactly these keys), or else any `<other>@<that tag>` beside it (moved aside
-    under another config's name), it is moved back and continued, else training starts afresh.
-  A cache of another image size than the run's (or than a non-zero cfg img_size) is refused.
+Run folder, its keys, moved-aside runs and world-size resume: cxrlt/training/run_folder.py; the
+LR schedule in optimizer steps and the global batch: cxrlt/training/schedule.py; the files:
+docs/formats.md ("Run folder").
 
 Checkpoints: at the end of an epoch rank 0 copies best.pt's and last.pt's tensors to CPU memory
 (pinned buffers on a GPU, reused every epoch) and a thread writes them (models/checkpoint.py
@@ -77,31 +53,13 @@ epoch trains; the barrier after an epoch waits for that copy only. A save waits 
 it, and the end of fit() (also after an error) waits for the last one, as does the interpreter at
 exit; a kill during a write keeps the previous file.
 
-Learning rate and global batch: an epoch is N // G optimizer steps (N sampled rows, G =
-batch_size x processes x accum_steps), and warm-up, cosine and DRW are counted in optimizer steps,
-so 1 GPU x accum_steps 8 and 8 GPUs x 1 run the same schedule at the same LR step by step
-(epoch_shape). The configured lr, head_lr and min_lr are for the global batch lr_ref_batch (0 =
-whatever G the run has: used as given, the old rule); lr_scale linear / sqrt multiplies them by
-G / lr_ref_batch or its square root (timm's rule), none uses them as given. The first log line
-of a run says G, the steps per epoch, the warm-up steps and the effective LRs; run.json records
-global_batch, steps_per_epoch, lr_factor and effective_lr.
-
-World size: last.pt and run.json record the world size W and the global batch
-G = batch_size x W x accum_steps. A resume with another world size W' keeps G (and with it the
-optimizer-step schedule and the samples of every step, see samplers.py) by running
-accum_steps' = G / (batch_size x W') micro-batches per step; when G is not a multiple of
-batch_size x W' the resume stops with a message saying which world sizes fit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
-import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -109,9 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
-from cxrlt.core import config as config_mod
 from cxrlt.core import progress, provenance
 from cxrlt.training import distributed as D
 from cxrlt.models.checkpoint import CHECKPOINT_FORMAT, BackgroundSaver, load_checkpoint, state_dict_of
@@ -119,9 +75,11 @@ from cxrlt.training.device import (autocast_ctx, choose_grad_checkpointing, comp
                                    maybe_compile, optimizer_kwargs, probe_step_memory)
 from cxrlt.core.errors import InputError
 from cxrlt.training import tracking
+from cxrlt.training.ema import EMA
+from cxrlt.training.run_folder import prepare_run_folder, read_run_json, resume_accum_steps, run_keys
+from cxrlt.training.schedule import epoch_shape, lr_multiplier, lr_scale_factor, param_groups
 from cxrlt.core.fileio import append_jsonl, read_jsonl, torch_save, write_json, write_text
-from cxrlt.core.hashing import text_key
-from cxrlt.pipeline.fingerprints import file_key, touch
+from cxrlt.pipeline.fingerprints import touch
 from cxrlt.post.inference import predict_tta
 from cxrlt.evaluation.metrics import score
 from cxrlt.evaluation.selection import choose, json_float, named_scores, score_row, selection_part, set_sizes, val_sets
@@ -132,118 +90,6 @@ log = logging.getLogger("cxrlt.train")
 # --------------------------------------------------------------------------------------------
 # small pieces
 # --------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of a model's weights (float tensors averaged, others copied).
-
-    ema <- d * ema + (1 - d) * w after every optimizer step, with the decay ramped up as
-    d = min(decay, (1 + step) / (10 + step)) so that early, random weights are forgotten quickly
-    (with decay 0.9999 the horizon is ~10k optimizer steps). One fused foreach lerp per update.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.steps = 0
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        src, dst = model.state_dict(), self.module.state_dict()  # tensors sharing the weights' storage
-        floats = [k for k, v in dst.items() if v.dtype.is_floating_point]
-        self._avg, self._src = [dst[k] for k in floats], [src[k] for k in floats]
-        self._copy = [(dst[k], src[k]) for k in dst if k not in set(floats)]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.steps += 1
-        d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
-        torch._foreach_lerp_(self._avg, self._src, 1.0 - d)  # avg + (1-d)(w - avg) = d avg + (1-d) w
-        for a, b in self._copy:
-            a.copy_(b)
-
-    @torch.no_grad()
-    def restart(self) -> None:
-        """Start the average afresh from the current weights (decay ramp from step 0)."""
-        self.steps = 0
-        torch._foreach_copy_(self._avg, self._src)
-        for a, b in self._copy:
-            a.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "module": self.module.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.steps = int(sd["steps"])
-        self.module.load_state_dict(sd["module"])  # in place: the lerp lists stay valid
-
-
-def head_phase_steps(cfg: dict, steps_per_epoch: int) -> int:
-    """Optimizer steps of the separate head-only phase (head_warmup_lr > 0), else 0."""
-    return cfg["head_warmup_epochs"] * steps_per_epoch if cfg["head_warmup_lr"] > 0 else 0
-
-
-def lr_multiplier(step: int, cfg: dict, steps_per_epoch: int) -> float:
-    """LR factor at an optimizer step: linear warm-up, cosine decay to min_lr/lr, DRW drop.
-
-    With a separate head phase (head_warmup_lr > 0) the schedule starts after its steps (the
-    phase's own LR is set by Trainer._set_lr)."""
-    phase = head_phase_steps(cfg, steps_per_epoch)
-    step = max(0, step - phase)
-    total = max(1, cfg["epochs"] * steps_per_epoch - phase)
-    warm = int(round(cfg["warmup_epochs"] * steps_per_epoch))
-    floor = cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0
-    if warm > 0 and step < warm:
-        mult = (step + 1) / warm
-    else:
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        mult = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    if cfg["drw_epoch"] >= 0 and step + phase >= cfg["drw_epoch"] * steps_per_epoch:
-        mult *= cfg["drw_lr_factor"]
-    return mult
-
-
-def lr_scale_factor(cfg: dict, global_batch: int) -> float:
-    """The factor the configured LRs are multiplied by for a run of `global_batch` images per
-    optimizer step (module doc "Learning rate and global batch"): 1 when lr_ref_batch is 0 or
-    lr_scale is none, else G / ref (linear) or sqrt(G / ref) (sqrt)."""
-    ref, rule = int(cfg["lr_ref_batch"]), cfg["lr_scale"]
-    if not ref or rule == "none":
-        return 1.0
-    ratio = global_batch / ref
-    return ratio if rule == "linear" else math.sqrt(ratio)
-
-
-def epoch_shape(num_rows: int, batch_size: int, world: int, accum: int, max_batches: int = 0) -> tuple[int, int]:
-    """(micro-batches per process, optimizer steps) of one epoch over `num_rows` sampled rows.
-
-    An epoch is num_rows // G optimizer steps, G = batch_size x world x accum the global batch, so
-    any layout of the same G (1 process x accum 8, 8 processes x accum 1) has the same number of
-    steps and, the schedule being counted in steps, the same LR at every step; each process runs
-    accum micro-batches per step (none left over whose gradient would be thrown away).
-    max_batches (debug) caps the micro-batches; the steps follow (at least 1 for the schedule)."""
-    steps = num_rows // (batch_size * world * accum)
-    batches = steps * accum
-    if max_batches:
-        batches = min(batches, max_batches)
-    return batches, max(1, batches // accum)
-
-
-def param_groups(model, cfg: dict, scale: float = 1.0) -> list[dict]:
-    """AdamW groups: backbone / head LR (x scale, see lr_scale_factor) and weight decay
-    (head_weight_decay, -1 = weight_decay), no weight decay on 1-D tensors (norms, biases)."""
-    groups = []
-    head_wd = cfg["weight_decay"] if cfg["head_weight_decay"] < 0 else cfg["head_weight_decay"]
-    for name, params, lr, wd in (
-        ("backbone", list(model.backbone_parameters()), cfg["lr"] * scale, cfg["weight_decay"]),
-        ("head", list(model.head_parameters()), (cfg["head_lr"] or cfg["lr"]) * scale, head_wd),
-    ):
-        decay = [p for p in params if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
-        if decay:
-            groups.append({"params": decay, "base_lr": lr, "weight_decay": wd, "part": name})
-        if no_decay:
-            groups.append({"params": no_decay, "base_lr": lr, "weight_decay": 0.0, "part": name})
-    return groups
-
-
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
     s = (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
     torch.manual_seed(s)
@@ -262,130 +108,6 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         fh = logging.FileHandler(out_dir / "train.log")
         fh.setFormatter(fmt)
         log.addHandler(fh)
-
-
-# --------------------------------------------------------------------------------------------
-# run keys and the run folder
-# --------------------------------------------------------------------------------------------
-def run_train_key(cfg: dict) -> str:
-    """config.train_key, combined with the content key of init_checkpoint when one is set (the
-    starting weights are an input too: a retrained source run means another run)."""
-    train = config_mod.train_key(cfg)
-    if cfg["init_checkpoint"]:
-        if not os.path.isfile(cfg["init_checkpoint"]):
-            raise InputError(f"{cfg['init_checkpoint']}: init_checkpoint not found")
-        train = _hex(f"{train}|{file_key(cfg['init_checkpoint'])}", 16)
-    if cfg["pseudo_labels"]:  # the soft labels and their images are inputs too
-        for path in (cfg["pseudo_labels"], os.path.join(cfg["pseudo_cache"], "manifest.json")):
-            if not os.path.isfile(path):
-                raise InputError(f"{path}: not found (pseudo_labels / pseudo_cache)")
-            train = _hex(f"{train}|{file_key(path)}", 16)
-    return train
-
-
-def run_keys(cfg: dict, cache) -> dict:
-    """{"train_key", "data_key", "tag"}: what a run's weights are trained from (module doc);
-    the data key is the cache's content key (rows, labels, folds, pixel sources, size)."""
-    train, data = run_train_key(cfg), cache.key
-    return {"train_key": train, "data_key": data, "tag": _hex(f"{train}|{data}", 8)}
-
-
-def _hex(text: str, n: int) -> str:
-    return text_key(text, n)
-
-
-def read_run_json(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def aside_path(out: Path, tag: str) -> Path:
-    return out.with_name(f"{out.name}@{tag}")
-
-
-def changed_keys(old_config, cfg: dict, data_changed: bool = False) -> str:
-    """'lr 0.001 -> 0.002, loss bce -> ldam': the train keys in which the run of old_config (its
-    config.yaml) differs from cfg; 'the training data' when the cache's key differs."""
-    try:
-        old = {**config_mod.DEFAULTS, **config_mod.load_yaml(old_config)}
-    except Exception:  # no or unreadable config.yaml: the keys cannot be compared
-        old = None
-    parts = []
-    if old is not None:
-        a, b = config_mod.train_part(old), config_mod.train_part({**config_mod.DEFAULTS, **cfg})
-        parts = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
-                 if a.get(k) != b.get(k) and k not in config_mod.EXTENDABLE_KEYS]
-    if data_changed:
-        parts.append("the training data (cache key)")
-    return ", ".join(parts) or ("unknown (no config.yaml)" if old is None else "init_checkpoint or pseudo-label contents")
-
-
-def earlier_run(out: Path, tag: str) -> Path | None:
-    """A moved-aside run with these keys that `out` can take over: `<out>@<tag>`, else any
-    `<other>@<tag>` beside it (a run moved aside under another config's name, e.g. a study variant
-    whose keys equal a run `make all` trained earlier). Its run.json must hold the same tag."""
-    own = aside_path(out, tag)
-    for cand in [own] + sorted(p for p in out.parent.glob(f"*@{tag}") if p != own):
-        if cand.is_dir() and (cand / "last.pt").exists() and (read_run_json(cand) or {"tag": tag}).get("tag") == tag:
-            return cand
-    return None
-
-
-def prepare_run_folder(out: Path, cfg: dict, keys: dict, image_size: int, resume: bool) -> list[str]:
-    """Make `out` hold the run of `keys` (module doc: same keys kept, other keys moved aside,
-    an earlier run with these keys restored). Rank 0 only. Returns what was done, for the log."""
-    said = []
-    has_run = (out / "last.pt").exists()
-    if has_run and not resume:
-        raise InputError(f"{out}: a run already exists here; pass --resume to continue it or choose another --out")
-    state = read_run_json(out) if has_run else None
-    if has_run and state is None:
-        # a run written before run.json: its train key from its config.yaml, its data assumed unchanged
-        old_cfg = {**config_mod.DEFAULTS, **config_mod.ABSENT_DEFAULTS, **config_mod.load_yaml(out / "config.yaml")}
-        state = {"train_key": run_train_key(old_cfg), "data_key": keys["data_key"], "image_size": image_size}
-    if has_run and state.get("image_size", image_size) != image_size:
-        raise InputError(f"{out}: this run was trained on {state['image_size']} px images but the cache has "
-                         f"{image_size} px; use the cache of its size, or another --out")
-    if has_run and (state["train_key"], state["data_key"]) != (keys["train_key"], keys["data_key"]):
-        old_tag = _hex(f"{state['train_key']}|{state['data_key']}", 8)
-        aside = aside_path(out, old_tag)
-        if aside.exists():
-            raise InputError(f"{out}: its run (other config or data) should move to {aside}, which already "
-                             f"exists; move one of them away")
-        changed = changed_keys(out / "config.yaml", cfg, state["data_key"] != keys["data_key"])
-        os.replace(out, aside)
-        said.append(f"the run in {out} was trained with another config or data: moved it to {aside} "
-                    f"(changed: {changed})")
-        has_run = False
-    if not has_run:
-        earlier = earlier_run(out, keys["tag"])
-        if earlier is not None:
-            if out.exists():
-                shutil.rmtree(out)  # no last.pt: a start killed before its first epoch, nothing to keep
-            os.replace(earlier, out)
-            said.append(f"restored the earlier run with this config and data from {earlier}")
-        elif out.exists():
-            # lines left by a start killed before its first last.pt are stale
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg, sort_keys=False)  # as config.save writes it
-    if not (out / "config.yaml").exists() or (out / "config.yaml").read_text(encoding="utf-8") != text:
-        write_text(out / "config.yaml", text)
-    return said
-
-
-def resume_accum_steps(global_batch: int, old_world: int, batch_size: int, world: int, out="run") -> int:
-    """Micro-batches per optimizer step that keep a run's global batch when it resumes with
-    `world` processes of `batch_size` (it ran with `old_world`). InputError when none does."""
-    per_step = batch_size * world
-    if global_batch % per_step == 0:
-        return global_batch // per_step
-    fits = [w for w in range(1, global_batch // batch_size + 1) if global_batch % (batch_size * w) == 0]
-    raise InputError(f"{out}: this run's global batch is {global_batch} images ({old_world} processes); "
-                     f"{world} processes x batch_size {batch_size} cannot form it: resume with "
-                     f"{' or '.join(map(str, fits))} processes")
 
 
 # --------------------------------------------------------------------------------------------
